@@ -1,0 +1,1 @@
+"""The regional broker: enrolment, key directory, store-and-forward relay, statistics rounds."""

@@ -1,0 +1,1 @@
+"""The agency node: encrypted case store, staff access, HTCDS import and export, audit log."""

@@ -1,0 +1,197 @@
+"""Typed settings for a node or a broker, built once and passed explicitly.
+
+A home directory (``--home`` or ``TESSERA_HOME``, like ``GNUPGHOME``) holds ``tessera.toml`` plus the
+keys, certificates and SQLite database. Settings come from that file, then from environment
+overrides. No other module reads the environment: the CLI hands ``os.environ`` to :func:`load`.
+
+Environment overrides (each wins over the file):
+
+=============================  ==========================================
+``TESSERA_DATABASE_URL``       database URL (SQLite file or PostgreSQL)
+``TESSERA_LISTEN``             ``host:port`` the server binds
+``TESSERA_BROKER``             broker address a node talks to
+``TESSERA_ARGON2``             ``production`` or ``test-cheap`` (tests only)
+``TESSERA_LOG_FORMAT``         ``json`` or ``text``
+=============================  ==========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tessera.errors import ConfigError
+
+CONFIG_FILE = "tessera.toml"
+SQLITE_FILE = "tessera.db"
+
+
+class Role(enum.StrEnum):
+    """What a home directory belongs to."""
+
+    NODE = "node"
+    BROKER = "broker"
+
+
+class Argon2Profile(enum.StrEnum):
+    """Argon2id cost profile. ``test-cheap`` exists only so the test suite runs fast."""
+
+    PRODUCTION = "production"
+    TEST_CHEAP = "test-cheap"
+
+
+class KekSource(enum.StrEnum):
+    """Where a node's key-encryption key comes from (DESIGN.md section 5)."""
+
+    PASSPHRASE = "passphrase"
+    KEY_FILE = "key-file"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Safety limits, named in one place rather than scattered as literals."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_envelope_bytes: int = 1024 * 1024
+    replay_window_seconds: int = 300
+    rpc_deadline_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a node or broker process needs to know, resolved against its home."""
+
+    home: Path
+    role: Role
+    name: str
+    region: str = ""
+    listen: str = "127.0.0.1:0"
+    database_url: str = ""
+    broker: str = ""
+    kek_source: KekSource = KekSource.PASSPHRASE
+    key_file: Path | None = None
+    argon2: Argon2Profile = Argon2Profile.PRODUCTION
+    log_format: str = "auto"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int = 0
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL, or the embedded SQLite file inside the home directory."""
+        return self.database_url or f"sqlite:///{self.home / SQLITE_FILE}"
+
+    @property
+    def cert_path(self) -> Path:
+        """The TLS certificate this server presents (self-signed at init unless configured)."""
+        return self.tls_cert or self.home / "tls" / "server.crt"
+
+    @property
+    def key_path(self) -> Path:
+        """The private key matching :attr:`cert_path`."""
+        return self.tls_key or self.home / "tls" / "server.key"
+
+
+_ENV_OVERRIDES: dict[str, str] = {
+    "TESSERA_DATABASE_URL": "database_url",
+    "TESSERA_LISTEN": "listen",
+    "TESSERA_BROKER": "broker",
+    "TESSERA_ARGON2": "argon2",
+    "TESSERA_LOG_FORMAT": "log_format",
+}
+
+_PATH_FIELDS = {"key_file", "tls_cert", "tls_key"}
+
+
+def resolve_home(explicit: Path | None, environ: Mapping[str, str]) -> Path:
+    """The home directory: ``--home`` if given, else ``TESSERA_HOME``, else ``~/.tessera``."""
+    if explicit is not None:
+        return explicit.expanduser().resolve()
+    if environ.get("TESSERA_HOME"):
+        return Path(environ["TESSERA_HOME"]).expanduser().resolve()
+    return (Path.home() / ".tessera").resolve()
+
+
+def load(home: Path, environ: Mapping[str, str]) -> Settings:
+    """Read ``home/tessera.toml`` and apply environment overrides.
+
+    Raises ConfigError naming the file and the bad key, so an administrator knows what to fix.
+    """
+    path = home / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"no Tessera configuration in {home}",
+            hint="run `tessera node init` or `tessera broker init`, or pass --home / TESSERA_HOME",
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", hint="fix or restore the file") from exc
+    values: dict[str, Any] = dict(raw.get("tessera", {}))
+    limits_raw: dict[str, Any] = dict(raw.get("limits", {}))
+    for env_name, key in _ENV_OVERRIDES.items():
+        if environ.get(env_name):
+            values[key] = environ[env_name]
+    return _build(home, path, values, limits_raw)
+
+
+def _build(home: Path, path: Path, values: dict[str, Any], limits_raw: dict[str, Any]) -> Settings:
+    known = {f.name for f in dataclasses.fields(Settings)} - {"home", "limits"}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown setting(s) {', '.join(sorted(unknown))}",
+            hint=f"known settings: {', '.join(sorted(known))}",
+        )
+    known_limits = {f.name for f in dataclasses.fields(Limits)}
+    if set(limits_raw) - known_limits:
+        bad = ", ".join(sorted(set(limits_raw) - known_limits))
+        raise ConfigError(f"{path}: unknown limit(s) {bad}", hint="see docs/configuration.md")
+    try:
+        for key in _PATH_FIELDS & set(values):
+            values[key] = (home / str(values[key])).resolve()
+        if "role" not in values or "name" not in values:
+            raise ConfigError(f"{path}: `role` and `name` are required", hint="re-run init")
+        values["role"] = Role(values["role"])
+        if "kek_source" in values:
+            values["kek_source"] = KekSource(values["kek_source"])
+        if "argon2" in values:
+            values["argon2"] = Argon2Profile(values["argon2"])
+        if "metrics_port" in values:
+            values["metrics_port"] = int(values["metrics_port"])
+        return Settings(home=home, limits=Limits(**limits_raw), **values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: {exc}", hint="see docs/configuration.md") from exc
+
+
+def write(settings: Settings) -> Path:
+    """Write ``settings`` to ``home/tessera.toml`` (used by init); returns the path."""
+    lines = ["# Tessera settings. Environment variables override these; see docs/configuration.md.",
+             "[tessera]"]
+    for f in dataclasses.fields(Settings):
+        if f.name in {"home", "limits"}:
+            continue
+        value = getattr(settings, f.name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        lines.append(f"{f.name} = {_toml_value(value)}")
+    path = settings.home / CONFIG_FILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

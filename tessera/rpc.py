@@ -1,0 +1,433 @@
+"""gRPC plumbing shared by node and broker: servers, channels, request auth, error mapping.
+
+Cross-cutting concerns live here, in interceptors, not in handlers (STYLE.md):
+
+* every server speaks TLS and registers standard health checking and reflection;
+* every non-public call carries a signed request (DESIGN.md section 5): the server verifies the
+  signature over the *exact request bytes received*, then freshness and replay, then asks the
+  service's authenticator who the signer is; handlers read the result with :func:`current_caller`;
+* a :class:`~tessera.errors.TesseraError` raised by a handler becomes a gRPC status here, the one
+  place that mapping exists, with the error kind and hint in trailing metadata so clients rebuild
+  the same typed error (:func:`error_from_rpc`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tessera import crypto, errors, metrics
+from tessera.errors import ErrorKind, TesseraError
+from tessera.logs import fields
+from tessera.tls import SERVER_NAME
+
+log = logging.getLogger(__name__)
+
+ERROR_KIND_KEY = "x-tessera-error-kind"
+ERROR_HINT_KEY = "x-tessera-error-hint"
+# Health checking and reflection stay open so stock tools (grpcurl, grpc_health_probe) work.
+PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+def status_code(kind: ErrorKind) -> grpc.StatusCode:
+    """The gRPC status code for an error kind (the single mapping; see tessera.errors)."""
+    code: grpc.StatusCode = getattr(grpc.StatusCode, kind.grpc_status)
+    return code
+
+
+_ERROR_CLASS_FOR_KIND: dict[ErrorKind, type[TesseraError]] = {
+    ErrorKind.USAGE: errors.InvalidInput,
+    ErrorKind.NOT_CONFIGURED: errors.ConfigError,
+    ErrorKind.UNAUTHENTICATED: errors.Unauthenticated,
+    ErrorKind.PERMISSION_DENIED: errors.PermissionDenied,
+    ErrorKind.NOT_FOUND: errors.NotFound,
+    ErrorKind.INVALID_INPUT: errors.InvalidInput,
+    ErrorKind.REFUSED: errors.Refused,
+    ErrorKind.CONFLICT: errors.Conflict,
+    ErrorKind.UNAVAILABLE: errors.Unavailable,
+    ErrorKind.INTEGRITY: errors.CryptoError,
+    ErrorKind.EXHAUSTED: errors.Exhausted,
+    ErrorKind.NOT_BUILT: errors.NotBuiltError,
+    ErrorKind.INTERNAL: TesseraError,
+}
+
+_KIND_FOR_STATUS: dict[grpc.StatusCode, ErrorKind] = {
+    grpc.StatusCode.UNAVAILABLE: ErrorKind.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ErrorKind.UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: ErrorKind.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: ErrorKind.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND: ErrorKind.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT: ErrorKind.INVALID_INPUT,
+    grpc.StatusCode.FAILED_PRECONDITION: ErrorKind.REFUSED,
+    grpc.StatusCode.ALREADY_EXISTS: ErrorKind.CONFLICT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorKind.EXHAUSTED,
+    grpc.StatusCode.DATA_LOSS: ErrorKind.INTEGRITY,
+    grpc.StatusCode.UNIMPLEMENTED: ErrorKind.NOT_BUILT,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError, target: str = "the server") -> TesseraError:
+    """Rebuild the typed error a Tessera server raised, or describe a transport failure."""
+    call: Any = exc
+    code: grpc.StatusCode = call.code()
+    details: str = call.details() or code.name
+    trailing = dict(call.trailing_metadata() or ())
+    kind_name = trailing.get(ERROR_KIND_KEY)
+    hint = trailing.get(ERROR_HINT_KEY) or None
+    if kind_name in ErrorKind.__members__:
+        kind = ErrorKind[kind_name]
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(
+            f"cannot reach {target}: {details}",
+            hint="check that the server is running and the address and TLS certificate are right",
+        )
+    else:
+        kind = _KIND_FOR_STATUS.get(code, ErrorKind.INTERNAL)
+    return _ERROR_CLASS_FOR_KIND[kind](details, hint=hint)
+
+
+# --- who is calling -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: its verify key, a printable principal name and its role."""
+
+    signer: bytes
+    principal: str
+    role: str
+
+
+Authenticator = Callable[[bytes, str], Caller]
+"""Maps (signer verify key, full method name) to a Caller, or raises Unauthenticated /
+PermissionDenied. It runs in a worker thread, so it may query the database."""
+
+_current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
+    "tessera_caller", default=None
+)
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being handled (set by the server interceptor)."""
+    caller = _current_caller.get()
+    if caller is None:
+        raise errors.Unauthenticated("this call carries no verified signature")
+    return caller
+
+
+class _Raw(NamedTuple):
+    body: bytes
+    message: Any  # the parsed request, or None when the bytes did not parse
+
+
+class TesseraServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates signed requests, maps typed errors to statuses, logs and counts every call."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator | None,
+        guard: crypto.ReplayGuard,
+        public_methods: frozenset[str] = frozenset(),
+    ) -> None:
+        self._authenticator = authenticator
+        self._guard = guard
+        self._public_methods = public_methods
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method  # type: ignore[attr-defined]
+        if method.startswith(PUBLIC_PREFIXES):
+            return handler
+        needs_auth = self._authenticator is not None and method not in self._public_methods
+        metadata = tuple(details.invocation_metadata or ())  # type: ignore[attr-defined]
+        if handler.request_streaming:
+            # Client-streaming calls sign the method with an empty body; TLS protects the stream.
+            return handler
+        original_deserializer = handler.request_deserializer
+
+        def keep_raw(body: bytes) -> _Raw:
+            try:
+                return _Raw(body, original_deserializer(body) if original_deserializer else body)
+            except DecodeError:
+                return _Raw(body, None)
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def stream_behaviour(raw: _Raw, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                code = "OK"
+                try:
+                    await self._admit(method, metadata, raw, needs_auth)
+                    result = inner_stream(raw.message, context)
+                    if hasattr(result, "__aiter__"):
+                        async for item in result:
+                            yield item
+                    else:
+                        await result
+                except TesseraError as exc:
+                    code = status_code(exc.kind).name
+                    await _abort(context, exc, method)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    code = "CANCELLED"
+                    raise
+                except Exception:
+                    code = "INTERNAL"
+                    await _abort_internal(context, method)
+                finally:
+                    _observe(method, code, started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behaviour,
+                request_deserializer=keep_raw,
+                response_serializer=handler.response_serializer,
+            )
+
+        inner_unary = handler.unary_unary
+
+        async def unary_behaviour(raw: _Raw, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                await self._admit(method, metadata, raw, needs_auth)
+                return await inner_unary(raw.message, context)
+            except TesseraError as exc:
+                code = status_code(exc.kind).name
+                await _abort(context, exc, method)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                code = "INTERNAL"
+                await _abort_internal(context, method)
+            finally:
+                _observe(method, code, started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_behaviour,
+            request_deserializer=keep_raw,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _admit(
+        self, method: str, metadata: Sequence[tuple[str, Any]], raw: _Raw, needs_auth: bool
+    ) -> None:
+        if raw.message is None:
+            raise errors.InvalidInput(
+                f"the request to {method} is not a valid protobuf message",
+                hint="check that client and server run the same Tessera version",
+            )
+        if not needs_auth or self._authenticator is None:
+            return
+        try:
+            signature = crypto.RequestSignature.from_metadata(metadata)
+            crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
+        except TesseraError as exc:
+            metrics.AUTH_FAILURES.labels(reason=type(exc).__name__).inc()
+            raise
+        caller = await asyncio.to_thread(self._authenticator, signature.signer, method)
+        _current_caller.set(caller)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: TesseraError, method: str) -> None:
+    log.info(
+        "rpc.refused",
+        extra=fields(method=method, kind=exc.kind.name, error=type(exc).__name__),
+    )
+    trailing = [(ERROR_KIND_KEY, exc.kind.name)]
+    if exc.hint:
+        trailing.append((ERROR_HINT_KEY, exc.hint))
+    context.set_trailing_metadata(tuple(trailing))
+    await context.abort(status_code(exc.kind), exc.message)
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> None:
+    # An unexpected failure: log the trace for the operator, tell the caller nothing internal.
+    log.exception("rpc.internal_error", extra=fields(method=method))
+    context.set_trailing_metadata(((ERROR_KIND_KEY, ErrorKind.INTERNAL.name),))
+    await context.abort(
+        grpc.StatusCode.INTERNAL, "internal error; the server's log has the details"
+    )
+
+
+def _observe(method: str, code: str, started: float) -> None:
+    metrics.RPC_REQUESTS.labels(method=method, code=code).inc()
+    metrics.RPC_LATENCY.labels(method=method).observe(time.perf_counter() - started)
+
+
+# --- servers --------------------------------------------------------------------------------
+
+ServiceAdder = Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class RunningServer:
+    """A started server, the port it bound and its health servicer (to flip NOT_SERVING)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for the whole server."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop accepting calls and let running ones finish for ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    *,
+    listen: str,
+    add_services: Sequence[ServiceAdder],
+    service_names: Sequence[str],
+    cert_pem: bytes,
+    key_pem: bytes,
+    interceptor: TesseraServerInterceptor,
+    max_message_bytes: int,
+) -> RunningServer:
+    """Start a TLS gRPC server with health checking, reflection and Tessera's interceptor."""
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+    for add in add_services:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise errors.ConfigError(
+            f"cannot listen on {listen}", hint="choose a free host:port with `listen` or TESSERA_LISTEN"
+        )
+    await server.start()
+    for name in (*service_names, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server=server, port=port, health=health_servicer)
+
+
+# --- clients --------------------------------------------------------------------------------
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options every Tessera client channel uses: pinned certificate name, message limits."""
+    return [
+        ("grpc.ssl_target_name_override", SERVER_NAME),
+        ("grpc.default_authority", SERVER_NAME),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+def _signed_details(details: Any, identity: crypto.Identity, request: Any) -> _CallDetails:
+    method = details.method.decode() if isinstance(details.method, bytes) else details.method
+    body = request.SerializeToString() if request is not None else b""
+    signature = crypto.sign_request(identity, method, body)
+    metadata = [*(details.metadata or ()), *signature.to_metadata()]
+    return _CallDetails(
+        details.method,
+        details.timeout,
+        metadata,
+        details.credentials,
+        details.wait_for_ready,
+        details.compression,
+    )
+
+
+class SigningClientInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Signs every unary-request call of a synchronous channel with ``identity``."""
+
+    def __init__(self, identity: crypto.Identity) -> None:
+        self._identity = identity
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_signed_details(details, self._identity, request), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_signed_details(details, self._identity, request), request)
+
+
+class AsyncSigningClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Signs every unary-request call of an asyncio channel with ``identity``."""
+
+    def __init__(self, identity: crypto.Identity) -> None:
+        self._identity = identity
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        signed = _signed_details(details, self._identity, request)
+        return await continuation(grpc.aio.ClientCallDetails(*signed), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        signed = _signed_details(details, self._identity, request)
+        return await continuation(grpc.aio.ClientCallDetails(*signed), request)
+
+
+def open_channel(
+    address: str, cert_pem: bytes, identity: crypto.Identity | None, max_message_bytes: int
+) -> grpc.Channel:
+    """A synchronous TLS channel that trusts ``cert_pem`` and signs with ``identity``."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert_pem)
+    channel = grpc.secure_channel(address, credentials, options=channel_options(max_message_bytes))
+    if identity is None:
+        return channel
+    return grpc.intercept_channel(channel, SigningClientInterceptor(identity))
+
+
+def open_aio_channel(
+    address: str, cert_pem: bytes, identity: crypto.Identity | None, max_message_bytes: int
+) -> grpc.aio.Channel:
+    """An asyncio TLS channel that trusts ``cert_pem`` and signs with ``identity``."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert_pem)
+    interceptors = [AsyncSigningClientInterceptor(identity)] if identity is not None else None
+    return grpc.aio.secure_channel(
+        address, credentials, options=channel_options(max_message_bytes), interceptors=interceptors
+    )
+
+
+async def collect(stream: AsyncIterator[Any]) -> list[Any]:
+    """Drain an async response stream into a list (handy for small streams)."""
+    return [item async for item in stream]

@@ -1,0 +1,38 @@
+"""Shared fixtures: real temporary directories, real SQLite files, a real PostgreSQL database.
+
+PostgreSQL tests read the server's URL from ``TESSERA_TEST_POSTGRES_URL`` (``.ci/run`` sets it, so
+in CI they always run). Each test gets a database of its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+POSTGRES_ENV = "TESSERA_TEST_POSTGRES_URL"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test; dropped when the test ends."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_ENV} must be set in CI")
+        pytest.skip(f"set {POSTGRES_ENV} to run PostgreSQL tests")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"tessera_test_{secrets.token_hex(6)}"
+    admin = make_url(base).set(drivername="postgresql")
+    admin_dsn = admin.render_as_string(hide_password=False)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,52 @@
+"""The installed ``tessera`` command: its groups, its placeholders and its error contract."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+GROUPS = ["node", "broker", "case", "consent", "referral", "stats", "agency", "demo"]
+
+
+def tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("tessera", path=os.path.dirname(sys.executable))
+    assert exe, "the tessera console script is not installed next to this Python"
+    return subprocess.run(
+        [exe, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "120", **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_help_lists_every_group() -> None:
+    result = tessera("--help")
+    assert result.returncode == 0
+    for group in GROUPS:
+        assert f" {group} " in result.stdout, group
+
+
+def test_version() -> None:
+    result = tessera("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("tessera ")
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = tessera("frobnicate")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("group", ["stats"])
+def test_unbuilt_group_says_so_and_fails(group: str) -> None:
+    result = tessera(group)
+    assert result.returncode == 13
+    assert "not built yet" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
