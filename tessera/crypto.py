@@ -78,6 +78,7 @@ _LABEL_KEK_WRAP = b"tessera/v1/kek/wrap"
 _LABEL_KEK_CHECK = b"tessera/v1/kek/check"
 _LABEL_WRAP_DATA_KEY = b"tessera/v1/wrap/data-key"
 _LABEL_WRAP_SECRET = b"tessera/v1/wrap/secret"
+_LABEL_WRAP_UNDER_DATA_KEY = b"tessera/v1/wrap/under-data-key"
 _LABEL_ENVELOPE_BINDING = b"tessera/v1/envelope/recipient"
 _LABEL_REQUEST_BODY = b"tessera/v1/request/body"
 _LABEL_MASK = b"tessera/v1/mask"
@@ -353,6 +354,22 @@ def encrypt(key: DataKey, plaintext: bytes, associated_data: bytes) -> bytes:
 def decrypt(key: DataKey, ciphertext: bytes, associated_data: bytes) -> bytes:
     """Inverse of :func:`encrypt`; TamperedCiphertext on any failure."""
     return _aead_decrypt(key._key, ciphertext, _LABEL_AT_REST, associated_data)
+
+
+def wrap_key(wrapping_key: DataKey, key: DataKey, context: bytes) -> bytes:
+    """Encrypt ``key`` under ``wrapping_key`` (e.g. a survivor's data key under the node's record
+    key); ``context`` such as b"survivor|<case id>" binds the result to its owner."""
+    return _aead_encrypt(
+        wrapping_key._key, key._key, _LABEL_WRAP_UNDER_DATA_KEY, _check_context(context)
+    )
+
+
+def unwrap_key(wrapping_key: DataKey, wrapped: bytes, context: bytes) -> DataKey:
+    """Inverse of :func:`wrap_key`; TamperedCiphertext on wrong key, context or bytes."""
+    raw = _aead_decrypt(
+        wrapping_key._key, wrapped, _LABEL_WRAP_UNDER_DATA_KEY, _check_context(context)
+    )
+    return DataKey(raw)
 
 
 def derive_key(parent: DataKey, label: bytes) -> DataKey:
@@ -671,12 +688,8 @@ def verify_request(
     key = _verify_key(signer)
     if key != sig.signer:  # public values: no need for a constant-time comparison
         raise BadSignature("request names a different signer than the key it was checked with")
-    verify(
-        key,
-        LABEL_REQUEST,
-        _request_message(method, body, sig.timestamp_ms, sig.nonce),
-        sig.signature,
-    )
+    message = _request_message(method, body, sig.timestamp_ms, sig.nonce)
+    verify(key, LABEL_REQUEST, message, sig.signature)
     guard.check(sig, time.time() if now is None else now)
 
 

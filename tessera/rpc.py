@@ -139,10 +139,14 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         authenticator: Authenticator | None,
         guard: crypto.ReplayGuard,
         public_methods: frozenset[str] = frozenset(),
+        on_refused: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._guard = guard
         self._public_methods = public_methods
+        # Called (in a worker thread) as on_refused(actor, method, reason) when a request's
+        # signature, freshness or replay check fails, so the refusal can be audited.
+        self._on_refused = on_refused
 
     async def intercept_service(
         self,
@@ -240,6 +244,8 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
             crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
         except TesseraError as exc:
             metrics.AUTH_FAILURES.labels(reason=type(exc).__name__).inc()
+            if self._on_refused is not None:
+                await asyncio.to_thread(self._on_refused, "unverified", method, type(exc).__name__)
             raise
         caller = await asyncio.to_thread(self._authenticator, signature.signer, method)
         _current_caller.set(caller)

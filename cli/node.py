@@ -1,0 +1,219 @@
+"""``tessera node``: create, run and administer an agency node (issue 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli import context
+from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+
+app = typer.Typer(no_args_is_help=True)
+staff_app = typer.Typer(no_args_is_help=True, help="Manage who may use this node.")
+audit_app = typer.Typer(no_args_is_help=True, help="Check the node's audit log.")
+app.add_typer(staff_app, name="staff")
+app.add_typer(audit_app, name="audit")
+
+
+@app.command("init")
+def init(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="The agency's name, as other agencies will see it.")],
+    region: Annotated[str, typer.Option(help="The region whose broker this node joins.")] = "",
+    admin: Annotated[str, typer.Option(help="Name of the first administrator.")] = "admin",
+    listen: Annotated[str, typer.Option(help="host:port to serve on (loopback by default).")] = (
+        "127.0.0.1:7441"
+    ),
+    database_url: Annotated[
+        str, typer.Option(help="PostgreSQL URL; default: SQLite file in the home.")
+    ] = "",
+    key_file: Annotated[
+        Path | None,
+        typer.Option(help="Protect the node with this key file (created if missing) instead "
+                     "of a passphrase."),
+    ] = None,
+) -> None:
+    """Create a node in --home: keys, key-encryption key, config, database, TLS, first admin.
+
+    Example: TESSERA_PASSPHRASE=... tessera --home ~/shelter node init --name "Harbour Shelter"
+    """
+    from node.setup import NodeInit, init_node
+    from tessera.config import Argon2Profile, KekSource
+
+    cli = context.get(ctx)
+    source = KekSource.KEY_FILE if key_file else KekSource.PASSPHRASE
+    passphrase = None if key_file else cli.passphrase(confirm=True, purpose="new node passphrase")
+    profile = Argon2Profile(cli.environ.get("TESSERA_ARGON2", Argon2Profile.PRODUCTION.value))
+    settings = init_node(
+        NodeInit(home=cli.home, name=name, region=region, admin_name=admin, listen=listen,
+                 database_url=database_url, kek_source=source,
+                 key_file=key_file.resolve() if key_file else None, argon2=profile),
+        passphrase,
+    )
+    typer.echo(f"Node {settings.name!r} created in {settings.home}")
+    typer.echo(f"Start it with: tessera --home {settings.home} node serve")
+
+
+@app.command("serve")
+def serve(ctx: typer.Context) -> None:
+    """Run the node's gRPC server until interrupted (Ctrl-C or SIGTERM)."""
+    import asyncio
+
+    from node.server import serve_until_signalled
+    from tessera import config, logs
+    from tessera.config import KekSource
+
+    cli = context.get(ctx)
+    settings = config.load(cli.home, cli.environ)
+    logs.configure(settings.log_format)
+    passphrase = cli.passphrase() if settings.kek_source is KekSource.PASSPHRASE else None
+    asyncio.run(serve_until_signalled(settings, passphrase))
+
+
+@app.command("status")
+def status(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
+    """Show who and where this node is, its key fingerprint and your role."""
+    from node.client import NodeClient
+
+    with NodeClient(context.get(ctx).home) as client:
+        render_one(client.status(), fmt, title="node")
+
+
+@app.command("rotate-kek")
+def rotate_kek(
+    ctx: typer.Context,
+    key_file: Annotated[Path | None, typer.Option(help="Switch to this new key file.")] = None,
+) -> None:
+    """Protect the node with a new passphrase (TESSERA_NEW_PASSPHRASE or prompt) or key file.
+
+    Only the keyring is re-wrapped; no record is re-encrypted. Admin only.
+    """
+    from node.client import NodeClient
+
+    cli = context.get(ctx)
+    new_pass = None
+    if key_file is None:
+        new_pass = cli.environ.get("TESSERA_NEW_PASSPHRASE") or context.CliContext(
+            None, {}).passphrase(confirm=True, purpose="new node passphrase")
+    with NodeClient(cli.home) as client:
+        count = client.rotate_kek(new_pass, key_file.resolve() if key_file else None)
+    typer.echo(f"Key-encryption key replaced; {count} keys re-wrapped, no record re-encrypted.")
+
+
+@app.command("backup")
+def backup(
+    ctx: typer.Context,
+    destination: Annotated[
+        Path | None, typer.Option(help="Folder on the node's host (default: HOME/backups).")
+    ] = None,
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Write an encrypted backup of the node's store on the node's host. Admin only."""
+    from node.client import NodeClient
+
+    with NodeClient(context.get(ctx).home) as client:
+        made = client.backup(destination.resolve() if destination else None)
+    render_one(made, fmt, title="backup")
+
+
+@app.command("restore")
+def restore(
+    ctx: typer.Context,
+    backup_file: Annotated[Path, typer.Argument(help="A .tbk file made by `node backup`.")],
+) -> None:
+    """Restore a backup into this (stopped) node; erasures made since are applied again.
+
+    Needs the passphrase (or key file) that protected the node when the backup was taken.
+    """
+    from node import backup as backup_mod
+    from node.credential import RUN_FILE
+    from node.store.database import open_database
+    from tessera import config
+    from tessera.errors import Conflict
+
+    cli = context.get(ctx)
+    settings = config.load(cli.home, cli.environ)
+    if (settings.home / RUN_FILE).exists():
+        raise Conflict("the node seems to be running", hint="stop `tessera node serve` first")
+    document = backup_mod.peek_keyring(backup_file)
+    passphrase = cli.passphrase() if document.get("kek_source") == "passphrase" else None
+    engine = open_database(settings.effective_database_url)
+    try:
+        again = backup_mod.restore_backup(settings.home, engine, backup_file, passphrase)
+    finally:
+        engine.dispose()
+    typer.echo(f"Restored {backup_file.name}; {again} erased survivor(s) erased again.")
+
+
+@staff_app.command("add")
+def staff_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person's name.")],
+    out_home: Annotated[
+        Path, typer.Option(help="Folder to create the person's credential in (their --home).")
+    ],
+    role: Annotated[str, typer.Option(help="admin or caseworker.")] = "caseworker",
+) -> None:
+    """Issue a staff credential: a new key pair in OUT_HOME; only its public key goes to the node.
+
+    Example: tessera node staff add "Ana Ruiz" --role caseworker --out-home /media/usb/ana
+    """
+    from node import credential
+    from node.client import NodeClient
+    from node.domain import StaffRole
+    from tessera import crypto
+    from tessera.errors import InvalidInput
+
+    if role not in {r.value for r in StaffRole}:
+        raise InvalidInput(f"unknown role {role!r}", hint="admin or caseworker")
+    home = context.get(ctx).home
+    mine = credential.read(home)
+    identity = crypto.Identity.generate()
+    with NodeClient(home) as client:
+        member = client.add_staff(name, StaffRole(role), identity.public.signing_key)
+        address = client.address
+    credential.write(out_home.resolve(), credential.Credential(
+        name=name, identity=identity, node_address=address,
+        node_certificate=mine.node_certificate))
+    typer.echo(f"{member['name']} ({member['role']}) can now use the node with "
+               f"--home {out_home.resolve()}")
+
+
+@staff_app.command("remove")
+def staff_remove(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
+    """Revoke a staff member's credential; it stops working at once."""
+    from node.client import NodeClient
+
+    with NodeClient(context.get(ctx).home) as client:
+        member = client.remove_staff(name)
+    typer.echo(f"Removed {member['name']}.")
+
+
+@staff_app.command("list")
+def staff_list(
+    ctx: typer.Context,
+    removed: Annotated[bool, typer.Option("--removed", help="Include removed staff.")] = False,
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """List the node's staff."""
+    from node.client import NodeClient
+
+    with NodeClient(context.get(ctx).home) as client:
+        rows = client.list_staff(include_removed=removed)
+    render(rows, fmt, columns=["name", "role", "added_at", "removed_at", "staff_id"])
+
+
+@audit_app.command("verify")
+def audit_verify(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
+    """Check every link and signature of the audit log; exit 11 if it was tampered with."""
+    from node.client import NodeClient
+    from tessera.errors import CryptoError
+
+    with NodeClient(context.get(ctx).home) as client:
+        report = client.verify_audit()
+    render_one(report, fmt, title="audit log")
+    if not report["intact"]:
+        raise CryptoError("the audit log was tampered with",
+                          hint="see the problems above; restore from a backup and investigate")

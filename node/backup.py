@@ -1,0 +1,201 @@
+"""Backup and restore of a node (issue 4 item 7; DESIGN.md section 5).
+
+A backup file is one consistent snapshot of every node table, encrypted as a whole under a key
+derived from the node's record key, preceded by a clear header holding the node's keyring exactly
+as it sits in the home (still wrapped by the key-encryption key). So a backup stays encrypted: it
+opens only with the passphrase or key file that protected the node when it was taken.
+
+Restoring never brings an erased survivor back: erasures are recorded in ``erasures.log`` in the
+node's home (outside the database) and in the database, and restore re-applies every erasure it
+knows of, from the home's ledger and from the backup itself, before the node serves again.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, LargeBinary, delete, insert, select, text
+from sqlmodel import Session, SQLModel
+
+from node import keyring as keyring_mod
+from node.keyring import Keyring
+from node.store.cases import NodeStore
+from node.store.tables import (
+    AuditHeadRow,
+    AuditRow,
+    BlindIndexRow,
+    CaseRow,
+    ErasureRow,
+    NeedRow,
+    StaffRow,
+    SurvivorKeyRow,
+)
+from tessera import crypto
+from tessera.errors import ConfigError, InvalidInput
+
+_MAGIC = b"TESSERA-BACKUP-1\n"
+_LABEL_BACKUP = b"tessera/v1/backup"
+# Parents before children, so inserts satisfy foreign keys (deletes go in reverse).
+_TABLES: tuple[type[SQLModel], ...] = (
+    CaseRow, SurvivorKeyRow, BlindIndexRow, NeedRow, ErasureRow, StaffRow, AuditRow, AuditHeadRow,
+)
+LEDGER_FILE = "erasures.log"
+
+
+@dataclass(frozen=True)
+class BackupMade:
+    """Where a backup went, how big it is, its digest and when its snapshot was taken."""
+
+    path: Path
+    size: int
+    digest: bytes
+    taken_at: dt.datetime
+
+
+def _body_key(keyring: Keyring) -> crypto.DataKey:
+    return crypto.derive_key(keyring.record_key, _LABEL_BACKUP)
+
+
+def create_backup(store: NodeStore, home: Path, destination: Path, actor: str) -> BackupMade:
+    """Write ``destination/tessera-backup-<time>.tbk`` atomically and audit it."""
+    taken_at = dt.datetime.now(dt.UTC)
+    snapshot = _snapshot(store.engine)
+    header = {
+        "format": "tessera-backup-v1",
+        "taken_at": taken_at.isoformat(),
+        "keyring": keyring_mod.export_document(home),
+    }
+    associated = b"tessera/v1|backup|" + taken_at.isoformat().encode()
+    body = crypto.encrypt(_body_key(store.keyring), json.dumps(snapshot).encode(), associated)
+    content = _MAGIC + json.dumps(header).encode() + b"\n" + body
+    destination.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = destination / f"tessera-backup-{taken_at.strftime('%Y%m%dT%H%M%S%fZ')}.tbk"
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    digest = crypto.digest(_LABEL_BACKUP, content)
+    store.audit(actor, "node.backup", None, {"file": path.name, "bytes": len(content)})
+    return BackupMade(path=path, size=len(content), digest=digest, taken_at=taken_at)
+
+
+def peek_keyring(path: Path) -> dict[str, Any]:
+    """The (still wrapped) keyring document a backup carries, to know what secret it needs."""
+    header, _body = _split(path)
+    document: dict[str, Any] = header.get("keyring", {})
+    return document
+
+
+def _split(path: Path) -> tuple[dict[str, Any], bytes]:
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read backup {path}: {exc.strerror}") from None
+    if not content.startswith(_MAGIC) or b"\n" not in content[len(_MAGIC):]:
+        raise InvalidInput(f"{path} is not a Tessera backup")
+    header_line, body = content[len(_MAGIC):].split(b"\n", 1)
+    try:
+        header: dict[str, Any] = json.loads(header_line)
+    except ValueError:
+        raise InvalidInput(f"{path}: the backup header is damaged") from None
+    return header, body
+
+
+def read_backup(path: Path, passphrase: str | None) -> tuple[dict[str, Any], Keyring, dict[str, Any]]:
+    """Open a backup: its header, the keyring it carries (unwrapped) and its snapshot."""
+    header, body = _split(path)
+    keyring = keyring_mod.open_document(header.get("keyring", {}), passphrase)
+    associated = b"tessera/v1|backup|" + str(header["taken_at"]).encode()
+    snapshot: dict[str, Any] = json.loads(crypto.decrypt(_body_key(keyring), body, associated))
+    return header, keyring, snapshot
+
+
+def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | None) -> int:
+    """Replace the node's tables with the backup's, then re-apply every known erasure.
+
+    Returns how many erased survivors the backup still held (and were erased again). Everything
+    happens in one transaction: a failure leaves the node's database as it was.
+    """
+    header, keyring, snapshot = read_backup(path, passphrase)
+    if (home / keyring_mod.KEYRING_FILE).exists():
+        current = keyring_mod.export_document(home)
+        if current.get("identity_public") != header["keyring"].get("identity_public"):
+            raise ConfigError(
+                "this backup belongs to another node",
+                hint="restore it into that node's home, or into an empty home",
+            )
+    else:
+        keyring_mod.install_document(home, header["keyring"])
+    with Session(engine) as session:
+        for table in reversed(_TABLES):
+            session.exec(delete(table))  # type: ignore[call-overload]
+        for table in _TABLES:
+            rows = [_decode_row(table, r) for r in snapshot.get(table.__tablename__, [])]  # type: ignore[attr-defined]
+            if rows:
+                session.exec(insert(table), params=rows)  # type: ignore[call-overload]
+        session.commit()
+    store = NodeStore(engine, keyring, home)
+    erased = set(read_ledger(home)) | {r["case_id"] for r in snapshot.get("erasure", [])}
+    reapplied = store.reapply_erasures("system:restore", sorted(erased))
+    store.audit("system:restore", "node.restored", None,
+                {"file": path.name, "taken_at": header["taken_at"], "erasures": reapplied})
+    return reapplied
+
+
+def read_ledger(home: Path) -> list[str]:
+    """Every survivor ever erased at this node, from the ledger outside the database."""
+    ledger = home / LEDGER_FILE
+    if not ledger.exists():
+        return []
+    return [line.strip() for line in ledger.read_text().splitlines() if line.strip()]
+
+
+def _snapshot(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    # One transaction sees one consistent state (SQLite: a WAL snapshot; PostgreSQL: REPEATABLE
+    # READ), so the backup never mixes before and after of a concurrent write.
+    snapshot: dict[str, list[dict[str, Any]]] = {}
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        for table in _TABLES:
+            sa_table = table.__table__  # type: ignore[attr-defined]
+            snapshot[sa_table.name] = [_encode_row(dict(row._mapping))
+                                       for row in conn.execute(select(sa_table))]
+    return snapshot
+
+
+def _encode_row(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, bytes):
+            out[key] = {"b64": base64.b64encode(value).decode()}
+        elif isinstance(value, (dt.datetime, dt.date)):
+            out[key] = {"iso": value.isoformat(), "kind": type(value).__name__}
+        else:
+            out[key] = value
+    return out
+
+
+def _decode_row(table: type[SQLModel], row: dict[str, Any]) -> dict[str, Any]:
+    columns = table.__table__.columns  # type: ignore[attr-defined]
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict) and "b64" in value:
+            out[key] = base64.b64decode(value["b64"])
+        elif isinstance(value, dict) and "iso" in value:
+            parse = dt.date if value["kind"] == "date" else dt.datetime
+            out[key] = parse.fromisoformat(value["iso"])
+        else:
+            out[key] = value
+        if key in columns and isinstance(columns[key].type, LargeBinary) and out[key] is None:
+            out[key] = b""
+    return out

@@ -1,0 +1,139 @@
+"""Domain objects of an agency node: what the node's logic works with, between wire and storage.
+
+Frozen dataclasses that check their invariants when built, so an invalid one never exists
+(STYLE.md, after sigstore-python). Protobuf messages stay at the edge (``node.serde``); SQLModel
+tables stay in ``node.store``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from node.htcds import NeedCategory, NeedStatus
+from tessera.errors import InvalidInput
+
+
+class StaffRole(enum.StrEnum):
+    """What a staff member may do at their node (docs/access.md has the full matrix)."""
+
+    ADMIN = "admin"
+    CASEWORKER = "caseworker"
+
+
+class CaseState(enum.StrEnum):
+    """Whether the agency still works the case. Not an HTCDS field: Tessera's own metadata."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Need:
+    """One aftercare need on a case. Category and status codes sit in clear: they identify no one."""
+
+    category: NeedCategory
+    status: NeedStatus
+    identified_on: dt.date
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Case:
+    """A survivor's case as the node's own staff see it, decrypted."""
+
+    case_id: str
+    version: int
+    fields: Mapping[str, str]
+    notes: str
+    state: CaseState
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    needs: tuple[Need, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.version < 1:
+            raise InvalidInput(f"case {self.case_id}: version must be at least 1")
+        object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+
+
+@dataclass(frozen=True)
+class CaseSummary:
+    """What ``case list`` shows: no survivor field beyond what the caller asked to see."""
+
+    case_id: str
+    version: int
+    state: CaseState
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    needs: tuple[Need, ...] = ()
+    display_name: str = ""
+
+
+@dataclass(frozen=True)
+class StaffMember:
+    """A person allowed to call the node, identified by their Ed25519 verify key."""
+
+    staff_id: str
+    name: str
+    role: StaffRole
+    signing_key: bytes
+    added_at: dt.datetime
+    removed_at: dt.datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        """Removed staff are refused at once (issue 4: removal takes effect immediately)."""
+        return self.removed_at is None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of the node's hash-chained, signed audit log."""
+
+    seq: int
+    at: dt.datetime
+    actor: str
+    action: str
+    case_id: str | None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Result of verifying the audit chain."""
+
+    entries: int
+    ok: bool
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One problem with one field of one spreadsheet row."""
+
+    row: int
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImportProgress:
+    """Progress of an import: rows checked so far, rows written so far, and the total if known."""
+
+    checked: int
+    written: int
+    total: int | None
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """Outcome of an import: how many cases were created and which rows were refused."""
+
+    imported: int
+    rejected: tuple[RowError, ...]
+    case_ids: tuple[str, ...] = ()

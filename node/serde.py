@@ -1,0 +1,196 @@
+"""Conversions between the node's protobuf messages and its domain objects: the only module of
+the node (besides the servicer and the client) that touches ``_pb2`` types (STYLE.md habit 1)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from node.domain import AuditEntry, Case, CaseState, CaseSummary, Need, StaffMember, StaffRole
+from node.htcds import FIELD_NAMES, NeedCategory, NeedStatus
+from tessera.errors import InvalidInput
+from tessera.v1 import common_pb2 as common_pb
+from tessera.v1 import node_pb2 as node_pb
+
+_FIELD_ORDER = {name: index for index, name in enumerate(FIELD_NAMES)}
+
+
+def timestamp(value: dt.datetime | None) -> Timestamp | None:
+    """A protobuf Timestamp for an aware datetime (None stays None)."""
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value.astimezone(dt.UTC))
+    return stamp
+
+
+def datetime_of(stamp: Timestamp) -> dt.datetime:
+    """An aware UTC datetime from a protobuf Timestamp."""
+    return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+def need_category_pb(category: NeedCategory) -> common_pb.NeedCategory.ValueType:
+    """The wire enum value for a need category code."""
+    return common_pb.NeedCategory.Value(f"NEED_CATEGORY_{category.value.upper()}")
+
+
+def need_category(value: int) -> NeedCategory:
+    """The need category code for a wire enum value; InvalidInput when unset or unknown."""
+    try:
+        name = common_pb.NeedCategory.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        name = ""
+    code = name.removeprefix("NEED_CATEGORY_").lower()
+    if code in NeedCategory.__members__.values():
+        return NeedCategory(code)
+    raise InvalidInput("a need category is required",
+                       hint=f"one of: {', '.join(c.value for c in NeedCategory)}")
+
+
+def need_status_pb(status: NeedStatus) -> common_pb.NeedStatus.ValueType:
+    """The wire enum value for a need status code."""
+    return common_pb.NeedStatus.Value(f"NEED_STATUS_{status.value.upper()}")
+
+
+def need_status(value: int) -> NeedStatus:
+    """The need status code for a wire enum value; InvalidInput when unset or unknown."""
+    try:
+        name = common_pb.NeedStatus.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        name = ""
+    code = name.removeprefix("NEED_STATUS_").lower()
+    if code in NeedStatus.__members__.values():
+        return NeedStatus(code)
+    raise InvalidInput("a need status is required",
+                       hint=f"one of: {', '.join(s.value for s in NeedStatus)}")
+
+
+def case_state_pb(state: CaseState) -> node_pb.CaseStatus.ValueType:
+    """Wire enum for the node's case lifecycle state."""
+    return node_pb.CASE_STATUS_OPEN if state is CaseState.OPEN else node_pb.CASE_STATUS_CLOSED
+
+
+def case_state(value: int) -> CaseState | None:
+    """Case lifecycle state from the wire; None for UNSPECIFIED (any)."""
+    if value == node_pb.CASE_STATUS_OPEN:
+        return CaseState.OPEN
+    if value == node_pb.CASE_STATUS_CLOSED:
+        return CaseState.CLOSED
+    return None
+
+
+def fields_of(entries: Iterable[common_pb.Field]) -> dict[str, str]:
+    """Field list from the wire as a dict; a repeated name is refused."""
+    result: dict[str, str] = {}
+    for entry in entries:
+        if entry.name in result:
+            raise InvalidInput(f"field {entry.name} is given twice")
+        result[entry.name] = entry.value
+    return result
+
+
+def fields_pb(fields: Mapping[str, str]) -> list[common_pb.Field]:
+    """Fields for the wire, in HTCDS column order."""
+    ordered = sorted(fields.items(), key=lambda item: _FIELD_ORDER.get(item[0], len(_FIELD_ORDER)))
+    return [common_pb.Field(name=name, value=value) for name, value in ordered if value]
+
+
+def need_pb(need: Need) -> node_pb.Need:
+    """One need for the wire."""
+    return node_pb.Need(
+        category=need_category_pb(need.category),
+        status=need_status_pb(need.status),
+        identified_on=need.identified_on.isoformat(),
+        status_on=need.updated_at.date().isoformat(),
+        updated_at=timestamp(need.updated_at),
+    )
+
+
+def case_pb(case: Case, include: Iterable[str] | None = None, with_notes: bool = True) -> node_pb.Case:
+    """A case for the wire; ``include`` limits the fields sent (None sends all)."""
+    wanted = case.fields if include is None else {
+        name: case.fields[name] for name in include if name in case.fields
+    }
+    return node_pb.Case(
+        case_id=case.case_id,
+        version=case.version,
+        fields=fields_pb(wanted),
+        needs=[need_pb(n) for n in case.needs],
+        status=case_state_pb(case.state),
+        created_at=timestamp(case.created_at),
+        updated_at=timestamp(case.updated_at),
+        notes=case.notes if with_notes else "",
+        display_name=display_name(case.fields) if include is not None else "",
+    )
+
+
+def summary_pb(summary: CaseSummary) -> node_pb.Case:
+    """Case metadata for the wire, with no survivor field."""
+    return node_pb.Case(
+        case_id=summary.case_id,
+        version=summary.version,
+        needs=[need_pb(n) for n in summary.needs],
+        status=case_state_pb(summary.state),
+        created_at=timestamp(summary.created_at),
+        updated_at=timestamp(summary.updated_at),
+        display_name=summary.display_name,
+    )
+
+
+def display_name(fields: Mapping[str, str]) -> str:
+    """A short label for a case from its name fields (empty if it has none)."""
+    return " ".join(v for v in (fields.get("prs_FirstName"), fields.get("prs_SecondName")) if v)
+
+
+def staff_role_pb(role: StaffRole) -> node_pb.StaffRole.ValueType:
+    """Wire enum for a staff role."""
+    return node_pb.STAFF_ROLE_ADMIN if role is StaffRole.ADMIN else node_pb.STAFF_ROLE_CASEWORKER
+
+
+def staff_role(value: int) -> StaffRole:
+    """A staff role from the wire; InvalidInput when unset."""
+    if value == node_pb.STAFF_ROLE_ADMIN:
+        return StaffRole.ADMIN
+    if value == node_pb.STAFF_ROLE_CASEWORKER:
+        return StaffRole.CASEWORKER
+    raise InvalidInput("a staff role is required", hint="admin or caseworker")
+
+
+def staff_pb(member: StaffMember) -> node_pb.Staff:
+    """A staff record for the wire."""
+    return node_pb.Staff(
+        staff_id=member.staff_id,
+        name=member.name,
+        role=staff_role_pb(member.role),
+        signing_key=member.signing_key,
+        added_at=timestamp(member.added_at),
+        removed_at=timestamp(member.removed_at),
+    )
+
+
+def disclosure_pb(entry: AuditEntry) -> node_pb.Disclosure:
+    """One audit entry about a disclosure, for the accounting of disclosures."""
+    detail = entry.detail
+    events = {
+        "referral.sent": node_pb.DISCLOSURE_EVENT_REFERRAL_SENT,
+        "referral.delivered": node_pb.DISCLOSURE_EVENT_REFERRAL_DELIVERED,
+        "revocation.sent": node_pb.DISCLOSURE_EVENT_REVOCATION_SENT,
+        "purge.confirmed": node_pb.DISCLOSURE_EVENT_PURGE_CONFIRMED,
+    }
+    purpose = detail.get("purpose")
+    return node_pb.Disclosure(
+        audit_sequence=entry.seq,
+        at=timestamp(entry.at),
+        event=events.get(entry.action, node_pb.DISCLOSURE_EVENT_UNSPECIFIED),
+        recipient=common_pb.AgencyRef(
+            agency_id=str(detail.get("recipient_id", "")),
+            name=str(detail.get("recipient_name", "")),
+        ),
+        referral_id=str(detail.get("referral_id", "")),
+        consent_id=str(detail.get("consent_id", "")),
+        purpose=need_category_pb(NeedCategory(purpose)) if purpose else 0,
+        fields=[str(f) for f in detail.get("fields", [])],
+        staff_id=entry.actor,
+    )

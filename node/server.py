@@ -1,0 +1,131 @@
+"""Running a node: open its keyring and database, start its gRPC server, keep health current.
+
+``start_node`` is what ``tessera node serve``, the demo and the tests all call, so every one of
+them exercises the same real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import text
+
+from node import access
+from node.credential import RUN_FILE
+from node.keyring import Keyring, open_keyring
+from node.service import NodeServicer
+from node.store.cases import NodeStore
+from node.store.database import open_database
+from tessera import crypto, rpc, tls
+from tessera.config import Settings
+from tessera.logs import fields
+from tessera.v1 import node_pb2 as node_pb
+from tessera.v1 import node_pb2_grpc as node_grpc
+
+log = logging.getLogger(__name__)
+NODE_SERVICE = node_pb.DESCRIPTOR.services_by_name["Node"].full_name
+_HEALTH_INTERVAL = 5.0
+
+
+@dataclass
+class RunningNode:
+    """A started node: its server, store and the address clients reach it at."""
+
+    settings: Settings
+    server: rpc.RunningServer
+    store: NodeStore
+    keyring: Keyring
+    address: str
+    _health_task: asyncio.Task[None] | None = None
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop serving, close the database, forget the run file."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.server.stop(grace)
+        self.store.engine.dispose()
+        (self.settings.home / RUN_FILE).unlink(missing_ok=True)
+
+
+async def start_node(settings: Settings, passphrase: str | None) -> RunningNode:
+    """Open the keyring (Argon2id runs once, here), migrate the database, start the server."""
+    keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
+    engine = await asyncio.to_thread(open_database, settings.effective_database_url)
+    store = NodeStore(engine, keyring, settings.home)
+
+    def refused(actor: str, method: str, reason: str) -> None:
+        store.audit(actor, "access.refused", None, {"method": method, "reason": reason})
+
+    interceptor = rpc.TesseraServerInterceptor(
+        access.make_authenticator(store.staff_by_key, refused),
+        crypto.ReplayGuard(settings.limits.replay_window_seconds),
+        on_refused=refused,
+    )
+    servicer = NodeServicer(settings, store, keyring)
+    server = await rpc.start_server(
+        listen=settings.listen,
+        add_services=[lambda s: node_grpc.add_NodeServicer_to_server(servicer, s)],
+        service_names=[NODE_SERVICE],
+        cert_pem=tls.read_pem(settings.cert_path),
+        key_pem=tls.read_pem(settings.key_path),
+        interceptor=interceptor,
+        max_message_bytes=settings.limits.max_message_bytes,
+    )
+    host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
+    address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{server.port}"
+    _write_run_file(settings.home, address)
+    running = RunningNode(settings, server, store, keyring, address)
+    running._health_task = asyncio.create_task(_watch_database(running))
+    log.info("node.started", extra=fields(address=address, storage=engine.dialect.name))
+    return running
+
+
+async def serve_until_signalled(settings: Settings, passphrase: str | None,
+                                ready: asyncio.Event | None = None) -> None:
+    """Run a node until SIGINT or SIGTERM, then shut down gracefully."""
+    running = await start_node(settings, passphrase)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("node.stopping")
+    await running.stop()
+
+
+async def _watch_database(running: RunningNode) -> None:
+    """Report NOT_SERVING while the database cannot be reached (issue 8 item 3)."""
+    serving = True
+    while True:
+        await asyncio.sleep(_HEALTH_INTERVAL)
+        ok = await asyncio.to_thread(_database_ok, running.store)
+        if ok != serving:
+            serving = ok
+            await running.server.set_serving(ok)
+            log.warning("node.health", extra=fields(serving=ok))
+
+
+def _database_ok(store: NodeStore) -> bool:
+    try:
+        with store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:  # any failure to reach the database means not serving
+        return False
+
+
+def _write_run_file(home: Path, address: str) -> None:
+    path = home / RUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(json.dumps({"address": address, "pid": os.getpid()}))

@@ -1,0 +1,1 @@
+"""The node's storage: SQLModel tables, migrations, and the encrypted case store over them."""

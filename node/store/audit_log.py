@@ -1,0 +1,123 @@
+"""Storage of the node's audit log: appends inside the caller's transaction, verification, queries.
+
+The chain logic is in :mod:`node.audit`; this module only reads and writes rows. Appends lock the
+single head row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite has one writer at a time), so two
+writers can never fork the chain. After each commit the head is copied to ``audit-head`` in the
+node's home, outside the database, so dropping the newest entries together with the head row is
+still detected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from node import audit
+from node.domain import AuditEntry, AuditReport
+from node.store.tables import AuditHeadRow, AuditRow, utcnow
+from tessera import crypto
+
+
+class AuditLog:
+    """Appends and verifies the node's signed hash chain."""
+
+    def __init__(self, identity: crypto.Identity, head_file: Path | None) -> None:
+        self._identity = identity
+        self._head_file = head_file
+
+    def append(
+        self,
+        session: Session,
+        actor: str,
+        action: str,
+        case_id: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Add one entry in ``session``'s transaction; returns its sequence number."""
+        head = session.exec(select(AuditHeadRow).with_for_update()).first()
+        if head is None:
+            head = AuditHeadRow(id=1, seq=0, entry_hash=audit.GENESIS_HASH)
+        sealed = audit.seal_entry(
+            self._identity, head.entry_hash, head.seq + 1, utcnow(), actor, action, case_id,
+            detail or {},
+        )
+        session.add(
+            AuditRow(
+                seq=sealed.seq, at=sealed.at, actor=actor, action=action, case_id=case_id,
+                detail=sealed.detail_json, prev_hash=sealed.prev_hash,
+                entry_hash=sealed.entry_hash, signature=sealed.signature,
+            )
+        )
+        head.seq = sealed.seq
+        head.entry_hash = sealed.entry_hash
+        session.add(head)
+        return sealed.seq
+
+    def record_head(self, session: Session) -> None:
+        """Copy the committed head outside the database (call after commit)."""
+        if self._head_file is None:
+            return
+        head = session.exec(select(AuditHeadRow)).first()
+        if head is None:
+            return
+        tmp = self._head_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seq": head.seq, "hash": head.entry_hash.hex()}))
+        os.replace(tmp, self._head_file)
+
+    def verify(self, session: Session) -> AuditReport:
+        """Walk the whole chain; compare its end with the head row and the head file."""
+        head_row = session.exec(select(AuditHeadRow)).first()
+        head = (head_row.seq, head_row.entry_hash) if head_row else (0, audit.GENESIS_HASH)
+        report = audit.verify_chain(
+            self._sealed(session), self._identity.public, head
+        )
+        problems = list(report.problems)
+        outside = self._read_head_file()
+        if outside is not None and outside != head:
+            problems.append(
+                f"the database's head is entry {head[0]} but the node last recorded entry "
+                f"{outside[0]}: entries were dropped or rewritten"
+            )
+        return AuditReport(entries=report.entries, ok=not problems, problems=tuple(problems))
+
+    def entries(
+        self, session: Session, case_id: str | None = None, actions: tuple[str, ...] = ()
+    ) -> list[AuditEntry]:
+        """Entries in order, optionally for one case and some actions (accounting of disclosures)."""
+        query = select(AuditRow).order_by(col(AuditRow.seq))
+        if case_id is not None:
+            query = query.where(AuditRow.case_id == case_id)
+        if actions:
+            query = query.where(col(AuditRow.action).in_(actions))
+        return [
+            AuditEntry(
+                seq=row.seq, at=_aware(row.at), actor=row.actor, action=row.action,
+                case_id=row.case_id, detail=json.loads(row.detail),
+            )
+            for row in session.exec(query)
+        ]
+
+    def _sealed(self, session: Session) -> Iterator[audit.SealedEntry]:
+        for row in session.exec(select(AuditRow).order_by(col(AuditRow.seq))):
+            yield audit.SealedEntry(
+                seq=row.seq, at=_aware(row.at), actor=row.actor, action=row.action,
+                case_id=row.case_id, detail_json=row.detail, prev_hash=row.prev_hash,
+                entry_hash=row.entry_hash, signature=row.signature,
+            )
+
+    def _read_head_file(self) -> tuple[int, bytes] | None:
+        if self._head_file is None or not self._head_file.exists():
+            return None
+        data = json.loads(self._head_file.read_text())
+        return int(data["seq"]), bytes.fromhex(data["hash"])
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite returns naive datetimes; everything Tessera stores is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

@@ -1,0 +1,523 @@
+"""The encrypted case store (DESIGN.md sections 2 and 5; issue 4 items 2 and 3).
+
+Each survivor has a data key of their own, wrapped by the node's record key; all of their fields
+are one AEAD ciphertext whose associated data binds it to this table, this case and this record
+version, so a ciphertext moved to another row or an older one put back fails to open. Lookup by an
+identifier uses keyed blind indexes, never plaintext. Every operation appends to the audit log in
+the same transaction, so an action is recorded if and only if it happened.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, delete, text
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, col, func, select
+
+from node.domain import (
+    AuditEntry,
+    AuditReport,
+    Case,
+    CaseState,
+    CaseSummary,
+    Need,
+    StaffMember,
+    StaffRole,
+)
+from node.htcds import NeedCategory, NeedStatus
+from node.keyring import Keyring
+from node.store.audit_log import AuditLog
+from node.store.tables import (
+    BlindIndexRow,
+    CaseRow,
+    ErasureRow,
+    NeedRow,
+    StaffRow,
+    SurvivorKeyRow,
+    utcnow,
+)
+from tessera import crypto
+from tessera.errors import Conflict, InvalidInput, NotFound, StorageError
+
+# Which fields feed which blind index (issue 4: search by a survivor identifier).
+_INDEXED: Mapping[str, tuple[str, ...]] = {
+    "name": ("prs_FirstName", "prs_SecondName"),
+    "email": ("prs_Email",),
+    "phone": ("prs_MobilePhone",),
+    "home_phone": ("prs_HomePhone",),
+}
+IDENTIFIER_KINDS = ("name", "email", "phone")
+# Audit actions that disclose survivor data to another agency (the accounting of disclosures).
+DISCLOSURE_ACTIONS = ("referral.sent", "referral.delivered", "revocation.sent", "purge.confirmed")
+
+
+@dataclass(frozen=True)
+class NewCase:
+    """What a caller supplies to create a case (fields already validated against HTCDS)."""
+
+    fields: Mapping[str, str]
+    notes: str = ""
+    needs: tuple[tuple[NeedCategory, NeedStatus], ...] = ()
+
+
+def record_associated_data(case_id: str, version: int) -> bytes:
+    """Associated data of a case ciphertext: table, row and version (DESIGN.md section 5)."""
+    return f"tessera/v1|case_record|{case_id}|{version}".encode()
+
+
+def _key_context(case_id: str) -> bytes:
+    return f"tessera/v1|survivor_key|{case_id}".encode()
+
+
+class NodeStore:
+    """Cases, needs, staff, erasures and the audit log of one node, over one database."""
+
+    def __init__(self, engine: Engine, keyring: Keyring, home: Path | None = None) -> None:
+        self._engine = engine
+        self._keyring = keyring
+        self._home = home
+        self._audit = AuditLog(keyring.identity, home / "audit-head" if home else None)
+        # One writer at a time inside this process; the audit head row's lock covers others.
+        self._write_lock = threading.Lock()
+
+    @property
+    def keyring(self) -> Keyring:
+        """The node's unwrapped keyring (for backups)."""
+        return self._keyring
+
+    @property
+    def engine(self) -> Engine:
+        """The database engine (for health checks and backups)."""
+        return self._engine
+
+    # --- transactions --------------------------------------------------------------------
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        with self._write_lock, Session(self._engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except OperationalError as exc:
+                session.rollback()
+                raise _storage_error(exc) from None
+            except BaseException:
+                session.rollback()
+                raise
+            self._audit.record_head(session)
+
+    def _reading(self) -> Session:
+        return Session(self._engine, expire_on_commit=False)
+
+    def audit(self, actor: str, action: str, case_id: str | None = None,
+              detail: Mapping[str, Any] | None = None) -> None:
+        """Record an event that changes nothing else (a refused call, a disclosure)."""
+        with self._writing() as session:
+            self._audit.append(session, actor, action, case_id, detail)
+
+    # --- cases ---------------------------------------------------------------------------
+
+    def create_cases(self, actor: str, cases: Sequence[NewCase], action: str = "case.create",
+                     detail: Mapping[str, Any] | None = None,
+                     on_progress: Callable[[int], None] | None = None) -> list[str]:
+        """Create several cases in ONE transaction: all of them are stored or none is.
+
+        ``on_progress(written)`` is called every few hundred cases (before the commit).
+        """
+        ids: list[str] = []
+        with self._writing() as session:
+            now = utcnow()
+            for new in cases:
+                case_id = str(uuid.uuid4())
+                data_key = crypto.DataKey.generate()
+                session.add(SurvivorKeyRow(
+                    case_id=case_id,
+                    wrapped_key=crypto.wrap_key(self._keyring.record_key, data_key,
+                                                _key_context(case_id)),
+                    created_at=now,
+                ))
+                session.add(CaseRow(
+                    case_id=case_id, version=1, state=CaseState.OPEN.value, created_at=now,
+                    updated_at=now, ciphertext=self._seal(data_key, case_id, 1, new.fields,
+                                                          new.notes),
+                ))
+                ids.append(case_id)
+                if on_progress is not None and len(ids) % 500 == 0:
+                    on_progress(len(ids))
+            # Parent rows first: the indexes and needs below reference them.
+            session.flush()
+            for case_id, new in zip(ids, cases, strict=True):
+                self._add_indexes(session, case_id, new.fields)
+                for category, status in new.needs:
+                    session.add(NeedRow(case_id=case_id, category=category.value,
+                                        status=status.value, identified_on=now.date(),
+                                        updated_at=now))
+            if len(ids) == 1 and action == "case.create":
+                self._audit.append(session, actor, action, ids[0], detail)
+            else:
+                self._audit.append(session, actor, action, None,
+                                   {"cases": len(ids), **(detail or {})})
+        return ids
+
+    def create_case(self, actor: str, new: NewCase) -> Case:
+        """Create one case and return it as stored."""
+        (case_id,) = self.create_cases(actor, [new])
+        return self._load(case_id)
+
+    def get_case(self, actor: str, case_id: str) -> Case:
+        """Decrypt one case; the read is audited."""
+        case = self._load(case_id)
+        self.audit(actor, "case.read", case_id)
+        return case
+
+    def update_case(self, actor: str, case_id: str, expected_version: int,
+                    fields: Mapping[str, str] | None, notes: str | None) -> Case:
+        """Replace fields (empty value removes one) and/or notes; refuses a stale version."""
+        with self._writing() as session:
+            row = self._row(session, case_id, for_update=True)
+            _check_version(row, expected_version)
+            data_key = self._data_key(session, case_id)
+            current_fields, current_notes = self._open(data_key, row)
+            merged = dict(current_fields)
+            changed = sorted((fields or {}).keys())
+            for name, value in (fields or {}).items():
+                if value:
+                    merged[name] = value
+                else:
+                    merged.pop(name, None)
+            row.version += 1
+            row.updated_at = utcnow()
+            row.ciphertext = self._seal(data_key, case_id, row.version, merged,
+                                        current_notes if notes is None else notes)
+            session.add(row)
+            session.exec(delete(BlindIndexRow).where(col(BlindIndexRow.case_id) == case_id))
+            self._add_indexes(session, case_id, merged)
+            self._audit.append(session, actor, "case.update", case_id,
+                               {"fields": changed, "notes": notes is not None,
+                                "version": row.version})
+        return self._load(case_id)
+
+    def close_case(self, actor: str, case_id: str, expected_version: int,
+                   reason: str = "") -> CaseSummary:
+        """Mark a case closed (its data stays, encrypted, until erased)."""
+        with self._writing() as session:
+            row = self._row(session, case_id, for_update=True)
+            _check_version(row, expected_version)
+            row.version += 1
+            row.state = CaseState.CLOSED.value
+            row.updated_at = utcnow()
+            session.add(row)
+            self._audit.append(session, actor, "case.close", case_id, {"reason_code": reason})
+        return self.summary(case_id)
+
+    def set_need(self, actor: str, case_id: str, category: NeedCategory, status: NeedStatus,
+                 identified_on: dt.date | None = None) -> Need:
+        """Add a need to a case or change its status."""
+        with self._writing() as session:
+            self._row(session, case_id)
+            need = session.exec(select(NeedRow).where(
+                NeedRow.case_id == case_id, NeedRow.category == category.value)).first()
+            now = utcnow()
+            if need is None:
+                need = NeedRow(case_id=case_id, category=category.value, status=status.value,
+                               identified_on=identified_on or now.date(), updated_at=now)
+            else:
+                need.status = status.value
+                need.updated_at = now
+                if identified_on is not None:
+                    need.identified_on = identified_on
+            session.add(need)
+            self._audit.append(session, actor, "need.set", case_id,
+                               {"category": category.value, "status": status.value})
+        return _need(need)
+
+    def _case_ids(self, state: CaseState | None, limit: int, offset: int,
+                  need: NeedCategory | None, need_status: NeedStatus | None) -> list[str]:
+        with self._reading() as session:
+            query = select(CaseRow.case_id).order_by(col(CaseRow.updated_at).desc(),
+                                                     col(CaseRow.case_id))
+            if state is not None:
+                query = query.where(CaseRow.state == state.value)
+            if need is not None or need_status is not None:
+                query = query.join(NeedRow, col(NeedRow.case_id) == col(CaseRow.case_id))
+                if need is not None:
+                    query = query.where(NeedRow.category == need.value)
+                if need_status is not None:
+                    query = query.where(NeedRow.status == need_status.value)
+                query = query.distinct()
+            return list(session.exec(query.offset(offset).limit(limit)))
+
+    def list_cases(self, state: CaseState | None = None, limit: int = 100, offset: int = 0,
+                   need: NeedCategory | None = None,
+                   need_status: NeedStatus | None = None) -> list[CaseSummary]:
+        """Case metadata, most recently updated first; no survivor field is decrypted."""
+        return [self.summary(i) for i in self._case_ids(state, limit, offset, need, need_status)]
+
+    def list_cases_with_fields(self, actor: str, state: CaseState | None,
+                               need: NeedCategory | None, need_status: NeedStatus | None,
+                               limit: int, offset: int) -> list[Case]:
+        """Like :meth:`list_cases` but decrypted (the caller picks fields); audited as a read."""
+        ids = self._case_ids(state, limit, offset, need, need_status)
+        self.audit(actor, "cases.list", None, {"cases": len(ids)})
+        return [self._load(i) for i in ids]
+
+    def count_cases(self, state: CaseState | None = None) -> int:
+        """How many cases the node holds (in ``state``, if given)."""
+        with self._reading() as session:
+            query = select(func.count()).select_from(CaseRow)
+            if state is not None:
+                query = query.where(CaseRow.state == state.value)
+            return int(session.exec(query).one())
+
+    def find_cases(self, actor: str, kind: str, value: str) -> list[CaseSummary]:
+        """Cases whose identifier of ``kind`` matches ``value``, through the blind index."""
+        if kind not in IDENTIFIER_KINDS:
+            raise InvalidInput(f"cannot search by {kind!r}",
+                               hint=f"search by one of: {', '.join(IDENTIFIER_KINDS)}")
+        digest = crypto.blind_index(self._keyring.index_key, f"{kind}:{value}")
+        kinds = ("phone", "home_phone") if kind == "phone" else (kind,)
+        with self._reading() as session:
+            ids = sorted(set(session.exec(select(BlindIndexRow.case_id).where(
+                col(BlindIndexRow.kind).in_(kinds), BlindIndexRow.digest == digest))))
+        self.audit(actor, "case.search", None, {"kind": kind, "matches": len(ids)})
+        return [self.summary(case_id) for case_id in ids]
+
+    def export_cases(self, actor: str, state: CaseState | None = None) -> Iterator[Case]:
+        """Every case, decrypted, for an HTCDS export; audited once as an export."""
+        with self._reading() as session:
+            query = select(CaseRow.case_id).order_by(col(CaseRow.created_at))
+            if state is not None:
+                query = query.where(CaseRow.state == state.value)
+            ids = list(session.exec(query))
+        self.audit(actor, "cases.export", None, {"cases": len(ids)})
+        for case_id in ids:
+            yield self._load(case_id)
+
+    # --- erasure (crypto-shredding) ------------------------------------------------------
+
+    def erase_case(self, actor: str, case_id: str) -> None:
+        """Destroy the survivor's data key and every row about them; record the erasure.
+
+        The erasure is also appended to ``erasures.log`` in the node's home, outside the database,
+        so a restore of an older backup re-applies it (node.backup).
+        """
+        with self._writing() as session:
+            self._row(session, case_id)
+            self._delete_survivor(session, case_id)
+            session.add(ErasureRow(case_id=case_id, erased_by=actor))
+            self._audit.append(session, actor, "case.erase", case_id)
+        self._append_erasure_ledger(case_id)
+        self._checkpoint()
+
+    def reapply_erasures(self, actor: str, case_ids: Iterable[str]) -> int:
+        """Erase again every listed survivor still present (after a restore); returns how many."""
+        count = 0
+        with self._writing() as session:
+            for case_id in case_ids:
+                if session.get(SurvivorKeyRow, case_id) or session.get(CaseRow, case_id):
+                    self._delete_survivor(session, case_id)
+                    count += 1
+                if session.get(ErasureRow, case_id) is None:
+                    session.add(ErasureRow(case_id=case_id, erased_by=actor))
+            if count:
+                self._audit.append(session, actor, "erasures.reapplied", None, {"cases": count})
+        self._checkpoint()
+        return count
+
+    def erased_ids(self) -> list[str]:
+        """Every survivor erased at this node, per the database."""
+        with self._reading() as session:
+            return list(session.exec(select(ErasureRow.case_id)))
+
+    def _delete_survivor(self, session: Session, case_id: str) -> None:
+        for table in (BlindIndexRow, NeedRow):
+            session.exec(delete(table).where(col(table.case_id) == case_id))  # type: ignore[attr-defined]
+        session.exec(delete(CaseRow).where(col(CaseRow.case_id) == case_id))
+        session.exec(delete(SurvivorKeyRow).where(col(SurvivorKeyRow.case_id) == case_id))
+
+    def _append_erasure_ledger(self, case_id: str) -> None:
+        if self._home is None:
+            return
+        with (self._home / "erasures.log").open("a", encoding="utf-8") as ledger:
+            ledger.write(f"{case_id}\n")
+            ledger.flush()
+            os.fsync(ledger.fileno())
+
+    def _checkpoint(self) -> None:
+        # Push the WAL into the main file (whose freed pages secure_delete zeroed) and truncate
+        # it, so no copy of an erased survivor's key lingers in the write-ahead log.
+        if self._engine.dialect.name == "sqlite":
+            with self._engine.connect() as conn:
+                conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+
+    # --- staff ---------------------------------------------------------------------------
+
+    def add_staff(self, actor: str, name: str, role: StaffRole, signing_key: bytes) -> StaffMember:
+        """Register a staff member's verify key with a role."""
+        with self._writing() as session:
+            if session.exec(select(StaffRow).where(StaffRow.signing_key == signing_key)).first():
+                raise Conflict("that key already belongs to a staff member")
+            if session.exec(select(StaffRow).where(
+                    StaffRow.name == name, col(StaffRow.removed_at).is_(None))).first():
+                raise Conflict(f"an active staff member is already called {name!r}",
+                               hint="choose another name or remove the old credential first")
+            row = StaffRow(staff_id=str(uuid.uuid4()), name=name, role=role.value,
+                           signing_key=signing_key)
+            session.add(row)
+            self._audit.append(session, actor, "staff.add", None,
+                               {"staff": name, "role": role.value})
+        return _staff(row)
+
+    def remove_staff(self, actor: str, staff_id: str) -> StaffMember:
+        """Revoke a staff credential at once; the last active administrator stays."""
+        with self._writing() as session:
+            row = session.get(StaffRow, staff_id)
+            if row is None or row.removed_at is not None:
+                raise NotFound(f"no active staff member {staff_id!r}",
+                               hint="`tessera node staff list` shows who there is")
+            if row.role == StaffRole.ADMIN.value:
+                admins = session.exec(select(func.count()).select_from(StaffRow).where(
+                    StaffRow.role == StaffRole.ADMIN.value,
+                    col(StaffRow.removed_at).is_(None))).one()
+                if admins <= 1:
+                    raise Conflict("this is the node's last administrator",
+                                   hint="add another administrator first")
+            row.removed_at = utcnow()
+            session.add(row)
+            self._audit.append(session, actor, "staff.remove", None, {"staff": row.name})
+        return _staff(row)
+
+    def list_staff(self) -> list[StaffMember]:
+        """All staff, including removed ones (with their removal time)."""
+        with self._reading() as session:
+            return [_staff(r) for r in session.exec(select(StaffRow).order_by(col(StaffRow.name)))]
+
+    def staff_by_key(self, signing_key: bytes) -> StaffMember | None:
+        """The staff member holding ``signing_key``, removed or not; None if unknown."""
+        with self._reading() as session:
+            row = session.exec(select(StaffRow).where(StaffRow.signing_key == signing_key)).first()
+        return _staff(row) if row else None
+
+    # --- audit ---------------------------------------------------------------------------
+
+    def verify_audit(self) -> AuditReport:
+        """Check the whole chain, links, signatures and head."""
+        with self._reading() as session:
+            return self._audit.verify(session)
+
+    def disclosures(self, case_id: str) -> list[AuditEntry]:
+        """The accounting of disclosures for one case (DESIGN.md section 6)."""
+        return self.audit_entries(case_id, DISCLOSURE_ACTIONS)
+
+    def audit_entries(self, case_id: str | None = None,
+                      actions: tuple[str, ...] = ()) -> list[AuditEntry]:
+        """Audit entries in order, optionally filtered."""
+        with self._reading() as session:
+            return self._audit.entries(session, case_id, actions)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _seal(self, data_key: crypto.DataKey, case_id: str, version: int,
+              fields: Mapping[str, str], notes: str) -> bytes:
+        payload = json.dumps({"fields": dict(fields), "notes": notes}, separators=(",", ":"))
+        return crypto.encrypt(data_key, payload.encode(), record_associated_data(case_id, version))
+
+    def _open(self, data_key: crypto.DataKey, row: CaseRow) -> tuple[dict[str, str], str]:
+        plain = crypto.decrypt(data_key, row.ciphertext,
+                               record_associated_data(row.case_id, row.version))
+        payload = json.loads(plain)
+        return dict(payload["fields"]), str(payload["notes"])
+
+    def _data_key(self, session: Session, case_id: str) -> crypto.DataKey:
+        row = session.get(SurvivorKeyRow, case_id)
+        if row is None:
+            raise NotFound(f"case {case_id} has no data key (it was erased)")
+        return crypto.unwrap_key(self._keyring.record_key, row.wrapped_key, _key_context(case_id))
+
+    def _row(self, session: Session, case_id: str, for_update: bool = False) -> CaseRow:
+        query = select(CaseRow).where(CaseRow.case_id == case_id)
+        if for_update:
+            query = query.with_for_update()
+        row = session.exec(query).first()
+        if row is None:
+            erased = session.get(ErasureRow, case_id) is not None
+            raise NotFound(
+                f"case {case_id} was erased" if erased else f"no case {case_id}",
+                hint=None if erased else "`tessera case list` shows the cases there are",
+            )
+        return row
+
+    def _add_indexes(self, session: Session, case_id: str, fields: Mapping[str, str]) -> None:
+        for kind, names in _INDEXED.items():
+            value = " ".join(fields.get(n, "") for n in names).strip()
+            if value:
+                search_kind = "phone" if kind == "home_phone" else kind
+                session.add(BlindIndexRow(
+                    case_id=case_id, kind=kind,
+                    digest=crypto.blind_index(self._keyring.index_key, f"{search_kind}:{value}"),
+                ))
+
+    def _needs(self, session: Session, case_id: str) -> tuple[Need, ...]:
+        rows = session.exec(select(NeedRow).where(NeedRow.case_id == case_id)
+                            .order_by(col(NeedRow.category)))
+        return tuple(_need(r) for r in rows)
+
+    def _load(self, case_id: str) -> Case:
+        with self._reading() as session:
+            row = self._row(session, case_id)
+            fields, notes = self._open(self._data_key(session, case_id), row)
+            return Case(case_id=case_id, version=row.version, fields=fields, notes=notes,
+                        state=CaseState(row.state), created_at=_aware(row.created_at),
+                        updated_at=_aware(row.updated_at), needs=self._needs(session, case_id))
+
+    def summary(self, case_id: str) -> CaseSummary:
+        with self._reading() as session:
+            row = self._row(session, case_id)
+            return CaseSummary(case_id=case_id, version=row.version, state=CaseState(row.state),
+                               created_at=_aware(row.created_at),
+                               updated_at=_aware(row.updated_at),
+                               needs=self._needs(session, case_id))
+
+
+def _check_version(row: CaseRow, expected_version: int) -> None:
+    if row.version != expected_version:
+        raise Conflict(
+            f"case {row.case_id} is at version {row.version}, not {expected_version}",
+            hint="someone changed it first; show it again and reapply your change",
+        )
+
+
+def _need(row: NeedRow) -> Need:
+    return Need(category=NeedCategory(row.category), status=NeedStatus(row.status),
+                identified_on=row.identified_on, updated_at=_aware(row.updated_at))
+
+
+def _staff(row: StaffRow) -> StaffMember:
+    return StaffMember(staff_id=row.staff_id, name=row.name, role=StaffRole(row.role),
+                       signing_key=row.signing_key, added_at=_aware(row.added_at),
+                       removed_at=_aware(row.removed_at) if row.removed_at else None)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _storage_error(exc: OperationalError) -> StorageError:
+    text_ = str(exc.orig) if exc.orig else str(exc)
+    if "full" in text_.lower() or "no space" in text_.lower():
+        return StorageError("the disk is full; nothing was written",
+                            hint="free disk space, then retry")
+    if "locked" in text_.lower():
+        return StorageError("the database is busy; nothing was written", hint="retry shortly")
+    return StorageError("the database refused the write; nothing was written",
+                        hint="check the node's log and database")
