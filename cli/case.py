@@ -56,10 +56,13 @@ def _show(case: dict[str, Any], fmt: OutputFormat) -> None:
         render_one(case, fmt)
         return
     record: dict[str, Any] = {
-        "case_id": case["case_id"], "version": case["version"], "state": case["state"],
+        "case_id": case["case_id"],
+        "version": case["version"],
+        "state": case["state"],
         **case["fields"],
         "needs": [f"{n['category']}={n['status']}" for n in case["needs"]],
-        "notes": case["notes"], "updated_at": case["updated_at"],
+        "notes": case["notes"],
+        "updated_at": case["updated_at"],
     }
     render_one(record, fmt, title="case")
 
@@ -132,12 +135,24 @@ def list_cases(
     from node.htcds import NeedStatus
 
     with _client(ctx) as client:
-        cases = client.list_cases(state, _category(need) if need else None,
-                                  NeedStatus(need_status) if need_status else None, names, limit)
-    rows = [{"case_id": c["case_id"], "name": c["name"], "state": c["state"],
-             "version": c["version"],
-             "needs": [f"{n['category']}={n['status']}" for n in c["needs"]],
-             "updated_at": c["updated_at"]} for c in cases]
+        cases = client.list_cases(
+            state,
+            _category(need) if need else None,
+            NeedStatus(need_status) if need_status else None,
+            names,
+            limit,
+        )
+    rows = [
+        {
+            "case_id": c["case_id"],
+            "name": c["name"],
+            "state": c["state"],
+            "version": c["version"],
+            "needs": [f"{n['category']}={n['status']}" for n in c["needs"]],
+            "updated_at": c["updated_at"],
+        }
+        for c in cases
+    ]
     columns = ["case_id", *(["name"] if names else []), "state", "needs", "updated_at"]
     render(rows, fmt, columns=columns, title=f"{len(rows)} case(s)")
 
@@ -165,8 +180,11 @@ def find(
         raise InvalidInput("give --name, --email or --phone")
     with _client(ctx) as client:
         cases = client.find_cases(identifiers)
-    render([{"case_id": c["case_id"], "name": c["name"], "state": c["state"]} for c in cases],
-           fmt, columns=["case_id", "name", "state"])
+    render(
+        [{"case_id": c["case_id"], "name": c["name"], "state": c["state"]} for c in cases],
+        fmt,
+        columns=["case_id", "name", "state"],
+    )
 
 
 @app.command("close")
@@ -197,16 +215,18 @@ def need(
     ctx: typer.Context,
     case_id: str,
     category: Annotated[str, typer.Argument(help="A need category (docs/data-model.md).")],
-    status: Annotated[str, typer.Argument(help="identified, referred, in_progress, met, "
-                                          "unmet or declined.")] = "identified",
+    status: Annotated[
+        str, typer.Argument(help="identified, referred, in_progress, met, unmet or declined.")
+    ] = "identified",
 ) -> None:
     """Add a need to a case or change its status."""
     from node.htcds import NeedStatus
     from tessera.errors import InvalidInput
 
     if status not in {s.value for s in NeedStatus}:
-        raise InvalidInput(f"unknown need status {status!r}",
-                           hint=", ".join(s.value for s in NeedStatus))
+        raise InvalidInput(
+            f"unknown need status {status!r}", hint=", ".join(s.value for s in NeedStatus)
+        )
     with _client(ctx) as client:
         client.set_need(case_id, _category(category), NeedStatus(status))
     typer.echo(f"{case_id}: {category} is {status}.")
@@ -231,10 +251,16 @@ def import_cases(
 
     from tessera.errors import InvalidInput
 
-    with _client(ctx) as client, Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        transient=True, console=_stderr_console(),
-    ) as bar:
+    with (
+        _client(ctx) as client,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            transient=True,
+            console=_stderr_console(),
+        ) as bar,
+    ):
         task = bar.add_task(f"checking {file.name}", total=None)
 
         def progress(checked: int, written: int, total: int) -> None:
@@ -281,8 +307,9 @@ def export_cases(
     with _client(ctx) as client:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            for data, total in client.export_cases(fmt, state):
+            for data, cases in client.export_cases(fmt, state):
                 out.write(data)
+                total = cases
     os.replace(tmp, file)
     typer.echo(f"Exported {total} case(s) to {file}")
 
@@ -292,8 +319,12 @@ def disclosures(ctx: typer.Context, case_id: str, fmt: OutputFormat = FORMAT_OPT
     """Who received what about this survivor, and when (accounting of disclosures)."""
     with _client(ctx) as client:
         rows = client.disclosures(case_id)
-    render(rows, fmt, columns=["at", "event", "recipient", "purpose", "fields", "by"],
-           title=f"disclosures for {case_id}")
+    render(
+        rows,
+        fmt,
+        columns=["at", "event", "recipient", "purpose", "fields", "by"],
+        title=f"disclosures for {case_id}",
+    )
 
 
 def _category(value: str) -> Any:
@@ -303,8 +334,9 @@ def _category(value: str) -> Any:
     try:
         return NeedCategory(value)
     except ValueError:
-        raise InvalidInput(f"unknown need category {value!r}",
-                           hint=", ".join(c.value for c in NeedCategory)) from None
+        raise InvalidInput(
+            f"unknown need category {value!r}", hint=", ".join(c.value for c in NeedCategory)
+        ) from None
 
 
 def _stderr_console() -> Any:

@@ -47,8 +47,12 @@ class Group:
 
 GROUPS: tuple[Group, ...] = (
     Group("node", "Run and administer an agency node.", "cli.node", "issue 4"),
-    Group("case", "Record survivors' cases and needs; import and export HTCDS.", "cli.case", "issue 4"),
-    Group("agency", "Look up agencies in the directory; verify their fingerprints.", None, "issue 5"),
+    Group(
+        "case", "Record survivors' cases and needs; import and export HTCDS.", "cli.case", "issue 4"
+    ),
+    Group(
+        "agency", "Look up agencies in the directory; verify their fingerprints.", None, "issue 5"
+    ),
     Group("broker", "Run and administer the regional broker.", None, "issue 5"),
     Group("consent", "Record, list and revoke a survivor's consent.", None, "issue 6"),
     Group("referral", "Send, receive and answer consented referrals.", None, "issue 6"),

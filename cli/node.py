@@ -31,8 +31,9 @@ def init(
     ] = "",
     key_file: Annotated[
         Path | None,
-        typer.Option(help="Protect the node with this key file (created if missing) instead "
-                     "of a passphrase."),
+        typer.Option(
+            help="Protect the node with this key file (created if missing) instead of a passphrase."
+        ),
     ] = None,
 ) -> None:
     """Create a node in --home: keys, key-encryption key, config, database, TLS, first admin.
@@ -47,9 +48,17 @@ def init(
     passphrase = None if key_file else cli.passphrase(confirm=True, purpose="new node passphrase")
     profile = Argon2Profile(cli.environ.get("TESSERA_ARGON2", Argon2Profile.PRODUCTION.value))
     settings = init_node(
-        NodeInit(home=cli.home, name=name, region=region, admin_name=admin, listen=listen,
-                 database_url=database_url, kek_source=source,
-                 key_file=key_file.resolve() if key_file else None, argon2=profile),
+        NodeInit(
+            home=cli.home,
+            name=name,
+            region=region,
+            admin_name=admin,
+            listen=listen,
+            database_url=database_url,
+            kek_source=source,
+            key_file=key_file.resolve() if key_file else None,
+            argon2=profile,
+        ),
         passphrase,
     )
     typer.echo(f"Node {settings.name!r} created in {settings.home}")
@@ -96,7 +105,8 @@ def rotate_kek(
     new_pass = None
     if key_file is None:
         new_pass = cli.environ.get("TESSERA_NEW_PASSPHRASE") or context.CliContext(
-            None, {}).passphrase(confirm=True, purpose="new node passphrase")
+            None, {}
+        ).passphrase(confirm=True, purpose="new node passphrase")
     with NodeClient(cli.home) as client:
         count = client.rotate_kek(new_pass, key_file.resolve() if key_file else None)
     typer.echo(f"Key-encryption key replaced; {count} keys re-wrapped, no record re-encrypted.")
@@ -174,11 +184,18 @@ def staff_add(
     with NodeClient(home) as client:
         member = client.add_staff(name, StaffRole(role), identity.public.signing_key)
         address = client.address
-    credential.write(out_home.resolve(), credential.Credential(
-        name=name, identity=identity, node_address=address,
-        node_certificate=mine.node_certificate))
-    typer.echo(f"{member['name']} ({member['role']}) can now use the node with "
-               f"--home {out_home.resolve()}")
+    credential.write(
+        out_home.resolve(),
+        credential.Credential(
+            name=name,
+            identity=identity,
+            node_address=address,
+            node_certificate=mine.node_certificate,
+        ),
+    )
+    typer.echo(
+        f"{member['name']} ({member['role']}) can now use the node with --home {out_home.resolve()}"
+    )
 
 
 @staff_app.command("remove")
@@ -215,5 +232,7 @@ def audit_verify(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
         report = client.verify_audit()
     render_one(report, fmt, title="audit log")
     if not report["intact"]:
-        raise CryptoError("the audit log was tampered with",
-                          hint="see the problems above; restore from a backup and investigate")
+        raise CryptoError(
+            "the audit log was tampered with",
+            hint="see the problems above; restore from a backup and investigate",
+        )

@@ -15,16 +15,43 @@ from tessera.rpc import Caller
 
 SERVICE = "/tessera.v1.Node/"
 
-_ADMIN_ONLY = frozenset({
-    "EraseCase", "ImportCases", "ExportCases", "VerifyAudit", "AddStaff", "RemoveStaff",
-    "ListStaff", "RotateKeyEncryptionKey", "Backup", "VerifyAgency",
-})
-_CASEWORKER = frozenset({
-    "GetStatus", "CreateCase", "GetCase", "UpdateCase", "ListCases", "FindCases", "CloseCase",
-    "SetNeed", "ListDisclosures", "GrantConsent", "ListConsents", "RevokeConsent",
-    "SendReferral", "ListReferrals", "Inbox", "ShowReferral", "AnswerReferral", "ListAgencies",
-    "BudgetStatus",
-})
+_ADMIN_ONLY = frozenset(
+    {
+        "EraseCase",
+        "ImportCases",
+        "ExportCases",
+        "VerifyAudit",
+        "AddStaff",
+        "RemoveStaff",
+        "ListStaff",
+        "RotateKeyEncryptionKey",
+        "Backup",
+        "VerifyAgency",
+    }
+)
+_CASEWORKER = frozenset(
+    {
+        "GetStatus",
+        "CreateCase",
+        "GetCase",
+        "UpdateCase",
+        "ListCases",
+        "FindCases",
+        "CloseCase",
+        "SetNeed",
+        "ListDisclosures",
+        "GrantConsent",
+        "ListConsents",
+        "RevokeConsent",
+        "SendReferral",
+        "ListReferrals",
+        "Inbox",
+        "ShowReferral",
+        "AnswerReferral",
+        "ListAgencies",
+        "BudgetStatus",
+    }
+)
 
 
 def allowed_roles(method: str) -> frozenset[StaffRole]:

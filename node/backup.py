@@ -5,9 +5,10 @@ derived from the node's record key, preceded by a clear header holding the node'
 as it sits in the home (still wrapped by the key-encryption key). So a backup stays encrypted: it
 opens only with the passphrase or key file that protected the node when it was taken.
 
-Restoring never brings an erased survivor back: erasures are recorded in ``erasures.log`` in the
-node's home (outside the database) and in the database, and restore re-applies every erasure it
-knows of, from the home's ledger and from the backup itself, before the node serves again.
+Restoring never brings an erased survivor back, nor a removed staff credential: both are recorded
+in the ledger (``ledger.log`` in the node's home, outside the database) as well as in the
+database, and restore re-applies every erasure and removal it knows of, from the home's ledger and
+from the backup itself, before the node serves again.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, LargeBinary, delete, insert, select, text
-from sqlmodel import Session, SQLModel
+from sqlalchemy import Engine, LargeBinary, Table, delete, insert, select, text
+from sqlmodel import SQLModel
 
 from node import keyring as keyring_mod
 from node.keyring import Keyring
-from node.store.cases import NodeStore
+from node.store.cases import LEDGER_FILE, NodeStore
 from node.store.tables import (
     AuditHeadRow,
     AuditRow,
@@ -43,9 +44,15 @@ _MAGIC = b"TESSERA-BACKUP-1\n"
 _LABEL_BACKUP = b"tessera/v1/backup"
 # Parents before children, so inserts satisfy foreign keys (deletes go in reverse).
 _TABLES: tuple[type[SQLModel], ...] = (
-    CaseRow, SurvivorKeyRow, BlindIndexRow, NeedRow, ErasureRow, StaffRow, AuditRow, AuditHeadRow,
+    CaseRow,
+    SurvivorKeyRow,
+    BlindIndexRow,
+    NeedRow,
+    ErasureRow,
+    StaffRow,
+    AuditRow,
+    AuditHeadRow,
 )
-LEDGER_FILE = "erasures.log"
 
 
 @dataclass(frozen=True)
@@ -100,9 +107,9 @@ def _split(path: Path) -> tuple[dict[str, Any], bytes]:
         content = path.read_bytes()
     except OSError as exc:
         raise InvalidInput(f"cannot read backup {path}: {exc.strerror}") from None
-    if not content.startswith(_MAGIC) or b"\n" not in content[len(_MAGIC):]:
+    if not content.startswith(_MAGIC) or b"\n" not in content[len(_MAGIC) :]:
         raise InvalidInput(f"{path} is not a Tessera backup")
-    header_line, body = content[len(_MAGIC):].split(b"\n", 1)
+    header_line, body = content[len(_MAGIC) :].split(b"\n", 1)
     try:
         header: dict[str, Any] = json.loads(header_line)
     except ValueError:
@@ -110,7 +117,9 @@ def _split(path: Path) -> tuple[dict[str, Any], bytes]:
     return header, body
 
 
-def read_backup(path: Path, passphrase: str | None) -> tuple[dict[str, Any], Keyring, dict[str, Any]]:
+def read_backup(
+    path: Path, passphrase: str | None
+) -> tuple[dict[str, Any], Keyring, dict[str, Any]]:
     """Open a backup: its header, the keyring it carries (unwrapped) and its snapshot."""
     header, body = _split(path)
     keyring = keyring_mod.open_document(header.get("keyring", {}), passphrase)
@@ -135,28 +144,53 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
             )
     else:
         keyring_mod.install_document(home, header["keyring"])
-    with Session(engine) as session:
+    with engine.begin() as conn:
         for table in reversed(_TABLES):
-            session.exec(delete(table))  # type: ignore[call-overload]
+            conn.execute(delete(_table(table)))
         for table in _TABLES:
-            rows = [_decode_row(table, r) for r in snapshot.get(table.__tablename__, [])]  # type: ignore[attr-defined]
+            sa_table = _table(table)
+            rows = [_decode_row(table, r) for r in snapshot.get(sa_table.name, [])]
             if rows:
-                session.exec(insert(table), params=rows)  # type: ignore[call-overload]
-        session.commit()
+                conn.execute(insert(sa_table), rows)
     store = NodeStore(engine, keyring, home)
-    erased = set(read_ledger(home)) | {r["case_id"] for r in snapshot.get("erasure", [])}
+    ledger = read_ledger(home)
+    erased = {v for k, v in ledger if k == "erase"} | {
+        r["case_id"] for r in snapshot.get("erasure", [])
+    }
     reapplied = store.reapply_erasures("system:restore", sorted(erased))
-    store.audit("system:restore", "node.restored", None,
-                {"file": path.name, "taken_at": header["taken_at"], "erasures": reapplied})
+    removed = store.reapply_staff_removals(
+        "system:restore", [bytes.fromhex(v) for k, v in ledger if k == "staff-removed"]
+    )
+    store.audit(
+        "system:restore",
+        "node.restored",
+        None,
+        {
+            "file": path.name,
+            "taken_at": header["taken_at"],
+            "erasures": reapplied,
+            "staff_removals": removed,
+        },
+    )
     return reapplied
 
 
-def read_ledger(home: Path) -> list[str]:
-    """Every survivor ever erased at this node, from the ledger outside the database."""
+def read_ledger(home: Path) -> list[tuple[str, str]]:
+    """The ledger outside the database: (kind, value) for every erasure and staff removal."""
     ledger = home / LEDGER_FILE
     if not ledger.exists():
         return []
-    return [line.strip() for line in ledger.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in ledger.read_text(encoding="utf-8").splitlines():
+        kind, _sep, value = line.strip().partition(" ")
+        if kind and value:
+            entries.append((kind, value))
+    return entries
+
+
+def _table(model: type[SQLModel]) -> Table:
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
 
 
 def _snapshot(engine: Engine) -> dict[str, list[dict[str, Any]]]:
@@ -167,9 +201,10 @@ def _snapshot(engine: Engine) -> dict[str, list[dict[str, Any]]]:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
         for table in _TABLES:
-            sa_table = table.__table__  # type: ignore[attr-defined]
-            snapshot[sa_table.name] = [_encode_row(dict(row._mapping))
-                                       for row in conn.execute(select(sa_table))]
+            sa_table = _table(table)
+            snapshot[sa_table.name] = [
+                _encode_row(dict(row._mapping)) for row in conn.execute(select(sa_table))
+            ]
     return snapshot
 
 
@@ -186,7 +221,7 @@ def _encode_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decode_row(table: type[SQLModel], row: dict[str, Any]) -> dict[str, Any]:
-    columns = table.__table__.columns  # type: ignore[attr-defined]
+    columns = _table(table).columns
     out: dict[str, Any] = {}
     for key, value in row.items():
         if isinstance(value, dict) and "b64" in value:

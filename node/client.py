@@ -36,7 +36,9 @@ class NodeClient:
         self._limits = limits or Limits()
         self.address = credential.resolve_address(home, self._credential)
         self._channel = rpc.open_channel(
-            self.address, self._credential.node_certificate, self._credential.identity,
+            self.address,
+            self._credential.node_certificate,
+            self._credential.identity,
             self._limits.max_message_bytes,
         )
         self._stub = node_grpc.NodeStub(self._channel)
@@ -69,48 +71,62 @@ class NodeClient:
         """The node's name, region, key fingerprint, storage and the caller's role."""
         reply = self._call(self._stub.GetStatus, node_pb.GetStatusRequest())
         return {
-            "name": reply.name, "region": reply.region, "version": reply.version,
-            "address": self.address, "fingerprint": reply.key_fingerprint,
-            "storage": reply.storage, "open_cases": reply.open_cases,
+            "name": reply.name,
+            "region": reply.region,
+            "version": reply.version,
+            "address": self.address,
+            "fingerprint": reply.key_fingerprint,
+            "storage": reply.storage,
+            "open_cases": reply.open_cases,
             "you": reply.caller_staff_id,
             "your_role": serde.staff_role(reply.caller_role).value,
         }
 
     def add_staff(self, name: str, role: StaffRole, signing_key: bytes) -> dict[str, Any]:
         """Register a staff member's public key."""
-        reply = self._call(self._stub.AddStaff, node_pb.AddStaffRequest(
-            name=name, role=serde.staff_role_pb(role), signing_key=signing_key))
+        reply = self._call(
+            self._stub.AddStaff,
+            node_pb.AddStaffRequest(
+                name=name, role=serde.staff_role_pb(role), signing_key=signing_key
+            ),
+        )
         return _staff(reply.staff)
 
     def list_staff(self, include_removed: bool = False) -> list[dict[str, Any]]:
         """Staff members."""
-        reply = self._call(self._stub.ListStaff,
-                           node_pb.ListStaffRequest(include_removed=include_removed))
+        reply = self._call(
+            self._stub.ListStaff, node_pb.ListStaffRequest(include_removed=include_removed)
+        )
         return [_staff(s) for s in reply.staff]
 
     def remove_staff(self, name: str) -> dict[str, Any]:
         """Remove the active staff member called ``name``."""
         matches = [s for s in self.list_staff() if s["name"] == name]
         if not matches:
-            raise InvalidInput(f"no active staff member called {name!r}",
-                               hint="`tessera node staff list` shows who there is")
-        reply = self._call(self._stub.RemoveStaff,
-                           node_pb.RemoveStaffRequest(staff_id=matches[0]["staff_id"]))
+            raise InvalidInput(
+                f"no active staff member called {name!r}",
+                hint="`tessera node staff list` shows who there is",
+            )
+        reply = self._call(
+            self._stub.RemoveStaff, node_pb.RemoveStaffRequest(staff_id=matches[0]["staff_id"])
+        )
         return _staff(reply.staff)
 
     def verify_audit(self) -> dict[str, Any]:
         """Whether the audit chain is intact, and what is wrong if not."""
         reply = self._call(self._stub.VerifyAudit, node_pb.VerifyAuditRequest(), timeout=600)
-        return {"intact": reply.intact, "entries": reply.entries,
-                "problems": list(reply.problems)}
+        return {"intact": reply.intact, "entries": reply.entries, "problems": list(reply.problems)}
 
     def rotate_kek(self, new_passphrase: str | None, new_key_file: Path | None) -> int:
         """Re-wrap the node's keyring under a new passphrase or key file."""
-        request = (node_pb.RotateKeyEncryptionKeyRequest(new_passphrase=new_passphrase)
-                   if new_passphrase is not None else
-                   node_pb.RotateKeyEncryptionKeyRequest(new_key_file=str(new_key_file)))
-        return int(self._call(self._stub.RotateKeyEncryptionKey, request,
-                              timeout=120).keys_rewrapped)
+        request = (
+            node_pb.RotateKeyEncryptionKeyRequest(new_passphrase=new_passphrase)
+            if new_passphrase is not None
+            else node_pb.RotateKeyEncryptionKeyRequest(new_key_file=str(new_key_file))
+        )
+        return int(
+            self._call(self._stub.RotateKeyEncryptionKey, request, timeout=120).keys_rewrapped
+        )
 
     def backup(self, destination: Path | None) -> dict[str, Any]:
         """Write a backup on the node's host; returns its path, size and digest."""
@@ -118,19 +134,30 @@ class NodeClient:
         request = node_pb.BackupRequest(destination=str(destination) if destination else "")
         for event in self._stream(self._stub.Backup, request):
             if event.HasField("result"):
-                result = {"path": event.result.path, "size": event.result.size,
-                          "digest": event.result.digest.hex()}
+                result = {
+                    "path": event.result.path,
+                    "size": event.result.size,
+                    "digest": event.result.digest.hex(),
+                }
         return result
 
     # --- cases -----------------------------------------------------------------------------
 
-    def create_case(self, fields: Mapping[str, str], notes: str = "",
-                    needs: Sequence[tuple[NeedCategory, NeedStatus]] = ()) -> dict[str, Any]:
+    def create_case(
+        self,
+        fields: Mapping[str, str],
+        notes: str = "",
+        needs: Sequence[tuple[NeedCategory, NeedStatus]] = (),
+    ) -> dict[str, Any]:
         """Record a new case."""
         request = node_pb.CreateCaseRequest(
-            fields=serde.fields_pb(fields), notes=notes, idempotency_key=str(uuid.uuid4()),
-            needs=[node_pb.Need(category=serde.need_category_pb(c),
-                                status=serde.need_status_pb(s)) for c, s in needs],
+            fields=serde.fields_pb(fields),
+            notes=notes,
+            idempotency_key=str(uuid.uuid4()),
+            needs=[
+                node_pb.Need(category=serde.need_category_pb(c), status=serde.need_status_pb(s))
+                for c, s in needs
+            ],
         )
         return _case(self._call(self._stub.CreateCase, request).case)
 
@@ -138,24 +165,42 @@ class NodeClient:
         """One case, decrypted by the node."""
         return _case(self._call(self._stub.GetCase, node_pb.GetCaseRequest(case_id=case_id)).case)
 
-    def update_case(self, case_id: str, expected_version: int, set_fields: Mapping[str, str],
-                    clear_fields: Sequence[str], notes: str | None) -> dict[str, Any]:
+    def update_case(
+        self,
+        case_id: str,
+        expected_version: int,
+        set_fields: Mapping[str, str],
+        clear_fields: Sequence[str],
+        notes: str | None,
+    ) -> dict[str, Any]:
         """Change a case, refusing if someone changed it since ``expected_version``."""
         request = node_pb.UpdateCaseRequest(
-            case_id=case_id, expected_version=expected_version,
-            set_fields=serde.fields_pb(set_fields), clear_fields=list(clear_fields))
+            case_id=case_id,
+            expected_version=expected_version,
+            set_fields=serde.fields_pb(set_fields),
+            clear_fields=list(clear_fields),
+        )
         if notes is not None:
             request.notes = notes
         return _case(self._call(self._stub.UpdateCase, request).case)
 
-    def list_cases(self, state: str | None, need: NeedCategory | None,
-                   need_status: NeedStatus | None, names: bool, limit: int) -> list[dict[str, Any]]:
+    def list_cases(
+        self,
+        state: str | None,
+        need: NeedCategory | None,
+        need_status: NeedStatus | None,
+        names: bool,
+        limit: int,
+    ) -> list[dict[str, Any]]:
         """A page of cases (with names only when asked for)."""
         request = node_pb.ListCasesRequest(
             status={"open": node_pb.CASE_STATUS_OPEN, "closed": node_pb.CASE_STATUS_CLOSED}.get(
-                state or "", node_pb.CASE_STATUS_UNSPECIFIED),
-            need=serde.need_category_pb(need) if need else 0,
-            need_status=serde.need_status_pb(need_status) if need_status else 0,
+                state or "", node_pb.CASE_STATUS_UNSPECIFIED
+            ),
+            need=serde.need_category_pb(need) if need else common_pb.NEED_CATEGORY_UNSPECIFIED,
+            need_status=serde.need_status_pb(need_status)
+            if need_status
+            else common_pb.NEED_STATUS_UNSPECIFIED,
             fields=["prs_FirstName", "prs_SecondName"] if names else [],
             page_size=limit,
         )
@@ -164,8 +209,8 @@ class NodeClient:
     def find_cases(self, identifiers: Mapping[str, str]) -> list[dict[str, Any]]:
         """Cases matching survivor identifiers, through the node's blind index."""
         request = node_pb.FindCasesRequest(
-            identifiers=serde.fields_pb(identifiers),
-            fields=["prs_FirstName", "prs_SecondName"])
+            identifiers=serde.fields_pb(identifiers), fields=["prs_FirstName", "prs_SecondName"]
+        )
         return [_case(c) for c in self._call(self._stub.FindCases, request).cases]
 
     def close_case(self, case_id: str) -> dict[str, Any]:
@@ -176,18 +221,24 @@ class NodeClient:
 
     def erase_case(self, case_id: str, reason: str) -> dict[str, Any]:
         """Crypto-shred a survivor's case."""
-        reply = self._call(self._stub.EraseCase,
-                           node_pb.EraseCaseRequest(case_id=case_id, reason=reason))
+        reply = self._call(
+            self._stub.EraseCase, node_pb.EraseCaseRequest(case_id=case_id, reason=reason)
+        )
         return {"case_id": reply.case_id, "erased_at": serde.datetime_of(reply.erased_at)}
 
     def set_need(self, case_id: str, category: NeedCategory, status: NeedStatus) -> dict[str, Any]:
         """Add a need to a case or change its status."""
-        request = node_pb.SetNeedRequest(case_id=case_id, need=node_pb.Need(
-            category=serde.need_category_pb(category), status=serde.need_status_pb(status)))
+        request = node_pb.SetNeedRequest(
+            case_id=case_id,
+            need=node_pb.Need(
+                category=serde.need_category_pb(category), status=serde.need_status_pb(status)
+            ),
+        )
         return _case(self._call(self._stub.SetNeed, request).case)
 
-    def import_cases(self, path: Path, skip_bad_rows: bool,
-                     on_progress: Callable[[int, int, int], None]) -> dict[str, Any]:
+    def import_cases(
+        self, path: Path, skip_bad_rows: bool, on_progress: Callable[[int, int, int], None]
+    ) -> dict[str, Any]:
         """Send an HTCDS file to the node; ``on_progress(checked, written, total)``."""
         fmt = _FORMATS.get(path.suffix.lower().lstrip("."))
         if fmt is None:
@@ -197,11 +248,16 @@ class NodeClient:
         except OSError as exc:
             raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
         if len(content) > self._limits.max_message_bytes - 1024:
-            raise InvalidInput(f"{path.name} is larger than the node accepts in one import",
-                               hint="split the file")
+            raise InvalidInput(
+                f"{path.name} is larger than the node accepts in one import", hint="split the file"
+            )
         request = node_pb.ImportCasesRequest(
-            content=content, format=fmt, skip_bad_rows=skip_bad_rows, file_name=path.name,
-            idempotency_key=str(uuid.uuid4()))
+            content=content,
+            format=fmt,
+            skip_bad_rows=skip_bad_rows,
+            file_name=path.name,
+            idempotency_key=str(uuid.uuid4()),
+        )
         result: dict[str, Any] = {}
         for event in self._stream(self._stub.ImportCases, request):
             if event.HasField("progress"):
@@ -209,9 +265,12 @@ class NodeClient:
                 on_progress(p.rows_checked, p.rows_written, p.rows_total)
             else:
                 r = event.result
-                result = {"imported": r.imported, "rejected": r.rejected,
-                          "problems": [(p.row, p.field, p.reason) for p in r.problems],
-                          "case_ids": list(r.case_ids)}
+                result = {
+                    "imported": r.imported,
+                    "rejected": r.rejected,
+                    "problems": [(p.row, p.field, p.reason) for p in r.problems],
+                    "case_ids": list(r.case_ids),
+                }
         return result
 
     def export_cases(self, fmt: str, state: str | None) -> Iterator[tuple[bytes, int]]:
@@ -219,27 +278,38 @@ class NodeClient:
         request = node_pb.ExportCasesRequest(
             format=_FORMATS[fmt],
             status={"open": node_pb.CASE_STATUS_OPEN, "closed": node_pb.CASE_STATUS_CLOSED}.get(
-                state or "", node_pb.CASE_STATUS_UNSPECIFIED))
+                state or "", node_pb.CASE_STATUS_UNSPECIFIED
+            ),
+        )
         for chunk in self._stream(self._stub.ExportCases, request):
             yield chunk.data, chunk.cases_total
 
     def disclosures(self, case_id: str) -> list[dict[str, Any]]:
         """Who received what about this survivor, and when."""
-        reply = self._call(self._stub.ListDisclosures,
-                           node_pb.ListDisclosuresRequest(case_id=case_id))
-        return [{
-            "at": serde.datetime_of(d.at), "event": node_pb.DisclosureEvent.Name(d.event),
-            "recipient": d.recipient.name or d.recipient.agency_id, "purpose":
-            common_pb.NeedCategory.Name(d.purpose), "fields": list(d.fields), "by": d.staff_id,
-        } for d in reply.disclosures]
+        reply = self._call(
+            self._stub.ListDisclosures, node_pb.ListDisclosuresRequest(case_id=case_id)
+        )
+        return [
+            {
+                "at": serde.datetime_of(d.at),
+                "event": node_pb.DisclosureEvent.Name(d.event),
+                "recipient": d.recipient.name or d.recipient.agency_id,
+                "purpose": common_pb.NeedCategory.Name(d.purpose),
+                "fields": list(d.fields),
+                "by": d.staff_id,
+            }
+            for d in reply.disclosures
+        ]
 
 
 def _staff(member: node_pb.Staff) -> dict[str, Any]:
     return {
-        "staff_id": member.staff_id, "name": member.name,
+        "staff_id": member.staff_id,
+        "name": member.name,
         "role": serde.staff_role(member.role).value,
         "added_at": serde.datetime_of(member.added_at),
-        "removed_at": serde.datetime_of(member.removed_at) if member.HasField("removed_at")
+        "removed_at": serde.datetime_of(member.removed_at)
+        if member.HasField("removed_at")
         else None,
     }
 
@@ -253,8 +323,11 @@ def _case(case: node_pb.Case) -> dict[str, Any]:
         "fields": {f.name: f.value for f in case.fields},
         "notes": case.notes,
         "needs": [
-            {"category": serde.need_category(n.category).value,
-             "status": serde.need_status(n.status).value, "since": n.status_on}
+            {
+                "category": serde.need_category(n.category).value,
+                "status": serde.need_status(n.status).value,
+                "since": n.status_on,
+            }
             for n in case.needs
         ],
         "created_at": serde.datetime_of(case.created_at),

@@ -48,8 +48,9 @@ def write(home: Path, credential: Credential) -> Path:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise ConfigError(f"{path} already exists",
-                          hint="use another --home for another person") from None
+        raise ConfigError(
+            f"{path} already exists", hint="use another --home for another person"
+        ) from None
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2)
     return path
@@ -75,8 +76,10 @@ def read(home: Path) -> Credential:
             "(`tessera node staff add`) and pass its folder with --home",
         ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a valid staff credential ({exc})",
-                          hint="ask your administrator for a new one") from None
+        raise ConfigError(
+            f"{path} is not a valid staff credential ({exc})",
+            hint="ask your administrator for a new one",
+        ) from None
 
 
 def resolve_address(home: Path, credential: Credential) -> str:

@@ -34,7 +34,7 @@ class CaseState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Need:
-    """One aftercare need on a case. Category and status codes sit in clear: they identify no one."""
+    """One aftercare need on a case. Its category and status codes identify no one: clear."""
 
     category: NeedCategory
     status: NeedStatus

@@ -55,8 +55,10 @@ class KekSpec:
                 raise KeyFileError("the keyring names no key file", hint="set key_file in config")
             return crypto.KeyEncryptionKey.from_key_file(self.key_file)
         if passphrase is None or self.params is None:
-            raise ConfigError("this node is protected by a passphrase and none was given",
-                              hint="set TESSERA_PASSPHRASE or run on a terminal")
+            raise ConfigError(
+                "this node is protected by a passphrase and none was given",
+                hint="set TESSERA_PASSPHRASE or run on a terminal",
+            )
         return crypto.KeyEncryptionKey.from_passphrase(passphrase, self.salt, self.params)
 
 
@@ -83,8 +85,9 @@ def new_kek_spec(source: KekSource, profile: Argon2Profile, key_file: Path | Non
         if not key_file.exists():
             crypto.KeyEncryptionKey.write_key_file(key_file)
         return KekSpec(source=source, key_file=key_file)
-    return KekSpec(source=source, salt=crypto.KeyEncryptionKey.new_salt(),
-                   params=argon2_params(profile))
+    return KekSpec(
+        source=source, salt=crypto.KeyEncryptionKey.new_salt(), params=argon2_params(profile)
+    )
 
 
 def create(home: Path, spec: KekSpec, passphrase: str | None) -> Keyring:
@@ -182,8 +185,9 @@ def _read(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"no keyring at {path}", hint="run `tessera node init` first") from None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read keyring {path}: {exc}",
-                          hint="restore keys/keyring.json from a backup") from None
+        raise ConfigError(
+            f"cannot read keyring {path}: {exc}", hint="restore keys/keyring.json from a backup"
+        ) from None
     if document.get("format") != _FORMAT:
         raise ConfigError(f"{path} is not a Tessera keyring", hint="restore it from a backup")
     return document
@@ -197,11 +201,15 @@ def _spec_from(document: dict[str, Any]) -> KekSpec:
         params = crypto.Argon2Params(int(document["opslimit"]), int(document["memlimit"]))
         return KekSpec(source=source, salt=_b64(document, "salt"), params=params)
     except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"the keyring is damaged ({exc})", hint="restore it from a backup") from None
+        raise ConfigError(
+            f"the keyring is damaged ({exc})", hint="restore it from a backup"
+        ) from None
 
 
 def _b64(document: dict[str, Any], key: str) -> bytes:
     try:
         return base64.b64decode(document[key], validate=True)
     except (KeyError, ValueError, TypeError):
-        raise ConfigError(f"the keyring is damaged ({key})", hint="restore it from a backup") from None
+        raise ConfigError(
+            f"the keyring is damaged ({key})", hint="restore it from a backup"
+        ) from None

@@ -45,8 +45,9 @@ def need_category(value: int) -> NeedCategory:
     code = name.removeprefix("NEED_CATEGORY_").lower()
     if code in NeedCategory.__members__.values():
         return NeedCategory(code)
-    raise InvalidInput("a need category is required",
-                       hint=f"one of: {', '.join(c.value for c in NeedCategory)}")
+    raise InvalidInput(
+        "a need category is required", hint=f"one of: {', '.join(c.value for c in NeedCategory)}"
+    )
 
 
 def need_status_pb(status: NeedStatus) -> common_pb.NeedStatus.ValueType:
@@ -63,8 +64,9 @@ def need_status(value: int) -> NeedStatus:
     code = name.removeprefix("NEED_STATUS_").lower()
     if code in NeedStatus.__members__.values():
         return NeedStatus(code)
-    raise InvalidInput("a need status is required",
-                       hint=f"one of: {', '.join(s.value for s in NeedStatus)}")
+    raise InvalidInput(
+        "a need status is required", hint=f"one of: {', '.join(s.value for s in NeedStatus)}"
+    )
 
 
 def case_state_pb(state: CaseState) -> node_pb.CaseStatus.ValueType:
@@ -108,11 +110,15 @@ def need_pb(need: Need) -> node_pb.Need:
     )
 
 
-def case_pb(case: Case, include: Iterable[str] | None = None, with_notes: bool = True) -> node_pb.Case:
+def case_pb(
+    case: Case, include: Iterable[str] | None = None, with_notes: bool = True
+) -> node_pb.Case:
     """A case for the wire; ``include`` limits the fields sent (None sends all)."""
-    wanted = case.fields if include is None else {
-        name: case.fields[name] for name in include if name in case.fields
-    }
+    wanted = (
+        case.fields
+        if include is None
+        else {name: case.fields[name] for name in include if name in case.fields}
+    )
     return node_pb.Case(
         case_id=case.case_id,
         version=case.version,
@@ -190,7 +196,9 @@ def disclosure_pb(entry: AuditEntry) -> node_pb.Disclosure:
         ),
         referral_id=str(detail.get("referral_id", "")),
         consent_id=str(detail.get("consent_id", "")),
-        purpose=need_category_pb(NeedCategory(purpose)) if purpose else 0,
+        purpose=need_category_pb(NeedCategory(purpose))
+        if purpose
+        else common_pb.NEED_CATEGORY_UNSPECIFIED,
         fields=[str(f) for f in detail.get("fields", [])],
         staff_id=entry.actor,
     )

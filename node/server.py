@@ -81,7 +81,8 @@ async def start_node(settings: Settings, passphrase: str | None) -> RunningNode:
         max_message_bytes=settings.limits.max_message_bytes,
     )
     host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
-    address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{server.port}"
+    wildcard = host in ("0.0.0.0", "[::]")  # noqa: S104 - recognising, not binding
+    address = f"{'127.0.0.1' if wildcard else host}:{server.port}"
     _write_run_file(settings.home, address)
     running = RunningNode(settings, server, store, keyring, address)
     running._health_task = asyncio.create_task(_watch_database(running))
@@ -89,8 +90,9 @@ async def start_node(settings: Settings, passphrase: str | None) -> RunningNode:
     return running
 
 
-async def serve_until_signalled(settings: Settings, passphrase: str | None,
-                                ready: asyncio.Event | None = None) -> None:
+async def serve_until_signalled(
+    settings: Settings, passphrase: str | None, ready: asyncio.Event | None = None
+) -> None:
     """Run a node until SIGINT or SIGTERM, then shut down gracefully."""
     running = await start_node(settings, passphrase)
     stop = asyncio.Event()

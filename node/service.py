@@ -20,7 +20,7 @@ import grpc.aio
 import tessera
 from node import backup, htcds, serde
 from node.domain import CaseState, StaffRole
-from node.keyring import Keyring, KekSpec, rotate
+from node.keyring import KekSpec, Keyring, rotate
 from node.store.cases import NewCase, NodeStore
 from tessera import rpc
 from tessera.config import KekSource, Settings
@@ -40,7 +40,7 @@ _IDENTIFIER_KINDS: dict[frozenset[str], str] = {
     frozenset({"prs_HomePhone"}): "phone",
 }
 
-Context = grpc.aio.ServicerContext
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 async def _run(func: Callable[..., T], *args: Any) -> T:
@@ -73,8 +73,9 @@ class NodeServicer(node_grpc.NodeServicer):
 
     # --- status ----------------------------------------------------------------------------
 
-    async def GetStatus(self, request: node_pb.GetStatusRequest, context: Context
-                        ) -> node_pb.GetStatusResponse:
+    async def GetStatus(
+        self, request: node_pb.GetStatusRequest, context: Context
+    ) -> node_pb.GetStatusResponse:
         caller = rpc.current_caller()
         open_cases = await _run(self._store.count_cases, CaseState.OPEN)
         return node_pb.GetStatusResponse(
@@ -92,53 +93,80 @@ class NodeServicer(node_grpc.NodeServicer):
 
     # --- cases -----------------------------------------------------------------------------
 
-    async def CreateCase(self, request: node_pb.CreateCaseRequest, context: Context
-                         ) -> node_pb.CreateCaseResponse:
+    async def CreateCase(
+        self, request: node_pb.CreateCaseRequest, context: Context
+    ) -> node_pb.CreateCaseResponse:
         fields = _checked_fields(serde.fields_of(request.fields))
         needs = tuple(
             (serde.need_category(n.category), serde.need_status(n.status)) for n in request.needs
         )
-        case = await _run(self._store.create_case, _actor(),
-                          NewCase(fields=fields, notes=request.notes, needs=needs))
+        case = await _run(
+            self._store.create_case,
+            _actor(),
+            NewCase(fields=fields, notes=request.notes, needs=needs),
+        )
         return node_pb.CreateCaseResponse(case=serde.case_pb(case))
 
-    async def GetCase(self, request: node_pb.GetCaseRequest, context: Context
-                      ) -> node_pb.GetCaseResponse:
+    async def GetCase(
+        self, request: node_pb.GetCaseRequest, context: Context
+    ) -> node_pb.GetCaseResponse:
         case = await _run(self._store.get_case, _actor(), _case_id(request.case_id))
         return node_pb.GetCaseResponse(case=serde.case_pb(case))
 
-    async def UpdateCase(self, request: node_pb.UpdateCaseRequest, context: Context
-                         ) -> node_pb.UpdateCaseResponse:
+    async def UpdateCase(
+        self, request: node_pb.UpdateCaseRequest, context: Context
+    ) -> node_pb.UpdateCaseResponse:
         changes = _checked_fields(serde.fields_of(request.set_fields))
         for name in request.clear_fields:
             if htcds.canonical_field(name) is None:
                 raise InvalidInput(f"unknown field {name!r}", hint="see docs/data-model.md")
             changes[htcds.canonical_field(name) or name] = ""
         notes = request.notes if request.HasField("notes") else None
-        case = await _run(self._store.update_case, _actor(), _case_id(request.case_id),
-                          request.expected_version, changes, notes)
+        case = await _run(
+            self._store.update_case,
+            _actor(),
+            _case_id(request.case_id),
+            request.expected_version,
+            changes,
+            notes,
+        )
         return node_pb.UpdateCaseResponse(case=serde.case_pb(case))
 
-    async def ListCases(self, request: node_pb.ListCasesRequest, context: Context
-                        ) -> node_pb.ListCasesResponse:
+    async def ListCases(
+        self, request: node_pb.ListCasesRequest, context: Context
+    ) -> node_pb.ListCasesResponse:
         size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
         offset = _page_offset(request.page_token)
         need = serde.need_category(request.need) if request.need else None
         need_status = serde.need_status(request.need_status) if request.need_status else None
         include = _field_names(request.fields)
         if include:
-            cases = await _run(self._store.list_cases_with_fields, _actor(),
-                               serde.case_state(request.status), need, need_status, size, offset)
+            cases = await _run(
+                self._store.list_cases_with_fields,
+                _actor(),
+                serde.case_state(request.status),
+                need,
+                need_status,
+                size,
+                offset,
+            )
             items = [serde.case_pb(c, include=include, with_notes=False) for c in cases]
         else:
-            summaries = await _run(self._store.list_cases, serde.case_state(request.status),
-                                   size, offset, need, need_status)
+            summaries = await _run(
+                self._store.list_cases,
+                serde.case_state(request.status),
+                size,
+                offset,
+                need,
+                need_status,
+            )
             items = [serde.summary_pb(s) for s in summaries]
         token = str(offset + size) if len(items) == size else ""
         return node_pb.ListCasesResponse(cases=items, next_page_token=token)
 
-    async def FindCases(self, request: node_pb.FindCasesRequest, context: Context
-                        ) -> node_pb.FindCasesResponse:
+    async def FindCases(
+        self, request: node_pb.FindCasesRequest, context: Context
+    ) -> node_pb.FindCasesResponse:
         given = {k: v for k, v in serde.fields_of(request.identifiers).items() if v}
         kind = _IDENTIFIER_KINDS.get(frozenset(given))
         if kind is None:
@@ -147,44 +175,60 @@ class NodeServicer(node_grpc.NodeServicer):
                 "or prs_HomePhone",
                 hint="the node keeps keyed blind indexes for exactly these identifiers",
             )
-        value = " ".join(given[n] for n in ("prs_FirstName", "prs_SecondName") if n in given) \
-            if kind == "name" else next(iter(given.values()))
+        value = (
+            " ".join(given[n] for n in ("prs_FirstName", "prs_SecondName") if n in given)
+            if kind == "name"
+            else next(iter(given.values()))
+        )
         include = _field_names(request.fields)
         found = await _run(self._store.find_cases, _actor(), kind, value)
         if include:
             cases = [await _run(self._store.get_case, _actor(), s.case_id) for s in found]
             return node_pb.FindCasesResponse(
-                cases=[serde.case_pb(c, include=include, with_notes=False) for c in cases])
+                cases=[serde.case_pb(c, include=include, with_notes=False) for c in cases]
+            )
         return node_pb.FindCasesResponse(cases=[serde.summary_pb(s) for s in found])
 
-    async def CloseCase(self, request: node_pb.CloseCaseRequest, context: Context
-                        ) -> node_pb.CloseCaseResponse:
-        summary = await _run(self._store.close_case, _actor(), _case_id(request.case_id),
-                             request.expected_version)
+    async def CloseCase(
+        self, request: node_pb.CloseCaseRequest, context: Context
+    ) -> node_pb.CloseCaseResponse:
+        summary = await _run(
+            self._store.close_case, _actor(), _case_id(request.case_id), request.expected_version
+        )
         return node_pb.CloseCaseResponse(case=serde.summary_pb(summary))
 
-    async def EraseCase(self, request: node_pb.EraseCaseRequest, context: Context
-                        ) -> node_pb.EraseCaseResponse:
+    async def EraseCase(
+        self, request: node_pb.EraseCaseRequest, context: Context
+    ) -> node_pb.EraseCaseResponse:
         case_id = _case_id(request.case_id)
         await _run(self._store.erase_case, _actor(), case_id)
-        return node_pb.EraseCaseResponse(case_id=case_id,
-                                         erased_at=serde.timestamp(dt.datetime.now(dt.UTC)))
+        return node_pb.EraseCaseResponse(
+            case_id=case_id, erased_at=serde.timestamp(dt.datetime.now(dt.UTC))
+        )
 
-    async def SetNeed(self, request: node_pb.SetNeedRequest, context: Context
-                      ) -> node_pb.SetNeedResponse:
+    async def SetNeed(
+        self, request: node_pb.SetNeedRequest, context: Context
+    ) -> node_pb.SetNeedResponse:
         identified = _date(request.need.identified_on) if request.need.identified_on else None
-        await _run(self._store.set_need, _actor(), _case_id(request.case_id),
-                   serde.need_category(request.need.category),
-                   serde.need_status(request.need.status), identified)
+        await _run(
+            self._store.set_need,
+            _actor(),
+            _case_id(request.case_id),
+            serde.need_category(request.need.category),
+            serde.need_status(request.need.status),
+            identified,
+        )
         summary = await _run(self._store.summary, request.case_id)
         return node_pb.SetNeedResponse(case=serde.summary_pb(summary))
 
     # --- import and export -----------------------------------------------------------------
 
-    async def ImportCases(self, request: node_pb.ImportCasesRequest, context: Context
-                          ) -> AsyncIterator[node_pb.ImportCasesEvent]:
+    async def ImportCases(
+        self, request: node_pb.ImportCasesRequest, context: Context
+    ) -> AsyncIterator[node_pb.ImportCasesEvent]:
         suffix = {node_pb.FILE_FORMAT_CSV: ".csv", node_pb.FILE_FORMAT_XLSX: ".xlsx"}.get(
-            request.format)
+            request.format
+        )
         if suffix is None:
             raise InvalidInput("the file format is required", hint="csv or xlsx")
         events: asyncio.Queue[node_pb.ImportCasesEvent | None] = asyncio.Queue()
@@ -194,42 +238,61 @@ class NodeServicer(node_grpc.NodeServicer):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         actor = _actor()
-        job = asyncio.ensure_future(asyncio.to_thread(
-            self._import, actor, request, suffix, emit))
+        job = asyncio.ensure_future(asyncio.to_thread(self._import, actor, request, suffix, emit))
         job.add_done_callback(lambda _f: emit(None))
         while (event := await events.get()) is not None:
             yield event
         result = await job  # re-raises a failure of the import as its typed error
         yield node_pb.ImportCasesEvent(result=result)
 
-    def _import(self, actor: str, request: node_pb.ImportCasesRequest, suffix: str,
-                emit: Callable[[node_pb.ImportCasesEvent | None], None]) -> node_pb.ImportResult:
+    def _import(
+        self,
+        actor: str,
+        request: node_pb.ImportCasesRequest,
+        suffix: str,
+        emit: Callable[[node_pb.ImportCasesEvent | None], None],
+    ) -> node_pb.ImportResult:
         def progress(checked: int = 0, written: int = 0, total: int = 0) -> None:
-            emit(node_pb.ImportCasesEvent(progress=node_pb.ImportProgress(
-                rows_checked=checked, rows_written=written, rows_total=total)))
+            emit(
+                node_pb.ImportCasesEvent(
+                    progress=node_pb.ImportProgress(
+                        rows_checked=checked, rows_written=written, rows_total=total
+                    )
+                )
+            )
 
         with self._scratch_file(request.content, suffix) as path:
             total = htcds.count_rows(path) or 0
             report = htcds.validate_file(
-                path, lambda n: progress(n, 0, total) if n % 500 == 0 else None)
-        problems = [node_pb.RowProblem(row=n, field=e.field, reason=e.reason)
-                    for n, errors in report.bad for e in errors]
+                path, lambda n: progress(n, 0, total) if n % 500 == 0 else None
+            )
+        problems = [
+            node_pb.RowProblem(row=n, field=e.field, reason=e.reason)
+            for n, errors in report.bad
+            for e in errors
+        ]
         if report.bad and not request.skip_bad_rows:
             return node_pb.ImportResult(imported=0, rejected=len(report.bad), problems=problems)
         progress(report.rows, 0, report.rows)
         cases = [NewCase(fields=values) for _n, values in report.good]
         ids = self._store.create_cases(
-            actor, cases, action="cases.import",
+            actor,
+            cases,
+            action="cases.import",
             detail={"file": request.file_name[:200], "rejected": len(report.bad)},
             on_progress=lambda written: progress(report.rows, written, report.rows),
         )
-        return node_pb.ImportResult(imported=len(ids), rejected=len(report.bad),
-                                    problems=problems, case_ids=ids)
+        return node_pb.ImportResult(
+            imported=len(ids), rejected=len(report.bad), problems=problems, case_ids=ids
+        )
 
-    async def ExportCases(self, request: node_pb.ExportCasesRequest, context: Context
-                          ) -> AsyncIterator[node_pb.ExportCasesChunk]:
-        writer = {node_pb.FILE_FORMAT_CSV: (htcds.write_csv, ".csv"),
-                  node_pb.FILE_FORMAT_XLSX: (htcds.write_xlsx, ".xlsx")}.get(request.format)
+    async def ExportCases(
+        self, request: node_pb.ExportCasesRequest, context: Context
+    ) -> AsyncIterator[node_pb.ExportCasesChunk]:
+        writer = {
+            node_pb.FILE_FORMAT_CSV: (htcds.write_csv, ".csv"),
+            node_pb.FILE_FORMAT_XLSX: (htcds.write_xlsx, ".xlsx"),
+        }.get(request.format)
         if writer is None:
             raise InvalidInput("the file format is required", hint="csv or xlsx")
         write, suffix = writer
@@ -237,16 +300,19 @@ class NodeServicer(node_grpc.NodeServicer):
         state = serde.case_state(request.status)
 
         def produce() -> tuple[bytes, int]:
-            records = [{**case.fields, "tessera_case_id": case.case_id}
-                       for case in self._store.export_cases(actor, state)]
+            records = [
+                {**case.fields, "tessera_case_id": case.case_id}
+                for case in self._store.export_cases(actor, state)
+            ]
             with self._scratch_file(b"", suffix) as path:
                 write(path, records, ("tessera_case_id",))
                 return path.read_bytes(), len(records)
 
         content, total = await _run(produce)
         for start in range(0, max(len(content), 1), _CHUNK):
-            yield node_pb.ExportCasesChunk(data=content[start:start + _CHUNK],
-                                           cases_done=total, cases_total=total)
+            yield node_pb.ExportCasesChunk(
+                data=content[start : start + _CHUNK], cases_done=total, cases_total=total
+            )
 
     def _scratch_file(self, content: bytes, suffix: str) -> Any:
         """A private temporary file inside the node's home, removed on exit (even on error)."""
@@ -254,45 +320,57 @@ class NodeServicer(node_grpc.NodeServicer):
 
     # --- audit -----------------------------------------------------------------------------
 
-    async def VerifyAudit(self, request: node_pb.VerifyAuditRequest, context: Context
-                          ) -> node_pb.VerifyAuditResponse:
+    async def VerifyAudit(
+        self, request: node_pb.VerifyAuditRequest, context: Context
+    ) -> node_pb.VerifyAuditResponse:
         report = await _run(self._store.verify_audit)
         return node_pb.VerifyAuditResponse(
-            intact=report.ok, entries=report.entries, problems=list(report.problems))
+            intact=report.ok, entries=report.entries, problems=list(report.problems)
+        )
 
-    async def ListDisclosures(self, request: node_pb.ListDisclosuresRequest, context: Context
-                              ) -> node_pb.ListDisclosuresResponse:
+    async def ListDisclosures(
+        self, request: node_pb.ListDisclosuresRequest, context: Context
+    ) -> node_pb.ListDisclosuresResponse:
         entries = await _run(self._store.disclosures, _case_id(request.case_id))
         return node_pb.ListDisclosuresResponse(
-            disclosures=[serde.disclosure_pb(e) for e in entries])
+            disclosures=[serde.disclosure_pb(e) for e in entries]
+        )
 
     # --- staff and keys --------------------------------------------------------------------
 
-    async def AddStaff(self, request: node_pb.AddStaffRequest, context: Context
-                       ) -> node_pb.AddStaffResponse:
+    async def AddStaff(
+        self, request: node_pb.AddStaffRequest, context: Context
+    ) -> node_pb.AddStaffResponse:
         name = request.name.strip()
         if not name or len(name) > 128:
             raise InvalidInput("a staff member needs a name of 1 to 128 characters")
         if len(request.signing_key) != 32:
             raise InvalidInput("signing_key must be a 32-byte Ed25519 public key")
-        member = await _run(self._store.add_staff, _actor(), name,
-                            serde.staff_role(request.role), request.signing_key)
+        member = await _run(
+            self._store.add_staff,
+            _actor(),
+            name,
+            serde.staff_role(request.role),
+            request.signing_key,
+        )
         return node_pb.AddStaffResponse(staff=serde.staff_pb(member))
 
-    async def RemoveStaff(self, request: node_pb.RemoveStaffRequest, context: Context
-                          ) -> node_pb.RemoveStaffResponse:
+    async def RemoveStaff(
+        self, request: node_pb.RemoveStaffRequest, context: Context
+    ) -> node_pb.RemoveStaffResponse:
         member = await _run(self._store.remove_staff, _actor(), request.staff_id)
         return node_pb.RemoveStaffResponse(staff=serde.staff_pb(member))
 
-    async def ListStaff(self, request: node_pb.ListStaffRequest, context: Context
-                        ) -> node_pb.ListStaffResponse:
+    async def ListStaff(
+        self, request: node_pb.ListStaffRequest, context: Context
+    ) -> node_pb.ListStaffResponse:
         members = await _run(self._store.list_staff)
         shown = [m for m in members if m.active or request.include_removed]
         return node_pb.ListStaffResponse(staff=[serde.staff_pb(m) for m in shown])
 
-    async def RotateKeyEncryptionKey(self, request: node_pb.RotateKeyEncryptionKeyRequest,
-                                     context: Context
-                                     ) -> node_pb.RotateKeyEncryptionKeyResponse:
+    async def RotateKeyEncryptionKey(
+        self, request: node_pb.RotateKeyEncryptionKeyRequest, context: Context
+    ) -> node_pb.RotateKeyEncryptionKeyResponse:
         from node.keyring import new_kek_spec
 
         which = request.WhichOneof("new_key")
@@ -302,27 +380,38 @@ class NodeServicer(node_grpc.NodeServicer):
             spec: KekSpec = new_kek_spec(KekSource.PASSPHRASE, self._settings.argon2, None)
             secret: str | None = request.new_passphrase
         elif which == "new_key_file":
-            spec = new_kek_spec(KekSource.KEY_FILE, self._settings.argon2,
-                                Path(request.new_key_file).resolve())
+            spec = new_kek_spec(
+                KekSource.KEY_FILE, self._settings.argon2, Path(request.new_key_file).resolve()
+            )
             secret = None
         else:
             raise InvalidInput("give a new passphrase or a new key file")
         await _run(rotate, self._settings.home, self._keyring, spec, secret)
-        await _run(self._store.audit, _actor(), "keys.rotate_kek", None,
-                   {"source": spec.source.value})
+        await _run(
+            self._store.audit, _actor(), "keys.rotate_kek", None, {"source": spec.source.value}
+        )
         return node_pb.RotateKeyEncryptionKeyResponse(
-            keys_rewrapped=2, rotated_at=serde.timestamp(dt.datetime.now(dt.UTC)))
+            keys_rewrapped=2, rotated_at=serde.timestamp(dt.datetime.now(dt.UTC))
+        )
 
-    async def Backup(self, request: node_pb.BackupRequest, context: Context
-                     ) -> AsyncIterator[node_pb.BackupEvent]:
+    async def Backup(
+        self, request: node_pb.BackupRequest, context: Context
+    ) -> AsyncIterator[node_pb.BackupEvent]:
         destination = Path(request.destination or self._settings.home / "backups")
-        made = await _run(backup.create_backup, self._store, self._settings.home, destination,
-                          _actor())
-        yield node_pb.BackupEvent(progress=node_pb.BackupProgress(
-            bytes_done=made.size, bytes_total=made.size))
-        yield node_pb.BackupEvent(result=node_pb.BackupResult(
-            path=str(made.path), size=made.size, digest=made.digest,
-            taken_at=serde.timestamp(made.taken_at)))
+        made = await _run(
+            backup.create_backup, self._store, self._settings.home, destination, _actor()
+        )
+        yield node_pb.BackupEvent(
+            progress=node_pb.BackupProgress(bytes_done=made.size, bytes_total=made.size)
+        )
+        yield node_pb.BackupEvent(
+            result=node_pb.BackupResult(
+                path=str(made.path),
+                size=made.size,
+                digest=made.digest,
+                taken_at=serde.timestamp(made.taken_at),
+            )
+        )
 
     # --- later issues ----------------------------------------------------------------------
 

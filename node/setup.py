@@ -37,15 +37,24 @@ def init_node(spec: NodeInit, passphrase: str | None) -> Settings:
     """Create everything a node needs in ``spec.home``; refuses a home already in use."""
     home = spec.home
     if (home / config.CONFIG_FILE).exists():
-        raise ConfigError(f"{home} already holds a Tessera configuration",
-                          hint="choose another --home, or use the node that is there")
+        raise ConfigError(
+            f"{home} already holds a Tessera configuration",
+            hint="choose another --home, or use the node that is there",
+        )
     if not spec.name.strip():
         raise ConfigError("the agency needs a name", hint="pass --name")
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings = Settings(
-        home=home, role=Role.NODE, name=spec.name.strip(), region=spec.region.strip(),
-        listen=spec.listen, database_url=spec.database_url, broker=spec.broker,
-        kek_source=spec.kek_source, key_file=spec.key_file, argon2=spec.argon2,
+        home=home,
+        role=Role.NODE,
+        name=spec.name.strip(),
+        region=spec.region.strip(),
+        listen=spec.listen,
+        database_url=spec.database_url,
+        broker=spec.broker,
+        kek_source=spec.kek_source,
+        key_file=spec.key_file,
+        argon2=spec.argon2,
     )
     kek_spec = keyring.new_kek_spec(spec.kek_source, spec.argon2, spec.key_file)
     ring = keyring.create(home, kek_spec, passphrase)
@@ -58,9 +67,14 @@ def init_node(spec: NodeInit, passphrase: str | None) -> Settings:
         )
     finally:
         engine.dispose()
-    credential.write(home, credential.Credential(
-        name=spec.admin_name, identity=admin, node_address=spec.listen,
-        node_certificate=settings.cert_path.read_bytes(),
-    ))
+    credential.write(
+        home,
+        credential.Credential(
+            name=spec.admin_name,
+            identity=admin,
+            node_address=spec.listen,
+            node_certificate=settings.cert_path.read_bytes(),
+        ),
+    )
     config.write(settings)  # last: a home with a config file is a finished one
     return settings

@@ -1,7 +1,7 @@
 """Typed settings for a node or a broker, built once and passed explicitly.
 
-A home directory (``--home`` or ``TESSERA_HOME``, like ``GNUPGHOME``) holds ``tessera.toml`` plus the
-keys, certificates and SQLite database. Settings come from that file, then from environment
+A home directory (``--home`` or ``TESSERA_HOME``, like ``GNUPGHOME``) holds ``tessera.toml``
+plus the keys, certificates and SQLite database. Settings come from that file, then from environment
 overrides. No other module reads the environment: the CLI hands ``os.environ`` to :func:`load`.
 
 Environment overrides (each wins over the file):
@@ -48,7 +48,7 @@ class Argon2Profile(enum.StrEnum):
 class KekSource(enum.StrEnum):
     """Where a node's key-encryption key comes from (DESIGN.md section 5)."""
 
-    PASSPHRASE = "passphrase"
+    PASSPHRASE = "passphrase"  # noqa: S105 - a mode name, not a password
     KEY_FILE = "key-file"
 
 
@@ -172,8 +172,10 @@ def _build(home: Path, path: Path, values: dict[str, Any], limits_raw: dict[str,
 
 def write(settings: Settings) -> Path:
     """Write ``settings`` to ``home/tessera.toml`` (used by init); returns the path."""
-    lines = ["# Tessera settings. Environment variables override these; see docs/configuration.md.",
-             "[tessera]"]
+    lines = [
+        "# Tessera settings. Environment variables override these; see docs/configuration.md.",
+        "[tessera]",
+    ]
     for f in dataclasses.fields(Settings):
         if f.name in {"home", "limits"}:
             continue

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-RPC_REQUESTS = Counter(
-    "tessera_rpc_requests_total", "gRPC calls handled", ["method", "code"]
-)
-RPC_LATENCY = Histogram(
-    "tessera_rpc_latency_seconds", "gRPC handling time", ["method"]
-)
+RPC_REQUESTS = Counter("tessera_rpc_requests_total", "gRPC calls handled", ["method", "code"])
+RPC_LATENCY = Histogram("tessera_rpc_latency_seconds", "gRPC handling time", ["method"])
 AUTH_FAILURES = Counter(
     "tessera_auth_failures_total", "requests refused by authentication", ["reason"]
 )

@@ -83,8 +83,8 @@ def error_from_rpc(exc: grpc.RpcError, target: str = "the server") -> TesseraErr
     code: grpc.StatusCode = call.code()
     details: str = call.details() or code.name
     trailing = dict(call.trailing_metadata() or ())
-    kind_name = trailing.get(ERROR_KIND_KEY)
-    hint = trailing.get(ERROR_HINT_KEY) or None
+    kind_name = str(trailing.get(ERROR_KIND_KEY, ""))
+    hint = str(trailing.get(ERROR_HINT_KEY, "")) or None
     if kind_name in ErrorKind.__members__:
         kind = ErrorKind[kind_name]
     elif code == grpc.StatusCode.UNAVAILABLE:
@@ -131,7 +131,7 @@ class _Raw(NamedTuple):
     message: Any  # the parsed request, or None when the bytes did not parse
 
 
-class TesseraServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates signed requests, maps typed errors to statuses, logs and counts every call."""
 
     def __init__(
@@ -150,17 +150,19 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None:
             return None
-        method: str = details.method  # type: ignore[attr-defined]
+        method: str = details.method
         if method.startswith(PUBLIC_PREFIXES):
             return handler
         needs_auth = self._authenticator is not None and method not in self._public_methods
-        metadata = tuple(details.invocation_metadata or ())  # type: ignore[attr-defined]
+        metadata = tuple(details.invocation_metadata or ())
         if handler.request_streaming:
             # Client-streaming calls sign the method with an empty body; TLS protects the stream.
             return handler
@@ -173,45 +175,27 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
                 return _Raw(body, None)
 
         if handler.response_streaming:
-            inner_stream = handler.unary_stream
-
-            async def stream_behaviour(raw: _Raw, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                code = "OK"
-                try:
-                    await self._admit(method, metadata, raw, needs_auth)
-                    result = inner_stream(raw.message, context)
-                    if hasattr(result, "__aiter__"):
-                        async for item in result:
-                            yield item
-                    else:
-                        await result
-                except TesseraError as exc:
-                    code = status_code(exc.kind).name
-                    await _abort(context, exc, method)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    code = "CANCELLED"
-                    raise
-                except Exception:
-                    code = "INTERNAL"
-                    await _abort_internal(context, method)
-                finally:
-                    _observe(method, code, started)
-
+            behaviour = self._streaming(handler.unary_stream, method, metadata, needs_auth)
             return grpc.unary_stream_rpc_method_handler(
-                stream_behaviour,
+                behaviour,
                 request_deserializer=keep_raw,
                 response_serializer=handler.response_serializer,
             )
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(handler.unary_unary, method, metadata, needs_auth),
+            request_deserializer=keep_raw,
+            response_serializer=handler.response_serializer,
+        )
 
-        inner_unary = handler.unary_unary
-
-        async def unary_behaviour(raw: _Raw, context: grpc.aio.ServicerContext) -> Any:
+    def _unary(
+        self, inner: Any, method: str, metadata: Sequence[tuple[str, Any]], needs_auth: bool
+    ) -> Callable[[_Raw, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        async def behaviour(raw: _Raw, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             code = "OK"
             try:
                 await self._admit(method, metadata, raw, needs_auth)
-                return await inner_unary(raw.message, context)
+                return await inner(raw.message, context)
             except TesseraError as exc:
                 code = status_code(exc.kind).name
                 await _abort(context, exc, method)
@@ -223,11 +207,37 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
             finally:
                 _observe(method, code, started)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_behaviour,
-            request_deserializer=keep_raw,
-            response_serializer=handler.response_serializer,
-        )
+        return behaviour
+
+    def _streaming(
+        self, inner: Any, method: str, metadata: Sequence[tuple[str, Any]], needs_auth: bool
+    ) -> Callable[[_Raw, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        async def behaviour(
+            raw: _Raw, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                await self._admit(method, metadata, raw, needs_auth)
+                result = inner(raw.message, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except TesseraError as exc:
+                code = status_code(exc.kind).name
+                await _abort(context, exc, method)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                await _abort_internal(context, method)
+            finally:
+                _observe(method, code, started)
+
+        return behaviour
 
     async def _admit(
         self, method: str, metadata: Sequence[tuple[str, Any]], raw: _Raw, needs_auth: bool
@@ -251,7 +261,9 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         _current_caller.set(caller)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: TesseraError, method: str) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], exc: TesseraError, method: str
+) -> None:
     log.info(
         "rpc.refused",
         extra=fields(method=method, kind=exc.kind.name, error=type(exc).__name__),
@@ -263,7 +275,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: TesseraError, method: s
     await context.abort(status_code(exc.kind), exc.message)
 
 
-async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> None:
+async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
     # An unexpected failure: log the trace for the operator, tell the caller nothing internal.
     log.exception("rpc.internal_error", extra=fields(method=method))
     context.set_trailing_metadata(((ERROR_KIND_KEY, ErrorKind.INTERNAL.name),))
@@ -333,7 +345,8 @@ async def start_server(
     port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise errors.ConfigError(
-            f"cannot listen on {listen}", hint="choose a free host:port with `listen` or TESSERA_LISTEN"
+            f"cannot listen on {listen}",
+            hint="choose a free host:port with `listen` or TESSERA_LISTEN",
         )
     await server.start()
     for name in (*service_names, ""):
@@ -378,9 +391,16 @@ def _signed_details(details: Any, identity: crypto.Identity, request: Any) -> _C
     )
 
 
+def _aio_details(details: Any, identity: crypto.Identity, request: Any) -> Any:
+    signed = _signed_details(details, identity, request)
+    return grpc.aio.ClientCallDetails(
+        signed.method, signed.timeout, signed.metadata, signed.credentials, signed.wait_for_ready
+    )
+
+
 class SigningClientInterceptor(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
 ):
     """Signs every unary-request call of a synchronous channel with ``identity``."""
 
@@ -395,8 +415,8 @@ class SigningClientInterceptor(
 
 
 class AsyncSigningClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
 ):
     """Signs every unary-request call of an asyncio channel with ``identity``."""
 
@@ -404,12 +424,10 @@ class AsyncSigningClientInterceptor(
         self._identity = identity
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        signed = _signed_details(details, self._identity, request)
-        return await continuation(grpc.aio.ClientCallDetails(*signed), request)
+        return await continuation(_aio_details(details, self._identity, request), request)
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        signed = _signed_details(details, self._identity, request)
-        return await continuation(grpc.aio.ClientCallDetails(*signed), request)
+        return await continuation(_aio_details(details, self._identity, request), request)
 
 
 def open_channel(

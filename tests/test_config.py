@@ -48,7 +48,10 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ('[tessera]\nrole = "node"\nname = "n"\nlisten_port = 3\n', "unknown setting(s) listen_port"),
+        (
+            '[tessera]\nrole = "node"\nname = "n"\nlisten_port = 3\n',
+            "unknown setting(s) listen_port",
+        ),
         ('[tessera]\nrole = "shelter"\nname = "n"\n', "shelter"),
         ('[tessera]\nname = "n"\n', "`role` and `name` are required"),
         ("[tessera\n", "cannot read"),

@@ -44,14 +44,26 @@ class AuditLog:
         if head is None:
             head = AuditHeadRow(id=1, seq=0, entry_hash=audit.GENESIS_HASH)
         sealed = audit.seal_entry(
-            self._identity, head.entry_hash, head.seq + 1, utcnow(), actor, action, case_id,
+            self._identity,
+            head.entry_hash,
+            head.seq + 1,
+            utcnow(),
+            actor,
+            action,
+            case_id,
             detail or {},
         )
         session.add(
             AuditRow(
-                seq=sealed.seq, at=sealed.at, actor=actor, action=action, case_id=case_id,
-                detail=sealed.detail_json, prev_hash=sealed.prev_hash,
-                entry_hash=sealed.entry_hash, signature=sealed.signature,
+                seq=sealed.seq,
+                at=sealed.at,
+                actor=actor,
+                action=action,
+                case_id=case_id,
+                detail=sealed.detail_json,
+                prev_hash=sealed.prev_hash,
+                entry_hash=sealed.entry_hash,
+                signature=sealed.signature,
             )
         )
         head.seq = sealed.seq
@@ -74,9 +86,7 @@ class AuditLog:
         """Walk the whole chain; compare its end with the head row and the head file."""
         head_row = session.exec(select(AuditHeadRow)).first()
         head = (head_row.seq, head_row.entry_hash) if head_row else (0, audit.GENESIS_HASH)
-        report = audit.verify_chain(
-            self._sealed(session), self._identity.public, head
-        )
+        report = audit.verify_chain(self._sealed(session), self._identity.public, head)
         problems = list(report.problems)
         outside = self._read_head_file()
         if outside is not None and outside != head:
@@ -89,7 +99,7 @@ class AuditLog:
     def entries(
         self, session: Session, case_id: str | None = None, actions: tuple[str, ...] = ()
     ) -> list[AuditEntry]:
-        """Entries in order, optionally for one case and some actions (accounting of disclosures)."""
+        """Entries in order, optionally of one case and some actions (accounting of disclosures)."""
         query = select(AuditRow).order_by(col(AuditRow.seq))
         if case_id is not None:
             query = query.where(AuditRow.case_id == case_id)
@@ -97,8 +107,12 @@ class AuditLog:
             query = query.where(col(AuditRow.action).in_(actions))
         return [
             AuditEntry(
-                seq=row.seq, at=_aware(row.at), actor=row.actor, action=row.action,
-                case_id=row.case_id, detail=json.loads(row.detail),
+                seq=row.seq,
+                at=_aware(row.at),
+                actor=row.actor,
+                action=row.action,
+                case_id=row.case_id,
+                detail=json.loads(row.detail),
             )
             for row in session.exec(query)
         ]
@@ -106,9 +120,15 @@ class AuditLog:
     def _sealed(self, session: Session) -> Iterator[audit.SealedEntry]:
         for row in session.exec(select(AuditRow).order_by(col(AuditRow.seq))):
             yield audit.SealedEntry(
-                seq=row.seq, at=_aware(row.at), actor=row.actor, action=row.action,
-                case_id=row.case_id, detail_json=row.detail, prev_hash=row.prev_hash,
-                entry_hash=row.entry_hash, signature=row.signature,
+                seq=row.seq,
+                at=_aware(row.at),
+                actor=row.actor,
+                action=row.action,
+                case_id=row.case_id,
+                detail_json=row.detail,
+                prev_hash=row.prev_hash,
+                entry_hash=row.entry_hash,
+                signature=row.signature,
             )
 
     def _read_head_file(self) -> tuple[int, bytes] | None:

@@ -57,6 +57,8 @@ _INDEXED: Mapping[str, tuple[str, ...]] = {
     "home_phone": ("prs_HomePhone",),
 }
 IDENTIFIER_KINDS = ("name", "email", "phone")
+# The file in the node's home that records erasures and staff removals outside the database.
+LEDGER_FILE = "ledger.log"
 # Audit actions that disclose survivor data to another agency (the accounting of disclosures).
 DISCLOSURE_ACTIONS = ("referral.sent", "referral.delivered", "revocation.sent", "purge.confirmed")
 
@@ -119,17 +121,27 @@ class NodeStore:
     def _reading(self) -> Session:
         return Session(self._engine, expire_on_commit=False)
 
-    def audit(self, actor: str, action: str, case_id: str | None = None,
-              detail: Mapping[str, Any] | None = None) -> None:
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        case_id: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
         """Record an event that changes nothing else (a refused call, a disclosure)."""
         with self._writing() as session:
             self._audit.append(session, actor, action, case_id, detail)
 
     # --- cases ---------------------------------------------------------------------------
 
-    def create_cases(self, actor: str, cases: Sequence[NewCase], action: str = "case.create",
-                     detail: Mapping[str, Any] | None = None,
-                     on_progress: Callable[[int], None] | None = None) -> list[str]:
+    def create_cases(
+        self,
+        actor: str,
+        cases: Sequence[NewCase],
+        action: str = "case.create",
+        detail: Mapping[str, Any] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
         """Create several cases in ONE transaction: all of them are stored or none is.
 
         ``on_progress(written)`` is called every few hundred cases (before the commit).
@@ -140,17 +152,25 @@ class NodeStore:
             for new in cases:
                 case_id = str(uuid.uuid4())
                 data_key = crypto.DataKey.generate()
-                session.add(SurvivorKeyRow(
-                    case_id=case_id,
-                    wrapped_key=crypto.wrap_key(self._keyring.record_key, data_key,
-                                                _key_context(case_id)),
-                    created_at=now,
-                ))
-                session.add(CaseRow(
-                    case_id=case_id, version=1, state=CaseState.OPEN.value, created_at=now,
-                    updated_at=now, ciphertext=self._seal(data_key, case_id, 1, new.fields,
-                                                          new.notes),
-                ))
+                session.add(
+                    SurvivorKeyRow(
+                        case_id=case_id,
+                        wrapped_key=crypto.wrap_key(
+                            self._keyring.record_key, data_key, _key_context(case_id)
+                        ),
+                        created_at=now,
+                    )
+                )
+                session.add(
+                    CaseRow(
+                        case_id=case_id,
+                        version=1,
+                        state=CaseState.OPEN.value,
+                        created_at=now,
+                        updated_at=now,
+                        ciphertext=self._seal(data_key, case_id, 1, new.fields, new.notes),
+                    )
+                )
                 ids.append(case_id)
                 if on_progress is not None and len(ids) % 500 == 0:
                     on_progress(len(ids))
@@ -159,14 +179,21 @@ class NodeStore:
             for case_id, new in zip(ids, cases, strict=True):
                 self._add_indexes(session, case_id, new.fields)
                 for category, status in new.needs:
-                    session.add(NeedRow(case_id=case_id, category=category.value,
-                                        status=status.value, identified_on=now.date(),
-                                        updated_at=now))
+                    session.add(
+                        NeedRow(
+                            case_id=case_id,
+                            category=category.value,
+                            status=status.value,
+                            identified_on=now.date(),
+                            updated_at=now,
+                        )
+                    )
             if len(ids) == 1 and action == "case.create":
                 self._audit.append(session, actor, action, ids[0], detail)
             else:
-                self._audit.append(session, actor, action, None,
-                                   {"cases": len(ids), **(detail or {})})
+                self._audit.append(
+                    session, actor, action, None, {"cases": len(ids), **(detail or {})}
+                )
         return ids
 
     def create_case(self, actor: str, new: NewCase) -> Case:
@@ -180,8 +207,14 @@ class NodeStore:
         self.audit(actor, "case.read", case_id)
         return case
 
-    def update_case(self, actor: str, case_id: str, expected_version: int,
-                    fields: Mapping[str, str] | None, notes: str | None) -> Case:
+    def update_case(
+        self,
+        actor: str,
+        case_id: str,
+        expected_version: int,
+        fields: Mapping[str, str] | None,
+        notes: str | None,
+    ) -> Case:
         """Replace fields (empty value removes one) and/or notes; refuses a stale version."""
         with self._writing() as session:
             row = self._row(session, case_id, for_update=True)
@@ -197,18 +230,24 @@ class NodeStore:
                     merged.pop(name, None)
             row.version += 1
             row.updated_at = utcnow()
-            row.ciphertext = self._seal(data_key, case_id, row.version, merged,
-                                        current_notes if notes is None else notes)
+            row.ciphertext = self._seal(
+                data_key, case_id, row.version, merged, current_notes if notes is None else notes
+            )
             session.add(row)
             session.exec(delete(BlindIndexRow).where(col(BlindIndexRow.case_id) == case_id))
             self._add_indexes(session, case_id, merged)
-            self._audit.append(session, actor, "case.update", case_id,
-                               {"fields": changed, "notes": notes is not None,
-                                "version": row.version})
+            self._audit.append(
+                session,
+                actor,
+                "case.update",
+                case_id,
+                {"fields": changed, "notes": notes is not None, "version": row.version},
+            )
         return self._load(case_id)
 
-    def close_case(self, actor: str, case_id: str, expected_version: int,
-                   reason: str = "") -> CaseSummary:
+    def close_case(
+        self, actor: str, case_id: str, expected_version: int, reason: str = ""
+    ) -> CaseSummary:
         """Mark a case closed (its data stays, encrypted, until erased)."""
         with self._writing() as session:
             row = self._row(session, case_id, for_update=True)
@@ -220,32 +259,58 @@ class NodeStore:
             self._audit.append(session, actor, "case.close", case_id, {"reason_code": reason})
         return self.summary(case_id)
 
-    def set_need(self, actor: str, case_id: str, category: NeedCategory, status: NeedStatus,
-                 identified_on: dt.date | None = None) -> Need:
+    def set_need(
+        self,
+        actor: str,
+        case_id: str,
+        category: NeedCategory,
+        status: NeedStatus,
+        identified_on: dt.date | None = None,
+    ) -> Need:
         """Add a need to a case or change its status."""
         with self._writing() as session:
             self._row(session, case_id)
-            need = session.exec(select(NeedRow).where(
-                NeedRow.case_id == case_id, NeedRow.category == category.value)).first()
+            need = session.exec(
+                select(NeedRow).where(
+                    NeedRow.case_id == case_id, NeedRow.category == category.value
+                )
+            ).first()
             now = utcnow()
             if need is None:
-                need = NeedRow(case_id=case_id, category=category.value, status=status.value,
-                               identified_on=identified_on or now.date(), updated_at=now)
+                need = NeedRow(
+                    case_id=case_id,
+                    category=category.value,
+                    status=status.value,
+                    identified_on=identified_on or now.date(),
+                    updated_at=now,
+                )
             else:
                 need.status = status.value
                 need.updated_at = now
                 if identified_on is not None:
                     need.identified_on = identified_on
             session.add(need)
-            self._audit.append(session, actor, "need.set", case_id,
-                               {"category": category.value, "status": status.value})
+            self._audit.append(
+                session,
+                actor,
+                "need.set",
+                case_id,
+                {"category": category.value, "status": status.value},
+            )
         return _need(need)
 
-    def _case_ids(self, state: CaseState | None, limit: int, offset: int,
-                  need: NeedCategory | None, need_status: NeedStatus | None) -> list[str]:
+    def _case_ids(
+        self,
+        state: CaseState | None,
+        limit: int,
+        offset: int,
+        need: NeedCategory | None,
+        need_status: NeedStatus | None,
+    ) -> list[str]:
         with self._reading() as session:
-            query = select(CaseRow.case_id).order_by(col(CaseRow.updated_at).desc(),
-                                                     col(CaseRow.case_id))
+            query = select(CaseRow.case_id).order_by(
+                col(CaseRow.updated_at).desc(), col(CaseRow.case_id)
+            )
             if state is not None:
                 query = query.where(CaseRow.state == state.value)
             if need is not None or need_status is not None:
@@ -257,15 +322,26 @@ class NodeStore:
                 query = query.distinct()
             return list(session.exec(query.offset(offset).limit(limit)))
 
-    def list_cases(self, state: CaseState | None = None, limit: int = 100, offset: int = 0,
-                   need: NeedCategory | None = None,
-                   need_status: NeedStatus | None = None) -> list[CaseSummary]:
+    def list_cases(
+        self,
+        state: CaseState | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        need: NeedCategory | None = None,
+        need_status: NeedStatus | None = None,
+    ) -> list[CaseSummary]:
         """Case metadata, most recently updated first; no survivor field is decrypted."""
         return [self.summary(i) for i in self._case_ids(state, limit, offset, need, need_status)]
 
-    def list_cases_with_fields(self, actor: str, state: CaseState | None,
-                               need: NeedCategory | None, need_status: NeedStatus | None,
-                               limit: int, offset: int) -> list[Case]:
+    def list_cases_with_fields(
+        self,
+        actor: str,
+        state: CaseState | None,
+        need: NeedCategory | None,
+        need_status: NeedStatus | None,
+        limit: int,
+        offset: int,
+    ) -> list[Case]:
         """Like :meth:`list_cases` but decrypted (the caller picks fields); audited as a read."""
         ids = self._case_ids(state, limit, offset, need, need_status)
         self.audit(actor, "cases.list", None, {"cases": len(ids)})
@@ -282,13 +358,22 @@ class NodeStore:
     def find_cases(self, actor: str, kind: str, value: str) -> list[CaseSummary]:
         """Cases whose identifier of ``kind`` matches ``value``, through the blind index."""
         if kind not in IDENTIFIER_KINDS:
-            raise InvalidInput(f"cannot search by {kind!r}",
-                               hint=f"search by one of: {', '.join(IDENTIFIER_KINDS)}")
+            raise InvalidInput(
+                f"cannot search by {kind!r}",
+                hint=f"search by one of: {', '.join(IDENTIFIER_KINDS)}",
+            )
         digest = crypto.blind_index(self._keyring.index_key, f"{kind}:{value}")
         kinds = ("phone", "home_phone") if kind == "phone" else (kind,)
         with self._reading() as session:
-            ids = sorted(set(session.exec(select(BlindIndexRow.case_id).where(
-                col(BlindIndexRow.kind).in_(kinds), BlindIndexRow.digest == digest))))
+            ids = sorted(
+                set(
+                    session.exec(
+                        select(BlindIndexRow.case_id).where(
+                            col(BlindIndexRow.kind).in_(kinds), BlindIndexRow.digest == digest
+                        )
+                    )
+                )
+            )
         self.audit(actor, "case.search", None, {"kind": kind, "matches": len(ids)})
         return [self.summary(case_id) for case_id in ids]
 
@@ -308,15 +393,15 @@ class NodeStore:
     def erase_case(self, actor: str, case_id: str) -> None:
         """Destroy the survivor's data key and every row about them; record the erasure.
 
-        The erasure is also appended to ``erasures.log`` in the node's home, outside the database,
-        so a restore of an older backup re-applies it (node.backup).
+        The erasure is also appended to the ledger (``ledger.log``) in the node's home, outside
+        the database, so a restore of an older backup re-applies it (node.backup).
         """
         with self._writing() as session:
             self._row(session, case_id)
             self._delete_survivor(session, case_id)
             session.add(ErasureRow(case_id=case_id, erased_by=actor))
             self._audit.append(session, actor, "case.erase", case_id)
-        self._append_erasure_ledger(case_id)
+        self._append_ledger(f"erase {case_id}")
         self._checkpoint()
 
     def reapply_erasures(self, actor: str, case_ids: Iterable[str]) -> int:
@@ -341,15 +426,16 @@ class NodeStore:
 
     def _delete_survivor(self, session: Session, case_id: str) -> None:
         for table in (BlindIndexRow, NeedRow):
-            session.exec(delete(table).where(col(table.case_id) == case_id))  # type: ignore[attr-defined]
+            session.exec(delete(table).where(col(table.case_id) == case_id))
         session.exec(delete(CaseRow).where(col(CaseRow.case_id) == case_id))
         session.exec(delete(SurvivorKeyRow).where(col(SurvivorKeyRow.case_id) == case_id))
 
-    def _append_erasure_ledger(self, case_id: str) -> None:
+    def _append_ledger(self, line: str) -> None:
+        # The ledger outside the database: what a restore of an older backup must not undo.
         if self._home is None:
             return
-        with (self._home / "erasures.log").open("a", encoding="utf-8") as ledger:
-            ledger.write(f"{case_id}\n")
+        with (self._home / LEDGER_FILE).open("a", encoding="utf-8") as ledger:
+            ledger.write(f"{line}\n")
             ledger.flush()
             os.fsync(ledger.fileno())
 
@@ -367,15 +453,20 @@ class NodeStore:
         with self._writing() as session:
             if session.exec(select(StaffRow).where(StaffRow.signing_key == signing_key)).first():
                 raise Conflict("that key already belongs to a staff member")
-            if session.exec(select(StaffRow).where(
-                    StaffRow.name == name, col(StaffRow.removed_at).is_(None))).first():
-                raise Conflict(f"an active staff member is already called {name!r}",
-                               hint="choose another name or remove the old credential first")
-            row = StaffRow(staff_id=str(uuid.uuid4()), name=name, role=role.value,
-                           signing_key=signing_key)
+            if session.exec(
+                select(StaffRow).where(StaffRow.name == name, col(StaffRow.removed_at).is_(None))
+            ).first():
+                raise Conflict(
+                    f"an active staff member is already called {name!r}",
+                    hint="choose another name or remove the old credential first",
+                )
+            row = StaffRow(
+                staff_id=str(uuid.uuid4()), name=name, role=role.value, signing_key=signing_key
+            )
             session.add(row)
-            self._audit.append(session, actor, "staff.add", None,
-                               {"staff": name, "role": role.value})
+            self._audit.append(
+                session, actor, "staff.add", None, {"staff": name, "role": role.value}
+            )
         return _staff(row)
 
     def remove_staff(self, actor: str, staff_id: str) -> StaffMember:
@@ -383,19 +474,44 @@ class NodeStore:
         with self._writing() as session:
             row = session.get(StaffRow, staff_id)
             if row is None or row.removed_at is not None:
-                raise NotFound(f"no active staff member {staff_id!r}",
-                               hint="`tessera node staff list` shows who there is")
+                raise NotFound(
+                    f"no active staff member {staff_id!r}",
+                    hint="`tessera node staff list` shows who there is",
+                )
             if row.role == StaffRole.ADMIN.value:
-                admins = session.exec(select(func.count()).select_from(StaffRow).where(
-                    StaffRow.role == StaffRole.ADMIN.value,
-                    col(StaffRow.removed_at).is_(None))).one()
+                admins = session.exec(
+                    select(func.count())
+                    .select_from(StaffRow)
+                    .where(
+                        StaffRow.role == StaffRole.ADMIN.value, col(StaffRow.removed_at).is_(None)
+                    )
+                ).one()
                 if admins <= 1:
-                    raise Conflict("this is the node's last administrator",
-                                   hint="add another administrator first")
+                    raise Conflict(
+                        "this is the node's last administrator",
+                        hint="add another administrator first",
+                    )
             row.removed_at = utcnow()
             session.add(row)
             self._audit.append(session, actor, "staff.remove", None, {"staff": row.name})
+        self._append_ledger(f"staff-removed {row.signing_key.hex()}")
         return _staff(row)
+
+    def reapply_staff_removals(self, actor: str, signing_keys: Iterable[bytes]) -> int:
+        """Remove again every listed staff key still active (after a restore)."""
+        count = 0
+        with self._writing() as session:
+            for key in signing_keys:
+                row = session.exec(select(StaffRow).where(StaffRow.signing_key == key)).first()
+                if row is not None and row.removed_at is None:
+                    row.removed_at = utcnow()
+                    session.add(row)
+                    count += 1
+            if count:
+                self._audit.append(
+                    session, actor, "staff.removals_reapplied", None, {"staff": count}
+                )
+        return count
 
     def list_staff(self) -> list[StaffMember]:
         """All staff, including removed ones (with their removal time)."""
@@ -419,22 +535,30 @@ class NodeStore:
         """The accounting of disclosures for one case (DESIGN.md section 6)."""
         return self.audit_entries(case_id, DISCLOSURE_ACTIONS)
 
-    def audit_entries(self, case_id: str | None = None,
-                      actions: tuple[str, ...] = ()) -> list[AuditEntry]:
+    def audit_entries(
+        self, case_id: str | None = None, actions: tuple[str, ...] = ()
+    ) -> list[AuditEntry]:
         """Audit entries in order, optionally filtered."""
         with self._reading() as session:
             return self._audit.entries(session, case_id, actions)
 
     # --- internals -----------------------------------------------------------------------
 
-    def _seal(self, data_key: crypto.DataKey, case_id: str, version: int,
-              fields: Mapping[str, str], notes: str) -> bytes:
+    def _seal(
+        self,
+        data_key: crypto.DataKey,
+        case_id: str,
+        version: int,
+        fields: Mapping[str, str],
+        notes: str,
+    ) -> bytes:
         payload = json.dumps({"fields": dict(fields), "notes": notes}, separators=(",", ":"))
         return crypto.encrypt(data_key, payload.encode(), record_associated_data(case_id, version))
 
     def _open(self, data_key: crypto.DataKey, row: CaseRow) -> tuple[dict[str, str], str]:
-        plain = crypto.decrypt(data_key, row.ciphertext,
-                               record_associated_data(row.case_id, row.version))
+        plain = crypto.decrypt(
+            data_key, row.ciphertext, record_associated_data(row.case_id, row.version)
+        )
         payload = json.loads(plain)
         return dict(payload["fields"]), str(payload["notes"])
 
@@ -462,31 +586,48 @@ class NodeStore:
             value = " ".join(fields.get(n, "") for n in names).strip()
             if value:
                 search_kind = "phone" if kind == "home_phone" else kind
-                session.add(BlindIndexRow(
-                    case_id=case_id, kind=kind,
-                    digest=crypto.blind_index(self._keyring.index_key, f"{search_kind}:{value}"),
-                ))
+                session.add(
+                    BlindIndexRow(
+                        case_id=case_id,
+                        kind=kind,
+                        digest=crypto.blind_index(
+                            self._keyring.index_key, f"{search_kind}:{value}"
+                        ),
+                    )
+                )
 
     def _needs(self, session: Session, case_id: str) -> tuple[Need, ...]:
-        rows = session.exec(select(NeedRow).where(NeedRow.case_id == case_id)
-                            .order_by(col(NeedRow.category)))
+        rows = session.exec(
+            select(NeedRow).where(NeedRow.case_id == case_id).order_by(col(NeedRow.category))
+        )
         return tuple(_need(r) for r in rows)
 
     def _load(self, case_id: str) -> Case:
         with self._reading() as session:
             row = self._row(session, case_id)
             fields, notes = self._open(self._data_key(session, case_id), row)
-            return Case(case_id=case_id, version=row.version, fields=fields, notes=notes,
-                        state=CaseState(row.state), created_at=_aware(row.created_at),
-                        updated_at=_aware(row.updated_at), needs=self._needs(session, case_id))
+            return Case(
+                case_id=case_id,
+                version=row.version,
+                fields=fields,
+                notes=notes,
+                state=CaseState(row.state),
+                created_at=_aware(row.created_at),
+                updated_at=_aware(row.updated_at),
+                needs=self._needs(session, case_id),
+            )
 
     def summary(self, case_id: str) -> CaseSummary:
         with self._reading() as session:
             row = self._row(session, case_id)
-            return CaseSummary(case_id=case_id, version=row.version, state=CaseState(row.state),
-                               created_at=_aware(row.created_at),
-                               updated_at=_aware(row.updated_at),
-                               needs=self._needs(session, case_id))
+            return CaseSummary(
+                case_id=case_id,
+                version=row.version,
+                state=CaseState(row.state),
+                created_at=_aware(row.created_at),
+                updated_at=_aware(row.updated_at),
+                needs=self._needs(session, case_id),
+            )
 
 
 def _check_version(row: CaseRow, expected_version: int) -> None:
@@ -498,14 +639,23 @@ def _check_version(row: CaseRow, expected_version: int) -> None:
 
 
 def _need(row: NeedRow) -> Need:
-    return Need(category=NeedCategory(row.category), status=NeedStatus(row.status),
-                identified_on=row.identified_on, updated_at=_aware(row.updated_at))
+    return Need(
+        category=NeedCategory(row.category),
+        status=NeedStatus(row.status),
+        identified_on=row.identified_on,
+        updated_at=_aware(row.updated_at),
+    )
 
 
 def _staff(row: StaffRow) -> StaffMember:
-    return StaffMember(staff_id=row.staff_id, name=row.name, role=StaffRole(row.role),
-                       signing_key=row.signing_key, added_at=_aware(row.added_at),
-                       removed_at=_aware(row.removed_at) if row.removed_at else None)
+    return StaffMember(
+        staff_id=row.staff_id,
+        name=row.name,
+        role=StaffRole(row.role),
+        signing_key=row.signing_key,
+        added_at=_aware(row.added_at),
+        removed_at=_aware(row.removed_at) if row.removed_at else None,
+    )
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -515,9 +665,12 @@ def _aware(value: dt.datetime) -> dt.datetime:
 def _storage_error(exc: OperationalError) -> StorageError:
     text_ = str(exc.orig) if exc.orig else str(exc)
     if "full" in text_.lower() or "no space" in text_.lower():
-        return StorageError("the disk is full; nothing was written",
-                            hint="free disk space, then retry")
+        return StorageError(
+            "the disk is full; nothing was written", hint="free disk space, then retry"
+        )
     if "locked" in text_.lower():
         return StorageError("the database is busy; nothing was written", hint="retry shortly")
-    return StorageError("the database refused the write; nothing was written",
-                        hint="check the node's log and database")
+    return StorageError(
+        "the database refused the write; nothing was written",
+        hint="check the node's log and database",
+    )

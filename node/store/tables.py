@@ -50,8 +50,9 @@ class BlindIndexRow(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("case_id", "kind", "digest"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    case_id: str = Field(foreign_key="case_record.case_id", index=True, max_length=36,
-                         ondelete="CASCADE")
+    case_id: str = Field(
+        foreign_key="case_record.case_id", index=True, max_length=36, ondelete="CASCADE"
+    )
     kind: str = Field(max_length=32)
     digest: str = Field(max_length=64, index=True)
 
@@ -63,8 +64,9 @@ class NeedRow(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("case_id", "category"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    case_id: str = Field(foreign_key="case_record.case_id", index=True, max_length=36,
-                         ondelete="CASCADE")
+    case_id: str = Field(
+        foreign_key="case_record.case_id", index=True, max_length=36, ondelete="CASCADE"
+    )
     category: str = Field(max_length=32, index=True)
     status: str = Field(max_length=16, index=True)
     identified_on: dt.date
@@ -82,7 +84,7 @@ class ErasureRow(SQLModel, table=True):
 
 
 class StaffRow(SQLModel, table=True):
-    """A staff credential: the person's verify key and role. Removal is a timestamp, not a delete."""
+    """A staff credential: the person's verify key and role. Removal sets a time, never deletes."""
 
     __tablename__ = "staff"
 
