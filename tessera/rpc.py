@@ -256,6 +256,12 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
             metrics.AUTH_FAILURES.labels(reason=type(exc).__name__).inc()
             if self._on_refused is not None:
                 await asyncio.to_thread(self._on_refused, "unverified", method, type(exc).__name__)
+            if isinstance(exc, errors.BadSignature):
+                # A forged or altered request is a failure to authenticate, not data loss.
+                raise errors.Unauthenticated(
+                    "the request's signature does not verify",
+                    hint="check that the client signs with the credential it claims",
+                ) from None
             raise
         caller = await asyncio.to_thread(self._authenticator, signature.signer, method)
         _current_caller.set(caller)

@@ -362,7 +362,7 @@ class NodeStore:
                 f"cannot search by {kind!r}",
                 hint=f"search by one of: {', '.join(IDENTIFIER_KINDS)}",
             )
-        digest = crypto.blind_index(self._keyring.index_key, f"{kind}:{value}")
+        digest = self._blind_index(kind, value)
         kinds = ("phone", "home_phone") if kind == "phone" else (kind,)
         with self._reading() as session:
             ids = sorted(
@@ -581,18 +581,19 @@ class NodeStore:
             )
         return row
 
+    def _blind_index(self, kind: str, value: str) -> str:
+        # Whitespace is collapsed here (the crypto core normalises case and Unicode), so
+        # " Ana  Ruiz" typed in a search finds "Ana Ruiz" as recorded.
+        return crypto.blind_index(self._keyring.index_key, f"{kind}:{' '.join(value.split())}")
+
     def _add_indexes(self, session: Session, case_id: str, fields: Mapping[str, str]) -> None:
         for kind, names in _INDEXED.items():
-            value = " ".join(fields.get(n, "") for n in names).strip()
-            if value:
+            value = " ".join(fields.get(n, "") for n in names)
+            if value.strip():
                 search_kind = "phone" if kind == "home_phone" else kind
                 session.add(
                     BlindIndexRow(
-                        case_id=case_id,
-                        kind=kind,
-                        digest=crypto.blind_index(
-                            self._keyring.index_key, f"{search_kind}:{value}"
-                        ),
+                        case_id=case_id, kind=kind, digest=self._blind_index(search_kind, value)
                     )
                 )
 

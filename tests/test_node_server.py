@@ -1,0 +1,268 @@
+"""A real node server over TLS: who may call what, and what refused calls leave behind."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from node import credential
+from node.client import NodeClient
+from node.domain import StaffRole
+from node.htcds import NeedCategory, NeedStatus, synthetic_records, write_csv
+from tessera import crypto, rpc
+from tessera.config import Limits
+from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from tessera.v1 import node_pb2 as node_pb
+from tessera.v1 import node_pb2_grpc as node_grpc
+from tests.support import BackgroundNode, make_node
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[BackgroundNode]:
+    running = BackgroundNode(make_node(tmp_path / "node"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def admin(node: BackgroundNode) -> Iterator[NodeClient]:
+    with NodeClient(node.settings.home) as client:
+        yield client
+
+
+def _stub(node: BackgroundNode, identity: crypto.Identity | None) -> node_grpc.NodeStub:
+    cert = node.settings.cert_path.read_bytes()
+    channel = rpc.open_channel(node.address, cert, identity, Limits().max_message_bytes)
+    return node_grpc.NodeStub(channel)
+
+
+def _refusals(node: BackgroundNode) -> list[dict[str, object]]:
+    entries = node.running.store.audit_entries(actions=("access.refused",))
+    return [dict(e.detail, actor=e.actor) for e in entries]
+
+
+def _caseworker(node: BackgroundNode, admin: NodeClient, tmp_path: Path) -> NodeClient:
+    identity = crypto.Identity.generate()
+    admin.add_staff("Ana Ruiz", StaffRole.CASEWORKER, identity.public.signing_key)
+    home = tmp_path / "ana"
+    credential.write(
+        home,
+        credential.Credential(
+            name="Ana Ruiz",
+            identity=identity,
+            node_address=node.address,
+            node_certificate=node.settings.cert_path.read_bytes(),
+        ),
+    )
+    return NodeClient(home)
+
+
+def test_health_and_reflection_answer_without_credentials(node: BackgroundNode) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    cert = node.settings.cert_path.read_bytes()
+    channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
+    health = health_pb2_grpc.HealthStub(channel)
+    reply = health.Check(health_pb2.HealthCheckRequest(service="tessera.v1.Node"), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answers = list(
+        reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+    )
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert "tessera.v1.Node" in names
+    channel.close()
+
+
+def test_unsigned_call_is_refused_and_audited(node: BackgroundNode) -> None:
+    stub = _stub(node, None)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetStatus(node_pb.GetStatusRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert any(r["method"] == "/tessera.v1.Node/GetStatus" for r in _refusals(node))
+
+
+def test_unknown_key_is_refused_and_audited(node: BackgroundNode) -> None:
+    stranger = crypto.Identity.generate()
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(node, stranger).ListCases(node_pb.ListCasesRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not a staff credential" in (info.value.details() or "")
+    assert any(r["reason"] == "unknown key" for r in _refusals(node))
+
+
+def test_replayed_request_is_refused(node: BackgroundNode) -> None:
+    identity = credential.read(node.settings.home).identity
+    cert = node.settings.cert_path.read_bytes()
+    channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
+    stub = node_grpc.NodeStub(channel)
+    request = node_pb.GetStatusRequest()
+    signature = crypto.sign_request(
+        identity, "/tessera.v1.Node/GetStatus", request.SerializeToString()
+    )
+    stub.GetStatus(request, metadata=signature.to_metadata(), timeout=5)  # first use: fine
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetStatus(request, metadata=signature.to_metadata(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert any(r["reason"] == "ReplayedRequest" for r in _refusals(node))
+    channel.close()
+
+
+def test_signature_over_other_body_is_refused(node: BackgroundNode) -> None:
+    identity = credential.read(node.settings.home).identity
+    cert = node.settings.cert_path.read_bytes()
+    channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
+    stub = node_grpc.NodeStub(channel)
+    signed_for = node_pb.GetCaseRequest(case_id="a")
+    sent = node_pb.GetCaseRequest(case_id="b")
+    signature = crypto.sign_request(
+        identity, "/tessera.v1.Node/GetCase", signed_for.SerializeToString()
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetCase(sent, metadata=signature.to_metadata(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+
+def test_caseworker_cannot_export_and_refusal_names_them(
+    node: BackgroundNode, admin: NodeClient, tmp_path: Path
+) -> None:
+    with _caseworker(node, admin, tmp_path) as ana:
+        assert ana.status()["your_role"] == "caseworker"
+        with pytest.raises(PermissionDenied):
+            list(ana.export_cases("csv", None))
+        with pytest.raises(PermissionDenied):
+            ana.rotate_kek("another passphrase", None)
+    refusals = _refusals(node)
+    assert {
+        "actor": "staff:Ana Ruiz",
+        "method": "/tessera.v1.Node/ExportCases",
+        "reason": "role caseworker",
+    } in refusals
+
+
+def test_removed_staff_is_refused_at_once(
+    node: BackgroundNode, admin: NodeClient, tmp_path: Path
+) -> None:
+    with _caseworker(node, admin, tmp_path) as ana:
+        ana.create_case({"prs_FirstName": "Mirelka"})
+        admin.remove_staff("Ana Ruiz")
+        with pytest.raises(Unauthenticated, match="was removed"):
+            ana.status()
+
+
+def test_last_admin_cannot_be_removed(admin: NodeClient) -> None:
+    with pytest.raises(Conflict):
+        admin.remove_staff("admin")
+
+
+def test_case_lifecycle_over_grpc_names_the_actor(node: BackgroundNode, admin: NodeClient) -> None:
+    case = admin.create_case(
+        {"prs_FirstName": "Mirelka", "prs_SecondName": "Dovanto", "prs_Gender": "feminine"},
+        notes="arrived at night",
+        needs=[(NeedCategory.SAFE_HOUSING, NeedStatus.IDENTIFIED)],
+    )
+    assert case["fields"]["prs_Gender"] == "Feminine"  # normalised to the standard's code
+    updated = admin.update_case(case["case_id"], 1, {"prs_Citizenship": "ro"}, [], None)
+    assert updated["version"] == 2
+    assert updated["fields"]["prs_Citizenship"] == "RO"
+    with pytest.raises(Conflict):
+        admin.update_case(case["case_id"], 1, {"prs_Citizenship": "BG"}, [], None)
+    admin.set_need(case["case_id"], NeedCategory.SAFE_HOUSING, NeedStatus.MET)
+    found = admin.find_cases({"prs_FirstName": " mirelka", "prs_SecondName": "DOVANTO "})
+    assert [c["case_id"] for c in found] == [case["case_id"]]
+    shown = admin.get_case(case["case_id"])
+    assert shown["notes"] == "arrived at night"
+    assert shown["needs"] == [
+        {"category": "safe_housing", "status": "met", "since": shown["needs"][0]["since"]}
+    ]
+    actors = {e.actor for e in node.running.store.audit_entries(case_id=case["case_id"])}
+    assert actors == {"staff:admin"}
+    assert node.running.store.verify_audit().ok
+
+
+def test_bad_values_are_refused_without_echoing_identifying_data(admin: NodeClient) -> None:
+    with pytest.raises(InvalidInput) as info:
+        admin.create_case(
+            {"prs_FirstName": "Mirelka", "prs_Birthdate": "31/02/1990", "prs_Gender": "Femenine"}
+        )
+    message = str(info.value)
+    assert "prs_Birthdate" in message and "prs_Gender" in message
+    assert "31/02/1990" not in message
+    with pytest.raises(InvalidInput, match="unknown field"):
+        admin.create_case({"prs_Nickname": "x"})
+    with pytest.raises(NotFound):
+        admin.get_case("00000000-0000-0000-0000-000000000000")
+
+
+def test_import_all_or_nothing_then_skip_bad_rows(admin: NodeClient, tmp_path: Path) -> None:
+    records = synthetic_records(40, seed=7)
+    records[3]["prs_Gender"] = "Femenine"
+    path = tmp_path / "intake.csv"
+    write_csv(path, records)
+    progress: list[tuple[int, int, int]] = []
+    refused = admin.import_cases(path, False, lambda *p: progress.append(p))
+    assert refused["imported"] == 0
+    assert [(row, field) for row, field, _ in refused["problems"]] == [(5, "prs_Gender")]
+    assert admin.list_cases(None, None, None, False, 100) == []
+    accepted = admin.import_cases(path, True, lambda *p: progress.append(p))
+    assert accepted["imported"] == 39
+    assert len(admin.list_cases(None, None, None, False, 100)) == 39
+
+
+def test_export_round_trips_through_htcds(admin: NodeClient, tmp_path: Path) -> None:
+    from node.htcds import validate_file
+
+    records = synthetic_records(12, seed=3)
+    source = tmp_path / "in.csv"
+    write_csv(source, records)
+    admin.import_cases(source, False, lambda *p: None)
+    out = tmp_path / "out.xlsx"
+    out.write_bytes(b"".join(chunk for chunk, _n in admin.export_cases("xlsx", None)))
+    report = validate_file(out)
+    assert report.ok
+    exported = sorted(
+        tuple(sorted((k, v) for k, v in values.items() if k != "tessera_case_id"))
+        for _n, values in report.good
+    )
+    assert exported == sorted(
+        tuple(sorted(r.items())) for r in (validate_file(source).good[i][1] for i in range(12))
+    )
+
+
+def test_malformed_request_bytes_get_invalid_argument(node: BackgroundNode) -> None:
+    identity = credential.read(node.settings.home).identity
+    cert = node.settings.cert_path.read_bytes()
+    channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
+    garbage = b"\xff\xff\xff\xff"
+    call = channel.unary_unary(
+        "/tessera.v1.Node/GetCase", request_serializer=None, response_deserializer=None
+    )
+    signature = crypto.sign_request(identity, "/tessera.v1.Node/GetCase", garbage)
+    with pytest.raises(grpc.RpcError) as info:
+        call(garbage, metadata=signature.to_metadata(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+
+
+def test_stale_timestamp_is_refused(node: BackgroundNode) -> None:
+    identity = credential.read(node.settings.home).identity
+    cert = node.settings.cert_path.read_bytes()
+    channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
+    request = node_pb.GetStatusRequest()
+    signature = crypto.sign_request(
+        identity, "/tessera.v1.Node/GetStatus", request.SerializeToString(), now=time.time() - 3600
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        node_grpc.NodeStub(channel).GetStatus(request, metadata=signature.to_metadata(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
