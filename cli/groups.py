@@ -57,5 +57,5 @@ GROUPS: tuple[Group, ...] = (
     Group("consent", "Record, list and revoke a survivor's consent.", None, "issue 6"),
     Group("referral", "Send, receive and answer consented referrals.", None, "issue 6"),
     Group("stats", "Private statistics: budgets, rounds, releases.", None, "issue 7"),
-    Group("demo", "Run the whole system on this machine.", None, "issue 8", is_command=True),
+    Group("demo", "Run the whole system on this machine.", "cli.demo", "issue 8", is_command=True),
 )

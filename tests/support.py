@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
 
 from node.server import RunningNode, start_node
 from node.setup import NodeInit, init_node
 from tessera.config import Argon2Profile, Settings
+from tessera.loop import LoopThread
 
-T = TypeVar("T")
 PASSPHRASE = "a long test passphrase"
-
-
-class LoopThread:
-    """An asyncio loop in a daemon thread, so sync tests can drive async servers."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
 
 
 def make_node(home: Path, name: str = "Harbour Shelter", database_url: str = "") -> Settings:

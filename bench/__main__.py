@@ -1,0 +1,28 @@
+"""Run every benchmark and print one table of ratios: ``python -m bench [NAME ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import cli_help, store
+from bench.common import Figure, print_table
+
+BENCHMARKS = {"cli": cli_help.run, "store": store.run}
+
+
+def main(names: list[str]) -> int:
+    """Run the named benchmarks (all by default) and print their figures."""
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        return 2
+    figures: list[Figure] = []
+    for name in names or list(BENCHMARKS):
+        print(f"running {name} ...", flush=True)
+        figures += BENCHMARKS[name]()
+    print_table(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

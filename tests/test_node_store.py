@@ -1,0 +1,335 @@
+"""The node's encrypted case store, attacked at rest (DESIGN.md sections 4 and 5; issue 4).
+
+Survivor fields must never sit on disk in clear; a ciphertext altered, moved to another row or
+rolled back must fail loudly and leave every other case readable; a stale update must change
+nothing; an erased survivor's key must be gone from the database file itself; concurrent writers
+must never fork the audit chain. Real SQLite files, real PostgreSQL, real PyNaCl throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from node import htcds
+from node.domain import StaffRole
+from node.store.cases import NewCase, NodeStore, _key_context, record_associated_data
+from tessera import crypto
+from tessera.errors import Conflict, NotFound, TamperedCiphertext
+from tests.nodefixtures import (
+    Node,
+    NodeFactory,
+    db_url_fixture,  # noqa: F401  (fixture)
+    flip_byte,
+    found_in,
+    identifying_values,
+    nodes_fixture,  # noqa: F401  (fixture)
+    pg_dump_data,
+    synthetic_cases,
+)
+
+# A staff name is stored in clear by design: finding it proves the byte search sees the data.
+CANARY_STAFF = "Canary Visible-Staffname"
+
+
+def _ciphertext(node: Node, case_id: str) -> bytes:
+    rows = node.sql("SELECT ciphertext FROM case_record WHERE case_id = :c", c=case_id)
+    return bytes(rows[0][0])
+
+
+def _set_ciphertext(node: Node, case_id: str, value: bytes) -> None:
+    node.sql("UPDATE case_record SET ciphertext = :v WHERE case_id = :c", v=value, c=case_id)
+
+
+def _wrapped_key(node: Node, case_id: str) -> bytes:
+    rows = node.sql("SELECT wrapped_key FROM survivor_key WHERE case_id = :c", c=case_id)
+    return bytes(rows[0][0])
+
+
+def _fields_of(store: NodeStore, case_ids: list[str]) -> dict[str, dict[str, str]]:
+    return {i: dict(store.get_case("tester", i).fields) for i in case_ids}
+
+
+def _import(node: Node, count: int, seed: int = 7) -> tuple[list[str], list[dict[str, str]]]:
+    records = htcds.synthetic_records(count, seed)
+    ids = node.store.create_cases("tester", [NewCase(fields=r) for r in records])
+    return ids, records
+
+
+# --- 1. plaintext never at rest ---------------------------------------------------------------
+
+
+def test_no_survivor_field_is_in_the_sqlite_file_or_its_wal(nodes: NodeFactory) -> None:
+    node = nodes.make()
+    node.store.add_staff(
+        "admin", CANARY_STAFF, StaffRole.CASEWORKER, crypto.Identity.generate().public.signing_key
+    )
+    ids, records = _import(node, 50)
+    node.store.update_case("tester", ids[0], 1, {"prs_FirstName": "Renamedqux"}, "moved shelter")
+    secrets_ = [*identifying_values(records), "Renamedqux", "moved shelter"]
+    assert len(secrets_) > 250
+
+    on_disk = node.disk_bytes()  # main file plus WAL, as the store left them
+    assert found_in(on_disk, [CANARY_STAFF]) == [CANARY_STAFF]
+    assert found_in(on_disk, secrets_) == []
+
+    node.dispose()  # the last connection checkpoints the WAL into the main file
+    after_close = node.disk_bytes()
+    assert found_in(after_close, [CANARY_STAFF]) == [CANARY_STAFF]
+    assert found_in(after_close, secrets_) == []
+
+
+def test_no_survivor_field_is_in_a_postgres_dump(nodes: NodeFactory, postgres_url: str) -> None:
+    node = nodes.make(postgres_url)
+    node.store.add_staff(
+        "admin", CANARY_STAFF, StaffRole.CASEWORKER, crypto.Identity.generate().public.signing_key
+    )
+    ids, records = _import(node, 50)
+    node.store.update_case("tester", ids[3], 1, {"prs_Email": "changed.addr@example.org"}, None)
+
+    dump = pg_dump_data(postgres_url)
+    assert found_in(dump, [CANARY_STAFF]) == [CANARY_STAFF]
+    assert found_in(dump, [*identifying_values(records), "changed.addr@example.org"]) == []
+
+
+# --- 2. tamper detection ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["nonce", "body", "tag"])
+def test_one_flipped_ciphertext_byte_is_refused_and_other_cases_still_read(
+    nodes: NodeFactory, db_url: str, where: str
+) -> None:
+    node = nodes.make(db_url)
+    ids, records = _import(node, 6)
+    victim = ids[2]
+    original = _ciphertext(node, victim)
+    index = {"nonce": 0, "body": len(original) // 2, "tag": -1}[where]
+    _set_ciphertext(node, victim, flip_byte(original, index))
+
+    with pytest.raises(TamperedCiphertext):
+        node.store.get_case("tester", victim)
+    # An update must not "repair" the record by re-encrypting garbage over it.
+    with pytest.raises(TamperedCiphertext):
+        node.store.update_case("tester", victim, 1, {"prs_FirstName": "Overwrite"}, None)
+    assert _ciphertext(node, victim) == flip_byte(original, index)
+    assert node.store.summary(victim).version == 1
+
+    others = [i for i in ids if i != victim]
+    assert _fields_of(node.store, others) == {
+        i: r for i, r in zip(ids, records, strict=True) if i != victim
+    }
+    _set_ciphertext(node, victim, original)  # the untouched bytes still open: nothing was lost
+    assert dict(node.store.get_case("tester", victim).fields) == records[2]
+
+
+def test_a_ciphertext_copied_into_another_case_is_refused(nodes: NodeFactory, db_url: str) -> None:
+    node = nodes.make(db_url)
+    (a, b, c), records = _import(node, 3)
+    b_original = _ciphertext(node, b)
+    _set_ciphertext(node, b, _ciphertext(node, a))  # same version (1): only the row differs
+
+    with pytest.raises(TamperedCiphertext):
+        node.store.get_case("tester", b)
+    # Moving the survivor wholesale (ciphertext and wrapped key) into B's row fails as well.
+    node.sql(
+        "UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c",
+        k=_wrapped_key(node, a),
+        c=b,
+    )
+    with pytest.raises(TamperedCiphertext):
+        node.store.get_case("tester", b)
+    assert _fields_of(node.store, [a, c]) == {a: records[0], c: records[2]}
+    assert _ciphertext(node, b) != b_original  # the attack really changed B's row
+
+
+def test_an_older_ciphertext_put_back_is_refused(nodes: NodeFactory, db_url: str) -> None:
+    node = nodes.make(db_url)
+    (a, other), records = _import(node, 2)
+    version_1 = _ciphertext(node, a)
+    updated = node.store.update_case("tester", a, 1, {"prs_MobilePhone": "+1-202-555-0199"}, None)
+    assert updated.version == 2
+
+    _set_ciphertext(node, a, version_1)  # roll the data back, keep the row at version 2
+    with pytest.raises(TamperedCiphertext):
+        node.store.get_case("tester", a)
+    assert dict(node.store.get_case("tester", other).fields) == records[1]
+
+
+def test_swapped_wrapped_survivor_keys_are_refused(nodes: NodeFactory, db_url: str) -> None:
+    node = nodes.make(db_url)
+    (a, b, c), records = _import(node, 3)
+    key_a, key_b = _wrapped_key(node, a), _wrapped_key(node, b)
+    node.sql("UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c", k=key_b, c=a)
+    node.sql("UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c", k=key_a, c=b)
+
+    for case_id in (a, b):
+        with pytest.raises(TamperedCiphertext):
+            node.store.get_case("tester", case_id)
+    assert dict(node.store.get_case("tester", c).fields) == records[2]
+    # Swapping back restores both: the attack destroyed nothing.
+    node.sql("UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c", k=key_a, c=a)
+    node.sql("UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c", k=key_b, c=b)
+    assert _fields_of(node.store, [a, b]) == {a: records[0], b: records[1]}
+
+
+# --- 3. version conflicts ---------------------------------------------------------------------
+
+
+def test_a_stale_update_is_a_conflict_and_changes_nothing(nodes: NodeFactory, db_url: str) -> None:
+    node = nodes.make(db_url)
+    case = node.store.create_case("alice", synthetic_cases(1)[0])
+    current = node.store.update_case("alice", case.case_id, 1, {"prs_FirstName": "Alicefix"}, "n2")
+    stored = _ciphertext(node, case.case_id)
+    updates_before = len(node.store.audit_entries(case.case_id, ("case.update",)))
+
+    with pytest.raises(Conflict) as info:
+        node.store.update_case("bob", case.case_id, 1, {"prs_FirstName": "Bobfix"}, "stale")
+    assert "version 2" in info.value.message
+    with pytest.raises(Conflict):
+        node.store.close_case("bob", case.case_id, 1)
+
+    after = node.store.get_case("alice", case.case_id)
+    assert (after.version, dict(after.fields), after.notes, after.state) == (
+        2,
+        dict(current.fields),
+        "n2",
+        current.state,
+    )
+    assert after.fields["prs_FirstName"] == "Alicefix"
+    assert _ciphertext(node, case.case_id) == stored
+    assert len(node.store.audit_entries(case.case_id, ("case.update",))) == updates_before
+
+
+# --- 4. erasure (crypto-shredding) ------------------------------------------------------------
+
+
+def test_an_erased_case_cannot_be_read_and_its_key_is_gone(nodes: NodeFactory, db_url: str) -> None:
+    node = nodes.make(db_url)
+    (victim, keep), records = _import(node, 2)
+    wrapped = _wrapped_key(node, victim)
+    ciphertext = _ciphertext(node, victim)
+    aad = record_associated_data(victim, 1)
+    # Control: before erasure, the keyring plus these two blobs give back the survivor's fields.
+    data_key = crypto.unwrap_key(node.keyring.record_key, wrapped, _key_context(victim))
+    assert json.loads(crypto.decrypt(data_key, ciphertext, aad))["fields"] == records[0]
+
+    node.store.erase_case("caseworker:maria", victim)
+
+    with pytest.raises(NotFound, match="erased"):
+        node.store.get_case("tester", victim)
+    for table in ("survivor_key", "case_record", "blind_index", "need"):
+        assert node.sql(f"SELECT count(*) FROM {table} WHERE case_id = :c", c=victim) == [(0,)]
+    # With the keyring alone, no key left in the database opens the old ciphertext.
+    for key_case, other_wrapped in node.sql("SELECT case_id, wrapped_key FROM survivor_key"):
+        with pytest.raises(TamperedCiphertext):
+            crypto.unwrap_key(node.keyring.record_key, bytes(other_wrapped), _key_context(victim))
+        other_key = crypto.unwrap_key(
+            node.keyring.record_key, bytes(other_wrapped), _key_context(key_case)
+        )
+        with pytest.raises(TamperedCiphertext):
+            crypto.decrypt(other_key, ciphertext, aad)
+    with pytest.raises(TamperedCiphertext):
+        crypto.decrypt(node.keyring.record_key, ciphertext, aad)
+
+    erasures = node.store.audit_entries(victim, ("case.erase",))
+    assert [(e.actor, e.case_id) for e in erasures] == [("caseworker:maria", victim)]
+    assert node.store.erased_ids() == [victim]
+    assert dict(node.store.get_case("tester", keep).fields) == records[1]
+    assert node.store.verify_audit().ok
+
+
+def test_an_erased_survivors_key_bytes_are_gone_from_the_sqlite_file(nodes: NodeFactory) -> None:
+    node = nodes.make()
+    ids, _records = _import(node, 20)
+    victim = ids[7]
+    wrapped = _wrapped_key(node, victim)
+    ciphertext = _ciphertext(node, victim)
+    node.dispose()  # checkpoint: the key now sits in the main file, not only in the WAL
+    node = nodes.open(node.home, node.url)
+    assert wrapped in node.disk_bytes()  # control: the search finds it while it exists
+
+    node.store.erase_case("admin", victim)
+
+    on_disk = node.disk_bytes()
+    assert wrapped not in on_disk
+    assert ciphertext[:48] not in on_disk
+    assert ciphertext[-48:] not in on_disk
+    wal = node.sqlite_file.with_name(node.sqlite_file.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # the store truncated its WAL
+
+
+# --- 8. concurrency ---------------------------------------------------------------------------
+
+
+def _hammer(workers: list[Callable[[int], None]], rounds: int) -> list[BaseException]:
+    barrier = threading.Barrier(len(workers))
+    errors: list[BaseException] = []
+
+    def run(work: Callable[[int], None]) -> None:
+        barrier.wait()
+        try:
+            for n in range(rounds):
+                work(n)
+        except BaseException as exc:  # reported below, not swallowed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    return errors
+
+
+def _worker(store: NodeStore, name: str, new: NewCase) -> Callable[[int], None]:
+    def work(n: int) -> None:
+        if n % 2:
+            store.create_case(name, new)
+        else:
+            store.audit(name, "test.event", None, {"n": n})
+
+    return work
+
+
+def _assert_one_unbroken_chain(node: Node, expected: int) -> None:
+    report = node.store.verify_audit()
+    assert report.problems == ()
+    assert report.ok
+    assert report.entries == expected
+    seqs = [e.seq for e in node.store.audit_entries()]
+    assert seqs == list(range(1, expected + 1))
+
+
+def test_four_threads_on_one_sqlite_store_never_fork_the_audit_chain(nodes: NodeFactory) -> None:
+    node = nodes.make()
+    before = node.store.verify_audit().entries
+    new = synthetic_cases(1)[0]
+    workers = [_worker(node.store, f"worker-{i}", new) for i in range(4)]
+
+    assert _hammer(workers, 25) == []
+
+    _assert_one_unbroken_chain(node, before + 100)
+    assert node.store.count_cases() == 4 * 12
+
+
+def test_two_stores_on_one_postgres_database_never_fork_the_audit_chain(
+    nodes: NodeFactory, postgres_url: str
+) -> None:
+    node = nodes.make(postgres_url)
+    second = node.another_store()
+    before = node.store.verify_audit().entries
+    new = synthetic_cases(1)[0]
+    workers = [
+        _worker(store, f"worker-{i}", new)
+        for i, store in enumerate((node.store, second, node.store, second))
+    ]
+
+    assert _hammer(workers, 25) == []
+
+    _assert_one_unbroken_chain(node, before + 100)
+    assert second.verify_audit().ok
+    assert node.store.count_cases() == 4 * 12
