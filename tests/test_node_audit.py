@@ -151,15 +151,19 @@ def test_an_entry_signed_by_another_identity_is_reported(nodes: NodeFactory, db_
 
 
 def test_a_resigned_edit_in_the_middle_is_reported(nodes: NodeFactory, db_url: str) -> None:
-    # Rewriting entry 4 and re-hashing it (and the one after) still cannot produce the signatures.
+    # Rewriting entry 4 with a correct hash still cannot produce the node's signature.
     node = _node_with_log(nodes, db_url)
-    rows = node.sql(
-        "SELECT seq, at, actor, action, case_id, prev_hash FROM audit_log WHERE seq = 4"
-    )
-    (seq, at, actor, action, case_id, prev) = rows[0]
-    at = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+    entry = node.store.audit_entries()[3]
+    (prev,) = node.sql("SELECT prev_hash FROM audit_log WHERE seq = 4")[0]
     forged = audit.seal_entry(
-        crypto.Identity.generate(), bytes(prev), seq, at, actor, action, case_id, {"n": "hidden"}
+        crypto.Identity.generate(),
+        bytes(prev),
+        entry.seq,
+        entry.at,
+        entry.actor,
+        entry.action,
+        entry.case_id,
+        {"n": "hidden"},
     )
     node.sql(
         "UPDATE audit_log SET detail = :d, entry_hash = :h, signature = :s WHERE seq = 4",

@@ -4,15 +4,19 @@ The chain logic is in :mod:`node.audit`; this module only reads and writes rows.
 single head row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite has one writer at a time), so two
 writers can never fork the chain. After each commit the head is copied to ``audit-head`` in the
 node's home, outside the database, so dropping the newest entries together with the head row is
-still detected.
+still detected. That copy only moves forward (under a lock, as several processes may share the
+home), so the next write cannot erase the evidence of a truncation; restoring a backup, the one
+legitimate rewind, removes it first (node.backup).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +82,15 @@ class AuditLog:
         head = session.exec(select(AuditHeadRow)).first()
         if head is None:
             return
-        tmp = self._head_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seq": head.seq, "hash": head.entry_hash.hex()}))
-        os.replace(tmp, self._head_file)
+        with _locked(self._head_file.with_suffix(".lock")):
+            recorded = self._read_head_file()
+            # Never move the copy back: another writer recorded a later head, or the database's
+            # head was moved back (entries dropped), which verify must keep reporting.
+            if recorded is not None and recorded[0] >= head.seq:
+                return
+            tmp = self._head_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"seq": head.seq, "hash": head.entry_hash.hex()}))
+            os.replace(tmp, self._head_file)
 
     def verify(self, session: Session) -> AuditReport:
         """Walk the whole chain; compare its end with the head row and the head file."""
@@ -90,10 +100,14 @@ class AuditLog:
         problems = list(report.problems)
         outside = self._read_head_file()
         if outside is not None and outside != head:
-            problems.append(
-                f"the database's head is entry {head[0]} but the node last recorded entry "
-                f"{outside[0]}: entries were dropped or rewritten"
-            )
+            # The copy is written just after each commit, so it may trail the database by the
+            # writes still recording; it must never be ahead of it nor disagree with the chain.
+            trailing = session.get(AuditRow, outside[0]) if outside[0] < head[0] else None
+            if trailing is None or trailing.entry_hash != outside[1]:
+                problems.append(
+                    f"the database's head is entry {head[0]} but the node last recorded entry "
+                    f"{outside[0]}: entries were dropped or rewritten"
+                )
         return AuditReport(entries=report.entries, ok=not problems, problems=tuple(problems))
 
     def entries(
@@ -136,6 +150,17 @@ class AuditLog:
             return None
         data = json.loads(self._head_file.read_text())
         return int(data["seq"]), bytes.fromhex(data["hash"])
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # An advisory lock on a file of its own: excludes other threads and processes alike.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
