@@ -140,6 +140,7 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         guard: crypto.ReplayGuard,
         public_methods: frozenset[str] = frozenset(),
         on_refused: Callable[[str, str, str], None] | None = None,
+        shared_nonces: Callable[[bytes, bytes], bool] | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._guard = guard
@@ -147,6 +148,9 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         # Called (in a worker thread) as on_refused(actor, method, reason) when a request's
         # signature, freshness or replay check fails, so the refusal can be audited.
         self._on_refused = on_refused
+        # Replicas behind a load balancer each have their own ReplayGuard; shared_nonces(signer,
+        # nonce) -> False when another replica already accepted that nonce (a database table).
+        self._shared_nonces = shared_nonces
 
     async def intercept_service(
         self,
@@ -252,6 +256,10 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         try:
             signature = crypto.RequestSignature.from_metadata(metadata)
             crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
+            if self._shared_nonces is not None and not await asyncio.to_thread(
+                self._shared_nonces, signature.signer, signature.nonce
+            ):
+                raise errors.ReplayedRequest("this request was already accepted (a replay)")
         except TesseraError as exc:
             metrics.AUTH_FAILURES.labels(reason=type(exc).__name__).inc()
             if self._on_refused is not None:
