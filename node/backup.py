@@ -21,12 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, LargeBinary, Table, delete, insert, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    LargeBinary,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+)
 from sqlmodel import SQLModel
 
 from node import keyring as keyring_mod
 from node.keyring import Keyring
-from node.store.cases import LEDGER_FILE, NodeStore
+from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
 from node.store.tables import (
     AuditHeadRow,
     AuditRow,
@@ -38,7 +49,7 @@ from node.store.tables import (
     SurvivorKeyRow,
 )
 from tessera import crypto
-from tessera.errors import ConfigError, InvalidInput
+from tessera.errors import ConfigError, InvalidInput, TamperedCiphertext
 
 _MAGIC = b"TESSERA-BACKUP-1\n"
 _LABEL_BACKUP = b"tessera/v1/backup"
@@ -114,6 +125,8 @@ def _split(path: Path) -> tuple[dict[str, Any], bytes]:
         header: dict[str, Any] = json.loads(header_line)
     except ValueError:
         raise InvalidInput(f"{path}: the backup header is damaged") from None
+    if not isinstance(header, dict):
+        raise InvalidInput(f"{path}: the backup header is damaged")
     return header, body
 
 
@@ -123,8 +136,15 @@ def read_backup(
     """Open a backup: its header, the keyring it carries (unwrapped) and its snapshot."""
     header, body = _split(path)
     keyring = keyring_mod.open_document(header.get("keyring", {}), passphrase)
-    associated = b"tessera/v1|backup|" + str(header["taken_at"]).encode()
-    snapshot: dict[str, Any] = json.loads(crypto.decrypt(_body_key(keyring), body, associated))
+    associated = b"tessera/v1|backup|" + str(header.get("taken_at", "")).encode()
+    try:
+        plain = crypto.decrypt(_body_key(keyring), body, associated)
+    except TamperedCiphertext:
+        raise TamperedCiphertext(
+            f"the backup {path.name} is damaged or was altered (it fails authentication)",
+            hint="nothing was restored; use another copy of this backup",
+        ) from None
+    snapshot: dict[str, Any] = json.loads(plain)
     return header, keyring, snapshot
 
 
@@ -145,6 +165,15 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     else:
         keyring_mod.install_document(home, header["keyring"])
     with engine.begin() as conn:
+        # What the database being replaced knows must survive too (say its ledger line was
+        # lost to a crash between the commit and the ledger write).
+        erasure, staff = _table(ErasureRow), _table(StaffRow)
+        erased_now = set(conn.execute(select(erasure.c.case_id)).scalars())
+        removed_now = set(
+            conn.execute(
+                select(staff.c.signing_key).where(staff.c.removed_at.is_not(None))
+            ).scalars()
+        )
         for table in reversed(_TABLES):
             conn.execute(delete(_table(table)))
         for table in _TABLES:
@@ -152,14 +181,21 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
             rows = [_decode_row(table, r) for r in snapshot.get(sa_table.name, [])]
             if rows:
                 conn.execute(insert(sa_table), rows)
+        if conn.dialect.name == "postgresql":
+            _advance_sequences(conn)
+    # The restored chain is older than the head the node recorded: start that record afresh.
+    (home / AUDIT_HEAD_FILE).unlink(missing_ok=True)
     store = NodeStore(engine, keyring, home)
     ledger = read_ledger(home)
-    erased = {v for k, v in ledger if k == "erase"} | {
-        r["case_id"] for r in snapshot.get("erasure", [])
-    }
+    erased = (
+        {v for k, v in ledger if k == "erase"}
+        | {r["case_id"] for r in snapshot.get("erasure", [])}
+        | erased_now
+    )
     reapplied = store.reapply_erasures("system:restore", sorted(erased))
     removed = store.reapply_staff_removals(
-        "system:restore", [bytes.fromhex(v) for k, v in ledger if k == "staff-removed"]
+        "system:restore",
+        sorted({bytes.fromhex(v) for k, v in ledger if k == "staff-removed"} | removed_now),
     )
     store.audit(
         "system:restore",
@@ -188,6 +224,20 @@ def read_ledger(home: Path) -> list[tuple[str, str]]:
     return entries
 
 
+def _advance_sequences(conn: Connection) -> None:
+    # Rows came back with their ids, which a PostgreSQL sequence does not see: move each one
+    # past the restored rows, or the next insert (a need, a blind index) collides with one.
+    # SQLite needs nothing: it picks max(rowid) + 1.
+    for model in _TABLES:
+        table = _table(model)
+        column, *others = table.primary_key.columns
+        if others or not isinstance(column.type, Integer):
+            continue
+        sequence = func.pg_get_serial_sequence(table.name, column.name)
+        following = func.coalesce(select(func.max(column)).scalar_subquery(), 0) + 1
+        conn.execute(select(func.setval(sequence, following, False)))
+
+
 def _table(model: type[SQLModel]) -> Table:
     table: Table = model.__table__  # type: ignore[attr-defined]
     return table
@@ -200,6 +250,10 @@ def _snapshot(engine: Engine) -> dict[str, list[dict[str, Any]]]:
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        else:
+            # The sqlite3 driver begins no transaction for a SELECT, so each table would be read
+            # at a different moment; an explicit one holds a single WAL snapshot for them all.
+            conn.exec_driver_sql("BEGIN")
         for table in _TABLES:
             sa_table = _table(table)
             snapshot[sa_table.name] = [

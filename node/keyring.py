@@ -25,7 +25,7 @@ from typing import Any
 
 from tessera import crypto
 from tessera.config import Argon2Profile, KekSource
-from tessera.errors import ConfigError, KeyFileError
+from tessera.errors import ConfigError, InvalidInput, KeyFileError, TamperedCiphertext
 
 KEYRING_FILE = Path("keys") / "keyring.json"
 _FORMAT = "tessera-keyring-v1"
@@ -113,12 +113,19 @@ def open_keyring(home: Path, passphrase: str | None) -> Keyring:
 
 def open_document(document: dict[str, Any], passphrase: str | None) -> Keyring:
     """Unwrap a keyring document (from the home or from a backup)."""
-    if document.get("format") != _FORMAT:
+    if not isinstance(document, dict) or document.get("format") != _FORMAT:
         raise ConfigError("not a Tessera keyring", hint="restore keys/keyring.json from a backup")
     kek = _spec_from(document).derive(passphrase)
     kek.verify_check_value(_b64(document, "check"))
-    identity_secret = kek.unwrap_secret(_b64(document, "identity"), _CONTEXT + b"/identity")
-    record_key = kek.unwrap(_b64(document, "record_key"), _CONTEXT + b"/record-key")
+    try:
+        identity_secret = kek.unwrap_secret(_b64(document, "identity"), _CONTEXT + b"/identity")
+        record_key = kek.unwrap(_b64(document, "record_key"), _CONTEXT + b"/record-key")
+    except TamperedCiphertext:
+        # The check value matched, so the KEK is right: the wrapped keys themselves are damaged.
+        raise ConfigError(
+            "the keyring is damaged: its wrapped keys fail authentication",
+            hint="restore keys/keyring.json from a backup",
+        ) from None
     return Keyring(crypto.Identity.from_secret_bytes(identity_secret), record_key)
 
 
@@ -188,7 +195,7 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"cannot read keyring {path}: {exc}", hint="restore keys/keyring.json from a backup"
         ) from None
-    if document.get("format") != _FORMAT:
+    if not isinstance(document, dict) or document.get("format") != _FORMAT:
         raise ConfigError(f"{path} is not a Tessera keyring", hint="restore it from a backup")
     return document
 
@@ -199,8 +206,11 @@ def _spec_from(document: dict[str, Any]) -> KekSpec:
         if source is KekSource.KEY_FILE:
             return KekSpec(source=source, key_file=Path(document["key_file"]))
         params = crypto.Argon2Params(int(document["opslimit"]), int(document["memlimit"]))
-        return KekSpec(source=source, salt=_b64(document, "salt"), params=params)
-    except (KeyError, ValueError, TypeError) as exc:
+        salt = _b64(document, "salt")
+        if len(salt) != crypto.SALT_BYTES:
+            raise ValueError(f"salt of {len(salt)} bytes")
+        return KekSpec(source=source, salt=salt, params=params)
+    except (KeyError, ValueError, TypeError, InvalidInput) as exc:
         raise ConfigError(
             f"the keyring is damaged ({exc})", hint="restore it from a backup"
         ) from None

@@ -76,6 +76,10 @@ class Node:
         assert self.url.startswith("sqlite:///")
         return Path(self.url.removeprefix("sqlite:///"))
 
+    @property
+    def wal_file(self) -> Path:
+        return self.sqlite_file.with_name(self.sqlite_file.name + "-wal")
+
     def sql(self, statement: str, **params: Any) -> list[Any]:
         """Run raw SQL in its own transaction (the attacker's tool); rows for a SELECT."""
         with self.engine.begin() as conn:
@@ -100,8 +104,7 @@ class Node:
     def disk_bytes(self) -> bytes:
         """The raw bytes the database has on disk: the SQLite file plus its write-ahead log."""
         data = self.sqlite_file.read_bytes()
-        wal = self.sqlite_file.with_name(self.sqlite_file.name + "-wal")
-        return data + (wal.read_bytes() if wal.exists() else b"")
+        return data + (self.wal_file.read_bytes() if self.wal_file.exists() else b"")
 
     def dispose(self) -> None:
         for engine in (self.engine, *self._engines):

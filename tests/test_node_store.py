@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from sqlalchemy import event
 
 from node import htcds
 from node.domain import StaffRole
@@ -72,6 +73,7 @@ def test_no_survivor_field_is_in_the_sqlite_file_or_its_wal(nodes: NodeFactory) 
     secrets_ = [*identifying_values(records), "Renamedqux", "moved shelter"]
     assert len(secrets_) > 250
 
+    assert node.wal_file.stat().st_size > 0  # the newest pages are still only in the WAL
     on_disk = node.disk_bytes()  # main file plus WAL, as the store left them
     assert found_in(on_disk, [CANARY_STAFF]) == [CANARY_STAFF]
     assert found_in(on_disk, secrets_) == []
@@ -98,24 +100,24 @@ def test_no_survivor_field_is_in_a_postgres_dump(nodes: NodeFactory, postgres_ur
 # --- 2. tamper detection ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["nonce", "body", "tag"])
-def test_one_flipped_ciphertext_byte_is_refused_and_other_cases_still_read(
-    nodes: NodeFactory, db_url: str, where: str
+def test_a_flipped_ciphertext_byte_is_refused_and_other_cases_still_read(
+    nodes: NodeFactory, db_url: str
 ) -> None:
     node = nodes.make(db_url)
     ids, records = _import(node, 6)
     victim = ids[2]
     original = _ciphertext(node, victim)
-    index = {"nonce": 0, "body": len(original) // 2, "tag": -1}[where]
-    _set_ciphertext(node, victim, flip_byte(original, index))
+    for index in (0, len(original) // 2, len(original) - 1):  # in the nonce, the body, the tag
+        tampered = flip_byte(original, index)
+        _set_ciphertext(node, victim, tampered)
 
-    with pytest.raises(TamperedCiphertext):
-        node.store.get_case("tester", victim)
-    # An update must not "repair" the record by re-encrypting garbage over it.
-    with pytest.raises(TamperedCiphertext):
-        node.store.update_case("tester", victim, 1, {"prs_FirstName": "Overwrite"}, None)
-    assert _ciphertext(node, victim) == flip_byte(original, index)
-    assert node.store.summary(victim).version == 1
+        with pytest.raises(TamperedCiphertext):
+            node.store.get_case("tester", victim)
+        # An update must not "repair" the record by re-encrypting garbage over it.
+        with pytest.raises(TamperedCiphertext):
+            node.store.update_case("tester", victim, 1, {"prs_FirstName": "Overwrite"}, None)
+        assert _ciphertext(node, victim) == tampered
+        assert node.store.summary(victim).version == 1
 
     others = [i for i in ids if i != victim]
     assert _fields_of(node.store, others) == {
@@ -257,8 +259,7 @@ def test_an_erased_survivors_key_bytes_are_gone_from_the_sqlite_file(nodes: Node
     assert wrapped not in on_disk
     assert ciphertext[:48] not in on_disk
     assert ciphertext[-48:] not in on_disk
-    wal = node.sqlite_file.with_name(node.sqlite_file.name + "-wal")
-    assert not wal.exists() or wal.stat().st_size == 0  # the store truncated its WAL
+    assert not node.wal_file.exists() or node.wal_file.stat().st_size == 0  # truncated
 
 
 # --- 8. concurrency ---------------------------------------------------------------------------
@@ -316,10 +317,11 @@ def test_four_threads_on_one_sqlite_store_never_fork_the_audit_chain(nodes: Node
     assert node.store.count_cases() == 4 * 12
 
 
-def test_two_stores_on_one_postgres_database_never_fork_the_audit_chain(
-    nodes: NodeFactory, postgres_url: str
+def test_two_stores_on_one_database_never_fork_the_audit_chain(
+    nodes: NodeFactory, db_url: str
 ) -> None:
-    node = nodes.make(postgres_url)
+    # Two processes of one node (say the server and an offline admin command) on one database.
+    node = nodes.make(db_url)
     second = node.another_store()
     before = node.store.verify_audit().entries
     new = synthetic_cases(1)[0]
@@ -333,3 +335,61 @@ def test_two_stores_on_one_postgres_database_never_fork_the_audit_chain(
     _assert_one_unbroken_chain(node, before + 100)
     assert second.verify_audit().ok
     assert node.store.count_cases() == 4 * 12
+
+
+def test_two_stores_never_lose_an_update_to_one_case(nodes: NodeFactory, db_url: str) -> None:
+    node = nodes.make(db_url)
+    second = node.another_store()
+    case = node.store.create_case("admin", synthetic_cases(1)[0])
+    applied: list[str] = []
+
+    def updater(store: NodeStore, name: str) -> Callable[[int], None]:
+        def work(n: int) -> None:
+            version = store.summary(case.case_id).version
+            try:
+                store.update_case(name, case.case_id, version, {"prs_Title": f"{name}-{n}"}, None)
+            except Conflict:
+                return  # someone else went first: refused, as it should be
+            applied.append(f"{name}-{n}")
+
+        return work
+
+    stores = (node.store, second, node.store, second)
+    assert _hammer([updater(s, f"w{i}") for i, s in enumerate(stores)], 15) == []
+
+    final = node.store.get_case("admin", case.case_id)
+    assert final.version == 1 + len(applied)  # every accepted update is in the count
+    assert len(node.store.audit_entries(case.case_id, ("case.update",))) == len(applied)
+    assert final.fields["prs_Title"] in applied
+    assert node.store.verify_audit().ok
+
+
+def _append_on_first_read_of(
+    table: str, writer: NodeStore, appended: list[str]
+) -> Callable[..., None]:
+    def hook(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        if not appended and f"FROM {table}" in statement:
+            writer.audit("other-process", "case.read", None, {"during": table})
+            appended.append(table)
+
+    return hook
+
+
+def test_verifying_while_another_process_appends_reports_no_tampering(
+    nodes: NodeFactory, db_url: str
+) -> None:
+    node = nodes.make(db_url)
+    second = node.another_store()
+    node.store.create_cases("admin", synthetic_cases(3))
+
+    for table in ("audit_head", "audit_log"):  # a write lands between verify's reads
+        appended: list[str] = []
+        hook = _append_on_first_read_of(table, second, appended)
+        event.listen(node.engine, "after_cursor_execute", hook)
+        try:
+            report = node.store.verify_audit()
+        finally:
+            event.remove(node.engine, "after_cursor_execute", hook)
+        assert appended == [table]
+        assert (report.ok, report.problems) == (True, ())
+    assert node.store.verify_audit().ok

@@ -84,21 +84,27 @@ class AuditLog:
             return
         with _locked(self._head_file.with_suffix(".lock")):
             recorded = self._read_head_file()
-            # Never move the copy back: another writer recorded a later head, or the database's
-            # head was moved back (entries dropped), which verify must keep reporting.
-            if recorded is not None and recorded[0] >= head.seq:
+            # Only move the copy forward along the same chain: never back (another writer
+            # recorded a later head) and never past a recorded entry that was dropped or
+            # rewritten, so verify keeps reporting that rather than the next write erasing it.
+            if recorded is not None and not _extends(session, recorded, head.seq):
                 return
             tmp = self._head_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"seq": head.seq, "hash": head.entry_hash.hex()}))
             os.replace(tmp, self._head_file)
 
     def verify(self, session: Session) -> AuditReport:
-        """Walk the whole chain; compare its end with the head row and the head file."""
+        """Walk the whole chain; compare its end with the head row and the head file.
+
+        ``session`` should read one snapshot (NodeStore.verify_audit arranges it).
+        """
+        # Read the file first: it is written after each commit, so read before the snapshot it
+        # can trail the database but never be ahead of it.
+        outside = self._read_head_file()
         head_row = session.exec(select(AuditHeadRow)).first()
         head = (head_row.seq, head_row.entry_hash) if head_row else (0, audit.GENESIS_HASH)
         report = audit.verify_chain(self._sealed(session), self._identity.public, head)
         problems = list(report.problems)
-        outside = self._read_head_file()
         if outside is not None and outside != head:
             # The copy is written just after each commit, so it may trail the database by the
             # writes still recording; it must never be ahead of it nor disagree with the chain.
@@ -150,6 +156,15 @@ class AuditLog:
             return None
         data = json.loads(self._head_file.read_text())
         return int(data["seq"]), bytes.fromhex(data["hash"])
+
+
+def _extends(session: Session, recorded: tuple[int, bytes], head_seq: int) -> bool:
+    """True if the chain, now ending at ``head_seq``, still holds the recorded entry before it."""
+    seq, entry_hash = recorded
+    if seq >= head_seq:
+        return False
+    row = session.get(AuditRow, seq)
+    return row is not None and row.entry_hash == entry_hash
 
 
 @contextmanager

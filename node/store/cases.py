@@ -59,6 +59,8 @@ _INDEXED: Mapping[str, tuple[str, ...]] = {
 IDENTIFIER_KINDS = ("name", "email", "phone")
 # The file in the node's home that records erasures and staff removals outside the database.
 LEDGER_FILE = "ledger.log"
+# The file in the node's home holding the last audit head the node recorded (node.store.audit_log).
+AUDIT_HEAD_FILE = "audit-head"
 # Audit actions that disclose survivor data to another agency (the accounting of disclosures).
 DISCLOSURE_ACTIONS = ("referral.sent", "referral.delivered", "revocation.sent", "purge.confirmed")
 
@@ -88,7 +90,7 @@ class NodeStore:
         self._engine = engine
         self._keyring = keyring
         self._home = home
-        self._audit = AuditLog(keyring.identity, home / "audit-head" if home else None)
+        self._audit = AuditLog(keyring.identity, home / AUDIT_HEAD_FILE if home else None)
         # One writer at a time inside this process; the audit head row's lock covers others.
         self._write_lock = threading.Lock()
 
@@ -108,6 +110,12 @@ class NodeStore:
     def _writing(self) -> Iterator[Session]:
         with self._write_lock, Session(self._engine, expire_on_commit=False) as session:
             try:
+                if self._engine.dialect.name == "sqlite":
+                    # Take SQLite's write lock before the first read. The sqlite3 driver would
+                    # read the audit head and the case version outside any transaction, so a
+                    # commit by another process could slip in between: a lost update, or a
+                    # duplicate audit sequence number.
+                    session.connection().exec_driver_sql("BEGIN IMMEDIATE")
                 yield session
                 session.commit()
             except OperationalError as exc:
@@ -527,8 +535,14 @@ class NodeStore:
     # --- audit ---------------------------------------------------------------------------
 
     def verify_audit(self) -> AuditReport:
-        """Check the whole chain, links, signatures and head."""
+        """Check the whole chain, links, signatures and head, all as of one moment."""
         with self._reading() as session:
+            # One snapshot for the head and the chain, or an append committed between the two
+            # reads would look like tampering.
+            if self._engine.dialect.name == "sqlite":
+                session.connection().exec_driver_sql("BEGIN")
+            else:
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             return self._audit.verify(session)
 
     def disclosures(self, case_id: str) -> list[AuditEntry]:
