@@ -60,6 +60,8 @@ class Limits:
     max_envelope_bytes: int = 1024 * 1024
     replay_window_seconds: int = 300
     rpc_deadline_seconds: float = 30.0
+    envelope_retention_days: int = 30
+    sends_per_minute: int = 600
 
 
 @dataclass(frozen=True)
