@@ -51,9 +51,12 @@ GROUPS: tuple[Group, ...] = (
         "case", "Record survivors' cases and needs; import and export HTCDS.", "cli.case", "issue 4"
     ),
     Group(
-        "agency", "Look up agencies in the directory; verify their fingerprints.", None, "issue 5"
+        "agency",
+        "Look up agencies in the directory; verify their fingerprints.",
+        "cli.agency",
+        "issue 5",
     ),
-    Group("broker", "Run and administer the regional broker.", None, "issue 5"),
+    Group("broker", "Run and administer the regional broker.", "cli.broker", "issue 5"),
     Group("consent", "Record, list and revoke a survivor's consent.", None, "issue 6"),
     Group("referral", "Send, receive and answer consented referrals.", None, "issue 6"),
     Group("stats", "Private statistics: budgets, rounds, releases.", None, "issue 7"),

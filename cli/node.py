@@ -81,6 +81,37 @@ def serve(ctx: typer.Context) -> None:
     asyncio.run(serve_until_signalled(settings, passphrase))
 
 
+@app.command("enrol")
+def enrol(
+    ctx: typer.Context,
+    code: Annotated[str, typer.Argument(help="The enrolment code from the broker operator.")],
+    services: Annotated[
+        list[str] | None, typer.Option("--service", help="A need category you serve; repeat.")
+    ] = None,
+) -> None:
+    """Enrol this node with its regional broker (one-time code from `tessera broker enrol-token`).
+
+    The broker's TLS certificate is accepted only if it matches the code; the node registers its
+    public keys and pins the broker's signing key. Prints this node's fingerprint to compare.
+    """
+    from node import directory_sync
+    from node.keyring import open_keyring
+    from tessera import config
+    from tessera.config import KekSource
+
+    cli = context.get(ctx)
+    settings = config.load(cli.home, cli.environ)
+    passphrase = cli.passphrase() if settings.kek_source is KekSource.PASSPHRASE else None
+    keyring = open_keyring(settings.home, passphrase)
+    link = directory_sync.enrol(
+        settings.home, keyring.identity, code, settings.name, services or []
+    )
+    typer.echo(
+        f"Enrolled as {link.agency_id} in region {link.region} with the broker at {link.address}."
+    )
+    typer.echo(f"This node's fingerprint: {keyring.identity.public.fingerprint()}")
+
+
 @app.command("status")
 def status(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
     """Show who and where this node is, its key fingerprint and your role."""

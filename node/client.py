@@ -284,6 +284,21 @@ class NodeClient:
         for chunk in self._stream(self._stub.ExportCases, request):
             yield chunk.data, chunk.cases_total
 
+    def agencies(self, include_revoked: bool = False) -> list[dict[str, Any]]:
+        """Agencies in the node's verified directory (synced with the broker first)."""
+        reply = self._call(
+            self._stub.ListAgencies, node_pb.ListAgenciesRequest(include_revoked=include_revoked)
+        )
+        return [_agency(a) for a in reply.agencies]
+
+    def verify_agency(self, agency_id: str, fingerprint: str) -> dict[str, Any]:
+        """Mark an agency verified after comparing its fingerprint out of band."""
+        reply = self._call(
+            self._stub.VerifyAgency,
+            node_pb.VerifyAgencyRequest(agency_id=agency_id, key_fingerprint=fingerprint),
+        )
+        return _agency(reply.agency)
+
     def disclosures(self, case_id: str) -> list[dict[str, Any]]:
         """Who received what about this survivor, and when."""
         reply = self._call(
@@ -300,6 +315,18 @@ class NodeClient:
             }
             for d in reply.disclosures
         ]
+
+
+def _agency(agency: node_pb.Agency) -> dict[str, Any]:
+    return {
+        "agency_id": agency.agency.agency_id,
+        "name": agency.agency.name,
+        "region": agency.region,
+        "services": [serde.need_category(s).value for s in agency.services],
+        "fingerprint": agency.key_fingerprint,
+        "verified": agency.verified,
+        "revoked": agency.revoked,
+    }
 
 
 def _staff(member: node_pb.Staff) -> dict[str, Any]:

@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 import grpc.aio
 
 import tessera
-from node import backup, htcds, serde
+from node import backup, directory_sync, htcds, serde
 from node.domain import CaseState, StaffRole
 from node.keyring import KekSpec, Keyring, rotate
 from node.store.cases import NewCase, NodeStore
-from tessera import rpc
+from tessera import directory, rpc
 from tessera.config import KekSource, Settings
-from tessera.errors import InvalidInput, NotBuiltError
+from tessera.errors import InvalidInput, NotBuiltError, Refused
+from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
 
@@ -421,13 +422,62 @@ class NodeServicer(node_grpc.NodeServicer):
     ListConsents = RevokeConsent = GrantConsent
     SendReferral = ListReferrals = Inbox = ShowReferral = AnswerReferral = GrantConsent
 
-    async def ListAgencies(self, request: Any, context: Context) -> Any:
-        raise NotBuiltError("the agency directory is not built yet (issue 5)")
+    async def ListAgencies(
+        self, request: node_pb.ListAgenciesRequest, context: Context
+    ) -> node_pb.ListAgenciesResponse:
+        cache = await _run(self._synced_directory)
+        wanted = serde.need_category(request.service).value if request.service else None
+        agencies = [
+            _agency_pb(record, record.agency_id in cache.verified)
+            for agency_id, record in sorted(cache.records.items())
+            if (request.include_revoked or not record.revoked)
+            and (wanted is None or wanted in record.services)
+        ]
+        return node_pb.ListAgenciesResponse(agencies=agencies)
 
-    VerifyAgency = ListAgencies
+    async def VerifyAgency(
+        self, request: node_pb.VerifyAgencyRequest, context: Context
+    ) -> node_pb.VerifyAgencyResponse:
+        cache = await _run(self._synced_directory)
+        record = cache.records.get(request.agency_id)
+        if record is None:
+            raise InvalidInput(
+                f"no agency {request.agency_id!r} in the directory",
+                hint="`tessera agency list` shows the agencies there are",
+            )
+
+        def plain(text: str) -> str:
+            return "".join(ch for ch in text.upper() if ch.isalnum())
+
+        if plain(request.key_fingerprint) != plain(record.identity.fingerprint()):
+            raise Refused(
+                f"the fingerprint read out does not match the one pinned for {record.name}",
+                hint="do not trust this agency's key; call them back on a number you know",
+            )
+        await _run(directory_sync.mark_verified, self._settings.home, record.agency_id)
+        await _run(
+            self._store.audit, _actor(), "agency.verified", None, {"agency": record.agency_id}
+        )
+        return node_pb.VerifyAgencyResponse(agency=_agency_pb(record, True))
+
+    def _synced_directory(self) -> directory_sync.DirectoryCache:
+        link = directory_sync.load_link(self._settings.home)
+        return directory_sync.sync(self._settings.home, self._keyring.identity, link)
 
     async def BudgetStatus(self, request: Any, context: Context) -> Any:
         raise NotBuiltError("statistics are not built yet (issue 7)")
+
+
+def _agency_pb(record: directory.AgencyRecord, verified: bool) -> node_pb.Agency:
+    return node_pb.Agency(
+        agency=common_pb.AgencyRef(agency_id=record.agency_id, name=record.name),
+        region=record.region,
+        services=[serde.need_category_pb(htcds.NeedCategory(c)) for c in record.services],
+        key_fingerprint=record.identity.fingerprint(),
+        verified=verified,
+        pinned_at=serde.timestamp(record.valid_from),
+        revoked=record.revoked,
+    )
 
 
 class _Scratch:

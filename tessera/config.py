@@ -61,6 +61,7 @@ class Limits:
     replay_window_seconds: int = 300
     rpc_deadline_seconds: float = 30.0
     envelope_retention_days: int = 30
+    delivery_lease_seconds: float = 30.0
     sends_per_minute: int = 600
 
 

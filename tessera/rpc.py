@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -140,7 +141,7 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         guard: crypto.ReplayGuard,
         public_methods: frozenset[str] = frozenset(),
         on_refused: Callable[[str, str, str], None] | None = None,
-        shared_nonces: Callable[[bytes, bytes], bool] | None = None,
+        shared_nonces: Callable[[bytes, bytes, datetime.datetime], bool] | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._guard = guard
@@ -149,7 +150,8 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         # signature, freshness or replay check fails, so the refusal can be audited.
         self._on_refused = on_refused
         # Replicas behind a load balancer each have their own ReplayGuard; shared_nonces(signer,
-        # nonce) -> False when another replica already accepted that nonce (a database table).
+        # nonce, signed_at) -> False when another replica already accepted that nonce (a
+        # database table, pruned once the request's own timestamp leaves the window).
         self._shared_nonces = shared_nonces
 
     async def intercept_service(
@@ -256,8 +258,9 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         try:
             signature = crypto.RequestSignature.from_metadata(metadata)
             crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
+            signed_at = datetime.datetime.fromtimestamp(signature.timestamp_ms / 1000, datetime.UTC)
             if self._shared_nonces is not None and not await asyncio.to_thread(
-                self._shared_nonces, signature.signer, signature.nonce
+                self._shared_nonces, signature.signer, signature.nonce, signed_at
             ):
                 raise errors.ReplayedRequest("this request was already accepted (a replay)")
         except TesseraError as exc:

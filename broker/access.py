@@ -1,0 +1,69 @@
+"""Who may call what on the broker (issue 5; DESIGN.md sections 4-6).
+
+Callers sign every request (tessera.rpc). A signer is an enrolled, unrevoked agency (its node), or
+a person in ``operators.json`` (operator or coordinator). Unlisted methods are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from broker.identity import BrokerRole, Operator
+from tessera.errors import PermissionDenied, Unauthenticated
+from tessera.rpc import Caller
+
+AGENCY = "agency"
+# Methods open without a signature: broker discovery, and enrolment (its one-time token is the
+# credential).
+PUBLIC = frozenset({"/tessera.v1.Directory/GetBrokerInfo", "/tessera.v1.Directory/Enrol"})
+
+_READ_DIRECTORY = frozenset({AGENCY, BrokerRole.OPERATOR.value, BrokerRole.COORDINATOR.value})
+_ROLES: dict[str, frozenset[str]] = {
+    "/tessera.v1.Directory/IssueEnrolmentToken": frozenset({BrokerRole.OPERATOR.value}),
+    "/tessera.v1.Directory/RotateKeys": frozenset({AGENCY}),
+    "/tessera.v1.Directory/Revoke": frozenset({AGENCY, BrokerRole.OPERATOR.value}),
+    "/tessera.v1.Directory/GetHead": _READ_DIRECTORY,
+    "/tessera.v1.Directory/GetEntries": _READ_DIRECTORY,
+    "/tessera.v1.Directory/GetConsistency": _READ_DIRECTORY,
+    "/tessera.v1.Directory/GetAgency": _READ_DIRECTORY,
+    "/tessera.v1.Relay/Send": frozenset({AGENCY}),
+    "/tessera.v1.Relay/Receive": frozenset({AGENCY}),
+    "/tessera.v1.Relay/Acknowledge": frozenset({AGENCY}),
+    "/tessera.v1.Relay/PurgeConsent": frozenset({AGENCY}),
+}
+
+
+def make_authenticator(
+    agency_by_key: Callable[[bytes], tuple[str, bool] | None],
+    operators: Callable[[], list[Operator]],
+) -> Callable[[bytes, str], Caller]:
+    """Signer key → Caller. ``agency_by_key(key)`` gives (agency_id, revoked) or None."""
+
+    def authenticate(signer: bytes, method: str) -> Caller:
+        allowed = _ROLES.get(method, frozenset())
+        operator = next((o for o in operators() if o.signing_key == signer), None)
+        if operator is not None:
+            caller = Caller(
+                signer=signer,
+                principal=f"{operator.role.value}:{operator.name}",
+                role=operator.role.value,
+            )
+        else:
+            agency = agency_by_key(signer)
+            if agency is None:
+                raise Unauthenticated(
+                    "this key belongs to no enrolled agency or operator of this broker",
+                    hint="enrol the node with `tessera node enrol`",
+                )
+            agency_id, revoked = agency
+            if revoked:
+                raise Unauthenticated(
+                    f"agency {agency_id} was revoked from the directory",
+                    hint="ask the broker operator to enrol the node again",
+                )
+            caller = Caller(signer=signer, principal=agency_id, role=AGENCY)
+        if caller.role not in allowed:
+            raise PermissionDenied(f"{caller.role} may not call {method.rsplit('/', 1)[-1]}")
+        return caller
+
+    return authenticate

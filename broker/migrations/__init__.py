@@ -1,0 +1,1 @@
+"""Alembic migrations of the broker's schema (tables ``broker_*`` only)."""

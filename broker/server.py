@@ -1,0 +1,135 @@
+"""Running a broker: open its database, rebuild its directory view, serve Directory and Relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+from broker import access
+from broker import identity as broker_identity
+from broker.service import DirectoryServicer, DirectoryView, RelayServicer
+from broker.store.database import open_database
+from broker.store.relay import BrokerStore
+from node.credential import RUN_FILE
+from tessera import crypto, metrics, rpc, tls
+from tessera.config import Settings
+from tessera.logs import fields
+from tessera.v1 import directory_pb2 as directory_pb
+from tessera.v1 import directory_pb2_grpc as directory_grpc
+from tessera.v1 import relay_pb2 as relay_pb
+from tessera.v1 import relay_pb2_grpc as relay_grpc
+
+log = logging.getLogger(__name__)
+SERVICES = [
+    directory_pb.DESCRIPTOR.services_by_name["Directory"].full_name,
+    relay_pb.DESCRIPTOR.services_by_name["Relay"].full_name,
+]
+_HOUSEKEEPING_SECONDS = 30.0
+
+
+@dataclass
+class RunningBroker:
+    """A started broker: server, store and the address clients reach it at."""
+
+    settings: Settings
+    server: rpc.RunningServer
+    store: BrokerStore
+    identity: crypto.Identity
+    address: str
+    relay: RelayServicer
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop serving, release this process's leases, close the database."""
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.store.release, self.relay.owner)
+        self.store.engine.dispose()
+        (self.settings.home / RUN_FILE).unlink(missing_ok=True)
+
+
+async def start_broker(settings: Settings) -> RunningBroker:
+    """Migrate the database, verify the directory log, start the TLS gRPC server."""
+    identity = broker_identity.load_identity(settings.home)
+    engine = await asyncio.to_thread(open_database, settings.effective_database_url)
+    store = BrokerStore(engine)
+    view = DirectoryView(store, identity, settings.region)
+    await asyncio.to_thread(view.refresh)  # refuses to start on a log that does not verify
+
+    def agency_by_key(key: bytes) -> tuple[str, bool] | None:
+        state = store.agency_by_signing_key(key)
+        return (state.agency_id, state.revoked) if state else None
+
+    window = settings.limits.replay_window_seconds
+    interceptor = rpc.TesseraServerInterceptor(
+        access.make_authenticator(
+            agency_by_key, lambda: broker_identity.load_operators(settings.home)
+        ),
+        crypto.ReplayGuard(window),
+        public_methods=access.PUBLIC,
+        shared_nonces=lambda signer, nonce, signed_at: store.remember_nonce(
+            signer, nonce, signed_at, window
+        ),
+    )
+    directory_servicer = DirectoryServicer(settings, store, identity, view)
+    relay = RelayServicer(settings, store, identity, view)
+    server = await rpc.start_server(
+        listen=settings.listen,
+        add_services=[
+            lambda s: directory_grpc.add_DirectoryServicer_to_server(directory_servicer, s),
+            lambda s: relay_grpc.add_RelayServicer_to_server(relay, s),
+        ],
+        service_names=SERVICES,
+        cert_pem=tls.read_pem(settings.cert_path),
+        key_pem=tls.read_pem(settings.key_path),
+        interceptor=interceptor,
+        max_message_bytes=settings.limits.max_message_bytes,
+    )
+    host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
+    wildcard = host in ("0.0.0.0", "[::]")  # noqa: S104 - recognising, not binding
+    address = f"{'127.0.0.1' if wildcard else host}:{server.port}"
+    run_file = settings.home / RUN_FILE
+    run_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    run_file.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    running = RunningBroker(settings, server, store, identity, address, relay)
+    running._tasks.append(asyncio.create_task(_housekeeping(running)))
+    log.info("broker.started", extra=fields(address=address, region=settings.region))
+    return running
+
+
+async def serve_until_signalled(settings: Settings) -> None:
+    """Run a broker until SIGINT or SIGTERM, then shut down gracefully."""
+    running = await start_broker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await running.stop()
+
+
+async def _housekeeping(running: RunningBroker) -> None:
+    """Expire envelopes past retention and keep the waiting-envelopes gauge current."""
+    retention = dt.timedelta(days=running.settings.limits.envelope_retention_days)
+    while True:
+        try:
+            expired = await asyncio.to_thread(
+                running.store.expire, dt.datetime.now(dt.UTC), retention
+            )
+            await asyncio.to_thread(running.store.prune_nonces, dt.datetime.now(dt.UTC))
+            waiting = await asyncio.to_thread(running.store.waiting_count, None)
+            metrics.ENVELOPES_WAITING.set(waiting)
+            if expired:
+                log.warning("relay.expired", extra=fields(envelopes=expired))
+        except Exception:  # housekeeping must never take the server down
+            log.exception("broker.housekeeping_failed")
+        await asyncio.sleep(_HOUSEKEEPING_SECONDS)

@@ -1,0 +1,402 @@
+"""The broker's gRPC servicers: the key directory and the store-and-forward relay.
+
+Thin, as everywhere: validate, call the store and the directory core (tessera.directory), convert.
+Authentication and the error mapping live in the interceptor (tessera.rpc, broker.access).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc.aio
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import tessera
+from broker.domain import AcceptedEnvelope, StoredLogEntry
+from broker.store.relay import BrokerStore
+from tessera import crypto, directory, rpc
+from tessera.config import Settings
+from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from tessera.v1 import common_pb2 as common_pb
+from tessera.v1 import directory_pb2 as directory_pb
+from tessera.v1 import directory_pb2_grpc as directory_grpc
+from tessera.v1 import relay_pb2 as relay_pb
+from tessera.v1 import relay_pb2_grpc as relay_grpc
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+_APPEND_RETRIES = 5
+_POLL_SECONDS = 0.5
+
+
+async def _run(func: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(func, *args)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _stamp(value: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value.astimezone(dt.UTC))
+    return stamp
+
+
+class DirectoryView:
+    """The broker's own verified view of its log: size, chain and every agency's record.
+
+    Rebuilt from the database at start and brought up to date before each use, so several broker
+    processes on one PostgreSQL agree (an append that loses a race is retried on the new head).
+    """
+
+    def __init__(self, store: BrokerStore, identity: crypto.Identity, region: str) -> None:
+        self._store = store
+        self._identity = identity
+        self._region = region
+        self._lock = threading.Lock()
+        self.size = 0
+        self.chain = directory.GENESIS_CHAIN
+        self.records: dict[str, directory.AgencyRecord] = {}
+
+    def refresh(self) -> None:
+        """Read and verify entries appended since the view's size (by any broker process)."""
+        with self._lock:
+            entries = self._store.log_entries(self.size, 10_000)
+            if not entries:
+                return
+            blobs = [self.blob(e) for e in entries]
+            size = entries[-1].sequence
+            head = directory.sign_head(
+                self._identity, self._region, size, entries[-1].chain, _now()
+            )
+            _verified, verified_entries = directory.verify_extension(
+                self._identity.public.signing_key, self._region, self.size, self.chain, blobs, head
+            )
+            self.records = directory.apply_to_pins(self.records, verified_entries)
+            self.size, self.chain = size, entries[-1].chain
+
+    def blob(self, entry: StoredLogEntry) -> common_pb.SignedBlob:
+        """A stored log entry as the SignedBlob the wire carries."""
+        return common_pb.SignedBlob(
+            body=entry.body, signature=entry.signature, signer=self._identity.public.signing_key
+        )
+
+    def head(self) -> common_pb.SignedBlob:
+        """A freshly signed head for the current size."""
+        return directory.sign_head(self._identity, self._region, self.size, self.chain, _now())
+
+    def append(
+        self,
+        statement: common_pb.SignedBlob,
+        possession: bytes,
+        check_agency: Callable[[directory.AgencyRecord | None], None],
+    ) -> common_pb.SignedBlob:
+        """Check a statement against the current record and append it; retried on a race."""
+        for _attempt in range(_APPEND_RETRIES):
+            self.refresh()
+            record = directory.check_statement(
+                statement,
+                self._current_for(statement),
+                possession,
+                self._identity.public.signing_key,
+                region=self._region,
+            )
+            check_agency(self.records.get(record.agency_id))
+            entry, chain = directory.append(
+                self._identity, self.chain, self.size + 1, statement, possession, _now()
+            )
+            try:
+                self._store.append_log_entry(
+                    self.size,
+                    entry.body,
+                    entry.signature,
+                    chain,
+                    record.agency_id,
+                    record.identity.signing_key,
+                    record.identity.encryption_key,
+                    record.revoked,
+                    region=record.region,
+                )
+            except Conflict:
+                continue  # another broker process appended first: refresh and try again
+            self.refresh()
+            return entry
+        raise Conflict("the directory is busy", hint="retry in a moment")
+
+    def _current_for(self, statement: common_pb.SignedBlob) -> directory.AgencyRecord | None:
+        body = directory_pb.DirectoryEntry.FromString(statement.body)
+        return self.records.get(body.agency_id)
+
+
+class DirectoryServicer(directory_grpc.DirectoryServicer):
+    """tessera.v1.Directory: enrolment, rotation, revocation, and the signed log."""
+
+    def __init__(
+        self, settings: Settings, store: BrokerStore, identity: crypto.Identity, view: DirectoryView
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._identity = identity
+        self._view = view
+
+    async def GetBrokerInfo(
+        self, request: directory_pb.GetBrokerInfoRequest, context: Context
+    ) -> directory_pb.GetBrokerInfoResponse:
+        return directory_pb.GetBrokerInfoResponse(
+            region=self._settings.region,
+            signing_key=self._identity.public.signing_key,
+            version=tessera.__version__,
+            api_versions=["tessera.v1"],
+        )
+
+    async def IssueEnrolmentToken(
+        self, request: directory_pb.IssueEnrolmentTokenRequest, context: Context
+    ) -> directory_pb.IssueEnrolmentTokenResponse:
+        region = request.region or self._settings.region
+        if region != self._settings.region:
+            raise InvalidInput(f"this broker serves region {self._settings.region!r}")
+        if not request.agency_id:
+            raise InvalidInput("an agency id is required")
+        expires = (
+            request.expires_at.ToDatetime(tzinfo=dt.UTC)
+            if request.HasField("expires_at")
+            else _now() + dt.timedelta(days=7)
+        )
+        token = await _run(self._store.issue_token, request.agency_id, region, expires)
+        return directory_pb.IssueEnrolmentTokenResponse(
+            token=token, agency_id=request.agency_id, region=region, expires_at=_stamp(expires)
+        )
+
+    async def Enrol(
+        self, request: directory_pb.EnrolRequest, context: Context
+    ) -> directory_pb.EnrolResponse:
+        agency_id, region = await _run(self._store.consume_token, request.token, _now())
+        body = directory_pb.DirectoryEntry.FromString(request.statement.body)
+        if body.agency_id != agency_id or body.region != region:
+            raise PermissionDenied("the statement names another agency or region than the token")
+
+        def must_be_new(current: directory.AgencyRecord | None) -> None:
+            if current is not None:
+                raise Conflict(f"agency {agency_id} is already enrolled")
+
+        entry = await _run(self._view.append, request.statement, b"", must_be_new)
+        return directory_pb.EnrolResponse(entry=entry, head=self._view.head())
+
+    async def RotateKeys(
+        self, request: directory_pb.RotateKeysRequest, context: Context
+    ) -> directory_pb.RotateKeysResponse:
+        caller = rpc.current_caller()
+
+        def must_be_caller(current: directory.AgencyRecord | None) -> None:
+            if current is None or current.agency_id != caller.principal:
+                raise PermissionDenied("an agency may rotate only its own keys")
+
+        entry = await _run(
+            self._view.append, request.statement, request.possession_signature, must_be_caller
+        )
+        return directory_pb.RotateKeysResponse(entry=entry, head=self._view.head())
+
+    async def Revoke(
+        self, request: directory_pb.RevokeRequest, context: Context
+    ) -> directory_pb.RevokeResponse:
+        caller = rpc.current_caller()
+        if caller.role == "agency" and caller.principal != request.agency_id:
+            raise PermissionDenied("an agency may revoke only itself")
+        await _run(self._view.refresh)
+        current = self._view.records.get(request.agency_id)
+        if current is None:
+            raise NotFound(f"no agency {request.agency_id!r} in the directory")
+        statement = directory.revoke_statement(self._identity, current, request.reason, _now())
+        entry = await _run(self._view.append, statement, b"", lambda _c: None)
+        await _run(self._store.purge_agency, request.agency_id)
+        return directory_pb.RevokeResponse(entry=entry, head=self._view.head())
+
+    async def GetHead(
+        self, request: directory_pb.GetHeadRequest, context: Context
+    ) -> directory_pb.GetHeadResponse:
+        await _run(self._view.refresh)
+        return directory_pb.GetHeadResponse(head=self._view.head())
+
+    async def GetEntries(
+        self, request: directory_pb.GetEntriesRequest, context: Context
+    ) -> directory_pb.GetEntriesResponse:
+        await _run(self._view.refresh)
+        limit = min(request.limit or 1000, 1000)
+        entries = await _run(self._store.log_entries, request.since, limit)
+        last = entries[-1] if entries else None
+        head = (
+            directory.sign_head(
+                self._identity, self._settings.region, last.sequence, last.chain, _now()
+            )
+            if last
+            else self._view.head()
+        )
+        return directory_pb.GetEntriesResponse(
+            entries=[self._view.blob(e) for e in entries], head=head
+        )
+
+    async def GetConsistency(
+        self, request: directory_pb.GetConsistencyRequest, context: Context
+    ) -> directory_pb.GetConsistencyResponse:
+        await _run(self._view.refresh)
+        to_size = request.to_size or self._view.size
+        bodies = await _run(self._store.leaf_bodies, request.from_size, to_size)
+        last = await _run(self._store.log_entry, to_size) if to_size else None
+        head = (
+            directory.sign_head(
+                self._identity, self._settings.region, last.sequence, last.chain, _now()
+            )
+            if last
+            else self._view.head()
+        )
+        return directory_pb.GetConsistencyResponse(
+            leaf_hashes=[directory.leaf_hash(b) for b in bodies], head=head
+        )
+
+    async def GetAgency(
+        self, request: directory_pb.GetAgencyRequest, context: Context
+    ) -> directory_pb.GetAgencyResponse:
+        await _run(self._view.refresh)
+        record = self._view.records.get(request.agency_id)
+        if record is None:
+            raise NotFound(f"no agency {request.agency_id!r} in the directory")
+        entry = await _run(self._store.log_entry, record.sequence)
+        if entry is None:
+            raise NotFound(f"no log entry {record.sequence}")
+        return directory_pb.GetAgencyResponse(entry=self._view.blob(entry), head=self._view.head())
+
+
+class RelayServicer(relay_grpc.RelayServicer):
+    """tessera.v1.Relay: durable store-and-forward of sealed envelopes, ack-then-delete."""
+
+    def __init__(
+        self, settings: Settings, store: BrokerStore, identity: crypto.Identity, view: DirectoryView
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._identity = identity
+        self._view = view
+        self._owner = f"broker-{uuid.uuid4()}"
+        self._wakeups: dict[str, asyncio.Event] = {}
+
+    @property
+    def owner(self) -> str:
+        """This process's lease owner name (leases are released when it stops)."""
+        return self._owner
+
+    async def Send(self, request: relay_pb.SendRequest, context: Context) -> relay_pb.SendResponse:
+        sender = rpc.current_caller().principal
+        limits = self._settings.limits
+        if not request.sealed_envelope:
+            raise InvalidInput("the envelope is empty")
+        if len(request.sealed_envelope) > limits.max_envelope_bytes:
+            from tessera.errors import Exhausted
+
+            raise Exhausted(
+                f"the envelope is {len(request.sealed_envelope):,} bytes; the limit "
+                f"is {limits.max_envelope_bytes:,}",
+                hint="send less data",
+            )
+        if not request.idempotency_key or len(request.idempotency_key) > 128:
+            raise InvalidInput("an idempotency key of 1 to 128 characters is required")
+        if len(request.consent_commitment) not in (0, 32):
+            raise InvalidInput("a consent commitment is 32 bytes (or empty for a status)")
+        await _run(self._view.refresh)
+        recipient = self._view.records.get(request.recipient_agency_id)
+        if recipient is None or recipient.revoked:
+            raise NotFound(
+                f"no enrolled agency {request.recipient_agency_id!r}",
+                hint="check the agency id with `tessera agency list`",
+            )
+        accepted = await _run(
+            self._store.put_envelope,
+            sender,
+            request.recipient_agency_id,
+            request.idempotency_key,
+            request.consent_commitment,
+            request.sealed_envelope,
+            _now(),
+        )
+        event = self._wakeups.get(request.recipient_agency_id)
+        if event is not None:
+            event.set()
+        return relay_pb.SendResponse(receipt=self._receipt(accepted), duplicate=accepted.duplicate)
+
+    def _receipt(self, accepted: AcceptedEnvelope) -> common_pb.SignedBlob:
+        receipt = relay_pb.RelayReceipt(
+            delivery_id=accepted.envelope_id,
+            sender_agency_id=accepted.sender_id,
+            recipient_agency_id=accepted.recipient_id,
+            idempotency_key=accepted.idempotency_key,
+            envelope_digest=accepted.envelope_digest,
+            consent_commitment=accepted.consent_commitment,
+            size=accepted.size,
+            accepted_at=_stamp(accepted.received_at),
+        )
+        body = receipt.SerializeToString()
+        return common_pb.SignedBlob(
+            body=body,
+            signature=self._identity.sign(crypto.LABEL_RECEIPT, body),
+            signer=self._identity.public.signing_key,
+        )
+
+    async def Receive(
+        self, request: relay_pb.ReceiveRequest, context: Context
+    ) -> AsyncIterator[relay_pb.Delivery]:
+        recipient = rpc.current_caller().principal
+        wanted = request.max_deliveries or 0
+        sent = 0
+        event = self._wakeups.setdefault(recipient, asyncio.Event())
+        while True:
+            batch = await _run(
+                self._store.claim,
+                recipient,
+                self._owner,
+                min(100, wanted - sent) if wanted else 100,
+                self._settings.limits.delivery_lease_seconds,
+                _now(),
+            )
+            for envelope in batch:
+                yield relay_pb.Delivery(
+                    delivery_id=envelope.envelope_id,
+                    sender_agency_id=envelope.sender_id,
+                    sealed_envelope=envelope.ciphertext,
+                    received_at=_stamp(envelope.received_at),
+                    consent_commitment=envelope.consent_commitment,
+                    attempt=envelope.attempts,
+                )
+                sent += 1
+            if wanted and sent >= wanted:
+                return
+            if not batch and not request.follow:
+                return
+            if not batch:
+                event.clear()
+                # Poll the database too: another broker process may have taken the send.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), _POLL_SECONDS)
+
+    async def Acknowledge(
+        self, request: relay_pb.AcknowledgeRequest, context: Context
+    ) -> relay_pb.AcknowledgeResponse:
+        recipient = rpc.current_caller().principal
+        deleted = await _run(self._store.acknowledge, recipient, list(request.delivery_ids))
+        return relay_pb.AcknowledgeResponse(deleted_ids=deleted)
+
+    async def PurgeConsent(
+        self, request: relay_pb.PurgeConsentRequest, context: Context
+    ) -> relay_pb.PurgeConsentResponse:
+        sender = rpc.current_caller().principal
+        if len(request.consent_commitment) != 32:
+            raise InvalidInput("a consent commitment is 32 bytes")
+        result = await _run(self._store.purge_consent, sender, request.consent_commitment, _now())
+        return relay_pb.PurgeConsentResponse(
+            purged=result.purged, already_delivered=result.already_delivered
+        )

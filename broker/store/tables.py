@@ -1,0 +1,162 @@
+"""SQLModel tables of the regional broker. Only ``broker.store`` imports this module.
+
+The broker sees only what DESIGN.md section 4 lets it learn, and its tables hold nothing else
+(docs list them column by column): agency ids and regions, public keys, the signed directory log,
+hashes of enrolment tokens, who sent an envelope to whom, when, its size, its digest, its consent
+commitment, and the sealed ciphertext itself, only until its recipient acknowledges it.
+
+Every table name starts with ``broker_`` so a broker may share a PostgreSQL database with other
+components; the migrations (``broker/migrations``) touch only the tables named in
+:data:`BROKER_TABLES`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary
+from sqlmodel import Field, SQLModel
+
+# On PostgreSQL a 64-bit identity column; SQLite only auto-increments an INTEGER PRIMARY KEY
+# (its 64-bit rowid), so the same column is declared INTEGER there.
+_ROWID = BigInteger().with_variant(Integer(), "sqlite")
+
+# Directory ids are at most 128 characters (tessera.directory.DirectoryLimits.max_id_chars).
+ID_CHARS = 128
+# Relay idempotency keys: chosen by the sender (a UUID in practice), bounded by the broker.
+IDEMPOTENCY_KEY_CHARS = 128
+# Lease owners are broker process names ("broker-<uuid>").
+OWNER_CHARS = 128
+
+
+class EnrolmentTokenRow(SQLModel, table=True):
+    """A one-time enrolment token, by its hash only: the token itself is shown once, never kept."""
+
+    __tablename__ = "broker_enrolment_token"
+
+    token_hash: bytes = Field(sa_column=Column(LargeBinary, primary_key=True))
+    agency_id: str = Field(max_length=ID_CHARS, index=True)
+    region: str = Field(max_length=ID_CHARS)
+    expires_at: dt.datetime
+    # Set (never cleared) by the one consumer that wins; a used token stays refused.
+    consumed_at: dt.datetime | None = None
+
+
+class LogEntryRow(SQLModel, table=True):
+    """One entry of the append-only directory log, exactly the bytes the broker signed.
+
+    ``sequence`` is the primary key and is never generated: an appender names the sequence it
+    expects, so two appenders at the same log size cannot both succeed.
+    """
+
+    __tablename__ = "broker_log_entry"
+
+    sequence: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    agency_id: str = Field(max_length=ID_CHARS, index=True)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    chain: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class AgencyRow(SQLModel, table=True):
+    """Current state of one agency, derived from the log in the same transaction as each entry."""
+
+    __tablename__ = "broker_agency"
+
+    agency_id: str = Field(primary_key=True, max_length=ID_CHARS)
+    region: str = Field(max_length=ID_CHARS, index=True)
+    # Unique: a request's signer key names at most one agency.
+    signing_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False, unique=True))
+    encryption_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    revoked: bool = False
+    sequence: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class EnvelopeRow(SQLModel, table=True):
+    """A sealed envelope waiting in its recipient's mailbox; deleted once acknowledged.
+
+    ``seq`` orders envelopes received in the same instant (first in, first out); it is never
+    shown outside the store. ``envelope_id`` is the delivery id the recipient sees.
+    """
+
+    __tablename__ = "broker_envelope"
+    __table_args__ = (
+        # Claim: the oldest deliverable envelopes of one recipient.
+        Index("ix_broker_envelope_mailbox", "recipient_id", "received_at", "seq"),
+        # Consent purge: one sender's envelopes under one commitment.
+        Index("ix_broker_envelope_consent", "sender_id", "consent_commitment"),
+    )
+
+    seq: int | None = Field(
+        default=None, sa_column=Column(_ROWID, primary_key=True, autoincrement=True)
+    )
+    envelope_id: str = Field(max_length=36, unique=True)
+    sender_id: str = Field(max_length=ID_CHARS)
+    recipient_id: str = Field(max_length=ID_CHARS)
+    # Empty for envelopes that carry no survivor data (statuses, revocations).
+    consent_commitment: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    received_at: dt.datetime = Field(index=True)
+    attempts: int = 0
+    lease_owner: str | None = Field(default=None, max_length=OWNER_CHARS, index=True)
+    lease_until: dt.datetime | None = None
+
+
+class ReceiptRow(SQLModel, table=True):
+    """The broker's record of each accepted envelope: the facts of its signed RelayReceipt.
+
+    It outlives the envelope's ciphertext (deleted on acknowledgement) until the retention limit,
+    so a sender's retry of an already delivered envelope is still recognised as a repeat and
+    never delivered twice (DESIGN.md section 6: idempotency keys everywhere). No ciphertext here.
+    """
+
+    __tablename__ = "broker_receipt"
+    __table_args__ = (Index("ix_broker_receipt_consent", "sender_id", "consent_commitment"),)
+
+    sender_id: str = Field(primary_key=True, max_length=ID_CHARS)
+    idempotency_key: str = Field(primary_key=True, max_length=IDEMPOTENCY_KEY_CHARS)
+    envelope_id: str = Field(max_length=36, unique=True)
+    recipient_id: str = Field(max_length=ID_CHARS)
+    consent_commitment: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    envelope_digest: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    received_at: dt.datetime = Field(index=True)
+    acknowledged_at: dt.datetime | None = None
+
+
+class PurgedConsentRow(SQLModel, table=True):
+    """A consent commitment its sender revoked: envelopes under it are refused from then on."""
+
+    __tablename__ = "broker_purged_consent"
+
+    sender_id: str = Field(primary_key=True, max_length=ID_CHARS)
+    consent_commitment: bytes = Field(sa_column=Column(LargeBinary, primary_key=True))
+    purged_at: dt.datetime
+
+
+class NonceRow(SQLModel, table=True):
+    """A request nonce seen from a signer, shared by every broker process (DESIGN.md section 5).
+
+    The primary key makes "remember" and "was it already seen" one atomic insert.
+    """
+
+    __tablename__ = "broker_nonce"
+
+    signer: bytes = Field(sa_column=Column(LargeBinary, primary_key=True))
+    nonce: bytes = Field(sa_column=Column(LargeBinary, primary_key=True))
+    seen_at: dt.datetime
+    expires_at: dt.datetime = Field(index=True)
+
+
+BROKER_TABLES = frozenset(
+    {
+        EnrolmentTokenRow.__tablename__,
+        LogEntryRow.__tablename__,
+        AgencyRow.__tablename__,
+        EnvelopeRow.__tablename__,
+        ReceiptRow.__tablename__,
+        PurgedConsentRow.__tablename__,
+        NonceRow.__tablename__,
+    }
+)
+"""Every table the broker owns; its migrations ignore any other table in the database."""

@@ -1,0 +1,268 @@
+"""A real broker over TLS with real enrolled nodes: enrolment, the directory, and the relay.
+
+Attacks: a replayed or forged request, an unenrolled or revoked key, an oversized or misaddressed
+envelope, a reused or forged enrolment code, a directory entry altered in the broker's database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker.operator_client import OperatorClient
+from node import directory_sync
+from node.keyring import open_keyring
+from tessera import crypto, enrolment, rpc
+from tessera.config import Limits
+from tessera.errors import ConfigError, CryptoError, InvalidInput, TesseraError
+from tessera.v1 import relay_pb2 as relay_pb
+from tessera.v1 import relay_pb2_grpc as relay_grpc
+from tests.support import PASSPHRASE, BackgroundBroker, make_broker, make_node
+
+MARKER = "Zorvanka-Quillimet-7731"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BackgroundBroker]:
+    running = BackgroundBroker(make_broker(tmp_path / "broker", delivery_lease_seconds=1.0))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+class Agency:
+    """An enrolled node's identity and its link to the broker (no node server needed)."""
+
+    def __init__(
+        self, home: Path, agency_id: str, identity: crypto.Identity, link: directory_sync.BrokerLink
+    ) -> None:
+        self.home, self.agency_id, self.identity, self.link = home, agency_id, identity, link
+
+    def relay(self) -> tuple[grpc.Channel, relay_grpc.RelayStub]:
+        channel = rpc.open_channel(
+            self.link.address, self.link.certificate, self.identity, Limits().max_message_bytes
+        )
+        return channel, relay_grpc.RelayStub(channel)
+
+
+def enrol(broker: BackgroundBroker, tmp_path: Path, agency_id: str) -> Agency:
+    home = tmp_path / agency_id
+    make_node(home, name=agency_id.replace("-", " ").title())
+    identity = open_keyring(home, PASSPHRASE).identity
+    with OperatorClient(broker.settings.home) as operator:
+        code = operator.enrolment_code(agency_id, 1)
+    link = directory_sync.enrol(home, identity, code, agency_id.title(), ["safe_housing"])
+    return Agency(home, agency_id, identity, link)
+
+
+def seal(sender: Agency, recipient: Agency, payload: bytes) -> bytes:
+    records = directory_sync.sync(sender.home, sender.identity, sender.link).records
+    return crypto.seal(
+        sender.identity, records[recipient.agency_id].identity, crypto.LABEL_ENVELOPE, payload
+    )
+
+
+def send(
+    sender: Agency, recipient: Agency, payload: bytes, key: str, sealed: bytes | None = None
+) -> relay_pb.SendResponse:
+    sealed = sealed or seal(sender, recipient, payload)
+    channel, stub = sender.relay()
+    try:
+        return stub.Send(
+            relay_pb.SendRequest(
+                recipient_agency_id=recipient.agency_id,
+                idempotency_key=key,
+                consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, key.encode()),
+                sealed_envelope=sealed,
+            ),
+            timeout=10,
+        )
+    finally:
+        channel.close()
+
+
+def receive(agency: Agency, ack: bool = True) -> list[relay_pb.Delivery]:
+    channel, stub = agency.relay()
+    try:
+        got = list(stub.Receive(relay_pb.ReceiveRequest(follow=False), timeout=10))
+        if ack and got:
+            stub.Acknowledge(
+                relay_pb.AcknowledgeRequest(delivery_ids=[d.delivery_id for d in got]), timeout=10
+            )
+        return got
+    finally:
+        channel.close()
+
+
+def test_enrolment_pins_keys_and_the_code_is_single_use(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    cache = directory_sync.sync(shelter.home, shelter.identity, shelter.link)
+    assert set(cache.records) == {"harbour-shelter", "lantern-clinic"}
+    assert cache.records["lantern-clinic"].identity == clinic.identity.public
+    assert cache.size == 2
+    with OperatorClient(broker.settings.home) as operator:
+        code = operator.enrolment_code("third-agency", 1)
+    home = tmp_path / "third"
+    make_node(home, name="Third")
+    identity = open_keyring(home, PASSPHRASE).identity
+    directory_sync.enrol(home, identity, code, "Third")
+    with pytest.raises(TesseraError):  # the same code a second time
+        directory_sync.enrol(tmp_path / "lantern-clinic", clinic.identity, code, "Again")
+
+
+def test_a_code_whose_certificate_does_not_match_is_refused(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    with OperatorClient(broker.settings.home) as operator:
+        code = enrolment.decode(operator.enrolment_code("harbour-shelter", 1))
+    forged = enrolment.EnrolmentCode(
+        code.broker_address, "00" * 32, code.token, code.agency_id, code.region
+    ).encode()
+    home = tmp_path / "n"
+    make_node(home)
+    with pytest.raises(InvalidInput, match="does not match"):
+        directory_sync.enrol(home, open_keyring(home, PASSPHRASE).identity, forged, "N")
+    with pytest.raises(InvalidInput, match="not a Tessera enrolment code"):
+        directory_sync.enrol(home, open_keyring(home, PASSPHRASE).identity, "hello", "N")
+
+
+def test_an_envelope_travels_once_and_the_broker_never_sees_plaintext(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    payload = f"referral for {MARKER}".encode()
+    sealed = seal(shelter, clinic, payload)
+    first = send(shelter, clinic, payload, "ref-1", sealed)
+    again = send(shelter, clinic, payload, "ref-1", sealed)  # a retry after a lost answer
+    assert not first.duplicate and again.duplicate
+    receipt = first.receipt
+    crypto.verify(shelter.link.broker_key, crypto.LABEL_RECEIPT, receipt.body, receipt.signature)
+    delivered = receive(clinic)
+    assert len(delivered) == 1
+    assert delivered[0].sender_agency_id == "harbour-shelter"
+    opened = crypto.open_sealed(
+        clinic.identity,
+        shelter.identity.public,
+        crypto.LABEL_ENVELOPE,
+        delivered[0].sealed_envelope,
+    )
+    assert opened == payload
+    assert receive(clinic) == []  # acknowledged: deleted
+    database = broker.settings.home / "tessera.db"
+    raw = database.read_bytes() + (
+        database.with_name("tessera.db-wal").read_bytes()
+        if database.with_name("tessera.db-wal").exists()
+        else b""
+    )
+    assert MARKER.encode() not in raw
+
+
+def test_an_unacknowledged_envelope_is_delivered_again_with_the_same_id(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    send(shelter, clinic, b"x", "ref-2")
+    first = receive(clinic, ack=False)  # the recipient dies before acknowledging
+    time.sleep(1.2)  # the lease (1 s in this test) runs out
+    second = receive(clinic)
+    assert [d.delivery_id for d in second] == [d.delivery_id for d in first]
+    assert second[0].attempt == 2
+
+
+def test_requests_from_strangers_replays_and_revoked_agencies_are_refused(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    stranger = crypto.Identity.generate()
+    channel = rpc.open_channel(
+        broker.address, shelter.link.certificate, stranger, Limits().max_message_bytes
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        list(relay_grpc.RelayStub(channel).Receive(relay_pb.ReceiveRequest(), timeout=5))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+    plain = rpc.open_channel(
+        broker.address, shelter.link.certificate, None, Limits().max_message_bytes
+    )
+    stub = relay_grpc.RelayStub(plain)
+    request = relay_pb.SendRequest(
+        recipient_agency_id="lantern-clinic", idempotency_key="k", sealed_envelope=b"\x01" * 64
+    )
+    signature = crypto.sign_request(
+        shelter.identity, "/tessera.v1.Relay/Send", request.SerializeToString()
+    )
+    stub.Send(request, metadata=signature.to_metadata(), timeout=5)
+    with pytest.raises(grpc.RpcError) as info:  # the captured request, replayed
+        stub.Send(request, metadata=signature.to_metadata(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    too_big = relay_pb.SendRequest(
+        recipient_agency_id="lantern-clinic",
+        idempotency_key="big",
+        sealed_envelope=b"\x00" * (Limits().max_envelope_bytes + 1),
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        relay_grpc.RelayStub(shelter.relay()[0]).Send(too_big, timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    nowhere = relay_pb.SendRequest(
+        recipient_agency_id="no-such-agency", idempotency_key="n", sealed_envelope=b"\x01" * 64
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        relay_grpc.RelayStub(shelter.relay()[0]).Send(nowhere, timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    with OperatorClient(broker.settings.home) as operator:
+        operator.revoke("harbour-shelter", "laptop lost")
+    with pytest.raises(grpc.RpcError) as info:
+        relay_grpc.RelayStub(shelter.relay()[0]).Send(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    cache = directory_sync.sync(clinic.home, clinic.identity, clinic.link)
+    assert cache.records["harbour-shelter"].revoked
+    # The broker keeps serving everyone else.
+    assert receive(clinic) is not None
+    plain.close()
+
+
+def test_a_directory_entry_altered_in_the_database_is_detected_by_nodes(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    fresh_home = tmp_path / "late"
+    make_node(fresh_home)
+    late_identity = open_keyring(fresh_home, PASSPHRASE).identity
+    enrol(broker, tmp_path, "lantern-clinic")
+    with sqlite3.connect(broker.settings.home / "tessera.db") as db:
+        table, column = _log_table(db)
+        blob = db.execute(f"SELECT {column} FROM {table} WHERE sequence = 2").fetchone()[0]
+        tampered = bytearray(blob)
+        tampered[len(tampered) // 2] ^= 0x01
+        db.execute(f"UPDATE {table} SET {column} = ? WHERE sequence = 2", (bytes(tampered),))
+    # The node that already verified entry 1 sees a changed entry 2.
+    with pytest.raises((CryptoError, ConfigError, TesseraError)):
+        directory_sync.sync(shelter.home, shelter.identity, shelter.link)
+    del late_identity
+
+
+def _log_table(db: object) -> tuple[str, str]:
+    import sqlite3
+
+    assert isinstance(db, sqlite3.Connection)
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    table = next(t for t in tables if "log" in t and t.startswith("broker_"))
+    columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+    column = next(c for c in columns if c in ("blob", "entry", "body", "entry_blob"))
+    return table, column
