@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
+
+from broker.operator_client import OperatorClient
+from node import directory_sync
+from node.keyring import open_keyring
 from node.server import RunningNode, start_node
 from node.setup import NodeInit, init_node
-from tessera.config import Argon2Profile, Settings
+from tessera import crypto, rpc
+from tessera.config import Argon2Profile, Limits, Settings
 from tessera.loop import LoopThread
+from tessera.v1 import relay_pb2 as relay_pb
+from tessera.v1 import relay_pb2_grpc as relay_grpc
 
 PASSPHRASE = "a long test passphrase"
 
@@ -80,3 +88,73 @@ def make_broker(home: Path, database_url: str = "", **limits: float) -> Settings
         )
     )
     return dataclasses.replace(settings, limits=dataclasses.replace(Limits(), **limits))
+
+
+# --- enrolled agencies talking to a broker (no node server needed) ---------------------------
+
+
+class Agency:
+    """An enrolled node's identity and its link to the broker (no node server needed)."""
+
+    def __init__(
+        self, home: Path, agency_id: str, identity: crypto.Identity, link: directory_sync.BrokerLink
+    ) -> None:
+        self.home, self.agency_id, self.identity, self.link = home, agency_id, identity, link
+
+    def relay(self) -> tuple[grpc.Channel, relay_grpc.RelayStub]:
+        channel = rpc.open_channel(
+            self.link.address, self.link.certificate, self.identity, Limits().max_message_bytes
+        )
+        return channel, relay_grpc.RelayStub(channel)
+
+
+def enrol(broker: BackgroundBroker | Path, tmp_path: Path, agency_id: str) -> Agency:
+    """Make a node home, enrol it with the broker (a running one, or a broker home whose
+    server runs elsewhere), and return its identity and link."""
+    home = tmp_path / agency_id
+    make_node(home, name=agency_id.replace("-", " ").title())
+    identity = open_keyring(home, PASSPHRASE).identity
+    broker_home = broker if isinstance(broker, Path) else broker.settings.home
+    with OperatorClient(broker_home) as operator:
+        code = operator.enrolment_code(agency_id, 1)
+    link = directory_sync.enrol(home, identity, code, agency_id.title(), ["safe_housing"])
+    return Agency(home, agency_id, identity, link)
+
+
+def seal(sender: Agency, recipient: Agency, payload: bytes) -> bytes:
+    records = directory_sync.sync(sender.home, sender.identity, sender.link).records
+    return crypto.seal(
+        sender.identity, records[recipient.agency_id].identity, crypto.LABEL_ENVELOPE, payload
+    )
+
+
+def send(
+    sender: Agency, recipient: Agency, payload: bytes, key: str, sealed: bytes | None = None
+) -> relay_pb.SendResponse:
+    sealed = sealed or seal(sender, recipient, payload)
+    channel, stub = sender.relay()
+    try:
+        return stub.Send(
+            relay_pb.SendRequest(
+                recipient_agency_id=recipient.agency_id,
+                idempotency_key=key,
+                consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, key.encode()),
+                sealed_envelope=sealed,
+            ),
+            timeout=10,
+        )
+    finally:
+        channel.close()
+
+
+def receive(agency: Agency, ack: bool = True) -> list[relay_pb.Delivery]:
+    channel, stub = agency.relay()
+    try:
+        got = list(stub.Receive(relay_pb.ReceiveRequest(follow=False), timeout=10))
+        if ack and got:
+            stub.Acknowledge(
+                relay_pb.AcknowledgeRequest(delivery_ids=[d.delivery_id for d in got]), timeout=10
+            )
+        return got
+    finally:
+        channel.close()
