@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from broker.domain import AcceptedEnvelope, StoredLogEntry
 from broker.store.relay import BrokerStore
 from tessera import crypto, directory, rpc
 from tessera.config import Settings
-from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from tessera.errors import Conflict, Exhausted, InvalidInput, NotFound, PermissionDenied
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
@@ -273,6 +274,29 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
         return directory_pb.GetAgencyResponse(entry=self._view.blob(entry), head=self._view.head())
 
 
+class RateBucket:
+    """A token bucket: ``per_minute`` sends a minute on average, bursts up to that many.
+
+    Kept per agency in each broker process (several processes each apply the limit).
+    """
+
+    def __init__(self, per_minute: int) -> None:
+        self._capacity = float(per_minute)
+        self._tokens = float(per_minute)
+        self._rate = per_minute / 60.0
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one; False when the agency is over its rate."""
+        if self._at is not None:
+            self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class RelayServicer(relay_grpc.RelayServicer):
     """tessera.v1.Relay: durable store-and-forward of sealed envelopes, ack-then-delete."""
 
@@ -285,6 +309,7 @@ class RelayServicer(relay_grpc.RelayServicer):
         self._view = view
         self._owner = f"broker-{uuid.uuid4()}"
         self._wakeups: dict[str, asyncio.Event] = {}
+        self._buckets: dict[str, RateBucket] = {}
 
     @property
     def owner(self) -> str:
@@ -294,11 +319,16 @@ class RelayServicer(relay_grpc.RelayServicer):
     async def Send(self, request: relay_pb.SendRequest, context: Context) -> relay_pb.SendResponse:
         sender = rpc.current_caller().principal
         limits = self._settings.limits
+        bucket = self._buckets.setdefault(sender, RateBucket(limits.sends_per_minute))
+        if not bucket.take(time.monotonic()):
+            raise Exhausted(
+                f"agency {sender} is sending more than {limits.sends_per_minute} envelopes a "
+                "minute",
+                hint="slow down and retry in a few seconds; nothing was stored",
+            )
         if not request.sealed_envelope:
             raise InvalidInput("the envelope is empty")
         if len(request.sealed_envelope) > limits.max_envelope_bytes:
-            from tessera.errors import Exhausted
-
             raise Exhausted(
                 f"the envelope is {len(request.sealed_envelope):,} bytes; the limit "
                 f"is {limits.max_envelope_bytes:,}",

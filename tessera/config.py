@@ -62,7 +62,7 @@ class Limits:
     rpc_deadline_seconds: float = 30.0
     envelope_retention_days: int = 30
     delivery_lease_seconds: float = 30.0
-    sends_per_minute: int = 600
+    sends_per_minute: int = 6000
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,20 @@ def _log_table(db: object) -> tuple[str, str]:
     columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
     column = next(c for c in columns if c in ("blob", "entry", "body", "entry_blob"))
     return table, column
+
+
+def test_an_agency_over_its_send_rate_is_told_to_slow_down(tmp_path: Path) -> None:
+    broker = BackgroundBroker(make_broker(tmp_path / "broker", sends_per_minute=3))
+    try:
+        shelter = enrol(broker, tmp_path, "harbour-shelter")
+        clinic = enrol(broker, tmp_path, "lantern-clinic")
+        for number in range(3):
+            send(shelter, clinic, b"x", f"k{number}")
+        with pytest.raises(grpc.RpcError) as info:
+            send(shelter, clinic, b"x", "k3")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than 3 envelopes a minute" in (info.value.details() or "")
+        assert len(receive(clinic)) == 3  # the refused one was not stored
+        send(clinic, shelter, b"y", "other")  # other agencies are unaffected
+    finally:
+        broker.stop()
