@@ -1,11 +1,15 @@
 """The encrypted case store against plain SQLModel tables of the same shape (issue 4).
 
 Both sides store the same synthetic HTCDS records in SQLite files on the same disk, with the same
-batched commits: the plain side keeps each record's fields as clear JSON with clear identifier
-columns; the encrypted side is :class:`node.store.cases.NodeStore` (a data key per survivor,
-AEAD per record, keyed blind indexes, an audit entry per batch). Reads fetch every case by id in
-batches, decrypting on the encrypted side. The import figure is the whole path of an HTCDS import
-(read + validate a 10,000-row CSV, then store) against the plain insert of the same rows.
+batched commits (500 cases per transaction) and the same rows: one case row, one lookup row per
+identifier (the rows the blind index has: name, email, phone, home phone) and one need per case.
+Both build ORM objects and let the session flush them. The plain side keeps each record's fields
+as clear JSON with clear identifier columns; the encrypted side is
+:class:`node.store.cases.NodeStore` (a data key per survivor, AEAD per record, keyed blind
+indexes, an audit entry per batch). Reads fetch every case by id in batches, with its needs,
+decrypting on the encrypted side. The import figure is the whole path of an HTCDS import (read +
+validate a 10,000-row CSV, then store) against the plain insert of the same rows (an import
+creates no needs, so neither side does there).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import json
 import random
 import tempfile
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from sqlalchemy import Column, Engine, LargeBinary
+from sqlalchemy import Column, Engine, LargeBinary, UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from bench.common import Figure, best_of
 from node import htcds
+from node.htcds import NEED_CATEGORIES, NEED_STATUSES, NeedCategory, NeedStatus
 from node.keyring import Keyring
 from node.store.cases import NewCase, NodeStore
 from node.store.database import open_database
@@ -29,37 +35,71 @@ from tessera import crypto
 from tessera.db import make_engine
 
 BATCH = 500
+# The identifiers the store's blind index covers (node.store.cases._INDEXED), the same rows here.
+_LOOKUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("name", ("prs_FirstName", "prs_SecondName")),
+    ("email", ("prs_Email",)),
+    ("phone", ("prs_MobilePhone",)),
+    ("home_phone", ("prs_HomePhone",)),
+)
+# The needs of one case, as NewCase takes them.
+CaseNeeds = tuple[tuple[NeedCategory, NeedStatus], ...]
 
 
 class PlainCase(SQLModel, table=True):
-    """Baseline: one case per row, fields as clear JSON."""
+    """Baseline: one case per row, fields as clear JSON (the columns of ``case_record``)."""
 
     __tablename__ = "bench_plain_case"
     case_id: str = Field(primary_key=True)
     version: int = 1
-    state: str = "open"
+    state: str = Field(default="open", index=True)
     created_at: dt.datetime
     updated_at: dt.datetime = Field(index=True)
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class PlainIndex(SQLModel, table=True):
-    """Baseline: clear identifiers for lookup, the same rows the blind index has."""
+    """Baseline: clear identifiers for lookup, the same rows and keys the blind index has."""
 
     __tablename__ = "bench_plain_index"
+    __table_args__ = (UniqueConstraint("case_id", "kind", "value"),)
     id: int | None = Field(default=None, primary_key=True)
-    case_id: str = Field(index=True)
+    case_id: str = Field(foreign_key="bench_plain_case.case_id", index=True, ondelete="CASCADE")
     kind: str
     value: str = Field(index=True)
 
 
-def _plain_insert(engine: Engine, records: list[dict[str, str]]) -> list[str]:
+class PlainNeed(SQLModel, table=True):
+    """Baseline: one aftercare need of a case, the columns and keys of ``need``."""
+
+    __tablename__ = "bench_plain_need"
+    __table_args__ = (UniqueConstraint("case_id", "category"),)
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: str = Field(foreign_key="bench_plain_case.case_id", index=True, ondelete="CASCADE")
+    category: str = Field(index=True)
+    status: str = Field(index=True)
+    identified_on: dt.date
+    updated_at: dt.datetime
+
+
+def _needs_for(count: int) -> list[CaseNeeds]:
+    """One need per case, cycling through the categories and statuses (same on both sides)."""
+    return [
+        ((NEED_CATEGORIES[n % len(NEED_CATEGORIES)], NEED_STATUSES[n % len(NEED_STATUSES)]),)
+        for n in range(count)
+    ]
+
+
+def _plain_insert(
+    engine: Engine, records: Sequence[Mapping[str, str]], needs: Sequence[CaseNeeds]
+) -> list[str]:
     ids = []
     for start in range(0, len(records), BATCH):
+        batch = records[start : start + BATCH]
         with Session(engine) as session:
             now = dt.datetime.now(dt.UTC)
             batch_ids = []
-            for record in records[start : start + BATCH]:
+            for record in batch:
                 case_id = str(uuid.uuid4())
                 batch_ids.append(case_id)
                 session.add(
@@ -67,18 +107,29 @@ def _plain_insert(engine: Engine, records: list[dict[str, str]]) -> list[str]:
                         case_id=case_id,
                         created_at=now,
                         updated_at=now,
-                        payload=json.dumps({"fields": record, "notes": ""}).encode(),
+                        payload=json.dumps(
+                            {"fields": record, "notes": ""}, separators=(",", ":")
+                        ).encode(),
                     )
                 )
-            session.flush()
-            for case_id, record in zip(batch_ids, records[start : start + BATCH], strict=True):
-                for kind, name in (
-                    ("name", "prs_FirstName"),
-                    ("email", "prs_Email"),
-                    ("phone", "prs_MobilePhone"),
-                ):
-                    if record.get(name):
-                        session.add(PlainIndex(case_id=case_id, kind=kind, value=record[name]))
+            session.flush()  # parent rows first: the lookups and needs reference them
+            for case_id, record, case_needs in zip(
+                batch_ids, batch, needs[start : start + BATCH], strict=True
+            ):
+                for kind, names in _LOOKUPS:
+                    value = " ".join(record.get(n, "") for n in names).strip()
+                    if value:
+                        session.add(PlainIndex(case_id=case_id, kind=kind, value=value))
+                for category, status in case_needs:
+                    session.add(
+                        PlainNeed(
+                            case_id=case_id,
+                            category=category.value,
+                            status=status.value,
+                            identified_on=now.date(),
+                            updated_at=now,
+                        )
+                    )
             session.commit()
             ids.extend(batch_ids)
     return ids
@@ -87,19 +138,33 @@ def _plain_insert(engine: Engine, records: list[dict[str, str]]) -> list[str]:
 def _plain_read(engine: Engine, ids: list[str]) -> int:
     count = 0
     for start in range(0, len(ids), BATCH):
+        batch = ids[start : start + BATCH]
         with Session(engine) as session:
-            for row in session.exec(
-                select(PlainCase).where(col(PlainCase.case_id).in_(ids[start : start + BATCH]))
+            needs: dict[str, list[PlainNeed]] = {}
+            for need in session.exec(
+                select(PlainNeed)
+                .where(col(PlainNeed.case_id).in_(batch))
+                .order_by(col(PlainNeed.category))
             ):
-                count += len(json.loads(row.payload)["fields"])
+                needs.setdefault(need.case_id, []).append(need)
+            for row in session.exec(select(PlainCase).where(col(PlainCase.case_id).in_(batch))):
+                count += len(json.loads(row.payload)["fields"]) + len(needs.get(row.case_id, ()))
     return count
 
 
-def _store_insert(store: NodeStore, records: list[dict[str, str]]) -> list[str]:
+def _store_insert(
+    store: NodeStore, records: Sequence[Mapping[str, str]], needs: Sequence[CaseNeeds]
+) -> list[str]:
     ids = []
     for start in range(0, len(records), BATCH):
         ids += store.create_cases(
-            "bench", [NewCase(fields=r) for r in records[start : start + BATCH]]
+            "bench",
+            [
+                NewCase(fields=r, needs=n)
+                for r, n in zip(
+                    records[start : start + BATCH], needs[start : start + BATCH], strict=True
+                )
+            ],
         )
     return ids
 
@@ -107,13 +172,16 @@ def _store_insert(store: NodeStore, records: list[dict[str, str]]) -> list[str]:
 def _store_read(store: NodeStore, ids: list[str]) -> int:
     count = 0
     for start in range(0, len(ids), BATCH):
-        count += sum(len(c.fields) for c in store.read_cases(ids[start : start + BATCH]))
+        count += sum(
+            len(c.fields) + len(c.needs) for c in store.read_cases(ids[start : start + BATCH])
+        )
     return count
 
 
 def run(cases: int = 5000, import_rows: int = 10_000, runs: int = 3) -> list[Figure]:
     """Insert and read throughput (cases/s) and the HTCDS import rate (rows/s)."""
     records = htcds.synthetic_records(cases, seed=42)
+    needs = _needs_for(cases)
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -121,7 +189,8 @@ def run(cases: int = 5000, import_rows: int = 10_000, runs: int = 3) -> list[Fig
 
         def fresh_plain() -> Engine:
             engine = make_engine(f"sqlite:///{folder / f'plain{next(counter)}.db'}")
-            SQLModel.metadata.create_all(engine, tables=[PlainCase.__table__, PlainIndex.__table__])  # type: ignore[attr-defined]
+            tables = [PlainCase.__table__, PlainIndex.__table__, PlainNeed.__table__]  # type: ignore[attr-defined]
+            SQLModel.metadata.create_all(engine, tables=tables)
             return engine
 
         def fresh_store() -> NodeStore:
@@ -136,12 +205,12 @@ def run(cases: int = 5000, import_rows: int = 10_000, runs: int = 3) -> list[Fig
         def plain_insert() -> None:
             nonlocal plain_engine, plain_ids
             plain_engine = fresh_plain()
-            plain_ids = _plain_insert(plain_engine, records)
+            plain_ids = _plain_insert(plain_engine, records, needs)
 
         def store_insert() -> None:
             nonlocal store, store_ids
             store = fresh_store()
-            store_ids = _store_insert(store, records)
+            store_ids = _store_insert(store, records, needs)
 
         plain_t = best_of(runs, plain_insert)
         store_t = best_of(runs, store_insert)
@@ -184,7 +253,7 @@ def run(cases: int = 5000, import_rows: int = 10_000, runs: int = 3) -> list[Fig
             )
 
         def plain_only() -> None:
-            _plain_insert(fresh_plain(), import_records)
+            _plain_insert(fresh_plain(), import_records, [()] * len(import_records))
 
         import_t = best_of(1, full_import)
         plain_import_t = best_of(1, plain_only)

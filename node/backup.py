@@ -46,7 +46,6 @@ from node.store.tables import (
     ErasureRow,
     NeedRow,
     StaffRow,
-    SurvivorKeyRow,
 )
 from tessera import crypto
 from tessera.errors import ConfigError, InvalidInput, TamperedCiphertext
@@ -56,7 +55,6 @@ _LABEL_BACKUP = b"tessera/v1/backup"
 # Parents before children, so inserts satisfy foreign keys (deletes go in reverse).
 _TABLES: tuple[type[SQLModel], ...] = (
     CaseRow,
-    SurvivorKeyRow,
     BlindIndexRow,
     NeedRow,
     ErasureRow,

@@ -36,7 +36,6 @@ POSTGRESQL = "postgresql"
 # Tables of the node, in an order whose rows can be compared one table at a time.
 NODE_TABLES = (
     "case_record",
-    "survivor_key",
     "blind_index",
     "need",
     "erasure",

@@ -8,6 +8,7 @@ chain that verifies. Real SQLite files and PostgreSQL databases throughout.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from node import backup, htcds
 from node.backup import create_backup, read_backup, restore_backup
 from node.domain import StaffRole
 from node.htcds import NeedCategory, NeedStatus
-from node.store.cases import LEDGER_FILE, NewCase
+from node.store.cases import LEDGER_FILE, NewCase, _key_context
 from node.store.database import open_database
 from tessera import crypto
 from tessera.errors import (
@@ -93,7 +94,7 @@ def test_restore_does_not_bring_back_an_erased_survivor_or_a_removed_staff_membe
     staff = node.store.add_staff("admin", "Leaving Soon", StaffRole.CASEWORKER, key)
     (erased, kept_1, kept_2), records = _seed(node, 3)
     before = {i: node.store.get_case("maria", i) for i in (kept_1, kept_2)}
-    (erased_key,) = node.sql("SELECT wrapped_key FROM survivor_key WHERE case_id = :c", c=erased)[0]
+    (erased_key,) = node.sql("SELECT wrapped_key FROM case_record WHERE case_id = :c", c=erased)[0]
     made = create_backup(node.store, node.home, node.home / "backups", "admin")
 
     node.store.erase_case("maria", erased)
@@ -105,7 +106,10 @@ def test_restore_does_not_bring_back_an_erased_survivor_or_a_removed_staff_membe
     store = nodes.open(node.home, node.url).store  # as the node would start after the restore
     with pytest.raises(NotFound):
         store.get_case("maria", erased)
-    assert node.sql("SELECT count(*) FROM survivor_key WHERE case_id = :c", c=erased) == [(0,)]
+    assert node.sql("SELECT count(*) FROM case_record WHERE case_id = :c", c=erased) == [(0,)]
+    assert node.sql(
+        "SELECT count(*) FROM case_record WHERE wrapped_key = :k", k=bytes(erased_key)
+    ) == [(0,)]
     if node.is_sqlite:  # the restore wrote the key back for a moment; it must not linger on disk
         assert bytes(erased_key) not in node.disk_bytes()
     assert erased in store.erased_ids()
@@ -217,9 +221,12 @@ def test_a_backup_is_one_snapshot_even_while_another_writer_commits(
         event.remove(node.engine, "after_cursor_execute", write_between_tables)
     assert len(intruder) == 1
 
-    _header, _keyring, snapshot = read_backup(made.path, PASSPHRASE)
+    _header, keyring, snapshot = read_backup(made.path, PASSPHRASE)
     cases = {r["case_id"] for r in snapshot["case_record"]}
-    assert {r["case_id"] for r in snapshot["survivor_key"]} == cases
+    # Every case in the snapshot carries its own survivor's key, and it opens for that case.
+    for row in snapshot["case_record"]:
+        wrapped = base64.b64decode(row["wrapped_key"]["b64"])
+        crypto.unwrap_key(keyring.record_key, wrapped, _key_context(row["case_id"]))
     assert {r["case_id"] for r in snapshot["blind_index"]} <= cases
     assert intruder[0] not in cases
     assert snapshot["audit_head"][0]["seq"] == max(r["seq"] for r in snapshot["audit_log"])

@@ -32,8 +32,14 @@ NEW_PASSPHRASE = "a different, longer passphrase for the new year"
 
 
 def _records(node: Node) -> dict[str, list[tuple[Any, ...]]]:
-    rows = node.table_rows()
-    return {"case_record": rows["case_record"], "survivor_key": rows["survivor_key"]}
+    # Every column of every case row, the wrapped survivor keys among them; the keys once more
+    # on their own, so the comparison below cannot pass without looking at them.
+    wrapped = node.sql("SELECT case_id, wrapped_key FROM case_record ORDER BY case_id")
+    assert wrapped and all(len(bytes(key)) > 32 for _case, key in wrapped)
+    return {
+        "case_record": node.table_rows()["case_record"],
+        "wrapped_key": [(case_id, bytes(key)) for case_id, key in wrapped],
+    }
 
 
 def _read_all(node: Node, ids: list[str]) -> dict[str, dict[str, str]]:

@@ -46,8 +46,12 @@ def _set_ciphertext(node: Node, case_id: str, value: bytes) -> None:
 
 
 def _wrapped_key(node: Node, case_id: str) -> bytes:
-    rows = node.sql("SELECT wrapped_key FROM survivor_key WHERE case_id = :c", c=case_id)
+    rows = node.sql("SELECT wrapped_key FROM case_record WHERE case_id = :c", c=case_id)
     return bytes(rows[0][0])
+
+
+def _set_wrapped_key(node: Node, case_id: str, value: bytes) -> None:
+    node.sql("UPDATE case_record SET wrapped_key = :k WHERE case_id = :c", k=value, c=case_id)
 
 
 def _fields_of(store: NodeStore, case_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -136,10 +140,10 @@ def test_a_ciphertext_copied_into_another_case_is_refused(nodes: NodeFactory, db
     with pytest.raises(TamperedCiphertext):
         node.store.get_case("tester", b)
     # Moving the survivor wholesale (ciphertext and wrapped key) into B's row fails as well.
-    node.sql(
-        "UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c",
-        k=_wrapped_key(node, a),
-        c=b,
+    _set_wrapped_key(node, b, _wrapped_key(node, a))
+    assert (_ciphertext(node, b), _wrapped_key(node, b)) == (
+        _ciphertext(node, a),
+        _wrapped_key(node, a),
     )
     with pytest.raises(TamperedCiphertext):
         node.store.get_case("tester", b)
@@ -164,16 +168,24 @@ def test_swapped_wrapped_survivor_keys_are_refused(nodes: NodeFactory, db_url: s
     node = nodes.make(db_url)
     (a, b, c), records = _import(node, 3)
     key_a, key_b = _wrapped_key(node, a), _wrapped_key(node, b)
-    node.sql("UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c", k=key_b, c=a)
-    node.sql("UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c", k=key_a, c=b)
+    assert key_a != key_b
+    _set_wrapped_key(node, a, key_b)
+    _set_wrapped_key(node, b, key_a)
 
     for case_id in (a, b):
         with pytest.raises(TamperedCiphertext):
             node.store.get_case("tester", case_id)
+        with pytest.raises(TamperedCiphertext):  # the batch read (lists, exports) as well
+            node.store.read_cases([c, case_id])
+    # An update must not re-seal the record under the other survivor's key.
+    with pytest.raises(TamperedCiphertext):
+        node.store.update_case("tester", a, 1, {"prs_FirstName": "Overwrite"}, None)
+    assert _wrapped_key(node, a) == key_b
+    assert node.store.summary(a).version == 1
     assert dict(node.store.get_case("tester", c).fields) == records[2]
     # Swapping back restores both: the attack destroyed nothing.
-    node.sql("UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c", k=key_a, c=a)
-    node.sql("UPDATE survivor_key SET wrapped_key = :k WHERE case_id = :c", k=key_b, c=b)
+    _set_wrapped_key(node, a, key_a)
+    _set_wrapped_key(node, b, key_b)
     assert _fields_of(node.store, [a, b]) == {a: records[0], b: records[1]}
 
 
@@ -222,10 +234,14 @@ def test_an_erased_case_cannot_be_read_and_its_key_is_gone(nodes: NodeFactory, d
 
     with pytest.raises(NotFound, match="erased"):
         node.store.get_case("tester", victim)
-    for table in ("survivor_key", "case_record", "blind_index", "need"):
+    for table in ("case_record", "blind_index", "need"):
         assert node.sql(f"SELECT count(*) FROM {table} WHERE case_id = :c", c=victim) == [(0,)]
+    # The wrapped key went with the row: no other row holds a copy of it.
+    assert node.sql("SELECT count(*) FROM case_record WHERE wrapped_key = :k", k=wrapped) == [(0,)]
     # With the keyring alone, no key left in the database opens the old ciphertext.
-    for key_case, other_wrapped in node.sql("SELECT case_id, wrapped_key FROM survivor_key"):
+    remaining = node.sql("SELECT case_id, wrapped_key FROM case_record")
+    assert [r[0] for r in remaining] == [keep]
+    for key_case, other_wrapped in remaining:
         with pytest.raises(TamperedCiphertext):
             crypto.unwrap_key(node.keyring.record_key, bytes(other_wrapped), _key_context(victim))
         other_key = crypto.unwrap_key(
@@ -245,20 +261,33 @@ def test_an_erased_case_cannot_be_read_and_its_key_is_gone(nodes: NodeFactory, d
 
 def test_an_erased_survivors_key_bytes_are_gone_from_the_sqlite_file(nodes: NodeFactory) -> None:
     node = nodes.make()
-    ids, _records = _import(node, 20)
-    victim = ids[7]
+    # 50 cases: deleting one leaves its page in place (no rebalancing that would rewrite the
+    # page anyway), so only secure_delete and the WAL truncation stand between the key and disk.
+    ids, _records = _import(node, 50)
+    victim = ids[20]
     wrapped = _wrapped_key(node, victim)
-    ciphertext = _ciphertext(node, victim)
+    ciphertexts = [_ciphertext(node, victim)]
+    # The wrapped key sits in the case row, which every update rewrites: leave several old
+    # images of that row behind, in the main file and in the WAL, before the erasure.
+    node.store.update_case("tester", victim, 1, {"prs_FirstName": "Firstrename"}, None)
+    ciphertexts.append(_ciphertext(node, victim))
+    node.store.update_case("tester", victim, 2, None, "a note")
+    ciphertexts.append(_ciphertext(node, victim))
     node.dispose()  # checkpoint: the key now sits in the main file, not only in the WAL
     node = nodes.open(node.home, node.url)
     assert wrapped in node.disk_bytes()  # control: the search finds it while it exists
+    node.store.update_case("tester", victim, 3, {"prs_Email": "later@example.org"}, None)
+    ciphertexts.append(_ciphertext(node, victim))
+    assert _wrapped_key(node, victim) == wrapped  # updates re-encrypt the record, not the key
+    assert node.wal_file.stat().st_size > 0  # this last image of the row is in the WAL
 
     node.store.erase_case("admin", victim)
 
     on_disk = node.disk_bytes()
     assert wrapped not in on_disk
-    assert ciphertext[:48] not in on_disk
-    assert ciphertext[-48:] not in on_disk
+    for ciphertext in ciphertexts:
+        assert ciphertext[:48] not in on_disk
+        assert ciphertext[-48:] not in on_disk
     assert not node.wal_file.exists() or node.wal_file.stat().st_size == 0  # truncated
 
 

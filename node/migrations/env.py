@@ -8,7 +8,6 @@ from sqlmodel import SQLModel
 import node.store.tables  # noqa: F401  (registers the node's tables on SQLModel.metadata)
 
 NODE_TABLES = {
-    "survivor_key",
     "case_record",
     "blind_index",
     "need",

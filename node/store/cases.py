@@ -1,10 +1,12 @@
 """The encrypted case store (DESIGN.md sections 2 and 5; issue 4 items 2 and 3).
 
-Each survivor has a data key of their own, wrapped by the node's record key; all of their fields
-are one AEAD ciphertext whose associated data binds it to this table, this case and this record
-version, so a ciphertext moved to another row or an older one put back fails to open. Lookup by an
-identifier uses keyed blind indexes, never plaintext. Every operation appends to the audit log in
-the same transaction, so an action is recorded if and only if it happened.
+Each survivor has a data key of their own, wrapped by the node's record key and kept in their
+case row (``case_record.wrapped_key``, bound to the case id, so deleting the row crypto-shreds
+them); all of their fields are one AEAD ciphertext whose associated data binds it to this table,
+this case and this record version, so a ciphertext moved to another row or an older one put back
+fails to open. Lookup by an identifier uses keyed blind indexes, never plaintext. Every operation
+appends to the audit log in the same transaction, so an action is recorded if and only if it
+happened.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from node.store.tables import (
     ErasureRow,
     NeedRow,
     StaffRow,
-    SurvivorKeyRow,
     utcnow,
 )
 from tessera import crypto
@@ -157,18 +158,12 @@ class NodeStore:
         ids: list[str] = []
         with self._writing() as session:
             now = utcnow()
+            today = now.date()
+            record_key = self._keyring.record_key
             for new in cases:
                 case_id = str(uuid.uuid4())
+                # A fresh data key per survivor, wrapped into the case's own row.
                 data_key = crypto.DataKey.generate()
-                session.add(
-                    SurvivorKeyRow(
-                        case_id=case_id,
-                        wrapped_key=crypto.wrap_key(
-                            self._keyring.record_key, data_key, _key_context(case_id)
-                        ),
-                        created_at=now,
-                    )
-                )
                 session.add(
                     CaseRow(
                         case_id=case_id,
@@ -177,12 +172,14 @@ class NodeStore:
                         created_at=now,
                         updated_at=now,
                         ciphertext=self._seal(data_key, case_id, 1, new.fields, new.notes),
+                        wrapped_key=crypto.wrap_key(record_key, data_key, _key_context(case_id)),
                     )
                 )
                 ids.append(case_id)
                 if on_progress is not None and len(ids) % 500 == 0:
                     on_progress(len(ids))
-            # Parent rows first: the indexes and needs below reference them.
+            # Parent rows first: the indexes and needs below reference them, and with no
+            # relationship() between the tables the unit of work would not order them itself.
             session.flush()
             for case_id, new in zip(ids, cases, strict=True):
                 self._add_indexes(session, case_id, new.fields)
@@ -192,7 +189,7 @@ class NodeStore:
                             case_id=case_id,
                             category=category.value,
                             status=status.value,
-                            identified_on=now.date(),
+                            identified_on=today,
                             updated_at=now,
                         )
                     )
@@ -227,7 +224,7 @@ class NodeStore:
         with self._writing() as session:
             row = self._row(session, case_id, for_update=True)
             _check_version(row, expected_version)
-            data_key = self._data_key(session, case_id)
+            data_key = self._data_key(row)
             current_fields, current_notes = self._open(data_key, row)
             merged = dict(current_fields)
             changed = sorted((fields or {}).keys())
@@ -417,7 +414,7 @@ class NodeStore:
         count = 0
         with self._writing() as session:
             for case_id in case_ids:
-                if session.get(SurvivorKeyRow, case_id) or session.get(CaseRow, case_id):
+                if session.get(CaseRow, case_id) is not None:
                     self._delete_survivor(session, case_id)
                     count += 1
                 if session.get(ErasureRow, case_id) is None:
@@ -435,8 +432,8 @@ class NodeStore:
     def _delete_survivor(self, session: Session, case_id: str) -> None:
         for table in (BlindIndexRow, NeedRow):
             session.exec(delete(table).where(col(table.case_id) == case_id))
+        # The case row holds the wrapped data key: deleting it crypto-shreds the survivor.
         session.exec(delete(CaseRow).where(col(CaseRow.case_id) == case_id))
-        session.exec(delete(SurvivorKeyRow).where(col(SurvivorKeyRow.case_id) == case_id))
 
     def _append_ledger(self, line: str) -> None:
         # The ledger outside the database: what a restore of an older backup must not undo.
@@ -576,11 +573,12 @@ class NodeStore:
         payload = json.loads(plain)
         return dict(payload["fields"]), str(payload["notes"])
 
-    def _data_key(self, session: Session, case_id: str) -> crypto.DataKey:
-        row = session.get(SurvivorKeyRow, case_id)
-        if row is None:
-            raise NotFound(f"case {case_id} has no data key (it was erased)")
-        return crypto.unwrap_key(self._keyring.record_key, row.wrapped_key, _key_context(case_id))
+    def _data_key(self, row: CaseRow) -> crypto.DataKey:
+        # The context names the row the key is read from: a key moved here from another case
+        # (or a ciphertext and key moved together) fails to unwrap.
+        return crypto.unwrap_key(
+            self._keyring.record_key, row.wrapped_key, _key_context(row.case_id)
+        )
 
     def _row(self, session: Session, case_id: str, for_update: bool = False) -> CaseRow:
         query = select(CaseRow).where(CaseRow.case_id == case_id)
@@ -601,15 +599,17 @@ class NodeStore:
         return crypto.blind_index(self._keyring.index_key, f"{kind}:{' '.join(value.split())}")
 
     def _add_indexes(self, session: Session, case_id: str, fields: Mapping[str, str]) -> None:
+        digests: dict[tuple[str, str], str] = {}
         for kind, names in _INDEXED.items():
             value = " ".join(fields.get(n, "") for n in names)
             if value.strip():
+                # A home phone is searched as a phone: the same number gets the same digest,
+                # computed once.
                 search_kind = "phone" if kind == "home_phone" else kind
-                session.add(
-                    BlindIndexRow(
-                        case_id=case_id, kind=kind, digest=self._blind_index(search_kind, value)
-                    )
-                )
+                key = (search_kind, " ".join(value.split()))
+                if key not in digests:
+                    digests[key] = self._blind_index(*key)
+                session.add(BlindIndexRow(case_id=case_id, kind=kind, digest=digests[key]))
 
     def _needs(self, session: Session, case_id: str) -> tuple[Need, ...]:
         rows = session.exec(
@@ -618,20 +618,15 @@ class NodeStore:
         return tuple(_need(r) for r in rows)
 
     def read_cases(self, case_ids: Sequence[str]) -> list[Case]:
-        """Decrypt several cases in one database round trip per table (not audited: callers
-        that disclose cases to a person audit the disclosure themselves)."""
+        """Decrypt several cases in two database round trips, case rows (each carrying its
+        wrapped data key) and needs (not audited: callers that disclose cases to a person audit
+        the disclosure themselves)."""
         if not case_ids:
             return []
         with self._reading() as session:
             rows = {
                 r.case_id: r
                 for r in session.exec(select(CaseRow).where(col(CaseRow.case_id).in_(case_ids)))
-            }
-            keys = {
-                k.case_id: k
-                for k in session.exec(
-                    select(SurvivorKeyRow).where(col(SurvivorKeyRow.case_id).in_(case_ids))
-                )
             }
             needs: dict[str, list[Need]] = {}
             for need in session.exec(
@@ -642,13 +637,10 @@ class NodeStore:
                 needs.setdefault(need.case_id, []).append(_need(need))
         cases = []
         for case_id in case_ids:
-            row, key = rows.get(case_id), keys.get(case_id)
-            if row is None or key is None:
+            row = rows.get(case_id)
+            if row is None:
                 raise NotFound(f"no case {case_id}")
-            data_key = crypto.unwrap_key(
-                self._keyring.record_key, key.wrapped_key, _key_context(case_id)
-            )
-            fields, notes = self._open(data_key, row)
+            fields, notes = self._open(self._data_key(row), row)
             cases.append(
                 Case(
                     case_id=case_id,
@@ -666,7 +658,7 @@ class NodeStore:
     def _load(self, case_id: str) -> Case:
         with self._reading() as session:
             row = self._row(session, case_id)
-            fields, notes = self._open(self._data_key(session, case_id), row)
+            fields, notes = self._open(self._data_key(row), row)
             return Case(
                 case_id=case_id,
                 version=row.version,

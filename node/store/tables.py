@@ -3,7 +3,8 @@
 Columns in clear are exactly the non-identifying metadata needed to run the node (docs/storage.md
 lists them): ids, timestamps, record versions, case state, need category and status codes, blind
 indexes (keyed hashes), staff names and roles, audit actions. Every survivor field lives inside
-``CaseRow.ciphertext``, encrypted under that survivor's own data key.
+``CaseRow.ciphertext``, encrypted under that survivor's own data key, which sits next to it in
+``CaseRow.wrapped_key``, wrapped by the node's record key.
 """
 
 from __future__ import annotations
@@ -19,18 +20,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class SurvivorKeyRow(SQLModel, table=True):
-    """A survivor's data key, wrapped by the node's record key. Deleting it crypto-shreds them."""
-
-    __tablename__ = "survivor_key"
-
-    case_id: str = Field(primary_key=True, max_length=36)
-    wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    created_at: dt.datetime = Field(default_factory=utcnow)
-
-
 class CaseRow(SQLModel, table=True):
-    """One survivor's case: clear metadata plus one ciphertext holding every survivor field."""
+    """One survivor's case: clear metadata, one ciphertext holding every survivor field, and the
+    survivor's data key wrapped by the node's record key.
+
+    The wrapped key lives in the case's own row, so deleting the row crypto-shreds the survivor
+    (with SQLite's secure_delete and the WAL checkpoint after an erasure, see NodeStore.erase_case).
+    """
 
     __tablename__ = "case_record"
 
@@ -41,6 +37,9 @@ class CaseRow(SQLModel, table=True):
     updated_at: dt.datetime = Field(default_factory=utcnow, index=True)
     # AEAD ciphertext; associated data binds it to (table, case_id, version).
     ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # The survivor's data key wrapped by the record key; associated data binds it to case_id
+    # (``tessera/v1|survivor_key|<case_id>``), so a key moved into another row fails to open.
+    wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class BlindIndexRow(SQLModel, table=True):

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 20:22:42.712116
+Create Date: 2026-11-25 20:46:05.578540
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def upgrade() -> None:
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("ciphertext", sa.LargeBinary(), nullable=False),
+        sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("case_id"),
     )
     with op.batch_alter_table("case_record", schema=None) as batch_op:
@@ -78,13 +79,6 @@ def upgrade() -> None:
     with op.batch_alter_table("staff", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_staff_name"), ["name"], unique=False)
 
-    op.create_table(
-        "survivor_key",
-        sa.Column("case_id", sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
-        sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
-        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("case_id"),
-    )
     op.create_table(
         "blind_index",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -132,7 +126,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_blind_index_case_id"))
 
     op.drop_table("blind_index")
-    op.drop_table("survivor_key")
     with op.batch_alter_table("staff", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_staff_name"))
 
