@@ -45,6 +45,7 @@ from node.store.tables import (
     CaseRow,
     ErasureRow,
     NeedRow,
+    RequestKeyRow,
     StaffRow,
 )
 from tessera import crypto
@@ -59,6 +60,7 @@ _TABLES: tuple[type[SQLModel], ...] = (
     NeedRow,
     ErasureRow,
     StaffRow,
+    RequestKeyRow,
     AuditRow,
     AuditHeadRow,
 )

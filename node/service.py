@@ -105,6 +105,7 @@ class NodeServicer(node_grpc.NodeServicer):
             self._store.create_case,
             _actor(),
             NewCase(fields=fields, notes=request.notes, needs=needs),
+            request.idempotency_key[:128],
         )
         return node_pb.CreateCaseResponse(case=serde.case_pb(case))
 
@@ -282,6 +283,7 @@ class NodeServicer(node_grpc.NodeServicer):
             action="cases.import",
             detail={"file": request.file_name[:200], "rejected": len(report.bad)},
             on_progress=lambda written: progress(report.rows, written, report.rows),
+            idempotency_key=request.idempotency_key[:128],
         )
         return node_pb.ImportResult(
             imported=len(ids), rejected=len(report.bad), problems=problems, case_ids=ids

@@ -266,3 +266,14 @@ def test_stale_timestamp_is_refused(node: BackgroundNode) -> None:
         node_grpc.NodeStub(channel).GetStatus(request, metadata=signature.to_metadata(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     channel.close()
+
+
+def test_a_repeated_create_with_the_same_idempotency_key_creates_one_case(
+    node: BackgroundNode,
+) -> None:
+    stub = _stub(node, credential.read(node.settings.home).identity)
+    request = node_pb.CreateCaseRequest(idempotency_key="retry-1")
+    first = stub.CreateCase(request, timeout=5).case.case_id
+    second = stub.CreateCase(request, timeout=5).case.case_id
+    assert first == second
+    assert node.running.store.count_cases() == 1

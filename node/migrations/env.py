@@ -15,6 +15,7 @@ NODE_TABLES = {
     "staff",
     "audit_log",
     "audit_head",
+    "request_key",
 }
 
 

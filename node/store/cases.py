@@ -44,6 +44,7 @@ from node.store.tables import (
     CaseRow,
     ErasureRow,
     NeedRow,
+    RequestKeyRow,
     StaffRow,
     utcnow,
 )
@@ -150,13 +151,22 @@ class NodeStore:
         action: str = "case.create",
         detail: Mapping[str, Any] | None = None,
         on_progress: Callable[[int], None] | None = None,
+        idempotency_key: str = "",
     ) -> list[str]:
         """Create several cases in ONE transaction: all of them are stored or none is.
 
-        ``on_progress(written)`` is called every few hundred cases (before the commit).
+        ``on_progress(written)`` is called every few hundred cases (before the commit). A
+        non-empty ``idempotency_key`` already used returns the ids it created the first time and
+        creates nothing (a retried request after a lost answer).
         """
         ids: list[str] = []
         with self._writing() as session:
+            if idempotency_key:
+                seen = session.get(RequestKeyRow, idempotency_key)
+                if seen is not None:
+                    if seen.action != action:
+                        raise Conflict("that idempotency key was used for another request")
+                    return [str(i) for i in json.loads(seen.case_ids)]
             now = utcnow()
             today = now.date()
             record_key = self._keyring.record_key
@@ -178,6 +188,10 @@ class NodeStore:
                 ids.append(case_id)
                 if on_progress is not None and len(ids) % 500 == 0:
                     on_progress(len(ids))
+            if idempotency_key:
+                session.add(
+                    RequestKeyRow(key=idempotency_key, action=action, case_ids=json.dumps(ids))
+                )
             # Parent rows first: the indexes and needs below reference them, and with no
             # relationship() between the tables the unit of work would not order them itself.
             session.flush()
@@ -201,9 +215,9 @@ class NodeStore:
                 )
         return ids
 
-    def create_case(self, actor: str, new: NewCase) -> Case:
-        """Create one case and return it as stored."""
-        (case_id,) = self.create_cases(actor, [new])
+    def create_case(self, actor: str, new: NewCase, idempotency_key: str = "") -> Case:
+        """Create one case and return it as stored (the same one again for a repeated key)."""
+        (case_id,) = self.create_cases(actor, [new], idempotency_key=idempotency_key)
         return self._load(case_id)
 
     def get_case(self, actor: str, case_id: str) -> Case:

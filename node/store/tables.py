@@ -119,3 +119,18 @@ class AuditHeadRow(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     seq: int = 0
     entry_hash: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class RequestKeyRow(SQLModel, table=True):
+    """An idempotency key a client sent with a create or import, and what it created.
+
+    A retried request (say after a lost answer) finds its key here and gets the same cases back
+    instead of creating them twice.
+    """
+
+    __tablename__ = "request_key"
+
+    key: str = Field(primary_key=True, max_length=128)
+    action: str = Field(max_length=32)
+    case_ids: str  # JSON list of the case ids the request created
+    created_at: dt.datetime = Field(default_factory=utcnow)
