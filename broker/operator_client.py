@@ -9,8 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from node import credential
-from tessera import enrolment, rpc
+from tessera import credential, enrolment, rpc
 from tessera.config import Limits
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc

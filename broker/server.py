@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
-import os
 import signal
 from dataclasses import dataclass, field
 
@@ -16,9 +14,9 @@ from broker import identity as broker_identity
 from broker.service import DirectoryServicer, DirectoryView, RelayServicer
 from broker.store.database import open_database
 from broker.store.relay import BrokerStore
-from node.credential import RUN_FILE
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
+from tessera.credential import RUN_FILE, reachable_address, write_run_file
 from tessera.logs import fields
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
@@ -94,12 +92,8 @@ async def start_broker(settings: Settings) -> RunningBroker:
         interceptor=interceptor,
         max_message_bytes=settings.limits.max_message_bytes,
     )
-    host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
-    wildcard = host in ("0.0.0.0", "[::]")  # noqa: S104 - recognising, not binding
-    address = f"{'127.0.0.1' if wildcard else host}:{server.port}"
-    run_file = settings.home / RUN_FILE
-    run_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    run_file.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    address = reachable_address(settings.listen, server.port)
+    write_run_file(settings.home, address)
     running = RunningBroker(settings, server, store, identity, address, relay)
     running._tasks.append(asyncio.create_task(_housekeeping(running)))
     log.info("broker.started", extra=fields(address=address, region=settings.region))

@@ -8,8 +8,7 @@ from pathlib import Path
 from broker import identity as broker_identity
 from broker.identity import BrokerRole, Operator
 from broker.store.database import open_database
-from node import credential
-from tessera import config, crypto, tls
+from tessera import config, credential, crypto, tls
 from tessera.config import Role, Settings
 from tessera.errors import ConfigError
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from rich.console import Console
 
 from cli.context import CliContext
-from node import credential, htcds
+from node import htcds
 from node.client import NodeClient
 from node.domain import StaffRole
 from node.server import start_node
 from node.setup import NodeInit, init_node
-from tessera import crypto
+from tessera import credential, crypto
 from tessera.config import KekSource
 from tessera.errors import ConfigError, PermissionDenied
 from tessera.loop import LoopThread

@@ -169,9 +169,9 @@ def restore(
     Needs the passphrase (or key file) that protected the node when the backup was taken.
     """
     from node import backup as backup_mod
-    from node.credential import RUN_FILE
     from node.store.database import open_database
     from tessera import config
+    from tessera.credential import RUN_FILE
     from tessera.errors import Conflict
 
     cli = context.get(ctx)
@@ -201,10 +201,9 @@ def staff_add(
 
     Example: tessera node staff add "Ana Ruiz" --role caseworker --out-home /media/usb/ana
     """
-    from node import credential
     from node.client import NodeClient
     from node.domain import StaffRole
-    from tessera import crypto
+    from tessera import credential, crypto
     from tessera.errors import InvalidInput
 
     if role not in {r.value for r in StaffRole}:

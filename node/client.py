@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from node import credential, serde
+from node import serde
 from node.domain import StaffRole
 from node.htcds import NeedCategory, NeedStatus
-from tessera import rpc
+from tessera import credential, rpc
 from tessera.config import Limits
 from tessera.errors import InvalidInput
 from tessera.v1 import common_pb2 as common_pb

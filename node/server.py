@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import text
 
 from node import access
-from node.credential import RUN_FILE
 from node.keyring import Keyring, open_keyring
 from node.service import NodeServicer
 from node.store.cases import NodeStore
 from node.store.database import open_database
 from tessera import crypto, rpc, tls
 from tessera.config import Settings
+from tessera.credential import RUN_FILE, reachable_address, write_run_file
 from tessera.logs import fields
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
@@ -80,10 +77,8 @@ async def start_node(settings: Settings, passphrase: str | None) -> RunningNode:
         interceptor=interceptor,
         max_message_bytes=settings.limits.max_message_bytes,
     )
-    host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
-    wildcard = host in ("0.0.0.0", "[::]")  # noqa: S104 - recognising, not binding
-    address = f"{'127.0.0.1' if wildcard else host}:{server.port}"
-    _write_run_file(settings.home, address)
+    address = reachable_address(settings.listen, server.port)
+    write_run_file(settings.home, address)
     running = RunningNode(settings, server, store, keyring, address)
     running._health_task = asyncio.create_task(_watch_database(running))
     log.info("node.started", extra=fields(address=address, storage=engine.dialect.name))
@@ -125,9 +120,3 @@ def _database_ok(store: NodeStore) -> bool:
         return True
     except Exception:  # any failure to reach the database means not serving
         return False
-
-
-def _write_run_file(home: Path, address: str) -> None:
-    path = home / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_text(json.dumps({"address": address, "pid": os.getpid()}))

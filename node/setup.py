@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from node import credential, keyring
+from node import keyring
 from node.domain import StaffRole
 from node.store.cases import NodeStore
 from node.store.database import open_database
-from tessera import config, crypto, tls
+from tessera import config, credential, crypto, tls
 from tessera.config import Argon2Profile, KekSource, Role, Settings
 from tessera.errors import ConfigError
 

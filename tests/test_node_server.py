@@ -9,11 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from node import credential
 from node.client import NodeClient
 from node.domain import StaffRole
 from node.htcds import NeedCategory, NeedStatus, synthetic_records, write_csv
-from tessera import crypto, rpc
+from tessera import credential, crypto, rpc
 from tessera.config import Limits
 from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from tessera.v1 import node_pb2 as node_pb

@@ -1,4 +1,8 @@
-"""Staff credentials: a person's own key pair plus how to reach their node (issue 4 item 6).
+"""Credentials: a person's own key pair plus how to reach their server (issue 4 item 6).
+
+Node staff and broker operators both hold one. The servers record the address they actually
+bound in ``run/node.json`` in their home, so a credential in the same home finds them even when
+they listen on a port chosen at start-up.
 
 A credential lives in that person's own ``--home`` as ``credential.json`` (mode 0600) and never
 leaves it: only its public key is registered with the node. ``node init`` writes the first
@@ -92,3 +96,17 @@ def resolve_address(home: Path, credential: Credential) -> str:
         except (OSError, ValueError, KeyError):
             pass
     return credential.node_address
+
+
+def reachable_address(listen: str, port: int) -> str:
+    """The address clients use for a server bound on ``listen`` that got ``port``."""
+    host = listen.rsplit(":", 1)[0] or "127.0.0.1"
+    wildcard = host in ("0.0.0.0", "[::]")  # noqa: S104 - recognising, not binding
+    return f"{'127.0.0.1' if wildcard else host}:{port}"
+
+
+def write_run_file(home: Path, address: str) -> None:
+    """Record where a running server listens (removed again on a graceful stop)."""
+    path = home / RUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(json.dumps({"address": address, "pid": os.getpid()}))
