@@ -89,8 +89,10 @@ class DirectoryView:
             body=entry.body, signature=entry.signature, signer=self._identity.public.signing_key
         )
 
-    def head(self) -> common_pb.SignedBlob:
-        """A freshly signed head for the current size."""
+    def head(self, at: StoredLogEntry | None = None) -> common_pb.SignedBlob:
+        """A freshly signed head for the current size, or for the log as of entry ``at``."""
+        if at is not None:
+            return directory.sign_head(self._identity, self._region, at.sequence, at.chain, _now())
         return directory.sign_head(self._identity, self._region, self.size, self.chain, _now())
 
     def append(
@@ -231,14 +233,7 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
         await _run(self._view.refresh)
         limit = min(request.limit or 1000, 1000)
         entries = await _run(self._store.log_entries, request.since, limit)
-        last = entries[-1] if entries else None
-        head = (
-            directory.sign_head(
-                self._identity, self._settings.region, last.sequence, last.chain, _now()
-            )
-            if last
-            else self._view.head()
-        )
+        head = self._view.head(entries[-1] if entries else None)
         return directory_pb.GetEntriesResponse(
             entries=[self._view.blob(e) for e in entries], head=head
         )
@@ -250,13 +245,7 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
         to_size = request.to_size or self._view.size
         bodies = await _run(self._store.leaf_bodies, request.from_size, to_size)
         last = await _run(self._store.log_entry, to_size) if to_size else None
-        head = (
-            directory.sign_head(
-                self._identity, self._settings.region, last.sequence, last.chain, _now()
-            )
-            if last
-            else self._view.head()
-        )
+        head = self._view.head(last)
         return directory_pb.GetConsistencyResponse(
             leaf_hashes=[directory.leaf_hash(b) for b in bodies], head=head
         )
