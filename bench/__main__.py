@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
-from bench import cli_help, store
+from bench import cli_help, relay, store
 from bench.common import Figure, print_table
 
-BENCHMARKS = {"cli": cli_help.run, "store": store.run}
+BENCHMARKS: dict[str, Callable[[], list[Figure]]] = {
+    "cli": cli_help.run,
+    "store": store.run,
+    "relay": relay.run,
+}
 
 
 def main(names: list[str]) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -20,6 +21,7 @@ class Figure:
     unit: str
     higher_is_better: bool = True
     target: float | None = None
+    note: str = ""  # printed under the table (conditions that qualify the figure)
 
     @property
     def ratio(self) -> float:
@@ -49,6 +51,18 @@ def median_of(runs: int, func: Callable[[], object]) -> float:
     return statistics.median(times)
 
 
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    """The ``fraction`` quantile (0.5 = median, 0.99 = p99) of ``samples``, interpolated
+    linearly between the two closest ranks."""
+    if not samples or not 0.0 <= fraction <= 1.0:
+        raise ValueError("percentile needs samples and a fraction between 0 and 1")
+    ordered = sorted(samples)
+    position = fraction * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def print_table(figures: list[Figure]) -> None:
     """Print every figure with its baseline and ratio (rich table)."""
     from rich.console import Console
@@ -65,10 +79,16 @@ def print_table(figures: list[Figure]) -> None:
         "target",
     ):
         table.add_column(column)
+    notes: list[str] = []
     for f in figures:
+        marker = ""
+        if f.note:
+            if f.note not in notes:
+                notes.append(f.note)
+            marker = f" [{notes.index(f.note) + 1}]"
         table.add_row(
             f.benchmark,
-            f.measured,
+            f.measured + marker,
             f"{f.value:,.1f} {f.unit}",
             f.baseline_name,
             f"{f.baseline:,.1f} {f.unit}",
@@ -77,4 +97,7 @@ def print_table(figures: list[Figure]) -> None:
             if f.target is None
             else (f"≥ {f.target:.2f} " + ("ok" if f.ratio >= f.target else "MISSED")),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for number, note in enumerate(notes, 1):
+        console.print(f"[{number}] {note}", markup=False, highlight=False)

@@ -72,10 +72,25 @@ def load_identity(home: Path) -> crypto.Identity:
 
 
 def load_operators(home: Path) -> list[Operator]:
-    """Everyone who may operate the broker or read its statistics."""
+    """Everyone who may operate the broker or read its statistics (re-read when the file
+    changes, so adding an operator takes effect without a restart)."""
     path = home / OPERATORS_FILE
-    if not path.exists():
+    try:
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
         return []
+    cached = _OPERATORS_CACHE.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    operators = _read_operators(path)
+    _OPERATORS_CACHE[path] = (stamp, operators)
+    return operators
+
+
+_OPERATORS_CACHE: dict[Path, tuple[int, list[Operator]]] = {}
+
+
+def _read_operators(path: Path) -> list[Operator]:
     try:
         return [
             Operator(

@@ -74,8 +74,16 @@ async def start_broker(settings: Settings) -> RunningBroker:
         ),
         crypto.ReplayGuard(window),
         public_methods=access.PUBLIC,
-        shared_nonces=lambda signer, nonce, signed_at: store.remember_nonce(
-            signer, nonce, signed_at, window
+        # One SQLite broker process has every nonce in its ReplayGuard; replicas on PostgreSQL
+        # share them through the database.
+        shared_nonces=(
+            (
+                lambda signer, nonce, signed_at: store.remember_nonce(
+                    signer, nonce, signed_at, window
+                )
+            )
+            if engine.dialect.name == "postgresql"
+            else None
         ),
     )
     directory_servicer = DirectoryServicer(settings, store, identity, view)

@@ -327,8 +327,11 @@ class RelayServicer(relay_grpc.RelayServicer):
             raise InvalidInput("an idempotency key of 1 to 128 characters is required")
         if len(request.consent_commitment) not in (0, 32):
             raise InvalidInput("a consent commitment is 32 bytes (or empty for a status)")
-        await _run(self._view.refresh)
         recipient = self._view.records.get(request.recipient_agency_id)
+        if recipient is None or recipient.revoked:
+            # Only an unknown recipient costs a directory refresh (it may have just enrolled).
+            await _run(self._view.refresh)
+            recipient = self._view.records.get(request.recipient_agency_id)
         if recipient is None or recipient.revoked:
             raise NotFound(
                 f"no enrolled agency {request.recipient_agency_id!r}",
@@ -374,6 +377,8 @@ class RelayServicer(relay_grpc.RelayServicer):
         sent = 0
         event = self._wakeups.setdefault(recipient, asyncio.Event())
         while True:
+            # Clear before claiming: a Send committing during the claim then still wakes us.
+            event.clear()
             batch = await _run(
                 self._store.claim,
                 recipient,
@@ -394,11 +399,10 @@ class RelayServicer(relay_grpc.RelayServicer):
                 sent += 1
             if wanted and sent >= wanted:
                 return
-            if not batch and not request.follow:
-                return
-            if not batch:
-                event.clear()
-                # Poll the database too: another broker process may have taken the send.
+            if len(batch) < 100 and not request.follow:
+                return  # a poll: everything there was has been handed out
+            if len(batch) < 100:
+                # Caught up: wait for a Send here, or poll (another broker process may hold it).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), _POLL_SECONDS)
 

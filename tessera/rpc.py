@@ -404,7 +404,7 @@ def _signed_details(details: Any, identity: crypto.Identity, request: Any) -> _C
         metadata,
         details.credentials,
         details.wait_for_ready,
-        details.compression,
+        getattr(details, "compression", None),  # grpc.aio's call details have none
     )
 
 
@@ -431,17 +431,25 @@ class SigningClientInterceptor(
         return continuation(_signed_details(details, self._identity, request), request)
 
 
-class AsyncSigningClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-):
-    """Signs every unary-request call of an asyncio channel with ``identity``."""
+class AsyncUnarySigner(grpc.aio.UnaryUnaryClientInterceptor):
+    """Signs every unary-unary call of an asyncio channel with ``identity``."""
 
     def __init__(self, identity: crypto.Identity) -> None:
         self._identity = identity
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_aio_details(details, self._identity, request), request)
+
+
+class AsyncStreamSigner(grpc.aio.UnaryStreamClientInterceptor):
+    """Signs every unary-stream call of an asyncio channel with ``identity``.
+
+    A separate object from :class:`AsyncUnarySigner`: grpc.aio files each interceptor under the
+    first kind it implements, so one object implementing both would never sign streams.
+    """
+
+    def __init__(self, identity: crypto.Identity) -> None:
+        self._identity = identity
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_aio_details(details, self._identity, request), request)
@@ -463,7 +471,9 @@ def open_aio_channel(
 ) -> grpc.aio.Channel:
     """An asyncio TLS channel that trusts ``cert_pem`` and signs with ``identity``."""
     credentials = grpc.ssl_channel_credentials(root_certificates=cert_pem)
-    interceptors = [AsyncSigningClientInterceptor(identity)] if identity is not None else None
+    interceptors: list[grpc.aio.ClientInterceptor] | None = (
+        [AsyncUnarySigner(identity), AsyncStreamSigner(identity)] if identity is not None else None
+    )
     return grpc.aio.secure_channel(
         address, credentials, options=channel_options(max_message_bytes), interceptors=interceptors
     )

@@ -228,3 +228,40 @@ def test_an_agency_over_its_send_rate_is_told_to_slow_down(tmp_path: Path) -> No
         send(clinic, shelter, b"y", "other")  # other agencies are unaffected
     finally:
         broker.stop()
+
+
+def test_asyncio_clients_sign_unary_and_streaming_calls(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    import asyncio
+
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    sealed = seal(shelter, clinic, b"hello")
+
+    async def exchange() -> list[relay_pb.Delivery]:
+        sender = rpc.open_aio_channel(
+            broker.address, shelter.link.certificate, shelter.identity, Limits().max_message_bytes
+        )
+        receiver = rpc.open_aio_channel(
+            broker.address, clinic.link.certificate, clinic.identity, Limits().max_message_bytes
+        )
+        try:
+            await relay_grpc.RelayStub(sender).Send(
+                relay_pb.SendRequest(
+                    recipient_agency_id="lantern-clinic",
+                    idempotency_key="aio",
+                    sealed_envelope=sealed,
+                ),
+                timeout=10,
+            )
+            stream = relay_grpc.RelayStub(receiver).Receive(
+                relay_pb.ReceiveRequest(follow=False), timeout=10
+            )
+            return [delivery async for delivery in stream]
+        finally:
+            await sender.close()
+            await receiver.close()
+
+    delivered = asyncio.run(exchange())
+    assert [d.sender_agency_id for d in delivered] == ["harbour-shelter"]
