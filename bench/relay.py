@@ -9,7 +9,7 @@ same client with the same payloads:
   call carries one sealed envelope's bytes and gets them back.
 * **Relay**: ``tessera --home H broker serve`` in its own process. One sender agency sends the same
   envelopes (about 2 KiB sealed, a realistic referral) with the same number of calls in flight over
-  a signed asyncio channel (see :class:`_Signer`); the recipient agency holds a
+  a signed asyncio channel (:func:`tessera.rpc.open_aio_channel`); the recipient agency holds a
   ``Receive(follow=True)`` stream and acknowledges in batches (whatever arrived while the previous
   Acknowledge was in flight). Throughput counts envelopes delivered *and acknowledged* (so deleted
   by the broker) per second; latency runs from the start of the Send call to the delivery reaching
@@ -51,7 +51,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import grpc
 import grpc.aio
@@ -244,55 +244,10 @@ def _started(stack: contextlib.ExitStack, process: ServerProcess) -> str:
 # --- channels -----------------------------------------------------------------------------------
 
 
-class _Signer:
-    """Signs a call's exact request bytes with the node's key, as Tessera's nodes do: the same
-    signature, nonce and metadata as :class:`tessera.rpc.AsyncSigningClientInterceptor`.
-
-    That class cannot be used as it stands (so neither can :func:`tessera.rpc.open_aio_channel`
-    with an identity): it reads ``details.compression``, which ``grpc.aio.ClientCallDetails``
-    does not have (AttributeError on every call), and grpc.aio files an interceptor under the
-    first interceptor kind it is an instance of, so one object implementing both unary-unary and
-    unary-stream never signs the streams (Receive is refused as unsigned). Hence one interceptor
-    object per kind here.
-    """
-
-    def __init__(self, identity: crypto.Identity) -> None:
-        self._identity = identity
-
-    def signed(self, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        signature = crypto.sign_request(self._identity, method, request.SerializeToString())
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *signature.to_metadata())
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-
-class SigningUnaryInterceptor(_Signer, grpc.aio.UnaryUnaryClientInterceptor):
-    """Signs unary calls (Send, Acknowledge)."""
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self.signed(details, request), request)
-
-
-class SigningStreamInterceptor(_Signer, grpc.aio.UnaryStreamClientInterceptor):
-    """Signs server-streaming calls (Receive)."""
-
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self.signed(details, request), request)
-
-
 def open_channel(address: str, cert: bytes, identity: crypto.Identity | None) -> grpc.aio.Channel:
-    """An asyncio TLS channel with Tessera's options (pinned certificate and name, message
-    limits), signing with ``identity`` when given."""
-    if identity is None:
-        return rpc.open_aio_channel(address, cert, None, MAX_MESSAGE)
-    return grpc.aio.secure_channel(
-        address,
-        grpc.ssl_channel_credentials(root_certificates=cert),
-        options=rpc.channel_options(MAX_MESSAGE),
-        interceptors=[SigningUnaryInterceptor(identity), SigningStreamInterceptor(identity)],
-    )
+    """An asyncio TLS channel with Tessera's options, signing with ``identity`` when given (the
+    same signing interceptors a node uses)."""
+    return rpc.open_aio_channel(address, cert, identity, MAX_MESSAGE)
 
 
 # --- the echo baseline --------------------------------------------------------------------------
