@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Engine, delete, text
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, func, select
 
@@ -50,6 +51,33 @@ from node.store.tables import (
 )
 from tessera import crypto
 from tessera.errors import Conflict, InvalidInput, NotFound, StorageError
+
+
+class _SealedRow(Protocol):
+    """What opening a case needs of its row: a CaseRow, or a row of _CASE_COLUMNS."""
+
+    case_id: str
+    version: int
+    ciphertext: bytes
+    wrapped_key: bytes
+
+
+_CASE_COLUMNS = (
+    col(CaseRow.case_id),
+    col(CaseRow.version),
+    col(CaseRow.state),
+    col(CaseRow.created_at),
+    col(CaseRow.updated_at),
+    col(CaseRow.ciphertext),
+    col(CaseRow.wrapped_key),
+)
+_NEED_COLUMNS = (
+    col(NeedRow.case_id),
+    col(NeedRow.category),
+    col(NeedRow.status),
+    col(NeedRow.identified_on),
+    col(NeedRow.updated_at),
+)
 
 # Which fields feed which blind index (issue 4: search by a survivor identifier).
 _INDEXED: Mapping[str, tuple[str, ...]] = {
@@ -580,14 +608,14 @@ class NodeStore:
         payload = json.dumps({"fields": dict(fields), "notes": notes}, separators=(",", ":"))
         return crypto.encrypt(data_key, payload.encode(), record_associated_data(case_id, version))
 
-    def _open(self, data_key: crypto.DataKey, row: CaseRow) -> tuple[dict[str, str], str]:
+    def _open(self, data_key: crypto.DataKey, row: _SealedRow) -> tuple[dict[str, str], str]:
         plain = crypto.decrypt(
             data_key, row.ciphertext, record_associated_data(row.case_id, row.version)
         )
         payload = json.loads(plain)
         return dict(payload["fields"]), str(payload["notes"])
 
-    def _data_key(self, row: CaseRow) -> crypto.DataKey:
+    def _data_key(self, row: _SealedRow) -> crypto.DataKey:
         # The context names the row the key is read from: a key moved here from another case
         # (or a ciphertext and key moved together) fails to unwrap.
         return crypto.unwrap_key(
@@ -637,14 +665,18 @@ class NodeStore:
         the disclosure themselves)."""
         if not case_ids:
             return []
+        # Plain column tuples, not ORM objects: this is the hot path of exports and listings,
+        # and nothing here is written back.
         with self._reading() as session:
-            rows = {
+            rows: dict[str, Any] = {
                 r.case_id: r
-                for r in session.exec(select(CaseRow).where(col(CaseRow.case_id).in_(case_ids)))
+                for r in session.execute(
+                    sa_select(*_CASE_COLUMNS).where(col(CaseRow.case_id).in_(case_ids))
+                )
             }
             needs: dict[str, list[Need]] = {}
-            for need in session.exec(
-                select(NeedRow)
+            for need in session.execute(
+                sa_select(*_NEED_COLUMNS)
                 .where(col(NeedRow.case_id).in_(case_ids))
                 .order_by(col(NeedRow.category))
             ):
@@ -705,7 +737,8 @@ def _check_version(row: CaseRow, expected_version: int) -> None:
         )
 
 
-def _need(row: NeedRow) -> Need:
+def _need(row: Any) -> Need:
+    """A Need from a NeedRow or a row of _NEED_COLUMNS."""
     return Need(
         category=NeedCategory(row.category),
         status=NeedStatus(row.status),
