@@ -38,13 +38,20 @@ from sqlmodel import SQLModel
 from node import keyring as keyring_mod
 from node.keyring import Keyring
 from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
+from node.store.referrals import ReferralStore
 from node.store.tables import (
     AuditHeadRow,
     AuditRow,
     BlindIndexRow,
     CaseRow,
+    ConsentRow,
     ErasureRow,
+    IncomingReferralRow,
     NeedRow,
+    OutboxRow,
+    OutgoingReferralRow,
+    ProcessedMessageRow,
+    ReferralEventRow,
     RequestKeyRow,
     StaffRow,
 )
@@ -61,6 +68,12 @@ _TABLES: tuple[type[SQLModel], ...] = (
     ErasureRow,
     StaffRow,
     RequestKeyRow,
+    ConsentRow,
+    OutgoingReferralRow,
+    OutboxRow,
+    IncomingReferralRow,
+    ProcessedMessageRow,
+    ReferralEventRow,
     AuditRow,
     AuditHeadRow,
 )
@@ -197,6 +210,8 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
         "system:restore",
         sorted({bytes.fromhex(v) for k, v in ledger if k == "staff-removed"} | removed_now),
     )
+    # Revoked consents and purged referrals stay revoked and purged, too.
+    ReferralStore(store).reapply_ledger("system:restore", ledger)
     store.audit(
         "system:restore",
         "node.restored",

@@ -16,6 +16,12 @@ NODE_TABLES = {
     "audit_log",
     "audit_head",
     "request_key",
+    "consent",
+    "outgoing_referral",
+    "outbox",
+    "incoming_referral",
+    "processed_message",
+    "referral_event",
 }
 
 

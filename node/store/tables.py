@@ -134,3 +134,128 @@ class RequestKeyRow(SQLModel, table=True):
     action: str = Field(max_length=32)
     case_ids: str  # JSON list of the case ids the request created
     created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+# --- consent-gated referrals (DESIGN.md section 6; node.store.referrals) ----------------------
+#
+# None of these tables has a foreign key to ``case_record``: erasing a survivor (which deletes the
+# case row) must keep working, and the rows below hold no survivor field (ids, codes, field
+# *names*, timestamps, ciphertext). Incoming referrals are encrypted like cases.
+
+
+class ConsentRow(SQLModel, table=True):
+    """A survivor's consent recorded at the sending node: ids, codes, categories, how it was given
+    and who witnessed it, its window, and the survivor's pseudonym. No survivor field."""
+
+    __tablename__ = "consent"
+
+    consent_id: str = Field(primary_key=True, max_length=36)
+    case_id: str = Field(index=True, max_length=36)
+    recipient_agency_id: str = Field(index=True, max_length=128)
+    purpose: str = Field(max_length=32)
+    categories: str  # JSON list of data category names, ascending
+    method: str = Field(max_length=16)
+    witnessed_by: str = Field(max_length=200)  # a staff principal
+    survivor_pseudonym: str = Field(max_length=128)
+    granted_at: dt.datetime
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None = None
+    recorded_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class OutgoingReferralRow(SQLModel, table=True):
+    """A referral this node sent: who to, under which consent, which field *names*, its state.
+
+    ``decline_text`` (the recipient's free text) is encrypted under the survivor's data key, so
+    erasing the survivor shreds it; empty bytes mean none.
+    """
+
+    __tablename__ = "outgoing_referral"
+
+    referral_id: str = Field(primary_key=True, max_length=36)
+    case_id: str = Field(index=True, max_length=36)
+    consent_id: str = Field(foreign_key="consent.consent_id", index=True, max_length=36)
+    recipient_id: str = Field(index=True, max_length=128)
+    recipient_name: str = Field(max_length=200)
+    need: str = Field(max_length=32)
+    fields: str  # JSON list of the HTCDS field names sent (never values)
+    state: str = Field(max_length=16, index=True)
+    decline_reason: str | None = Field(default=None, max_length=32)
+    decline_text: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    idempotency_key: str = Field(max_length=128, unique=True)
+    message_id: str = Field(max_length=36, unique=True)
+    consent_commitment: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    relay_receipt: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow, index=True)
+
+
+class OutboxRow(SQLModel, table=True):
+    """A sealed envelope waiting for the relay worker: ciphertext only, kept until the broker
+    accepted it (at-least-once; the broker deduplicates by ``idempotency_key``)."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=24)
+    referral_id: str = Field(index=True, max_length=36)
+    recipient_id: str = Field(max_length=128)
+    idempotency_key: str = Field(max_length=128, unique=True)
+    consent_commitment: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    attempts: int = 0
+    last_error: str = Field(default="", max_length=500)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    last_attempt_at: dt.datetime | None = None
+
+
+class IncomingReferralRow(SQLModel, table=True):
+    """A referral another agency sent here, encrypted at rest like a case.
+
+    Clear: ids, the sender, the need code, state and timestamps. ``ciphertext`` (fields, note,
+    sender contact, consent receipt, this node's decline text) is one AEAD bound to table, row and
+    version, under a data key of its own wrapped by the record key in ``wrapped_key``. A purge
+    empties both and keeps the row as a tombstone with the purged field *names*.
+    """
+
+    __tablename__ = "incoming_referral"
+
+    referral_id: str = Field(primary_key=True, max_length=36)
+    sender_id: str = Field(index=True, max_length=128)
+    consent_id: str = Field(index=True, max_length=36)
+    need: str | None = Field(default=None, max_length=32)  # None: tombstone of an unseen one
+    state: str = Field(max_length=16, index=True)
+    version: int = Field(default=1)
+    decline_reason: str | None = Field(default=None, max_length=32)
+    purged_fields: str | None = None  # JSON list of field names, once purged
+    received_at: dt.datetime = Field(default_factory=utcnow, index=True)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+    purged_at: dt.datetime | None = None
+    ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class ProcessedMessageRow(SQLModel, table=True):
+    """An incoming envelope already applied: each (sender, message id) and each relay delivery
+    id takes effect once, whatever the relay redelivers."""
+
+    __tablename__ = "processed_message"
+
+    sender_id: str = Field(primary_key=True, max_length=128)
+    message_id: str = Field(primary_key=True, max_length=36)
+    kind: str = Field(max_length=24)
+    referral_id: str = Field(max_length=36, index=True)
+    delivery_id: str | None = Field(default=None, max_length=128, unique=True)
+    processed_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class ReferralEventRow(SQLModel, table=True):
+    """One state a referral reached, for its history (both directions)."""
+
+    __tablename__ = "referral_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    referral_id: str = Field(index=True, max_length=36)
+    direction: str = Field(max_length=8)
+    state: str = Field(max_length=16)
+    at: dt.datetime = Field(default_factory=utcnow)
