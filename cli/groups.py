@@ -57,8 +57,8 @@ GROUPS: tuple[Group, ...] = (
         "issue 5",
     ),
     Group("broker", "Run and administer the regional broker.", "cli.broker", "issue 5"),
-    Group("consent", "Record, list and revoke a survivor's consent.", None, "issue 6"),
-    Group("referral", "Send, receive and answer consented referrals.", None, "issue 6"),
+    Group("consent", "Record, list and revoke a survivor's consent.", "cli.consent", "issue 6"),
+    Group("referral", "Send, receive and answer consented referrals.", "cli.referral", "issue 6"),
     Group("stats", "Private statistics: budgets, rounds, releases.", None, "issue 7"),
     Group("demo", "Run the whole system on this machine.", "cli.demo", "issue 8", is_command=True),
 )

@@ -7,6 +7,7 @@ in one place. Results are plain dicts and lists ready to render: ``_pb2`` types 
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,10 +20,12 @@ from node.domain import StaffRole
 from node.htcds import NeedCategory, NeedStatus
 from tessera import credential, rpc
 from tessera.config import Limits
-from tessera.errors import InvalidInput
+from tessera.errors import InvalidInput, Refused
 from tessera.v1 import common_pb2 as common_pb
+from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
+from tessera.v1 import referral_pb2 as referral_pb
 
 T = TypeVar("T")
 _FORMATS = {"csv": node_pb.FILE_FORMAT_CSV, "xlsx": node_pb.FILE_FORMAT_XLSX}
@@ -315,6 +318,200 @@ class NodeClient:
             }
             for d in reply.disclosures
         ]
+
+    # --- consent and referrals ---------------------------------------------------------------
+
+    def grant_consent(
+        self,
+        case_id: str,
+        recipient: str,
+        purpose: NeedCategory,
+        categories: Sequence[str],
+        expires: dt.date,
+        method: str,
+    ) -> dict[str, Any]:
+        """Record a survivor's consent (witnessed by the caller); expires at the start of
+        ``expires`` (UTC)."""
+        method_pb = consent_pb.ConsentMethod.Value(f"CONSENT_METHOD_{method.upper()}")
+        expiry = dt.datetime.combine(expires, dt.time(), tzinfo=dt.UTC)
+        reply = self._call(
+            self._stub.GrantConsent,
+            node_pb.GrantConsentRequest(
+                case_id=case_id,
+                receiving_agency_id=recipient,
+                purpose=serde.need_category_pb(purpose),
+                data_categories=list(categories),
+                method=method_pb,
+                expires_at=serde.timestamp(expiry),
+                idempotency_key=str(uuid.uuid4()),
+            ),
+        )
+        return _consent(reply.consent)
+
+    def consents(self, case_id: str = "") -> list[dict[str, Any]]:
+        """Consents (of one case), newest first."""
+        reply = self._call(self._stub.ListConsents, node_pb.ListConsentsRequest(case_id=case_id))
+        return [_consent(c) for c in reply.consents]
+
+    def revoke_consent(self, consent_id: str) -> dict[str, Any]:
+        """Withdraw a consent; the broker purges its envelopes, recipients are told to purge."""
+        reply = self._call(
+            self._stub.RevokeConsent, node_pb.RevokeConsentRequest(consent_id=consent_id)
+        )
+        return {
+            **_consent(reply.consent),
+            "envelopes_purged": reply.envelopes_purged,
+            "revoked_referrals": list(reply.revoked_referral_ids),
+        }
+
+    def send_referral(
+        self,
+        case_id: str,
+        recipient: str,
+        need: NeedCategory,
+        consent_id: str = "",
+        note: str = "",
+        fields: Sequence[str] = (),
+        idempotency_key: str = "",
+    ) -> dict[str, Any]:
+        """Send a referral under a consent (the case's active consent for that recipient and
+        need if none is named)."""
+        if not consent_id:
+            matches = [
+                c
+                for c in self.consents(case_id)
+                if c["state"] == "active" and c["recipient"] == recipient and c["purpose"] == need
+            ]
+            if not matches:
+                raise Refused(
+                    f"case {case_id} has no active consent for a {need.value} referral to "
+                    f"{recipient}",
+                    hint=f"record one first: tessera consent grant {case_id} --to {recipient} "
+                    f"--purpose {need.value} --share CATEGORY --expires YYYY-MM-DD "
+                    "--method verbal",
+                )
+            consent_id = matches[0]["consent_id"]
+        reply = self._call(
+            self._stub.SendReferral,
+            node_pb.SendReferralRequest(
+                case_id=case_id,
+                consent_id=consent_id,
+                recipient_agency_id=recipient,
+                need=serde.need_category_pb(need),
+                fields=list(fields),
+                note=note,
+                idempotency_key=idempotency_key or str(uuid.uuid4()),
+            ),
+        )
+        return _referral(reply.referral)
+
+    def referrals(
+        self, direction: str = "", case_id: str = "", limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Referrals both ways (or one), most recently changed first."""
+        reply = self._call(
+            self._stub.ListReferrals,
+            node_pb.ListReferralsRequest(
+                direction={
+                    "outgoing": node_pb.REFERRAL_DIRECTION_OUTGOING,
+                    "incoming": node_pb.REFERRAL_DIRECTION_INCOMING,
+                }.get(direction, node_pb.REFERRAL_DIRECTION_UNSPECIFIED),
+                case_id=case_id,
+                page_size=limit,
+            ),
+        )
+        return [_referral(r) for r in reply.referrals]
+
+    def inbox(self, include_answered: bool = False) -> list[dict[str, Any]]:
+        """Referrals received here, oldest first."""
+        reply = self._call(
+            self._stub.Inbox, node_pb.InboxRequest(include_answered=include_answered)
+        )
+        return [_referral(r) for r in reply.referrals]
+
+    def show_referral(self, referral_id: str) -> dict[str, Any]:
+        """One referral with its fields (the read is audited)."""
+        reply = self._call(
+            self._stub.ShowReferral, node_pb.ShowReferralRequest(referral_id=referral_id)
+        )
+        return {
+            **_referral(reply.referral),
+            "fields": {f.name: f.value for f in reply.fields},
+            "note": reply.note,
+            "sender_contact": reply.sender_contact,
+            "consented_fields": list(reply.consent.data_categories),
+        }
+
+    def answer_referral(
+        self, referral_id: str, answer: str, reason: str = "", text: str = ""
+    ) -> dict[str, Any]:
+        """accept, decline (with a reason) or complete a received referral."""
+        answers = {
+            "accept": node_pb.REFERRAL_ANSWER_ACCEPT,
+            "decline": node_pb.REFERRAL_ANSWER_DECLINE,
+            "complete": node_pb.REFERRAL_ANSWER_COMPLETE,
+        }
+        reply = self._call(
+            self._stub.AnswerReferral,
+            node_pb.AnswerReferralRequest(
+                referral_id=referral_id,
+                answer=answers[answer],
+                decline_reason=(
+                    referral_pb.DeclineReason.Value(f"DECLINE_REASON_{reason.upper()}")
+                    if reason
+                    else referral_pb.DECLINE_REASON_UNSPECIFIED
+                ),
+                decline_text=text,
+            ),
+        )
+        return _referral(reply.referral)
+
+
+def _code(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix).lower()
+
+
+def _consent(consent: node_pb.Consent) -> dict[str, Any]:
+    receipt = consent.receipt
+    return {
+        "consent_id": receipt.consent_id,
+        "case_id": consent.case_id,
+        "recipient": receipt.receiving_agency_id,
+        "purpose": serde.need_category(receipt.purpose),
+        "fields": list(receipt.data_categories),
+        "method": _code(consent_pb.ConsentMethod.Name(receipt.method), "CONSENT_METHOD_"),
+        "witnessed_by": receipt.witnessed_by,
+        "granted_at": serde.datetime_of(receipt.granted_at),
+        "expires_at": serde.datetime_of(receipt.expires_at),
+        "state": _code(node_pb.ConsentState.Name(consent.state), "CONSENT_STATE_"),
+        "revoked_at": serde.datetime_of(consent.revoked_at)
+        if consent.HasField("revoked_at")
+        else None,
+        "referrals": list(consent.referral_ids),
+    }
+
+
+def _referral(referral: node_pb.ReferralRecord) -> dict[str, Any]:
+    updated = serde.datetime_of(referral.updated_at)
+    reason = referral.decline_reason
+    return {
+        "referral_id": referral.referral_id,
+        "direction": _code(
+            node_pb.ReferralDirection.Name(referral.direction), "REFERRAL_DIRECTION_"
+        ),
+        "case_id": referral.case_id,
+        "agency": referral.counterpart.name or referral.counterpart.agency_id,
+        "agency_id": referral.counterpart.agency_id,
+        "need": _code(common_pb.NeedCategory.Name(referral.need), "NEED_CATEGORY_"),
+        "state": _code(node_pb.ReferralState.Name(referral.state), "REFERRAL_STATE_"),
+        "decline_reason": _code(referral_pb.DeclineReason.Name(reason), "DECLINE_REASON_")
+        if reason
+        else "",
+        "consent_id": referral.consent_id,
+        "created_at": serde.datetime_of(referral.created_at),
+        "updated_at": updated,
+        "waiting": str(dt.datetime.now(dt.UTC) - updated).split(".")[0],
+    }
 
 
 def _agency(agency: node_pb.Agency) -> dict[str, Any]:

@@ -16,9 +16,11 @@ from sqlalchemy import text
 
 from node import access
 from node.keyring import Keyring, open_keyring
+from node.relay_worker import RelayWorker, start_worker
 from node.service import NodeServicer
 from node.store.cases import NodeStore
 from node.store.database import open_database
+from node.store.referrals import ReferralStore
 from tessera import crypto, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, reachable_address, write_run_file
@@ -41,9 +43,13 @@ class RunningNode:
     keyring: Keyring
     address: str
     _health_task: asyncio.Task[None] | None = None
+    relay: RelayWorker | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop serving, close the database, forget the run file."""
+        """Stop serving and relaying, close the database, forget the run file."""
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -67,7 +73,8 @@ async def start_node(settings: Settings, passphrase: str | None) -> RunningNode:
         crypto.ReplayGuard(settings.limits.replay_window_seconds),
         on_refused=refused,
     )
-    servicer = NodeServicer(settings, store, keyring)
+    referrals = ReferralStore(store)
+    servicer = NodeServicer(settings, store, keyring, referrals)
     server = await rpc.start_server(
         listen=settings.listen,
         add_services=[lambda s: node_grpc.add_NodeServicer_to_server(servicer, s)],
@@ -81,6 +88,9 @@ async def start_node(settings: Settings, passphrase: str | None) -> RunningNode:
     write_run_file(settings.home, address)
     running = RunningNode(settings, server, store, keyring, address)
     running._health_task = asyncio.create_task(_watch_database(running))
+    running.relay = start_worker(store, referrals, keyring, settings.home, settings.limits)
+    if running.relay is not None:
+        servicer.wake_relay = running.relay.wake
     log.info("node.started", extra=fields(address=address, storage=engine.dialect.name))
     return running
 

@@ -158,3 +158,19 @@ def receive(agency: Agency, ack: bool = True) -> list[relay_pb.Delivery]:
         return got
     finally:
         channel.close()
+
+
+def enrolled_node(
+    broker: BackgroundBroker,
+    tmp_path: Path,
+    agency_id: str,
+    services: tuple[str, ...] = ("safe_housing", "medical", "legal_civil"),
+) -> Settings:
+    """Make a node home enrolled with a running broker; start it with ``BackgroundNode``."""
+    home = tmp_path / agency_id
+    settings = make_node(home, name=agency_id.replace("-", " ").title())
+    identity = open_keyring(home, PASSPHRASE).identity
+    with OperatorClient(broker.settings.home) as operator:
+        code = operator.enrolment_code(agency_id, 1)
+    directory_sync.enrol(home, identity, code, settings.name, list(services))
+    return settings

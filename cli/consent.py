@@ -1,0 +1,91 @@
+"""``tessera consent``: record, list and revoke a survivor's consent (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+import typer
+
+from cli import context
+from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+
+app = typer.Typer(no_args_is_help=True)
+
+_COLUMNS = ["consent_id", "state", "recipient", "purpose", "method", "expires_at", "referrals"]
+
+
+class Method(enum.StrEnum):
+    """How the survivor gave consent."""
+
+    VERBAL = "verbal"
+    WRITTEN = "written"
+    ELECTRONIC = "electronic"
+
+
+def _client(ctx: typer.Context) -> Any:
+    from node.client import NodeClient
+
+    return NodeClient(context.get(ctx).home)
+
+
+def _shown(consent: dict[str, Any]) -> dict[str, Any]:
+    return {**consent, "purpose": consent["purpose"].value}
+
+
+@app.command("grant")
+def grant(
+    ctx: typer.Context,
+    case_id: Annotated[str, typer.Argument(help="The survivor's case.")],
+    to: Annotated[str, typer.Option("--to", help="The receiving agency's directory id.")],
+    purpose: Annotated[str, typer.Option(help="The need category the referral is for.")],
+    share: Annotated[
+        list[str],
+        typer.Option(help="A data category the survivor agrees to share; repeatable."),
+    ],
+    expires: Annotated[str, typer.Option(help="When consent lapses (YYYY-MM-DD).")],
+    method: Annotated[Method, typer.Option(help="How consent was given.")],
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Record a survivor's consent to one agency receiving some of their data, for one need.
+
+    Example: tessera consent grant CASE --to lighthouse-clinic --purpose medical
+    --share identity --share contact --expires 2027-06-30 --method verbal
+    """
+    import datetime as dt
+
+    from cli.case import _category
+    from tessera.errors import InvalidInput
+
+    try:
+        expiry = dt.date.fromisoformat(expires)
+    except ValueError:
+        raise InvalidInput(f"--expires {expires!r} is not a date (YYYY-MM-DD)") from None
+    with _client(ctx) as client:
+        consent = client.grant_consent(case_id, to, _category(purpose), share, expiry, method.value)
+    render_one(_shown(consent), fmt, title="consent recorded")
+
+
+@app.command("list")
+def list_consents(
+    ctx: typer.Context,
+    case_id: Annotated[str, typer.Argument(help="The survivor's case.")],
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """List a case's consents, newest first."""
+    with _client(ctx) as client:
+        rows = [_shown(c) for c in client.consents(case_id)]
+    render(rows, fmt, columns=_COLUMNS, title=f"consents for {case_id}")
+
+
+@app.command("revoke")
+def revoke(
+    ctx: typer.Context,
+    consent_id: Annotated[str, typer.Argument(help="The consent to withdraw.")],
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Withdraw a consent: undelivered envelopes are purged at the broker, and every agency
+    that received a referral under it is told to purge it."""
+    with _client(ctx) as client:
+        consent = client.revoke_consent(consent_id)
+    render_one(_shown(consent), fmt, title="consent revoked")

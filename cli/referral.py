@@ -1,0 +1,129 @@
+"""``tessera referral``: send, receive and answer consented referrals (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+import typer
+
+from cli import context
+from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+
+app = typer.Typer(no_args_is_help=True)
+
+_COLUMNS = ["referral_id", "direction", "agency", "need", "state", "decline_reason", "waiting"]
+
+
+class Reason(enum.StrEnum):
+    """Why a referral is declined."""
+
+    NO_CAPACITY = "no_capacity"
+    NOT_ELIGIBLE = "not_eligible"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    SURVIVOR_UNREACHABLE = "survivor_unreachable"
+    OTHER = "other"
+
+
+def _client(ctx: typer.Context) -> Any:
+    from node.client import NodeClient
+
+    return NodeClient(context.get(ctx).home)
+
+
+@app.command("send")
+def send(
+    ctx: typer.Context,
+    case_id: Annotated[str, typer.Argument(help="The survivor's case.")],
+    to: Annotated[str, typer.Option("--to", help="The receiving agency's directory id.")],
+    need: Annotated[str, typer.Option(help="The need category the referral is for.")],
+    consent: Annotated[
+        str, typer.Option(help="The consent to send under (default: the active one).")
+    ] = "",
+    note: Annotated[
+        str, typer.Option(help="A note for the receiving caseworker (needs 'notes' consent).")
+    ] = "",
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Send a referral: only the fields the survivor consented to leave the node."""
+    from cli.case import _category
+
+    with _client(ctx) as client:
+        referral = client.send_referral(case_id, to, _category(need), consent_id=consent, note=note)
+    render_one(referral, fmt, title="referral queued")
+
+
+@app.command("list")
+def list_referrals(
+    ctx: typer.Context,
+    case_id: Annotated[str, typer.Option("--case", help="Only referrals from this case.")] = "",
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Referrals sent and received, most recently changed first, with how long each waited."""
+    with _client(ctx) as client:
+        rows = client.referrals(case_id=case_id)
+    render(rows, fmt, columns=_COLUMNS, title="referrals")
+
+
+@app.command("inbox")
+def inbox(
+    ctx: typer.Context,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Include referrals already answered.")
+    ] = False,
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Referrals received and waiting for an answer, oldest first."""
+    with _client(ctx) as client:
+        rows = client.inbox(include_answered=everything)
+    render(rows, fmt, columns=_COLUMNS, title="inbox")
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    referral_id: Annotated[str, typer.Argument(help="The referral.")],
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Show one referral with the survivor's fields (the read is recorded in the audit log)."""
+    with _client(ctx) as client:
+        referral = client.show_referral(referral_id)
+    render_one(referral, fmt, title="referral")
+
+
+@app.command("accept")
+def accept(
+    ctx: typer.Context,
+    referral_id: Annotated[str, typer.Argument(help="The referral.")],
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Accept a received referral (the sender is told)."""
+    with _client(ctx) as client:
+        render_one(client.answer_referral(referral_id, "accept"), fmt, title="accepted")
+
+
+@app.command("decline")
+def decline(
+    ctx: typer.Context,
+    referral_id: Annotated[str, typer.Argument(help="The referral.")],
+    reason: Annotated[Reason, typer.Option(help="Why.")],
+    text: Annotated[
+        str, typer.Option(help="Words for the sender (required with 'other'); no survivor data.")
+    ] = "",
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Decline a received referral with a reason (the sender is told)."""
+    with _client(ctx) as client:
+        answered = client.answer_referral(referral_id, "decline", reason.value, text)
+    render_one(answered, fmt, title="declined")
+
+
+@app.command("complete")
+def complete(
+    ctx: typer.Context,
+    referral_id: Annotated[str, typer.Argument(help="The referral.")],
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Record that the service was provided (after accepting; the sender is told)."""
+    with _client(ctx) as client:
+        render_one(client.answer_referral(referral_id, "complete"), fmt, title="completed")

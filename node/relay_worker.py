@@ -1,0 +1,331 @@
+"""The node's relay worker: pushes the outbox to the broker and opens what the broker delivers
+(DESIGN.md section 6; node.store.referrals describes the store calls it makes).
+
+Two asyncio tasks, started by ``node.server.start_node`` once the node is enrolled:
+
+- the outbox pusher sends each queued envelope with ``Relay.Send`` (its idempotency key makes a
+  retry harmless) and marks it sent only after the broker accepted it; a failure is counted on
+  the row and retried with back-off. :meth:`RelayWorker.wake` pushes at once.
+- the receiver follows ``Relay.Receive``, opens and verifies every delivery against the sender's
+  pinned directory record, applies it to the store (each message takes effect once), and only
+  then acknowledges it, so the broker deletes nothing the node has not stored. An envelope that
+  fails verification is audited ``envelope.refused`` and acknowledged (dropped): nothing from it
+  is stored, and it is not redelivered for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from node import directory_sync
+from node.envelopes import (
+    OpenedEnvelope,
+    ReceivedPurgeConfirmation,
+    ReceivedReferral,
+    ReceivedRevocation,
+    ReceivedStatus,
+    ReferralStatus,
+    open_envelope,
+    purge_confirmation_envelope,
+    status_envelope,
+)
+from node.keyring import Keyring
+from node.store.cases import NodeStore
+from node.store.referrals import RELAY_ACTOR, OutboxItem, OutgoingEnvelope, ReferralStore
+from tessera import directory, rpc
+from tessera.config import Limits
+from tessera.errors import TesseraError
+from tessera.logs import fields
+from tessera.v1 import relay_pb2 as relay_pb
+from tessera.v1 import relay_pb2_grpc as relay_grpc
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL = 5.0
+_MIN_BACKOFF = 0.2
+_MAX_BACKOFF = 10.0
+_CALL_TIMEOUT = 15.0
+_BATCH = 100
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class RelayWorker:
+    """The outbox pusher and the receiver of one enrolled node."""
+
+    def __init__(
+        self,
+        store: NodeStore,
+        referrals: ReferralStore,
+        keyring: Keyring,
+        home: Path,
+        link: directory_sync.BrokerLink,
+        limits: Limits | None = None,
+    ) -> None:
+        self._store = store
+        self._referrals = referrals
+        self._keyring = keyring
+        self._link = link
+        self._limits = limits or Limits()
+        self._home = home
+        self._wake = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def agency_id(self) -> str:
+        return self._link.agency_id
+
+    def start(self) -> None:
+        """Open the broker channel and start both tasks (inside the running loop)."""
+        self._channel = rpc.open_aio_channel(
+            self._link.address,
+            self._link.certificate,
+            self._keyring.identity,
+            self._limits.max_message_bytes,
+        )
+        self._tasks = [
+            asyncio.create_task(self._push_loop(), name="relay-outbox"),
+            asyncio.create_task(self._receive_loop(), name="relay-receiver"),
+        ]
+
+    def wake(self) -> None:
+        """Push the outbox now (something was just queued)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Cancel both tasks and close the channel."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def _stub(self) -> Any:
+        """The Relay stub on the asyncio channel (its calls are awaitable; typed Any)."""
+        assert self._channel is not None
+        return relay_grpc.RelayStub(self._channel)
+
+    # --- the outbox pusher -------------------------------------------------------------------
+
+    async def _push_loop(self) -> None:
+        backoff = _MIN_BACKOFF
+        while True:
+            self._wake.clear()
+            try:
+                ok = await self.push_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database or the broker: retry with back-off
+                log.warning("relay.outbox_failed", extra=fields(error=str(exc)[:200]))
+                ok = False
+            if ok:
+                backoff = _MIN_BACKOFF
+                wait = _IDLE_POLL
+            else:
+                wait = backoff
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+    async def push_once(self) -> bool:
+        """Send every pending envelope once; False if any of them failed."""
+        items = await asyncio.to_thread(self._referrals.pending_outbox, _BATCH)
+        ok = True
+        for item in items:
+            ok = await self._push(item) and ok
+        return ok
+
+    async def _push(self, item: OutboxItem) -> bool:
+        request = relay_pb.SendRequest(
+            recipient_agency_id=item.recipient_id,
+            idempotency_key=item.idempotency_key,
+            consent_commitment=item.consent_commitment,
+            sealed_envelope=item.sealed,
+        )
+        try:
+            reply = await self._stub().Send(request, timeout=_CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            error = rpc.error_from_rpc(exc, f"the broker at {self._link.address}")
+            await asyncio.to_thread(self._referrals.outbox_failed, item.id, str(error))
+            return False
+        receipt = reply.receipt.SerializeToString(deterministic=True)
+        await asyncio.to_thread(self._referrals.mark_outbox_sent, item.id, receipt)
+        return True
+
+    # --- the receiver ------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        backoff = _MIN_BACKOFF
+        while True:
+            try:
+                call = self._stub().Receive(relay_pb.ReceiveRequest(follow=True))
+                async for delivery in call:
+                    backoff = _MIN_BACKOFF
+                    await self.handle(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a dropped stream, the database: reconnect with back-off
+                log.warning("relay.receive_failed", extra=fields(error=str(exc)[:200]))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def handle(self, delivery: relay_pb.Delivery) -> None:
+        """Open, verify and apply one delivery, then acknowledge it."""
+        sender_id = delivery.sender_agency_id
+        record = await asyncio.to_thread(self._sender_record, sender_id)
+        queued = False
+        if record is None:
+            await self._refuse(delivery, f"agency {sender_id!r} is not in the directory")
+        else:
+            try:
+                opened = self._open(record, delivery)
+            except Exception as exc:  # forged, tampered, misaddressed, malformed: drop it
+                await self._refuse(delivery, f"{type(exc).__name__}: {exc}")
+            else:
+                try:
+                    queued = await asyncio.to_thread(self._apply, record, opened, delivery)
+                except TesseraError as exc:
+                    # Not about anything of ours, or not from the agency it concerns: drop it.
+                    # Any other failure (the database) propagates: no acknowledgement, redelivered.
+                    await self._refuse(delivery, f"{type(exc).__name__}: {exc}")
+        await self._stub().Acknowledge(
+            relay_pb.AcknowledgeRequest(delivery_ids=[delivery.delivery_id]),
+            timeout=_CALL_TIMEOUT,
+        )
+        if queued:
+            self.wake()
+
+    def _sender_record(self, sender_id: str) -> directory.AgencyRecord | None:
+        cache = directory_sync.load_cache(self._home)
+        record = cache.records.get(sender_id)
+        if record is None:
+            # A transport failure raises here: the delivery stays at the broker for later.
+            cache = directory_sync.sync(self._home, self._keyring.identity, self._link)
+            record = cache.records.get(sender_id)
+        return record
+
+    def _open(self, sender: directory.AgencyRecord, delivery: relay_pb.Delivery) -> OpenedEnvelope:
+        """Open and verify one delivery (node.envelopes.open_envelope); raises if it fails."""
+        return open_envelope(
+            self._keyring.identity,
+            self.agency_id,
+            sender,
+            bytes(delivery.sealed_envelope),
+            _now(),
+            delivery_commitment=bytes(delivery.consent_commitment),
+        )
+
+    def _apply(
+        self,
+        sender: directory.AgencyRecord,
+        opened: OpenedEnvelope,
+        delivery: relay_pb.Delivery,
+    ) -> bool:
+        """Apply one verified envelope to the store; True if a reply was queued."""
+        identity = self._keyring.identity
+        now = _now()
+        if isinstance(opened, ReceivedReferral):
+            message_id = str(uuid.uuid4())
+            sealed = status_envelope(
+                identity,
+                self.agency_id,
+                sender,
+                opened.referral_id,
+                ReferralStatus.DELIVERED,
+                None,
+                "",
+                now,
+                message_id,
+            )
+            self._referrals.store_incoming(
+                opened,
+                delivery.delivery_id,
+                reply=OutgoingEnvelope(sender.agency_id, message_id, sealed),
+            )
+            return True
+        if isinstance(opened, ReceivedStatus):
+            self._referrals.apply_status(
+                RELAY_ACTOR,
+                opened.referral_id,
+                opened.sender_agency_id,
+                opened.status,
+                opened.decline_reason,
+                opened.decline_text,
+                opened.message_id,
+                status_at=opened.status_at,
+            )
+            return False
+        if isinstance(opened, ReceivedRevocation):
+            revocation = opened
+            self._referrals.purge_incoming(
+                revocation.referral_id,
+                RELAY_ACTOR,
+                revocation,
+                confirm=lambda names: self._confirmation(sender, revocation, names),
+            )
+            return True
+        assert isinstance(opened, ReceivedPurgeConfirmation)
+        self._referrals.record_purge_confirmation(RELAY_ACTOR, opened)
+        return False
+
+    def _confirmation(
+        self,
+        sender: directory.AgencyRecord,
+        revocation: ReceivedRevocation,
+        names: tuple[str, ...],
+    ) -> OutgoingEnvelope | None:
+        message_id = str(uuid.uuid4())
+        now = _now()
+        try:
+            sealed = purge_confirmation_envelope(
+                self._keyring.identity,
+                self.agency_id,
+                sender,
+                revocation.referral_id,
+                revocation.consent_id,
+                names,
+                now,
+                now,
+                message_id,
+            )
+        except TesseraError as exc:  # must not raise: the purge happens anyway
+            log.warning("relay.confirmation_failed", extra=fields(error=str(exc)[:200]))
+            return None
+        return OutgoingEnvelope(sender.agency_id, message_id, sealed)
+
+    async def _refuse(self, delivery: relay_pb.Delivery, reason: str) -> None:
+        detail: dict[str, Any] = {
+            "sender_id": delivery.sender_agency_id,
+            "delivery_id": delivery.delivery_id,
+            "reason": reason[:300],
+        }
+        log.warning("relay.envelope_refused", extra=fields(**detail))
+        await asyncio.to_thread(self._store.audit, RELAY_ACTOR, "envelope.refused", None, detail)
+
+
+def start_worker(
+    store: NodeStore, referrals: ReferralStore, keyring: Keyring, home: Path, limits: Limits
+) -> RelayWorker | None:
+    """A started worker if the node is enrolled (``broker.json`` exists), else None."""
+    if not (home / directory_sync.LINK_FILE).exists():
+        return None
+    link = directory_sync.load_link(home)
+    worker = RelayWorker(store, referrals, keyring, home, link, limits)
+    worker.start()
+    return worker
