@@ -1,8 +1,9 @@
 """``tessera demo``: the system on this machine, end to end, saying what it does at each step.
 
-Today it runs what is built: a real agency node (TLS gRPC on loopback, SQLite, encrypted store)
-with synthetic HTCDS cases, staff roles, search, erasure, backup and the audit log. The broker,
-referral and statistics steps join it as those layers land (issues 5 to 8).
+It runs what is built: a broker and three agency nodes (TLS gRPC on loopback, SQLite, encrypted
+stores), enrolment, fingerprint verification, synthetic HTCDS cases, a consented referral sent,
+received and accepted, staff roles, erasure, backup and the audit log. The statistics round joins
+it with issue 7.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def command(
     ] = Path("demo-run"),
     cases: Annotated[int, typer.Option(help="Synthetic cases to import.")] = 36,
 ) -> None:
-    """Run a real node on loopback with synthetic cases and show what it does.
+    """Run a broker and three agency nodes on loopback and show what they do.
 
     Example: tessera demo --dir /tmp/tessera-demo
     """

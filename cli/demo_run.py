@@ -1,27 +1,57 @@
-"""The steps of ``tessera demo`` (kept out of cli/demo.py so ``tessera --help`` stays fast)."""
+"""The steps of ``tessera demo`` (kept out of cli/demo.py so ``tessera --help`` stays fast).
+
+A real region on loopback: a broker and three agency nodes (TLS gRPC, SQLite, each node's store
+encrypted), enrolled with one-time codes, fingerprints verified, synthetic HTCDS cases imported,
+one consented referral sent end to end and accepted. Private statistics join with issue 7.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from broker.operator_client import OperatorClient
+from broker.server import RunningBroker, start_broker
+from broker.setup import BrokerInit, init_broker
 from cli.context import CliContext
-from node import htcds
+from node import directory_sync, htcds
 from node.client import NodeClient
 from node.domain import StaffRole
-from node.server import start_node
+from node.keyring import open_keyring
+from node.server import RunningNode, start_node
 from node.setup import NodeInit, init_node
 from tessera import credential, crypto
 from tessera.config import KekSource
-from tessera.errors import ConfigError, PermissionDenied
+from tessera.errors import ConfigError, PermissionDenied, Unavailable
 from tessera.loop import LoopThread
 
 MARKER = ".tessera-demo"
+REGION = "north"
 console = Console()
+
+
+@dataclass(frozen=True)
+class Agency:
+    """One of the demo's agencies."""
+
+    agency_id: str
+    name: str
+    services: tuple[str, ...]
+
+
+AGENCIES = (
+    Agency("harbour-shelter", "Harbour Shelter", ("safe_housing", "basic_needs")),
+    Agency("lantern-clinic", "Lantern Clinic", ("medical", "mental_health")),
+    Agency("beacon-legal", "Beacon Legal Aid", ("legal_criminal", "immigration")),
+)
 
 
 def step(text: str) -> None:
@@ -33,40 +63,37 @@ def run_demo(directory: Path, cases: int, _cli: CliContext) -> None:
     """Run the demo in ``directory``; a second run resets it (only if the demo made it)."""
     started = time.perf_counter()
     _prepare(directory)
-    home = directory / "harbour-shelter"
-    key_file = directory / "harbour-shelter.key"
-
-    step(
-        "Creating the agency node 'Harbour Shelter': identity keys, key-encryption key "
-        "(a key file, so the demo needs no passphrase), TLS certificate, SQLite database"
-    )
-    settings = init_node(
-        NodeInit(
-            home=home,
-            name="Harbour Shelter",
-            region="north",
-            listen="127.0.0.1:0",
-            kek_source=KekSource.KEY_FILE,
-            key_file=key_file,
-        ),
-        None,
-    )
     loop = LoopThread()
-    running = loop.run(start_node(settings, None))
+    running: list[RunningBroker | RunningNode] = []
     try:
-        step(f"Node serving TLS gRPC on {running.address} (health and reflection included)")
-        with NodeClient(home) as admin:
-            _walk_through(admin, home, directory, cases)
+        broker_home = directory / "broker"
+        step(f"Creating the regional broker for region '{REGION}' (signing key, TLS, SQLite)")
+        broker_settings = init_broker(
+            BrokerInit(home=broker_home, name="North broker", region=REGION, listen="127.0.0.1:0")
+        )
+        broker = loop.run(start_broker(broker_settings))
+        running.append(broker)
+        console.print(f"  broker serving on {broker.address}; it will only ever see ciphertext")
+        homes: dict[str, Path] = {}
+        for agency in AGENCIES:
+            homes[agency.agency_id] = _make_agency(directory, broker_home, agency)
+        for agency in AGENCIES:
+            node = loop.run(start_node(_settings(homes[agency.agency_id]), None))
+            running.append(node)
+        step("Nodes serving; each relays through the broker in the background")
+        clients = {a.agency_id: NodeClient(homes[a.agency_id]) for a in AGENCIES}
+        try:
+            _verify_fingerprints(clients)
+            _walk_through(clients, homes, directory, cases)
+        finally:
+            for client in clients.values():
+                client.close()
     finally:
-        loop.run(running.stop(grace=0.5))
+        for server in reversed(running):
+            loop.run(server.stop(grace=0.5))
         loop.close()
     console.print(f"\n[bold green]Demo finished in {time.perf_counter() - started:.1f} s.[/]")
-    console.print("Try it yourself (the node protects itself with the demo's key file):")
-    console.print(f"  tessera --home {home} node serve &")
-    console.print(f"  tessera --home {home} case list --names")
-    console.print(f'  tessera --home {home} case find --name "<a name from the list>"')
-    console.print(f"  tessera --home {directory / 'caseworker'} case list")
-    console.print(f"  tessera --home {home} node audit verify")
+    _print_next_steps(directory, homes)
 
 
 def _prepare(directory: Path) -> None:
@@ -81,55 +108,149 @@ def _prepare(directory: Path) -> None:
     (directory / MARKER).write_text("made by `tessera demo`; reset on every run\n")
 
 
-def _walk_through(admin: NodeClient, home: Path, directory: Path, cases: int) -> None:
-    records = htcds.synthetic_records(cases, seed=2026)
-    spreadsheet = directory / "intake.xlsx"
-    htcds.write_xlsx(spreadsheet, records)
+def _settings(home: Path) -> Any:
+    from tessera import config
+
+    return config.load(home, {})
+
+
+def _make_agency(directory: Path, broker_home: Path, agency: Agency) -> Path:
+    home = directory / agency.agency_id
     step(
-        f"Importing {cases} synthetic HTCDS cases from {spreadsheet.name} "
-        "(fictional people; each survivor gets a data key of their own)"
+        f"Creating agency node '{agency.name}' (keys, key-encryption key in a key file, TLS, "
+        "encrypted SQLite store) and enrolling it with a one-time code"
     )
-    result = admin.import_cases(spreadsheet, False, lambda *_p: None)
-    console.print(f"  imported {result['imported']} case(s)")
-    spreadsheet.unlink()  # the demo leaves no plaintext survivor data outside the store
+    init_node(
+        NodeInit(
+            home=home,
+            name=agency.name,
+            region=REGION,
+            listen="127.0.0.1:0",
+            kek_source=KekSource.KEY_FILE,
+            key_file=directory / f"{agency.agency_id}.key",
+        ),
+        None,
+    )
+    with OperatorClient(broker_home) as operator:
+        code = operator.enrolment_code(agency.agency_id, 1)
+    identity = open_keyring(home, None).identity
+    directory_sync.enrol(home, identity, code, agency.name, agency.services)
+    console.print(f"  {agency.agency_id}: fingerprint {identity.public.fingerprint()}")
+    return home
 
-    step("Recording aftercare needs (codes only; they identify no one)")
-    rng = random.Random(7)  # noqa: S311 - synthetic demo data, nothing secret
-    categories = list(htcds.NeedCategory)
-    statuses = list(htcds.NeedStatus)
-    for case_id in result["case_ids"]:
-        for category in rng.sample(categories, 2):
-            admin.set_need(case_id, category, rng.choice(statuses))
 
-    target = records[0]
-    name = f"{target['prs_FirstName']} {target['prs_SecondName']}"
-    step(f"Finding '{name}' through the keyed blind index (no plaintext is searched)")
-    found = admin.find_cases(
+def _verify_fingerprints(clients: dict[str, NodeClient]) -> None:
+    step("Administrators compare fingerprints out of band and mark each other verified")
+    prints = {agency_id: client.status()["fingerprint"] for agency_id, client in clients.items()}
+    for agency_id, client in clients.items():
+        for other, fingerprint in prints.items():
+            if other != agency_id:
+                client.verify_agency(other, fingerprint)
+
+
+def _walk_through(
+    clients: dict[str, NodeClient], homes: dict[str, Path], directory: Path, cases: int
+) -> None:
+    shelter, clinic = clients["harbour-shelter"], clients["lantern-clinic"]
+    imported: dict[str, list[str]] = {}
+    records_by_agency: dict[str, list[dict[str, str]]] = {}
+    for offset, (agency_id, client) in enumerate(clients.items()):
+        records = htcds.synthetic_records(cases, seed=2026 + offset)
+        records_by_agency[agency_id] = records
+        spreadsheet = directory / f"{agency_id}-intake.xlsx"
+        htcds.write_xlsx(spreadsheet, records)
+        step(f"{agency_id}: importing {cases} synthetic HTCDS cases (fictional people)")
+        imported[agency_id] = client.import_cases(spreadsheet, False, lambda *_p: None)["case_ids"]
+        spreadsheet.unlink()  # the demo leaves no plaintext survivor data outside the stores
+    _record_needs(clients, imported)
+
+    target = records_by_agency["harbour-shelter"][0]
+    case_id = shelter.find_cases(
         {"prs_FirstName": target["prs_FirstName"], "prs_SecondName": target["prs_SecondName"]}
+    )[0]["case_id"]
+    step(f"harbour-shelter: found case {case_id} through the keyed blind index")
+    shelter.set_need(case_id, htcds.NeedCategory.MEDICAL, htcds.NeedStatus.IDENTIFIED)
+    step(
+        "The survivor consents, verbally, to share identity and contact details with "
+        "Lantern Clinic for medical care; the caseworker records it"
     )
-    console.print(f"  found case {found[0]['case_id']}")
+    consent = shelter.grant_consent(
+        case_id,
+        "lantern-clinic",
+        htcds.NeedCategory.MEDICAL,
+        ["identity", "contact"],
+        dt.date.today() + dt.timedelta(days=30),
+        "verbal",
+    )
+    step("Sending the referral: only consented fields, signed, sealed to the clinic's key")
+    referral = shelter.send_referral(
+        case_id, "lantern-clinic", htcds.NeedCategory.MEDICAL, consent_id=consent["consent_id"]
+    )
+    incoming = _wait_for(lambda: next(iter(clinic.inbox()), None), "the referral to arrive")
+    shown = clinic.show_referral(incoming["referral_id"])
+    console.print(
+        f"  the clinic received {len(shown['fields'])} field(s): "
+        f"{', '.join(sorted(shown['fields']))} (nothing else left the shelter)"
+    )
+    step("Lantern Clinic accepts; the status travels back end-to-end encrypted")
+    clinic.answer_referral(incoming["referral_id"], "accept")
+    _wait_for(
+        lambda: next(
+            (
+                r
+                for r in shelter.referrals("outgoing")
+                if r["referral_id"] == referral["referral_id"] and r["state"] == "accepted"
+            ),
+            None,
+        ),
+        "the acceptance",
+    )
+    need = next(n for n in shelter.get_case(case_id)["needs"] if n["category"] == "medical")
+    console.print(f"  at the shelter the medical need is now '{need['status']}'")
+    disclosures = shelter.disclosures(case_id)
+    console.print(
+        f"  accounting of disclosures for the case: {len(disclosures)} entr"
+        f"{'y' if len(disclosures) == 1 else 'ies'} (who received what, and when)"
+    )
 
-    step("Checking the raw database file for survivors' names, e-mails and phones")
-    raw = (home / "tessera.db").read_bytes() + _read(home / "tessera.db-wal")
+    _check_disk(homes, records_by_agency)
+    _node_operations(clients, homes, directory, imported)
+
+
+def _check_disk(homes: dict[str, Path], records_by_agency: dict[str, list[dict[str, str]]]) -> None:
+    step("Checking every node's raw database file for survivors' names, e-mails and phones")
+    raw = b"".join(
+        _read(homes[a] / "tessera.db") + _read(homes[a] / "tessera.db-wal") for a in homes
+    )
+    everything = [r for records in records_by_agency.values() for r in records]
     # Short or all-digit values (postal codes) can occur by chance inside timestamps; skip them.
     leaked = [
         v
-        for r in records
+        for r in everything
         for k, v in r.items()
         if k in htcds.IDENTIFYING_FIELDS and len(v) > 4 and not v.isdigit() and v.encode() in raw
     ]
     console.print(f"  plaintext identifiers found on disk: {len(leaked)}")
 
+
+def _node_operations(
+    clients: dict[str, NodeClient],
+    homes: dict[str, Path],
+    directory: Path,
+    imported: dict[str, list[str]],
+) -> None:
+    shelter = clients["harbour-shelter"]
+
     step("Issuing a caseworker credential; a caseworker may not export the whole store")
     identity = crypto.Identity.generate()
-    admin.add_staff("Ana Ruiz", StaffRole.CASEWORKER, identity.public.signing_key)
+    shelter.add_staff("Ana Ruiz", StaffRole.CASEWORKER, identity.public.signing_key)
     credential.write(
         directory / "caseworker",
         credential.Credential(
             name="Ana Ruiz",
             identity=identity,
-            node_address=admin.address,
-            node_certificate=(home / "tls" / "server.crt").read_bytes(),
+            node_address=shelter.address,
+            node_certificate=(homes["harbour-shelter"] / "tls" / "server.crt").read_bytes(),
         ),
     )
     with NodeClient(directory / "caseworker") as ana:
@@ -138,21 +259,58 @@ def _walk_through(admin: NodeClient, home: Path, directory: Path, cases: int) ->
         except PermissionDenied as refused:
             console.print(f"  refused, as it should be: {refused.message}")
 
-    erased = result["case_ids"][-1]
+    erased = imported["harbour-shelter"][-1]
     step(f"Erasing case {erased} by destroying its data key (crypto-shredding)")
-    admin.erase_case(erased, "survivor asked")
-    made = admin.backup(None)
+    shelter.erase_case(erased, "survivor asked")
+    made = shelter.backup(None)
     step(f"Encrypted backup written: {Path(made['path']).name} ({made['size']:,} bytes)")
-    report = admin.verify_audit()
+    report = shelter.verify_audit()
     step(
         f"Audit log verified: {report['entries']} signed, hash-chained entries, "
         f"intact={report['intact']}"
     )
-    unmet = admin.list_cases(None, None, htcds.NeedStatus.UNMET, False, 1000)
-    console.print(
-        f"  cases with an unmet need at this agency: {len(unmet)} (the broker's "
-        "private statistics will pool such counts across agencies; issue 7)"
+    unmet = sum(
+        len(c.list_cases(None, None, htcds.NeedStatus.UNMET, False, 1000)) for c in clients.values()
     )
+    console.print(
+        f"  cases with an unmet need across the three agencies: {unmet} — private "
+        "statistics rounds that release such counts with error bars come with issue 7"
+    )
+
+
+def _record_needs(clients: dict[str, NodeClient], imported: dict[str, list[str]]) -> None:
+    step("Recording aftercare needs (codes only; they identify no one)")
+    rng = random.Random(7)  # noqa: S311 - synthetic demo data, nothing secret
+    categories = list(htcds.NeedCategory)
+    statuses = list(htcds.NeedStatus)
+    for agency_id, client in clients.items():
+        for case_id in imported[agency_id]:
+            for category in rng.sample(categories, 2):
+                client.set_need(case_id, category, rng.choice(statuses))
+
+
+def _wait_for(probe: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise Unavailable(f"timed out waiting for {what}", hint="see the nodes' logs")
+
+
+def _print_next_steps(directory: Path, homes: dict[str, Path]) -> None:
+    console.print("Try it yourself (the nodes protect themselves with the demo's key files):")
+    console.print(f"  tessera --home {directory / 'broker'} broker serve &")
+    for home in homes.values():
+        console.print(f"  tessera --home {home} node serve &")
+    shelter = homes["harbour-shelter"]
+    console.print(f"  tessera --home {shelter} case list --names")
+    console.print(f"  tessera --home {shelter} referral list")
+    console.print(f"  tessera --home {homes['lantern-clinic']} referral inbox --all")
+    console.print(f"  tessera --home {shelter} agency list")
+    console.print(f"  tessera --home {directory / 'caseworker'} case list")
+    console.print(f"  tessera --home {shelter} node audit verify")
 
 
 def _read(path: Path) -> bytes:

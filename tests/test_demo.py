@@ -30,9 +30,11 @@ def test_demo_runs_twice_in_the_same_directory_and_leaks_nothing(tmp_path: Path)
     assert first.returncode == 0, first.stderr
     assert "Demo finished" in first.stdout
     assert "plaintext identifiers found on disk: 0" in first.stdout
+    assert "the medical need is now 'in_progress'" in first.stdout
     second = _demo(directory)  # a second run in the same directory works too
     assert second.returncode == 0, second.stderr
-    records = synthetic_records(36, seed=2026)  # the demo's own synthetic cases
+    # The demo's own synthetic cases, one seed per agency.
+    records = [r for seed in (2026, 2027, 2028) for r in synthetic_records(36, seed=seed)]
     secrets = {
         v
         for r in records
