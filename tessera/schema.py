@@ -1,7 +1,7 @@
 """Versioned schema migrations (Alembic) for one component's database: the node's or the broker's.
 
 Upgrading Tessera never loses data: a schema only moves forward through the revisions in its
-``migrations/versions`` folder, applied at start-up in one transaction. Several processes may
+``migrations/versions`` folder, applied at start-up in one transaction (explicitly begun on SQLite, whose driver would commit each DDL statement on its own). Several processes may
 start at once on one PostgreSQL: a transaction-scoped advisory lock lets exactly one migrate
 while the others wait, then find nothing left to do.
 """
@@ -39,6 +39,11 @@ class Schema:
         """Bring the schema to the newest revision (a no-op when it is already there)."""
         cfg = self._config()
         with engine.begin() as connection:
+            if connection.dialect.name == "sqlite":
+                # Python's sqlite3 driver opens no transaction before DDL, so each CREATE TABLE
+                # would commit on its own and a crash mid-migration would leave a database that
+                # never opens again. An explicit one makes the whole upgrade atomic.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
             self._lock(connection)
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
