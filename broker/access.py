@@ -18,6 +18,8 @@ AGENCY = "agency"
 PUBLIC = frozenset({"/tessera.v1.Directory/GetBrokerInfo", "/tessera.v1.Directory/Enrol"})
 
 _READ_DIRECTORY = frozenset({AGENCY, BrokerRole.OPERATOR.value, BrokerRole.COORDINATOR.value})
+# Statistics rounds are opened and restarted by a coordinator or an operator (DESIGN.md §7).
+_COORDINATE = frozenset({BrokerRole.OPERATOR.value, BrokerRole.COORDINATOR.value})
 _ROLES: dict[str, frozenset[str]] = {
     "/tessera.v1.Directory/IssueEnrolmentToken": frozenset({BrokerRole.OPERATOR.value}),
     "/tessera.v1.Directory/RotateKeys": frozenset({AGENCY}),
@@ -30,6 +32,13 @@ _ROLES: dict[str, frozenset[str]] = {
     "/tessera.v1.Relay/Receive": frozenset({AGENCY}),
     "/tessera.v1.Relay/Acknowledge": frozenset({AGENCY}),
     "/tessera.v1.Relay/PurgeConsent": frozenset({AGENCY}),
+    "/tessera.v1.Stats/OpenRound": _COORDINATE,
+    "/tessera.v1.Stats/RestartRound": _COORDINATE,
+    "/tessera.v1.Stats/SubmitShare": frozenset({AGENCY}),
+    "/tessera.v1.Stats/GetRound": _READ_DIRECTORY,
+    "/tessera.v1.Stats/ListRounds": _READ_DIRECTORY,
+    "/tessera.v1.Stats/GetRelease": _READ_DIRECTORY,
+    "/tessera.v1.Stats/ListReleases": _READ_DIRECTORY,
 }
 
 

@@ -9,9 +9,12 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
+from sqlalchemy import text
+
 from broker import access
 from broker import identity as broker_identity
 from broker.service import DirectoryServicer, DirectoryView, RelayServicer
+from broker.stats import StatsServicer
 from broker.store.database import open_database
 from broker.store.relay import BrokerStore
 from tessera import crypto, metrics, rpc, tls
@@ -22,13 +25,17 @@ from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
+from tessera.v1 import stats_pb2 as stats_pb
+from tessera.v1 import stats_pb2_grpc as stats_grpc
 
 log = logging.getLogger(__name__)
 SERVICES = [
     directory_pb.DESCRIPTOR.services_by_name["Directory"].full_name,
     relay_pb.DESCRIPTOR.services_by_name["Relay"].full_name,
+    stats_pb.DESCRIPTOR.services_by_name["Stats"].full_name,
 ]
 _HOUSEKEEPING_SECONDS = 30.0
+_HEALTH_INTERVAL = 5.0
 
 
 @dataclass
@@ -42,6 +49,7 @@ class RunningBroker:
     address: str
     relay: RelayServicer
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics: metrics.MetricsServer | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving, release this process's leases, close the database."""
@@ -50,13 +58,22 @@ class RunningBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
         await asyncio.to_thread(self.store.release, self.relay.owner)
         self.store.engine.dispose()
         (self.settings.home / RUN_FILE).unlink(missing_ok=True)
 
 
-async def start_broker(settings: Settings) -> RunningBroker:
-    """Migrate the database, verify the directory log, start the TLS gRPC server."""
+async def start_broker(
+    settings: Settings, health_interval: float = _HEALTH_INTERVAL
+) -> RunningBroker:
+    """Migrate the database, verify the directory log, start the TLS gRPC server.
+
+    ``health_interval`` is how often (seconds) the database is checked for the health service;
+    with ``metrics_port`` set, Prometheus metrics are served on 127.0.0.1 at that port.
+    """
     identity = broker_identity.load_identity(settings.home)
     engine = await asyncio.to_thread(open_database, settings.effective_database_url)
     store = BrokerStore(engine)
@@ -88,11 +105,13 @@ async def start_broker(settings: Settings) -> RunningBroker:
     )
     directory_servicer = DirectoryServicer(settings, store, identity, view)
     relay = RelayServicer(settings, store, identity, view)
+    stats = StatsServicer(settings, engine, identity, view)
     server = await rpc.start_server(
         listen=settings.listen,
         add_services=[
             lambda s: directory_grpc.add_DirectoryServicer_to_server(directory_servicer, s),
             lambda s: relay_grpc.add_RelayServicer_to_server(relay, s),
+            lambda s: stats_grpc.add_StatsServicer_to_server(stats, s),
         ],
         service_names=SERVICES,
         cert_pem=tls.read_pem(settings.cert_path),
@@ -101,10 +120,24 @@ async def start_broker(settings: Settings) -> RunningBroker:
         max_message_bytes=settings.limits.max_message_bytes,
     )
     address = reachable_address(settings.listen, server.port)
+    try:
+        exporter = metrics.serve_metrics(settings.metrics_port) if settings.metrics_port else None
+    except Exception:
+        await server.stop(0)
+        engine.dispose()
+        raise
     write_run_file(settings.home, address)
-    running = RunningBroker(settings, server, store, identity, address, relay)
+    running = RunningBroker(settings, server, store, identity, address, relay, metrics=exporter)
     running._tasks.append(asyncio.create_task(_housekeeping(running)))
-    log.info("broker.started", extra=fields(address=address, region=settings.region))
+    running._tasks.append(asyncio.create_task(_watch_database(running, health_interval)))
+    log.info(
+        "broker.started",
+        extra=fields(
+            address=address,
+            region=settings.region,
+            metrics=exporter.address if exporter else "off",
+        ),
+    )
     return running
 
 
@@ -135,3 +168,26 @@ async def _housekeeping(running: RunningBroker) -> None:
         except Exception:  # housekeeping must never take the server down
             log.exception("broker.housekeeping_failed")
         await asyncio.sleep(_HOUSEKEEPING_SECONDS)
+
+
+async def _watch_database(running: RunningBroker, interval: float) -> None:
+    """Report NOT_SERVING while the database cannot be reached, SERVING once it is back."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        ok = await asyncio.to_thread(_database_ok, running.store)
+        if ok != serving:
+            serving = ok
+            await running.server.set_serving(ok)
+            log.warning("broker.health", extra=fields(serving=ok))
+
+
+def _database_ok(store: BrokerStore) -> bool:
+    try:
+        with store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception:  # any failure to reach the database means not serving
+        metrics.DATABASE_UP.set(0)
+        return False
+    metrics.DATABASE_UP.set(1)
+    return True

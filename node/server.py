@@ -21,7 +21,7 @@ from node.service import NodeServicer
 from node.store.cases import NodeStore
 from node.store.database import open_database
 from node.store.referrals import ReferralStore
-from tessera import crypto, rpc, tls
+from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, reachable_address, write_run_file
 from tessera.logs import fields
@@ -44,6 +44,7 @@ class RunningNode:
     address: str
     _health_task: asyncio.Task[None] | None = None
     relay: RelayWorker | None = None
+    metrics: metrics.MetricsServer | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving and relaying, close the database, forget the run file."""
@@ -55,12 +56,21 @@ class RunningNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
         self.store.engine.dispose()
         (self.settings.home / RUN_FILE).unlink(missing_ok=True)
 
 
-async def start_node(settings: Settings, passphrase: str | None) -> RunningNode:
-    """Open the keyring (Argon2id runs once, here), migrate the database, start the server."""
+async def start_node(
+    settings: Settings, passphrase: str | None, health_interval: float = _HEALTH_INTERVAL
+) -> RunningNode:
+    """Open the keyring (Argon2id runs once, here), migrate the database, start the server.
+
+    ``health_interval`` is how often (seconds) the database is checked for the health service;
+    with ``metrics_port`` set, Prometheus metrics are served on 127.0.0.1 at that port.
+    """
     keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
     engine = await asyncio.to_thread(open_database, settings.effective_database_url)
     store = NodeStore(engine, keyring, settings.home)
@@ -85,13 +95,27 @@ async def start_node(settings: Settings, passphrase: str | None) -> RunningNode:
         max_message_bytes=settings.limits.max_message_bytes,
     )
     address = reachable_address(settings.listen, server.port)
+    try:
+        exporter = metrics.serve_metrics(settings.metrics_port) if settings.metrics_port else None
+    except Exception:
+        await server.stop(0)
+        engine.dispose()
+        raise
     write_run_file(settings.home, address)
-    running = RunningNode(settings, server, store, keyring, address)
-    running._health_task = asyncio.create_task(_watch_database(running))
+    running = RunningNode(settings, server, store, keyring, address, metrics=exporter)
+    await asyncio.to_thread(_database_ok, store)  # the gauges are current from the first scrape
+    running._health_task = asyncio.create_task(_watch_database(running, health_interval))
     running.relay = start_worker(store, referrals, keyring, settings.home, settings.limits)
     if running.relay is not None:
         servicer.wake_relay = running.relay.wake
-    log.info("node.started", extra=fields(address=address, storage=engine.dialect.name))
+    log.info(
+        "node.started",
+        extra=fields(
+            address=address,
+            storage=engine.dialect.name,
+            metrics=exporter.address if exporter else "off",
+        ),
+    )
     return running
 
 
@@ -111,11 +135,11 @@ async def serve_until_signalled(
     await running.stop()
 
 
-async def _watch_database(running: RunningNode) -> None:
+async def _watch_database(running: RunningNode, interval: float) -> None:
     """Report NOT_SERVING while the database cannot be reached (issue 8 item 3)."""
     serving = True
     while True:
-        await asyncio.sleep(_HEALTH_INTERVAL)
+        await asyncio.sleep(interval)
         ok = await asyncio.to_thread(_database_ok, running.store)
         if ok != serving:
             serving = ok
@@ -124,9 +148,14 @@ async def _watch_database(running: RunningNode) -> None:
 
 
 def _database_ok(store: NodeStore) -> bool:
+    """Whether the database answers; also refreshes the database and case-count gauges."""
     try:
         with store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-        return True
+        cases = store.count_cases()
     except Exception:  # any failure to reach the database means not serving
+        metrics.DATABASE_UP.set(0)
         return False
+    metrics.DATABASE_UP.set(1)
+    metrics.NODE_CASES.set(cases)
+    return True

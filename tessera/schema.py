@@ -1,8 +1,9 @@
 """Versioned schema migrations (Alembic) for one component's database: the node's or the broker's.
 
 Upgrading Tessera never loses data: a schema only moves forward through the revisions in its
-``migrations/versions`` folder, applied at start-up in one transaction (explicitly begun on SQLite, whose driver would commit each DDL statement on its own). Several processes may
-start at once on one PostgreSQL: a transaction-scoped advisory lock lets exactly one migrate
+``migrations/versions`` folder, applied at start-up in one transaction (begun explicitly on
+SQLite, whose driver would otherwise commit each DDL statement on its own). Several processes
+may start at once on one PostgreSQL: a transaction-scoped advisory lock lets exactly one migrate
 while the others wait, then find nothing left to do.
 """
 

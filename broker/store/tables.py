@@ -148,6 +148,89 @@ class NonceRow(SQLModel, table=True):
     expires_at: dt.datetime = Field(index=True)
 
 
+# --- statistics rounds and releases (DESIGN.md section 7) ---------------------------------------
+
+
+class StatsRoundRow(SQLModel, table=True):
+    """One statistics round: its state and current attempt (the signed parameters are in
+    :class:`StatsAttemptRow`). ``seq`` orders rounds newest first; never shown outside the store."""
+
+    __tablename__ = "broker_stats_round"
+
+    seq: int | None = Field(
+        default=None, sa_column=Column(_ROWID, primary_key=True, autoincrement=True)
+    )
+    round_id: str = Field(max_length=36, unique=True)
+    # Chosen by the opener; repeating OpenRound with it returns the same round.
+    idempotency_key: str | None = Field(default=None, max_length=IDEMPOTENCY_KEY_CHARS, unique=True)
+    period: str = Field(max_length=7, index=True)
+    table_name: str = Field(max_length=ID_CHARS)
+    state: int
+    attempt: int
+    attempt_timeout_seconds: int
+    release_id: str | None = Field(default=None, max_length=36)
+    opened_at: dt.datetime
+
+
+class StatsAttemptRow(SQLModel, table=True):
+    """One attempt of a round: exactly the Round bytes the broker signed, and its signature."""
+
+    __tablename__ = "broker_stats_attempt"
+
+    round_id: str = Field(primary_key=True, max_length=36)
+    attempt: int = Field(primary_key=True)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    deadline: dt.datetime
+    abandoned_at: dt.datetime | None = None
+    abandon_reason: str | None = Field(default=None, max_length=500)
+
+
+class StatsParticipantRow(SQLModel, table=True):
+    """An agency listed in one attempt (so nodes can find the rounds they are in)."""
+
+    __tablename__ = "broker_stats_participant"
+
+    round_id: str = Field(primary_key=True, max_length=36)
+    attempt: int = Field(primary_key=True)
+    agency_id: str = Field(primary_key=True, max_length=ID_CHARS, index=True)
+
+
+class StatsShareRow(SQLModel, table=True):
+    """One participant's submission to an attempt.
+
+    ``cells`` (masked, or locally noised, little-endian uint64s) exists only until the attempt is
+    summed or abandoned; then it is set to NULL and only ``digest`` remains, so an identical retry
+    is still recognised. The broker never holds an unmasked single-agency table.
+    """
+
+    __tablename__ = "broker_stats_share"
+
+    round_id: str = Field(primary_key=True, max_length=36)
+    attempt: int = Field(primary_key=True)
+    agency_id: str = Field(primary_key=True, max_length=ID_CHARS)
+    digest: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    cells: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    submitted_at: dt.datetime
+
+
+class StatsReleaseRow(SQLModel, table=True):
+    """A broker-signed release: exactly the bytes signed, served unchanged forever."""
+
+    __tablename__ = "broker_stats_release"
+
+    seq: int | None = Field(
+        default=None, sa_column=Column(_ROWID, primary_key=True, autoincrement=True)
+    )
+    release_id: str = Field(max_length=36, unique=True)
+    round_id: str = Field(max_length=36, unique=True)
+    period: str = Field(max_length=7, index=True)
+    table_name: str = Field(max_length=ID_CHARS, index=True)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    released_at: dt.datetime
+
+
 BROKER_TABLES = frozenset(
     {
         EnrolmentTokenRow.__tablename__,
@@ -157,6 +240,11 @@ BROKER_TABLES = frozenset(
         ReceiptRow.__tablename__,
         PurgedConsentRow.__tablename__,
         NonceRow.__tablename__,
+        StatsRoundRow.__tablename__,
+        StatsAttemptRow.__tablename__,
+        StatsParticipantRow.__tablename__,
+        StatsShareRow.__tablename__,
+        StatsReleaseRow.__tablename__,
     }
 )
 """Every table the broker owns; its migrations ignore any other table in the database."""

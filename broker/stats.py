@@ -1,0 +1,542 @@
+"""tessera.v1.Stats on the broker: rounds, shares, releases (DESIGN.md section 7).
+
+The arithmetic and the privacy accounting come from :mod:`tessera.dp`; this module validates
+requests, signs rounds and releases with the broker's key, and keeps them in
+:class:`broker.store.stats.StatsStore`. The broker learns only sums: it never unmasks a share,
+drops every share's cells once the attempt is summed, and discards an abandoned attempt's shares
+unread. :class:`StatsClient` is the signed client coordinators and operators use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import Engine
+
+from broker.service import DirectoryView
+from broker.store.stats import STATE_OPEN, StatsStore, StoredRelease, StoredRound
+from tessera import credential, crypto, dp, rpc
+from tessera.config import Limits, Settings
+from tessera.errors import InvalidInput, NotFound, PermissionDenied, Refused
+from tessera.v1 import common_pb2 as common_pb
+from tessera.v1 import stats_pb2 as stats_pb
+from tessera.v1 import stats_pb2_grpc as stats_grpc
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+ALPHA = 0.05
+DEFAULT_ATTEMPT_TIMEOUT = dt.timedelta(days=7)
+MAX_ATTEMPT_TIMEOUT = dt.timedelta(days=90)
+MAX_CELLS = 10_000
+DEFAULT_PAGE = 100
+_PERIOD = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
+_KEY_CHARS = 128
+
+
+async def _run(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await asyncio.to_thread(func, *args, **kwargs)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _stamp(value: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value.astimezone(dt.UTC))
+    return stamp
+
+
+# --- tables: wire <-> dp ------------------------------------------------------------------------
+
+
+def spec_from_proto(table: stats_pb.TableSpec) -> dp.TableSpec:
+    """A wire TableSpec as a validated :class:`tessera.dp.TableSpec` (InvalidInput otherwise)."""
+    spec = dp.TableSpec(
+        name=table.name,
+        dimensions=tuple((d.name, tuple(d.values)) for d in table.dimensions),
+        contribution_bound=int(table.contribution_bound),
+    )
+    if spec.size > MAX_CELLS:
+        raise InvalidInput(f"a table has at most {MAX_CELLS} cells; this one has {spec.size}")
+    return spec
+
+
+def spec_to_proto(spec: dp.TableSpec) -> stats_pb.TableSpec:
+    """A :class:`tessera.dp.TableSpec` as it travels."""
+    return stats_pb.TableSpec(
+        name=spec.name,
+        dimensions=[stats_pb.TableDimension(name=n, values=list(v)) for n, v in spec.dimensions],
+        contribution_bound=spec.contribution_bound,
+    )
+
+
+def round_digest(body: bytes) -> bytes:
+    """digest(LABEL_ROUND, body of a signed Round): what a share names to be counted."""
+    return crypto.digest(crypto.LABEL_ROUND, body)
+
+
+def check_period(period: str) -> str:
+    """A period "YYYY-MM"."""
+    if not _PERIOD.match(period):
+        raise InvalidInput(f"the period must be YYYY-MM, not {period!r}")
+    return period
+
+
+# --- the release --------------------------------------------------------------------------------
+
+
+def build_release(
+    identity: crypto.Identity, round_body: bytes, vectors: Sequence[Sequence[int]], now: dt.datetime
+) -> tuple[str, bytes, bytes]:
+    """Sum the shares of one attempt and sign the Release: (release_id, body, signature).
+
+    Private rounds: the total noise is the sum of n shares of threshold t. Local-noise rounds:
+    every node added the full noise, so the total is n shares of threshold 1. Either way the
+    interval is :func:`tessera.dp.sum_accuracy` for the actual n, and ε is OpenDP's map for the
+    discrete Laplace of scale s = sensitivity / ε_round.
+    """
+    body = stats_pb.Round.FromString(round_body)
+    spec = spec_from_proto(body.table)
+    sensitivity = dp.l1_sensitivity(spec)
+    scale = dp.scale_for(body.epsilon, sensitivity)
+    n = len(vectors)
+    threshold = 1 if body.mode == stats_pb.ROUND_MODE_LOCAL_NOISE else int(body.threshold)
+    totals = dp.unmask_sum(vectors)
+    cells = dp.release_cells(totals, spec, n, threshold, scale, ALPHA)
+    release = stats_pb.Release(
+        release_id=str(uuid.uuid4()),
+        round_id=body.round_id,
+        attempt=body.attempt,
+        round_digest=round_digest(round_body),
+        table=body.table,
+        region=body.region,
+        period=body.period,
+        mode=body.mode,
+        cells=[
+            stats_pb.ReleasedCell(coordinates=list(c), value=v, lower=lo, upper=hi)
+            for c, v, lo, hi in cells
+        ],
+        epsilon=dp.epsilon_for(scale, sensitivity),
+        alpha=ALPHA,
+        participants=n,
+        mechanism=dp.describe_mechanism(n, threshold, scale),
+        # The total noise has sqrt(n / t) times the standard deviation of the discrete Laplace
+        # of scale s (n = t: exactly that distribution).
+        noise_scale=scale * math.sqrt(n / threshold),
+        accuracy=dp.sum_accuracy(n, threshold, scale, ALPHA),
+        released_at=_stamp(now),
+    )
+    signed = release.SerializeToString()
+    return release.release_id, signed, identity.sign(crypto.LABEL_RELEASE, signed)
+
+
+# --- the servicer -------------------------------------------------------------------------------
+
+
+class StatsServicer(stats_grpc.StatsServicer):
+    """tessera.v1.Stats: rounds opened by coordinators, shares from agencies, signed releases."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine, identity: crypto.Identity, view: DirectoryView
+    ) -> None:
+        self._settings = settings
+        self._store = StatsStore(engine)
+        self._identity = identity
+        self._view = view
+
+    @property
+    def store(self) -> StatsStore:
+        """The rounds and releases store."""
+        return self._store
+
+    def _blob(self, body: bytes, signature: bytes) -> common_pb.SignedBlob:
+        return common_pb.SignedBlob(
+            body=body, signature=signature, signer=self._identity.public.signing_key
+        )
+
+    def _status(self, stored: StoredRound) -> stats_pb.RoundStatus:
+        return stats_pb.RoundStatus(
+            round=self._blob(stored.body, stored.signature),
+            state=stored.state,  # type: ignore[arg-type]
+            submitted=list(stored.submitted),
+            release_id=stored.release_id or "",
+        )
+
+    def _sign_round(self, body: stats_pb.Round) -> tuple[bytes, bytes]:
+        raw = body.SerializeToString()
+        return raw, self._identity.sign(crypto.LABEL_ROUND, raw)
+
+    def _participants(self, asked: Sequence[str]) -> list[str]:
+        """Enrolled, unrevoked agencies of this region, in ascending byte order."""
+        region = self._settings.region
+        records = self._view.records
+        if not asked:
+            chosen = [a for a, r in records.items() if r.region == region and not r.revoked]
+        else:
+            if len(set(asked)) != len(asked):
+                raise InvalidInput("a participant is listed twice")
+            for agency_id in asked:
+                record = records.get(agency_id)
+                if record is None or record.revoked or record.region != region:
+                    raise InvalidInput(
+                        f"{agency_id!r} is not an enrolled, unrevoked agency of region {region!r}"
+                    )
+            chosen = list(asked)
+        return sorted(chosen, key=str.encode)
+
+    async def OpenRound(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.OpenRoundRequest, context: Context
+    ) -> stats_pb.OpenRoundResponse:
+        caller = rpc.current_caller()
+        key = request.idempotency_key or None
+        if key is not None and len(key) > _KEY_CHARS:
+            raise InvalidInput(f"an idempotency key is at most {_KEY_CHARS} characters")
+        if key is not None:
+            existing = await _run(self._store.round_by_key, key)
+            if existing is not None:
+                first = await _run(self._store.attempt_body, existing.round_id, 1)
+                if first is None:  # pragma: no cover - stored with the round
+                    raise NotFound(f"round {existing.round_id} has no first attempt")
+                return stats_pb.OpenRoundResponse(round=self._blob(*first))
+        spec = (
+            spec_from_proto(request.table)
+            if request.HasField("table")
+            else dp.default_needs_table()
+        )
+        if request.region != self._settings.region:
+            raise InvalidInput(f"this broker serves region {self._settings.region!r}")
+        period = check_period(request.period)
+        if request.mode not in (stats_pb.ROUND_MODE_PRIVATE, stats_pb.ROUND_MODE_LOCAL_NOISE):
+            raise InvalidInput("the mode must be PRIVATE or LOCAL_NOISE")
+        if not math.isfinite(request.epsilon) or request.epsilon <= 0:
+            raise InvalidInput("epsilon must be a positive finite number")
+        timeout = (
+            request.attempt_timeout.ToTimedelta()
+            if request.HasField("attempt_timeout")
+            else DEFAULT_ATTEMPT_TIMEOUT
+        )
+        if not dt.timedelta(seconds=1) <= timeout <= MAX_ATTEMPT_TIMEOUT:
+            raise InvalidInput("the attempt timeout must be between 1 second and 90 days")
+        await _run(self._view.refresh)
+        participants = self._participants(list(request.participants))
+        if not 2 <= request.threshold <= len(participants):
+            raise InvalidInput(
+                f"the threshold must be at least 2 and at most the {len(participants)} participants"
+            )
+        # The accuracy must be computable for this scale before anyone spends budget on it.
+        local = request.mode == stats_pb.ROUND_MODE_LOCAL_NOISE
+        dp.sum_accuracy(
+            len(participants),
+            1 if local else int(request.threshold),
+            dp.scale_for(request.epsilon, dp.l1_sensitivity(spec)),
+            ALPHA,
+        )
+        now = _now()
+        round_id = str(uuid.uuid4())
+        body = stats_pb.Round(
+            round_id=round_id,
+            attempt=1,
+            table=spec_to_proto(spec),
+            region=request.region,
+            period=period,
+            participants=participants,
+            threshold=request.threshold,
+            mode=request.mode,
+            epsilon=request.epsilon,
+            opened_at=_stamp(now),
+            deadline=_stamp(now + timeout),
+            opened_by=caller.signer,
+        )
+        raw, signature = self._sign_round(body)
+        stored, _created = await _run(
+            lambda: self._store.open_round(
+                round_id=round_id,
+                idempotency_key=key,
+                period=period,
+                table_name=spec.name,
+                attempt_timeout_seconds=int(timeout.total_seconds()),
+                opened_at=now,
+                body=raw,
+                signature=signature,
+                deadline=now + timeout,
+                participants=participants,
+            )
+        )
+        first = await _run(self._store.attempt_body, stored.round_id, 1)
+        if first is None:  # pragma: no cover - stored with the round
+            raise NotFound(f"round {stored.round_id} has no first attempt")
+        return stats_pb.OpenRoundResponse(round=self._blob(*first))
+
+    async def GetRound(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.GetRoundRequest, context: Context
+    ) -> stats_pb.GetRoundResponse:
+        stored = await _run(self._store.round, request.round_id)
+        if stored is None:
+            raise NotFound(f"no round {request.round_id!r}")
+        return stats_pb.GetRoundResponse(round=self._status(stored))
+
+    async def ListRounds(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.ListRoundsRequest, context: Context
+    ) -> stats_pb.ListRoundsResponse:
+        page, following = await _run(
+            lambda: self._store.list_rounds(
+                state=int(request.state),
+                participant=request.participant,
+                period=request.period,
+                limit=request.page_size or DEFAULT_PAGE,
+                before=_token(request.page_token),
+            )
+        )
+        return stats_pb.ListRoundsResponse(
+            rounds=[self._status(s) for s in page],
+            next_page_token=str(following) if following is not None else "",
+        )
+
+    async def SubmitShare(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.SubmitShareRequest, context: Context
+    ) -> stats_pb.SubmitShareResponse:
+        caller = rpc.current_caller()
+        if request.agency_id != caller.principal:
+            raise PermissionDenied("an agency submits only its own share")
+        stored = await _run(self._store.round, request.round_id)
+        if stored is None:
+            raise NotFound(f"no round {request.round_id!r}")
+        if request.attempt != stored.attempt:
+            raise Refused(
+                f"attempt {request.attempt} is not the current attempt ({stored.attempt}) of "
+                f"round {request.round_id}",
+                hint="fetch the round again; a share is never moved to another attempt",
+            )
+        body = stats_pb.Round.FromString(stored.body)
+        if request.agency_id not in body.participants:
+            raise PermissionDenied(
+                f"agency {request.agency_id} is not a participant of attempt {stored.attempt}"
+            )
+        if request.round_digest != round_digest(stored.body):
+            raise InvalidInput(
+                "round_digest does not match the signed round of this attempt",
+                hint="compute digest(LABEL_ROUND, body) of the round you verified",
+            )
+        size = spec_from_proto(body.table).size
+        if len(request.masked_cells) != size:
+            raise InvalidInput(
+                f"the table has {size} cells; the share has {len(request.masked_cells)}"
+            )
+        now = _now()
+        if stored.state == STATE_OPEN and now > stored.deadline:
+            raise Refused(
+                f"attempt {stored.attempt} of round {request.round_id} passed its deadline",
+                hint="ask the coordinator to restart the round",
+            )
+        result = await _run(
+            lambda: self._store.submit_share(
+                round_id=request.round_id,
+                attempt=request.attempt,
+                agency_id=request.agency_id,
+                cells=list(request.masked_cells),
+                now=now,
+                make_release=lambda r, vectors: build_release(self._identity, r.body, vectors, now),
+            )
+        )
+        return stats_pb.SubmitShareResponse(
+            submitted=result.submitted,
+            expected=result.expected,
+            release_id=result.release_id or "",
+        )
+
+    async def RestartRound(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.RestartRoundRequest, context: Context
+    ) -> stats_pb.RestartRoundResponse:
+        stored = await _run(self._store.round, request.round_id)
+        if stored is None:
+            raise NotFound(f"no round {request.round_id!r}")
+        if stored.state != STATE_OPEN:
+            raise Refused(f"round {request.round_id} is no longer open")
+        if request.attempt != stored.attempt:
+            raise Refused(
+                f"attempt {request.attempt} is not the current attempt ({stored.attempt})",
+                hint="someone restarted it already; fetch the round again",
+            )
+        body = stats_pb.Round.FromString(stored.body)
+        dropped = set(request.drop_participants)
+        unknown = dropped - set(body.participants)
+        if unknown:
+            raise InvalidInput(f"not participants of this attempt: {sorted(unknown)}")
+        remaining = [a for a in body.participants if a not in dropped]
+        if len(remaining) < max(2, body.threshold):
+            raise Refused(
+                f"only {len(remaining)} participants would remain; the threshold is "
+                f"{body.threshold}",
+                hint="open a new round with a lower threshold instead",
+            )
+        now = _now()
+        deadline = now + dt.timedelta(seconds=stored.attempt_timeout_seconds)
+        new = stats_pb.Round()
+        new.CopyFrom(body)
+        new.attempt = stored.attempt + 1
+        del new.participants[:]
+        new.participants.extend(remaining)
+        new.opened_at.CopyFrom(_stamp(now))
+        new.deadline.CopyFrom(_stamp(deadline))
+        raw, signature = self._sign_round(new)
+        restarted = await _run(
+            lambda: self._store.restart_round(
+                round_id=request.round_id,
+                attempt=request.attempt,
+                reason=request.reason,
+                now=now,
+                body=raw,
+                signature=signature,
+                deadline=deadline,
+                participants=remaining,
+            )
+        )
+        return stats_pb.RestartRoundResponse(round=self._status(restarted))
+
+    async def GetRelease(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.GetReleaseRequest, context: Context
+    ) -> stats_pb.GetReleaseResponse:
+        which = request.WhichOneof("key")
+        if which is None:
+            raise InvalidInput("name a release_id or a round_id")
+        stored = await _run(
+            lambda: self._store.release(
+                release_id=request.release_id if which == "release_id" else "",
+                round_id=request.round_id if which == "round_id" else "",
+            )
+        )
+        if stored is None:
+            raise NotFound("no such release")
+        return stats_pb.GetReleaseResponse(release=self._release_blob(stored))
+
+    async def ListReleases(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.ListReleasesRequest, context: Context
+    ) -> stats_pb.ListReleasesResponse:
+        page, following = await _run(
+            lambda: self._store.list_releases(
+                period=request.period,
+                table=request.table,
+                limit=request.page_size or DEFAULT_PAGE,
+                before=_token(request.page_token),
+            )
+        )
+        return stats_pb.ListReleasesResponse(
+            releases=[self._release_blob(r) for r in page],
+            next_page_token=str(following) if following is not None else "",
+        )
+
+    def _release_blob(self, stored: StoredRelease) -> common_pb.SignedBlob:
+        return self._blob(stored.body, stored.signature)
+
+
+def _token(token: str) -> int | None:
+    if not token:
+        return None
+    if not token.isdigit():
+        raise InvalidInput("not a page token of this broker")
+    return int(token)
+
+
+# --- the client for coordinators and operators --------------------------------------------------
+
+
+class StatsClient:
+    """A coordinator's or operator's signed connection to the Stats service (credential in
+    ``home``, as for :class:`broker.operator_client.OperatorClient`)."""
+
+    def __init__(self, home: Path) -> None:
+        self._credential = credential.read(home)
+        self.address = credential.resolve_address(home, self._credential)
+        self._channel = rpc.open_channel(
+            self.address,
+            self._credential.node_certificate,
+            self._credential.identity,
+            Limits().max_message_bytes,
+        )
+        self.stub = stats_grpc.StatsStub(self._channel)
+
+    def __enter__(self) -> StatsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=30)
+        except grpc.RpcError as exc:
+            raise rpc.error_from_rpc(exc, f"the broker at {self.address}") from None
+
+    def open_round(
+        self,
+        region: str,
+        period: str,
+        threshold: int,
+        epsilon: float,
+        *,
+        mode: int = stats_pb.ROUND_MODE_PRIVATE,
+        participants: Sequence[str] = (),
+        table: dp.TableSpec | None = None,
+        attempt_timeout: dt.timedelta | None = None,
+        idempotency_key: str = "",
+    ) -> common_pb.SignedBlob:
+        """Open a round; its broker-signed Round (attempt 1)."""
+        request = stats_pb.OpenRoundRequest(
+            region=region,
+            period=period,
+            participants=list(participants),
+            threshold=threshold,
+            mode=mode,  # type: ignore[arg-type]
+            epsilon=epsilon,
+            idempotency_key=idempotency_key or str(uuid.uuid4()),
+        )
+        if table is not None:
+            request.table.CopyFrom(spec_to_proto(table))
+        if attempt_timeout is not None:
+            timeout = Duration()
+            timeout.FromTimedelta(attempt_timeout)
+            request.attempt_timeout.CopyFrom(timeout)
+        reply: stats_pb.OpenRoundResponse = self._call(self.stub.OpenRound, request)
+        return reply.round
+
+    def round(self, round_id: str) -> stats_pb.RoundStatus:
+        """One round and its progress."""
+        reply: stats_pb.GetRoundResponse = self._call(
+            self.stub.GetRound, stats_pb.GetRoundRequest(round_id=round_id)
+        )
+        return reply.round
+
+    def restart(
+        self, round_id: str, attempt: int, drop: Sequence[str] = (), reason: str = ""
+    ) -> stats_pb.RoundStatus:
+        """Abandon ``attempt`` and open the next one without the ``drop`` participants."""
+        reply: stats_pb.RestartRoundResponse = self._call(
+            self.stub.RestartRound,
+            stats_pb.RestartRoundRequest(
+                round_id=round_id, attempt=attempt, drop_participants=list(drop), reason=reason
+            ),
+        )
+        return reply.round
+
+    def release(self, *, release_id: str = "", round_id: str = "") -> common_pb.SignedBlob:
+        """One broker-signed release."""
+        request = (
+            stats_pb.GetReleaseRequest(release_id=release_id)
+            if release_id
+            else stats_pb.GetReleaseRequest(round_id=round_id)
+        )
+        reply: stats_pb.GetReleaseResponse = self._call(self.stub.GetRelease, request)
+        return reply.release
