@@ -59,6 +59,6 @@ GROUPS: tuple[Group, ...] = (
     Group("broker", "Run and administer the regional broker.", "cli.broker", "issue 5"),
     Group("consent", "Record, list and revoke a survivor's consent.", "cli.consent", "issue 6"),
     Group("referral", "Send, receive and answer consented referrals.", "cli.referral", "issue 6"),
-    Group("stats", "Private statistics: budgets, rounds, releases.", None, "issue 7"),
+    Group("stats", "Private statistics: budgets, rounds, releases.", "cli.stats", "issue 7"),
     Group("demo", "Run the whole system on this machine.", "cli.demo", "issue 8", is_command=True),
 )

@@ -43,6 +43,8 @@ from node.store.tables import (
     AuditHeadRow,
     AuditRow,
     BlindIndexRow,
+    BudgetChargeRow,
+    BudgetPeriodRow,
     CaseRow,
     ConsentRow,
     ErasureRow,
@@ -74,6 +76,8 @@ _TABLES: tuple[type[SQLModel], ...] = (
     IncomingReferralRow,
     ProcessedMessageRow,
     ReferralEventRow,
+    BudgetPeriodRow,
+    BudgetChargeRow,
     AuditRow,
     AuditHeadRow,
 )

@@ -302,6 +302,29 @@ class NodeClient:
         )
         return _agency(reply.agency)
 
+    def budget(self, period: str = "") -> list[dict[str, Any]]:
+        """The privacy budget ledger: one dict per period, oldest first, with every charge."""
+        reply = self._call(self._stub.BudgetStatus, node_pb.BudgetStatusRequest(period=period))
+        return [
+            {
+                "period": p.period,
+                "cap": p.cap,
+                "spent": p.spent,
+                "remaining": p.remaining,
+                "charges": [
+                    {
+                        "round_id": c.round_id,
+                        "attempt": c.attempt,
+                        "table": c.table,
+                        "epsilon": c.epsilon,
+                        "charged_at": serde.datetime_of(c.charged_at),
+                    }
+                    for c in p.charges
+                ],
+            }
+            for p in reply.periods
+        ]
+
     def disclosures(self, case_id: str) -> list[dict[str, Any]]:
         """Who received what about this survivor, and when."""
         reply = self._call(

@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 import grpc.aio
 
 import tessera
-from node import backup, directory_sync, envelopes, htcds, serde
+from node import backup, directory_sync, envelopes, htcds, serde, stats
 from node import consent as consent_mod
 from node.domain import CaseState, StaffRole
 from node.envelopes import DeclineReason, ReferralStatus
 from node.keyring import KekSpec, Keyring, rotate
+from node.store.budget import BudgetStore
 from node.store.cases import NewCase, NodeStore
 from node.store.referrals import (
     IncomingReferral,
@@ -38,7 +39,7 @@ from node.store.referrals import (
 from node.store.tables import IncomingReferralRow
 from tessera import crypto, directory, rpc
 from tessera.config import KekSource, Settings
-from tessera.errors import InvalidInput, NotBuiltError, NotFound, Refused
+from tessera.errors import InvalidInput, NotFound, Refused
 from tessera.logs import fields
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
@@ -850,8 +851,36 @@ class NodeServicer(node_grpc.NodeServicer):
         link = directory_sync.load_link(self._settings.home)
         return directory_sync.sync(self._settings.home, self._keyring.identity, link)
 
-    async def BudgetStatus(self, request: Any, context: Context) -> Any:
-        raise NotBuiltError("statistics are not built yet (issue 7)")
+    async def BudgetStatus(
+        self, request: node_pb.BudgetStatusRequest, context: Context
+    ) -> node_pb.BudgetStatusResponse:
+        budget = BudgetStore(self._store)
+        if request.period:
+            periods = [await _run(budget.period, request.period)]
+        else:
+            current = stats.period_of(dt.datetime.now(dt.UTC))
+            periods = await _run(budget.periods, current)
+        return node_pb.BudgetStatusResponse(
+            periods=[
+                node_pb.BudgetPeriod(
+                    period=p.period,
+                    cap=p.cap,
+                    spent=p.spent,
+                    remaining=p.remaining,
+                    charges=[
+                        node_pb.BudgetCharge(
+                            round_id=c.round_id,
+                            attempt=c.attempt,
+                            table=c.table,
+                            epsilon=c.epsilon,
+                            charged_at=serde.timestamp(c.charged_at),
+                        )
+                        for c in p.charges
+                    ],
+                )
+                for p in periods
+            ]
+        )
 
 
 def _agency_pb(record: directory.AgencyRecord, verified: bool) -> node_pb.Agency:

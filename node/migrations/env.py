@@ -22,6 +22,8 @@ NODE_TABLES = {
     "incoming_referral",
     "processed_message",
     "referral_event",
+    "budget_period",
+    "budget_charge",
 }
 
 

@@ -259,3 +259,32 @@ class ReferralEventRow(SQLModel, table=True):
     direction: str = Field(max_length=8)
     state: str = Field(max_length=16)
     at: dt.datetime = Field(default_factory=utcnow)
+
+
+# --- differentially private statistics (DESIGN.md section 7; node.store.budget) ---------------
+
+
+class BudgetPeriodRow(SQLModel, table=True):
+    """The privacy budget of one period ("YYYY-MM"): its cap, locked by every charge."""
+
+    __tablename__ = "budget_period"
+
+    period: str = Field(primary_key=True, max_length=7)
+    cap: float
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class BudgetChargeRow(SQLModel, table=True):
+    """One contribution to a statistics round: charged before the share is submitted, once per
+    (round, attempt); a restarted round's new attempt is a new charge."""
+
+    __tablename__ = "budget_charge"
+    __table_args__ = (UniqueConstraint("round_id", "attempt"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    period: str = Field(foreign_key="budget_period.period", index=True, max_length=7)
+    round_id: str = Field(max_length=64)
+    attempt: int
+    table_name: str = Field(max_length=128)
+    epsilon: float
+    charged_at: dt.datetime = Field(default_factory=utcnow)

@@ -1,0 +1,308 @@
+"""``tessera stats``: privacy budgets, statistics rounds and releases (DESIGN.md section 7).
+
+``budget`` asks the caller's node (node staff); ``round open``, ``round status``, ``show`` and
+``chart`` talk to the broker's Stats service with the coordinator's or operator's credential in
+``--home`` (``credential.json``, as the operator's client does for the Directory). Every round and
+release the broker returns is checked against the broker's signing key before it is shown.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+
+from cli import context
+from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+
+app = typer.Typer(no_args_is_help=True)
+round_app = typer.Typer(no_args_is_help=True)
+app.add_typer(round_app, name="round", help="Open statistics rounds and follow them.")
+
+_TABLES = ("needs",)
+_STATES = {0: "unspecified", 1: "open", 2: "released", 3: "abandoned"}
+_MODES = {0: "unspecified", 1: "private", 2: "local_noise"}
+
+
+class StatsClient:
+    """A coordinator's or operator's connection to the broker's Stats service."""
+
+    def __init__(self, home: Path) -> None:
+        from tessera import credential, rpc
+        from tessera.config import Limits
+        from tessera.v1 import directory_pb2_grpc as directory_grpc
+        from tessera.v1 import stats_pb2_grpc as stats_grpc
+
+        self._credential = credential.read(home)
+        self.address = credential.resolve_address(home, self._credential)
+        self._channel = rpc.open_channel(
+            self.address,
+            self._credential.node_certificate,
+            self._credential.identity,
+            Limits().max_message_bytes,
+        )
+        self._stub = stats_grpc.StatsStub(self._channel)
+        self._directory = directory_grpc.DirectoryStub(self._channel)
+        self._info: Any = None
+
+    def __enter__(self) -> StatsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        from tessera import rpc
+
+        try:
+            return method(request, timeout=30)
+        except grpc.RpcError as exc:
+            raise rpc.error_from_rpc(exc, f"the broker at {self.address}") from None
+
+    def info(self) -> Any:
+        """The broker's region and signing key (over the TLS channel pinned by the credential)."""
+        from tessera.v1 import directory_pb2 as directory_pb
+
+        if self._info is None:
+            self._info = self._call(
+                self._directory.GetBrokerInfo, directory_pb.GetBrokerInfoRequest()
+            )
+        return self._info
+
+    def _open_blob(self, blob: Any, label: bytes, message: Any) -> Any:
+        """Verify a broker-signed blob against the broker's key and parse its body."""
+        from tessera import crypto
+        from tessera.errors import Refused
+
+        key = bytes(self.info().signing_key)
+        if bytes(blob.signer) != key:
+            raise Refused("the broker returned a blob not signed by its own key")
+        crypto.verify(key, label, bytes(blob.body), bytes(blob.signature))
+        message.ParseFromString(bytes(blob.body))
+        return message
+
+    def open_round(
+        self,
+        table: Any,
+        region: str,
+        period: str,
+        participants: list[str],
+        threshold: int,
+        epsilon: float,
+        local_noise: bool,
+    ) -> dict[str, Any]:
+        from tessera import crypto
+        from tessera.v1 import stats_pb2 as stats_pb
+
+        request = stats_pb.OpenRoundRequest(
+            table=table,
+            region=region or self.info().region,
+            period=period,
+            participants=sorted(participants, key=str.encode),
+            threshold=threshold,
+            mode=stats_pb.ROUND_MODE_LOCAL_NOISE if local_noise else stats_pb.ROUND_MODE_PRIVATE,
+            epsilon=epsilon,
+            idempotency_key=str(uuid.uuid4()),
+        )
+        reply = self._call(self._stub.OpenRound, request)
+        round_ = self._open_blob(reply.round, crypto.LABEL_ROUND, stats_pb.Round())
+        return _round_dict(round_, "open", [], "")
+
+    def round_status(self, round_id: str) -> dict[str, Any]:
+        from tessera import crypto
+        from tessera.v1 import stats_pb2 as stats_pb
+
+        reply = self._call(self._stub.GetRound, stats_pb.GetRoundRequest(round_id=round_id))
+        status = reply.round
+        round_ = self._open_blob(status.round, crypto.LABEL_ROUND, stats_pb.Round())
+        return _round_dict(
+            round_, _STATES.get(status.state, "?"), list(status.submitted), status.release_id
+        )
+
+    def releases(self, period: str) -> list[Any]:
+        """Broker-signed releases for the period, newest first, verified and parsed."""
+        from tessera import crypto
+        from tessera.v1 import stats_pb2 as stats_pb
+
+        out: list[Any] = []
+        request = stats_pb.ListReleasesRequest(period=period)
+        while True:
+            reply = self._call(self._stub.ListReleases, request)
+            for blob in reply.releases:
+                out.append(self._open_blob(blob, crypto.LABEL_RELEASE, stats_pb.Release()))
+            if not reply.next_page_token:
+                return out
+            request.page_token = reply.next_page_token
+
+
+def _round_dict(round_: Any, state: str, submitted: list[str], release_id: str) -> dict[str, Any]:
+    return {
+        "round_id": round_.round_id,
+        "attempt": round_.attempt,
+        "state": state,
+        "table": round_.table.name,
+        "region": round_.region,
+        "period": round_.period,
+        "participants": list(round_.participants),
+        "submitted": submitted,
+        "threshold": round_.threshold,
+        "mode": _MODES.get(round_.mode, "?"),
+        "epsilon": round_.epsilon,
+        "release_id": release_id,
+    }
+
+
+def release_rows(release: Any) -> list[dict[str, Any]]:
+    """One row per released cell: coordinates, value and its error bar [lower, upper]."""
+    names = [d.name for d in release.table.dimensions]
+    rows = []
+    for cell in release.cells:
+        row: dict[str, Any] = dict(zip(names, cell.coordinates, strict=False))
+        row.update({"value": cell.value, "lower": cell.lower, "upper": cell.upper})
+        rows.append(row)
+    return rows
+
+
+def terminal_chart(rows: list[dict[str, Any]], width: int = 40) -> str:
+    """Unmet needs per category as text bars, with the error bar shown as [lower, upper]."""
+    unmet = [r for r in rows if r.get("need_status", "unmet") == "unmet"]
+    if not unmet:
+        return "no unmet-need cells in this release\n"
+    top = max(1.0, *(r["upper"] for r in unmet))
+    label = max(len(str(r.get("need_category", "?"))) for r in unmet)
+    lines = []
+    for r in unmet:
+        value = max(0, int(r["value"]))  # clamping at zero is free post-processing
+        bar = "#" * round(width * value / top)
+        lines.append(
+            f"{r.get('need_category', '?'):<{label}} {bar:<{width}} {value}"
+            f"  [{r['lower']:g}, {r['upper']:g}]"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@app.command("budget")
+def budget(
+    ctx: typer.Context,
+    period: Annotated[str, typer.Option(help="Only this period (YYYY-MM).")] = "",
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Show this node's privacy budget: the cap, what was spent, and every charge."""
+    from node.client import NodeClient
+
+    with NodeClient(context.get(ctx).home) as client:
+        periods = client.budget(period)
+    if fmt is OutputFormat.JSON:
+        sys.stdout.write(json.dumps(periods, indent=2, default=str) + "\n")
+        return
+    render(
+        [{k: v for k, v in p.items() if k != "charges"} for p in periods],
+        fmt,
+        columns=["period", "cap", "spent", "remaining"],
+        title="privacy budget",
+    )
+    charges = [{"period": p["period"], **c} for p in periods for c in p["charges"]]
+    if charges and fmt is OutputFormat.TABLE:
+        render(charges, fmt, title="charges (one per submitted share)")
+
+
+@round_app.command("open")
+def open_round(
+    ctx: typer.Context,
+    period: Annotated[str, typer.Option(help="The month counted, YYYY-MM.")],
+    epsilon: Annotated[float, typer.Option(help="Privacy loss of the release.")],
+    table: Annotated[str, typer.Option(help="The table: needs.")] = "needs",
+    participants: Annotated[
+        str, typer.Option(help="Comma-separated agency ids; empty means every enrolled agency.")
+    ] = "",
+    threshold: Annotated[int, typer.Option(help="Least participants giving the full noise.")] = 2,
+    local_noise: Annotated[
+        bool, typer.Option("--local-noise", help="Each node adds the full noise (baseline).")
+    ] = False,
+    bound: Annotated[int, typer.Option(help="Most cells one survivor may add to.")] = 1,
+    region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Open a statistics round on the broker (coordinator or operator credential)."""
+    from node import stats
+    from tessera import dp
+    from tessera.errors import InvalidInput
+
+    if table not in _TABLES:
+        raise InvalidInput(f"unknown table {table!r}", hint=f"choose one of {', '.join(_TABLES)}")
+    spec = stats.spec_to_pb(dp.default_needs_table(bound))
+    chosen = [p.strip() for p in participants.split(",") if p.strip()]
+    with StatsClient(context.get(ctx).home) as client:
+        opened = client.open_round(spec, region, period, chosen, threshold, epsilon, local_noise)
+    render_one(opened, fmt, title="round opened")
+
+
+@round_app.command("status")
+def round_status(
+    ctx: typer.Context,
+    round_id: Annotated[str, typer.Argument(help="The round's id.")],
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Show a round's current attempt and who has submitted."""
+    with StatsClient(context.get(ctx).home) as client:
+        render_one(client.round_status(round_id), fmt, title="round")
+
+
+def _latest_release(client: StatsClient, region: str, period: str) -> Any:
+    from tessera.errors import NotFound
+
+    region = region or client.info().region
+    for release in client.releases(period):
+        if release.region == region:
+            return release
+    raise NotFound(
+        f"no release for region {region!r} and period {period}",
+        hint=f"ask a coordinator to run `tessera stats round open --period {period}"
+        " --epsilon 0.5 --participants ...`",
+    )
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    period: Annotated[str, typer.Option(help="The month, YYYY-MM.")],
+    region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Print the newest release for a region and period, each cell with its error bar."""
+    with StatsClient(context.get(ctx).home) as client:
+        release = _latest_release(client, region, period)
+    rows = release_rows(release)
+    title = (
+        f"{release.table.name} {release.region} {release.period}: ε={release.epsilon:g},"
+        f" {release.participants} agencies, ±{release.accuracy:g} at {1 - release.alpha:.0%}"
+    )
+    render(rows, fmt, title=title)
+
+
+@app.command("chart")
+def chart(
+    ctx: typer.Context,
+    period: Annotated[str, typer.Option(help="The month, YYYY-MM.")],
+    out: Annotated[Path | None, typer.Option(help="PNG file (needs matplotlib).")] = None,
+    region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
+) -> None:
+    """Chart unmet needs by category with error bars (in the terminal; PNG needs matplotlib)."""
+    from tessera.errors import NotBuiltError
+
+    if out is not None:
+        raise NotBuiltError(
+            "PNG charts need matplotlib, which this installation does not have",
+            hint="run without --out for a chart in the terminal",
+        )
+    with StatsClient(context.get(ctx).home) as client:
+        release = _latest_release(client, region, period)
+    stamp = release.released_at.ToDatetime(dt.UTC) if release.HasField("released_at") else None
+    sys.stdout.write(f"unmet needs, {release.region} {release.period} (released {stamp})\n")
+    sys.stdout.write(terminal_chart(release_rows(release)))

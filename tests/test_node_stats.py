@@ -1,0 +1,493 @@
+"""The node's side of private statistics (DESIGN.md section 7; node.stats, node.store.budget).
+
+The budget ledger refuses past its cap and counts every contribution (a restarted attempt
+included, and never the same attempt twice); the local table bounds each survivor; a round is
+refused unless the pinned broker signed it, it is for our region, lists us, its threshold is met
+by agencies our administrator verified, and our budget allows its ε; a private share is masked,
+and the masks of three nodes cancel in the sum. Databases are real (SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node import directory_sync, stats
+from node.relay_worker import RelayWorker
+from node.store.budget import BudgetStore
+from node.store.cases import NewCase
+from node.store.referrals import ReferralStore
+from tessera import crypto, dp
+from tessera.directory import AgencyRecord
+from tessera.errors import Conflict, NotFound, Refused
+from tessera.v1 import common_pb2 as common_pb
+from tessera.v1 import stats_pb2 as stats_pb
+from tests.nodefixtures import NodeFactory, db_url_fixture, nodes_fixture  # noqa: F401
+
+NOW = dt.datetime(2026, 10, 15, 12, 0, tzinfo=dt.UTC)
+PERIOD = "2026-10"
+REGION = "test-region"
+BROKER = crypto.Identity.generate()
+
+
+def _record(agency_id: str, identity: crypto.Identity, revoked: bool = False) -> AgencyRecord:
+    return AgencyRecord(
+        agency_id=agency_id,
+        name=agency_id.title(),
+        region=REGION,
+        services=("immigration",),
+        identity=identity.public,
+        valid_from=NOW - dt.timedelta(days=365),
+        valid_until=None,
+        revoked=revoked,
+        sequence=1,
+    )
+
+
+class World:
+    """Three agencies a < b < c, each with its link and a directory cache verifying the others."""
+
+    def __init__(self) -> None:
+        self.ids = ["agency-a", "agency-b", "agency-c"]
+        self.identities = {agency: crypto.Identity.generate() for agency in self.ids}
+        records = {agency: _record(agency, self.identities[agency]) for agency in self.ids}
+        self.caches = {
+            agency: directory_sync.DirectoryCache(
+                records=dict(records), verified={a for a in self.ids if a != agency}
+            )
+            for agency in self.ids
+        }
+        self.links = {
+            agency: directory_sync.BrokerLink(
+                address="127.0.0.1:1",
+                certificate=b"",
+                broker_key=BROKER.public.signing_key,
+                agency_id=agency,
+                region=REGION,
+            )
+            for agency in self.ids
+        }
+
+
+def make_round(
+    participants: list[str],
+    *,
+    mode: int = stats_pb.ROUND_MODE_PRIVATE,
+    threshold: int = 2,
+    epsilon: float = 0.5,
+    region: str = REGION,
+    attempt: int = 1,
+    round_id: str | None = None,
+    bound: int = 2,
+    signer: crypto.Identity = BROKER,
+) -> common_pb.SignedBlob:
+    spec = dp.default_needs_table(bound)
+    round_ = stats_pb.Round(
+        round_id=round_id or str(uuid.uuid4()),
+        attempt=attempt,
+        table=stats.spec_to_pb(spec),
+        region=region,
+        period=PERIOD,
+        participants=participants,
+        threshold=threshold,
+        mode=mode,  # type: ignore[arg-type]
+        epsilon=epsilon,
+    )
+    body = round_.SerializeToString(deterministic=True)
+    return common_pb.SignedBlob(
+        body=body,
+        signature=signer.sign(crypto.LABEL_ROUND, body),
+        signer=signer.public.signing_key,
+    )
+
+
+@pytest.fixture(name="world")
+def world_fixture() -> World:
+    return World()
+
+
+# --- the budget ledger ----------------------------------------------------------------------
+
+
+def test_budget_refuses_past_the_cap_and_counts_every_attempt(
+    nodes: NodeFactory, db_url: str
+) -> None:
+    node = nodes.make(db_url)
+    budget = BudgetStore(node.store, default_cap=1.0)
+    round_id = str(uuid.uuid4())
+    budget.charge("t", PERIOD, round_id, 1, "needs", 0.4)
+    # The same attempt is never charged (so never submitted) twice.
+    with pytest.raises(Conflict):
+        budget.charge("t", PERIOD, round_id, 1, "needs", 0.4)
+    # A restarted round's new attempt is a second noisy view: charged again.
+    budget.charge("t", PERIOD, round_id, 2, "needs", 0.4)
+    with pytest.raises(Refused, match="budget of 2026-10 would be exceeded"):
+        budget.charge("t", PERIOD, str(uuid.uuid4()), 1, "needs", 0.4)
+    ledger = budget.period(PERIOD)
+    assert [(c.round_id, c.attempt) for c in ledger.charges] == [(round_id, 1), (round_id, 2)]
+    assert ledger.spent == pytest.approx(0.8)
+    assert ledger.remaining == pytest.approx(0.2)
+    assert budget.charged(round_id, 2) and not budget.charged(round_id, 3)
+    assert budget.highest_attempt(round_id) == 2
+    # Exactly up to the cap is allowed; other periods have their own budget.
+    budget.charge("t", PERIOD, str(uuid.uuid4()), 1, "needs", 0.2)
+    assert budget.remaining(PERIOD) == pytest.approx(0.0)
+    assert budget.remaining("2026-11") == 1.0
+    # A raised cap allows more; every charge is in the audit log.
+    budget.set_cap("admin", PERIOD, 1.5)
+    budget.charge("t", PERIOD, str(uuid.uuid4()), 1, "needs", 0.5)
+    actions = [e.action for e in node.store.audit_entries()]
+    assert actions.count("budget.charged") == 4
+    assert node.store.verify_audit().ok
+    assert [p.period for p in budget.periods(include="2026-12")] == [PERIOD, "2026-12"]
+
+
+# --- the local table ------------------------------------------------------------------------
+
+
+def test_local_table_bounds_each_survivor_and_keeps_to_the_period() -> None:
+    spec = dp.default_needs_table(contribution_bound=2)
+    october = dt.datetime(2026, 10, 3, tzinfo=dt.UTC)
+    november = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    needs = [
+        stats.NeedFact("case-1", "medical", "unmet", october),
+        stats.NeedFact("case-1", "safe_housing", "unmet", october),
+        stats.NeedFact("case-1", "legal_civil", "met", october),  # third cell: over the bound
+        stats.NeedFact("case-2", "medical", "unmet", october),
+        stats.NeedFact("case-3", "medical", "unmet", november),  # another period
+    ]
+    counts = stats.local_table(needs, spec, PERIOD)
+    assert sum(counts) == 3  # case-1 counts in 2 cells at most, case-2 in 1
+    assert counts[spec.index(("medical", "unmet"))] == 2
+    # Whatever the order, the same cells are kept (the first in cell order).
+    assert stats.local_table(list(reversed(needs)), spec, PERIOD) == counts
+    one = stats.local_table(needs, dp.default_needs_table(1), PERIOD)
+    assert sum(one) == 2
+
+
+def test_local_table_reads_the_node_store(nodes: NodeFactory) -> None:
+    from node.htcds import NeedCategory, NeedStatus
+
+    node = nodes.make()
+    node.store.create_case(
+        "t",
+        NewCase(
+            {"prs_FirstName": "A"},
+            needs=(
+                (NeedCategory("medical"), NeedStatus("unmet")),
+                (NeedCategory("safe_housing"), NeedStatus("unmet")),
+            ),
+        ),
+    )
+    rows = BudgetStore(node.store).need_rows()
+    assert len(rows) == 2
+    spec = dp.default_needs_table(1)
+    period = stats.period_of(rows[0][3])
+    counts = stats.local_table([stats.NeedFact(*r) for r in rows], spec, period)
+    assert sum(counts) == 1
+
+
+# --- round checks ---------------------------------------------------------------------------
+
+
+def _check(world: World, agency: str, blob: common_pb.SignedBlob, remaining: float = 1.0) -> None:
+    stats.check_round(blob, world.links[agency], world.caches[agency], remaining, NOW)
+
+
+def test_an_acceptable_round_is_accepted(world: World) -> None:
+    blob = make_round(world.ids, threshold=3)
+    accepted = stats.check_round(blob, world.links["agency-b"], world.caches["agency-b"], 1.0, NOW)
+    assert accepted.digest == crypto.digest(crypto.LABEL_ROUND, bytes(blob.body))
+    assert accepted.spec.size == dp.default_needs_table().size
+
+
+def test_round_checks_refuse_with_the_reason(world: World) -> None:
+    blob = make_round(world.ids)
+    # Signed by someone else than the pinned broker.
+    with pytest.raises(Refused, match="not signed by the pinned broker key"):
+        _check(world, "agency-a", make_round(world.ids, signer=crypto.Identity.generate()))
+    # Altered after signing.
+    altered = stats_pb.Round.FromString(blob.body)
+    altered.epsilon = 0.01
+    forged = common_pb.SignedBlob(
+        body=altered.SerializeToString(), signature=blob.signature, signer=blob.signer
+    )
+    with pytest.raises(Refused, match="signature does not verify"):
+        _check(world, "agency-a", forged)
+    unsigned = common_pb.SignedBlob(body=blob.body, signer=blob.signer)
+    with pytest.raises(Refused, match="signature does not verify"):
+        _check(world, "agency-a", unsigned)
+    with pytest.raises(Refused, match="region 'elsewhere', not ours"):
+        _check(world, "agency-a", make_round(world.ids, region="elsewhere"))
+    with pytest.raises(Refused, match="not a participant"):
+        _check(world, "agency-a", make_round(["agency-b", "agency-c"]))
+    with pytest.raises(Refused, match="ascending byte order"):
+        _check(world, "agency-a", make_round(["agency-c", "agency-a", "agency-b"]))
+    with pytest.raises(Refused, match=r"above the 0\.4 left"):
+        _check(world, "agency-a", make_round(world.ids, epsilon=0.5), remaining=0.4)
+
+
+def test_threshold_counts_only_verified_agencies(world: World) -> None:
+    # agency-a verified only agency-b: it counts itself and b, so threshold 3 is refused.
+    world.caches["agency-a"].verified = {"agency-b"}
+    _check(world, "agency-a", make_round(world.ids, threshold=2))
+    with pytest.raises(Refused, match="threshold 3 is above the 2 participants"):
+        _check(world, "agency-a", make_round(world.ids, threshold=3))
+    # A revoked agency does not count either, and cannot take part.
+    world.caches["agency-a"].records["agency-b"] = _record(
+        "agency-b", world.identities["agency-b"], revoked=True
+    )
+    with pytest.raises(Refused, match="threshold 2 is above the 1 participants"):
+        _check(world, "agency-a", make_round(world.ids, threshold=2))
+
+
+# --- shares ---------------------------------------------------------------------------------
+
+
+def test_private_shares_are_masked_and_the_masks_cancel(world: World) -> None:
+    blob = make_round(world.ids, threshold=2, epsilon=0.5)
+    spec = dp.default_needs_table(2)
+    counts = {
+        agency: [int(x) for x in np.random.default_rng(i).integers(0, 20, spec.size)]
+        for i, agency in enumerate(world.ids)
+    }
+    expected = [0] * spec.size
+    shares = []
+    scale = dp.scale_for(0.5, 2)
+    for i, agency in enumerate(world.ids):
+        accepted = stats.check_round(blob, world.links[agency], world.caches[agency], 1.0, NOW)
+        share = stats.build_share(
+            world.identities[agency],
+            accepted,
+            counts[agency],
+            world.caches[agency],
+            agency,
+            np.random.default_rng(100 + i),
+        )
+        noise = dp.noise_share(spec.size, scale, 2, np.random.default_rng(100 + i))
+        plain = [c + n for c, n in zip(counts[agency], noise, strict=True)]
+        assert share != dp.mask_share(plain)  # masked: not the counts plus noise
+        assert all(0 <= v < dp.MODULUS for v in share) and len(share) == spec.size
+        expected = [e + p for e, p in zip(expected, plain, strict=True)]
+        shares.append(share)
+    assert dp.unmask_sum(shares) == expected
+
+
+def test_local_noise_share_is_counts_plus_full_noise(world: World) -> None:
+    blob = make_round(world.ids, mode=stats_pb.ROUND_MODE_LOCAL_NOISE, threshold=1)
+    accepted = stats.check_round(blob, world.links["agency-a"], world.caches["agency-a"], 1, NOW)
+    spec = accepted.spec
+    counts = [3] * spec.size
+    share = stats.build_share(
+        world.identities["agency-a"],
+        accepted,
+        counts,
+        world.caches["agency-a"],
+        "agency-a",
+        np.random.default_rng(5),
+    )
+    noise = dp.local_noise(spec.size, dp.scale_for(0.5, 2), np.random.default_rng(5))
+    assert dp.unmask_sum([share]) == [3 + n for n in noise]
+
+
+# --- the worker's check, charge, build ------------------------------------------------------
+
+
+def _worker(nodes: NodeFactory, world: World, agency: str, tmp_path: Path) -> RelayWorker:
+    node = nodes.make(name=agency)
+    directory_sync.save_cache(node.home, world.caches[agency])
+    return RelayWorker(
+        node.store,
+        ReferralStore(node.store),
+        node.keyring,
+        node.home,
+        world.links[agency],
+        budget=BudgetStore(node.store, default_cap=1.0),
+    )
+
+
+def test_worker_charges_before_building_and_never_twice(
+    nodes: NodeFactory, world: World, tmp_path: Path
+) -> None:
+    # The worker's identity must be the one in the others' directories.
+    worker = _worker(nodes, world, "agency-a", tmp_path)
+    world.identities["agency-a"] = worker._keyring.identity
+    record = _record("agency-a", worker._keyring.identity)
+    for agency in world.ids:
+        world.caches[agency].records["agency-a"] = record
+    directory_sync.save_cache(worker._home, world.caches["agency-a"])
+
+    round_id = str(uuid.uuid4())
+    first = make_round(world.ids, round_id=round_id, epsilon=0.6)
+    prepared = worker._prepare(first)
+    assert prepared is not None
+    digest, cells = prepared
+    assert digest == crypto.digest(crypto.LABEL_ROUND, bytes(first.body))
+    assert len(cells) == dp.default_needs_table().size
+    assert worker._prepare(first) is None  # charged already: never built or submitted again
+    # The restarted attempt would be charged again, but 0.6 + 0.6 passes the cap.
+    with pytest.raises(Refused, match=r"above the 0\.4 left"):
+        worker._prepare(make_round(world.ids, round_id=round_id, attempt=2, epsilon=0.6))
+    second = make_round(world.ids, round_id=round_id, attempt=2, epsilon=0.4)
+    assert worker._prepare(second) is not None
+    with pytest.raises(Refused, match="later than this one"):
+        worker._prepare(make_round(world.ids, round_id=round_id, attempt=1, epsilon=0.1))
+    ledger = worker._budget.period(PERIOD)
+    assert [(c.attempt, c.epsilon) for c in ledger.charges] == [(1, 0.6), (2, 0.4)]
+
+
+def test_worker_audits_a_refused_round_once_with_the_reason(
+    nodes: NodeFactory, world: World, tmp_path: Path
+) -> None:
+    import asyncio
+
+    worker = _worker(nodes, world, "agency-a", tmp_path)
+    status = stats_pb.RoundStatus(round=make_round(world.ids, region="elsewhere"))
+    assert asyncio.run(worker._take_part(status)) is False
+    assert asyncio.run(worker._take_part(status)) is False
+    refused = worker._store.audit_entries(actions=("stats.round_refused",))
+    assert len(refused) == 1
+    assert "region 'elsewhere', not ours" in refused[0].detail["reason"]
+    assert worker._budget.period(PERIOD).charges == ()
+
+
+# --- what staff and coordinators see ----------------------------------------------------------
+
+
+def test_budget_status_rpc_reports_the_ledger(nodes: NodeFactory) -> None:
+    import asyncio
+
+    from node.service import NodeServicer
+    from tessera.v1 import node_pb2 as node_pb
+
+    node = nodes.make()
+    BudgetStore(node.store).charge("t", PERIOD, "r-1", 1, "needs", 0.25)
+    servicer = NodeServicer(None, node.store, node.keyring)  # type: ignore[arg-type]
+    reply = asyncio.run(
+        servicer.BudgetStatus(node_pb.BudgetStatusRequest(), None)  # type: ignore[arg-type]
+    )
+    periods = {p.period: p for p in reply.periods}
+    assert PERIOD in periods and stats.period_of(dt.datetime.now(dt.UTC)) in periods
+    october = periods[PERIOD]
+    assert (october.cap, october.spent, october.remaining) == (1.0, 0.25, 0.75)
+    assert [(c.round_id, c.attempt, c.epsilon) for c in october.charges] == [("r-1", 1, 0.25)]
+
+
+def test_release_rows_and_terminal_chart() -> None:
+    from cli.stats import release_rows, terminal_chart
+
+    spec = dp.default_needs_table(1)
+    release = stats_pb.Release(table=stats.spec_to_pb(spec), region=REGION, period=PERIOD)
+    for coordinates in spec.cells:
+        value = 7 if coordinates == ("medical", "unmet") else -1
+        release.cells.add(coordinates=coordinates, value=value, lower=value - 3, upper=value + 3)
+    rows = release_rows(release)
+    assert rows[spec.index(("medical", "unmet"))] == {
+        "need_category": "medical",
+        "need_status": "unmet",
+        "value": 7,
+        "lower": 4.0,
+        "upper": 10.0,
+    }
+    text = terminal_chart(rows)
+    assert "medical" in text and "[4, 10]" in text
+    assert len(text.splitlines()) == len(spec.dimensions[0][1])
+
+
+# --- end to end: a real broker and three nodes with their workers -------------------------------
+
+
+def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Path) -> None:
+    import time
+
+    from cli.stats import StatsClient
+    from node.client import NodeClient
+    from node.htcds import NeedCategory, NeedStatus
+    from node.keyring import open_keyring
+    from tests.support import (
+        PASSPHRASE,
+        BackgroundBroker,
+        BackgroundNode,
+        enrolled_node,
+        make_broker,
+    )
+
+    broker = BackgroundBroker(make_broker(tmp_path / "broker"))
+    ids = ["node-a", "node-b", "node-c"]
+    running: list[BackgroundNode] = []
+    try:
+        settings = [enrolled_node(broker, tmp_path, agency) for agency in ids]
+        for s in settings:
+            identity = open_keyring(s.home, PASSPHRASE).identity
+            link = directory_sync.load_link(s.home)
+            directory_sync.sync(s.home, identity, link)
+            for other in ids:
+                if other != s.home.name:
+                    directory_sync.mark_verified(s.home, other)
+        running = [BackgroundNode(s) for s in settings]
+        for index, s in enumerate(settings):
+            with NodeClient(s.home) as client:
+                for _ in range(index + 1):  # node-a 1, node-b 2, node-c 3 unmet medical needs
+                    client.create_case(
+                        {"prs_FirstName": "X"}, "", [(NeedCategory.MEDICAL, NeedStatus.UNMET)]
+                    )
+        period = stats.period_of(dt.datetime.now(dt.UTC))
+        spec = dp.default_needs_table(1)
+        with StatsClient(broker.settings.home) as coordinator:
+            opened = coordinator.open_round(
+                stats.spec_to_pb(spec), "", period, ids, 2, 1.0, local_noise=False
+            )
+            deadline = time.monotonic() + 40
+            status = coordinator.round_status(opened["round_id"])
+            while status["state"] != "released" and time.monotonic() < deadline:
+                time.sleep(0.3)
+                status = coordinator.round_status(opened["round_id"])
+            assert status["state"] == "released", status
+            assert status["submitted"] == ids
+            releases = [r for r in coordinator.releases(period) if r.round_id == opened["round_id"]]
+        assert len(releases) == 1
+        release = releases[0]
+        medical = release.cells[spec.index(("medical", "unmet"))]
+        # The true total is 6: the masks cancelled (else the sum would be uniform mod 2^64) and
+        # the noise (3 shares, threshold 2, scale 1: standard deviation about 1.7) is small.
+        assert abs(medical.value - 6) <= 30
+        assert medical.upper - medical.value == medical.value - medical.lower == release.accuracy
+        assert release.participants == 3
+        # The commands people use print the same release and ledger.
+        from typer.testing import CliRunner
+
+        from cli.main import app
+
+        runner = CliRunner()
+        broker_home = str(broker.settings.home)
+        shown = runner.invoke(
+            app, ["--home", broker_home, "stats", "show", "--period", period, "--format", "json"]
+        )
+        assert shown.exit_code == 0, shown.output
+        cells = json.loads(shown.output)
+        assert cells[spec.index(("medical", "unmet"))]["value"] == medical.value
+        charted = runner.invoke(app, ["--home", broker_home, "stats", "chart", "--period", period])
+        assert charted.exit_code == 0 and "medical" in charted.output, charted.output
+        missing = runner.invoke(
+            app, ["--home", broker_home, "stats", "show", "--period", "2001-01"]
+        )
+        assert isinstance(missing.exception, NotFound)  # main() prints it with its hint
+        assert "stats round open" in (missing.exception.hint or "")
+        budget = runner.invoke(
+            app, ["--home", str(settings[0].home), "stats", "budget", "--format", "json"]
+        )
+        assert budget.exit_code == 0 and json.loads(budget.output)[-1]["spent"] == 1.0
+        for s in settings:
+            with NodeClient(s.home) as client:
+                (ledger,) = client.budget(period)
+            assert ledger["spent"] == 1.0 and ledger["remaining"] == 0.0
+            assert [c["round_id"] for c in ledger["charges"]] == [opened["round_id"]]
+    finally:
+        for node in running:
+            node.stop()
+        broker.stop()
