@@ -37,6 +37,7 @@ from sqlmodel import SQLModel
 
 from node import keyring as keyring_mod
 from node.keyring import Keyring
+from node.store.budget import BudgetStore
 from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
 from node.store.referrals import ReferralStore
 from node.store.tables import (
@@ -216,6 +217,8 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     )
     # Revoked consents and purged referrals stay revoked and purged, too.
     ReferralStore(store).reapply_ledger("system:restore", ledger)
+    # Spent privacy budget stays spent (DESIGN.md section 7: every contribution is counted).
+    BudgetStore(store).reapply_ledger("system:restore", ledger)
     store.audit(
         "system:restore",
         "node.restored",

@@ -491,3 +491,21 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
         for node in running:
             node.stop()
         broker.stop()
+
+
+def test_restoring_an_older_backup_gives_no_spent_budget_back(
+    nodes: NodeFactory, db_url: str
+) -> None:
+    from node.backup import create_backup, restore_backup
+    from tests.nodefixtures import PASSPHRASE as NODE_PASSPHRASE
+
+    node = nodes.make(db_url)
+    made = create_backup(node.store, node.home, node.home / "backups", "admin")
+    round_id = str(uuid.uuid4())
+    BudgetStore(node.store, default_cap=1.0).charge("t", PERIOD, round_id, 1, "needs", 0.7)
+    restore_backup(node.home, node.engine, made.path, NODE_PASSPHRASE)
+    restored = BudgetStore(nodes.open(node.home, node.url).store, default_cap=1.0)
+    assert restored.charged(round_id, 1)
+    assert restored.remaining(PERIOD) == pytest.approx(0.3)
+    with pytest.raises(Refused):
+        restored.charge("t", PERIOD, str(uuid.uuid4()), 1, "needs", 0.5)

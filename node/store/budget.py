@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -167,6 +167,12 @@ class BudgetStore:
                     charged_at=utcnow(),
                 )
             )
+            # Also outside the database, before the commit: restoring an older backup must not
+            # give spent budget back (a line for a charge whose commit then fails only makes
+            # the ledger more conservative).
+            self._store._append_ledger(
+                f"budget-charge {period} {round_id} {attempt} {epsilon!r} {table or '-'}"
+            )
             self._store._audit.append(
                 session,
                 actor,
@@ -183,6 +189,43 @@ class BudgetStore:
                 },
             )
         return self.period(period)
+
+    def reapply_ledger(self, actor: str, ledger: Iterable[tuple[str, str]]) -> int:
+        """After a restore: record again every charge the ledger knows and the database lost.
+
+        No cap is checked here: those contributions were made; forgetting them would let the node
+        spend its budget twice. Returns how many charges were re-recorded.
+        """
+        count = 0
+        with self._writing() as session:
+            for kind, value in ledger:
+                if kind != "budget-charge":
+                    continue
+                period, round_id, attempt, epsilon, table = value.split(" ", 4)
+                exists = session.exec(
+                    select(BudgetChargeRow).where(
+                        BudgetChargeRow.round_id == round_id,
+                        BudgetChargeRow.attempt == int(attempt),
+                    )
+                ).first()
+                if exists is None:
+                    self._period_row(session, period)
+                    session.add(
+                        BudgetChargeRow(
+                            period=period,
+                            round_id=round_id,
+                            attempt=int(attempt),
+                            table_name="" if table == "-" else table,
+                            epsilon=float(epsilon),
+                            charged_at=utcnow(),
+                        )
+                    )
+                    count += 1
+            if count:
+                self._store._audit.append(
+                    session, actor, "budget.charges_reapplied", None, {"charges": count}
+                )
+        return count
 
     def charged(self, round_id: str, attempt: int) -> bool:
         """Whether this (round, attempt) was charged (and so submitted, or being submitted)."""
