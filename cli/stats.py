@@ -187,6 +187,28 @@ def terminal_chart(rows: list[dict[str, Any]], width: int = 40) -> str:
     return "\n".join(lines) + "\n"
 
 
+def png_chart(rows: list[dict[str, Any]], title: str, out: Path) -> None:
+    """A PNG bar chart of unmet needs per category with their error bars (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot
+
+    unmet = [r for r in rows if r.get("need_status", "unmet") == "unmet"]
+    labels = [str(r.get("need_category", "?")) for r in unmet]
+    values = [max(0, int(r["value"])) for r in unmet]  # clamping at zero is free
+    below = [v - max(0.0, r["lower"]) for v, r in zip(values, unmet, strict=True)]
+    above = [r["upper"] - v for v, r in zip(values, unmet, strict=True)]
+    figure, axes = pyplot.subplots(figsize=(10, 5))
+    axes.bar(labels, values, yerr=[below, above], capsize=3, color="#4a7ab5")
+    axes.set_title(title)
+    axes.set_ylabel("survivors (noisy count, 95% interval)")
+    axes.tick_params(axis="x", labelrotation=60)
+    figure.tight_layout()
+    figure.savefig(out, format="png", dpi=100)
+    pyplot.close(figure)
+
+
 @app.command("budget")
 def budget(
     ctx: typer.Context,
@@ -290,19 +312,19 @@ def show(
 def chart(
     ctx: typer.Context,
     period: Annotated[str, typer.Option(help="The month, YYYY-MM.")],
-    out: Annotated[Path | None, typer.Option(help="PNG file (needs matplotlib).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the chart to this PNG file.")] = None,
     region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
 ) -> None:
-    """Chart unmet needs by category with error bars (in the terminal; PNG needs matplotlib)."""
-    from tessera.errors import NotBuiltError
+    """Chart unmet needs by category with error bars: in the terminal, and as a PNG with --out.
 
-    if out is not None:
-        raise NotBuiltError(
-            "PNG charts need matplotlib, which this installation does not have",
-            hint="run without --out for a chart in the terminal",
-        )
+    Example: tessera stats chart --period 2026-10 --out unmet-2026-10.png
+    """
     with StatsClient(context.get(ctx).home) as client:
         release = _latest_release(client, region, period)
     stamp = release.released_at.ToDatetime(dt.UTC) if release.HasField("released_at") else None
-    sys.stdout.write(f"unmet needs, {release.region} {release.period} (released {stamp})\n")
+    title = f"unmet needs, {release.region} {release.period} (released {stamp})"
+    if out is not None:
+        png_chart(release_rows(release), title, out)
+        sys.stdout.write(f"chart written to {out}\n")
+    sys.stdout.write(f"{title}\n")
     sys.stdout.write(terminal_chart(release_rows(release)))

@@ -378,8 +378,8 @@ def test_budget_status_rpc_reports_the_ledger(nodes: NodeFactory) -> None:
     assert [(c.round_id, c.attempt, c.epsilon) for c in october.charges] == [("r-1", 1, 0.25)]
 
 
-def test_release_rows_and_terminal_chart() -> None:
-    from cli.stats import release_rows, terminal_chart
+def test_release_rows_and_charts(tmp_path: Path) -> None:
+    from cli.stats import png_chart, release_rows, terminal_chart
 
     spec = dp.default_needs_table(1)
     release = stats_pb.Release(table=stats.spec_to_pb(spec), region=REGION, period=PERIOD)
@@ -397,6 +397,10 @@ def test_release_rows_and_terminal_chart() -> None:
     text = terminal_chart(rows)
     assert "medical" in text and "[4, 10]" in text
     assert len(text.splitlines()) == len(spec.dimensions[0][1])
+    png = tmp_path / "unmet.png"
+    png_chart(rows, "unmet needs", png)
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert png.stat().st_size > 5000
 
 
 # --- end to end: a real broker and three nodes with their workers -------------------------------
