@@ -2,11 +2,13 @@
 
 A real region on loopback: a broker and three agency nodes (TLS gRPC, SQLite, each node's store
 encrypted), enrolled with one-time codes, fingerprints verified, synthetic HTCDS cases imported,
-one consented referral sent end to end and accepted. Private statistics join with issue 7.
+one consented referral sent end to end and accepted, and one private statistics round whose
+release is printed with its error bars. Every server exposes Prometheus metrics on loopback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 import shutil
@@ -71,20 +73,31 @@ def run_demo(directory: Path, cases: int, _cli: CliContext) -> None:
         broker_settings = init_broker(
             BrokerInit(home=broker_home, name="North broker", region=REGION, listen="127.0.0.1:0")
         )
-        broker = loop.run(start_broker(broker_settings))
+        metrics: dict[str, int] = {"broker": _free_port()}
+        broker = loop.run(
+            start_broker(dataclasses.replace(broker_settings, metrics_port=metrics["broker"]))
+        )
         running.append(broker)
         console.print(f"  broker serving on {broker.address}; it will only ever see ciphertext")
         homes: dict[str, Path] = {}
         for agency in AGENCIES:
             homes[agency.agency_id] = _make_agency(directory, broker_home, agency)
         for agency in AGENCIES:
-            node = loop.run(start_node(_settings(homes[agency.agency_id]), None))
-            running.append(node)
+            metrics[agency.agency_id] = _free_port()
+            settings = dataclasses.replace(
+                _settings(homes[agency.agency_id]), metrics_port=metrics[agency.agency_id]
+            )
+            running.append(loop.run(start_node(settings, None)))
         step("Nodes serving; each relays through the broker in the background")
         clients = {a.agency_id: NodeClient(homes[a.agency_id]) for a in AGENCIES}
         try:
             _verify_fingerprints(clients)
             _walk_through(clients, homes, directory, cases)
+            _statistics_round(broker_home, directory)
+            console.print(
+                "  metrics while the servers run: "
+                + ", ".join(f"curl -s 127.0.0.1:{port}/metrics" for port in metrics.values())
+            )
         finally:
             for client in clients.values():
                 client.close()
@@ -273,9 +286,49 @@ def _node_operations(
         len(c.list_cases(None, None, htcds.NeedStatus.UNMET, False, 1000)) for c in clients.values()
     )
     console.print(
-        f"  cases with an unmet need across the three agencies: {unmet} — private "
-        "statistics rounds that release such counts with error bars come with issue 7"
+        f"  cases with an unmet need across the three agencies: {unmet} (each agency sees only "
+        "its own; the region will see only a noisy total, next)"
     )
+
+
+def _statistics_round(broker_home: Path, directory: Path) -> None:
+    from broker.stats import StatsClient
+    from cli.stats import png_chart, release_rows, terminal_chart
+    from tessera.v1 import stats_pb2 as stats_pb
+
+    period = dt.datetime.now(dt.UTC).strftime("%Y-%m")
+    step(
+        f"The coordinator opens a private statistics round for {period}: each node adds a "
+        "share of the noise, masks its table pairwise with every other node, and submits; "
+        "the broker learns only the noisy total"
+    )
+    with StatsClient(broker_home) as stats:
+        blob = stats.open_round(
+            REGION, period, threshold=2, epsilon=1.0, participants=[a.agency_id for a in AGENCIES]
+        )
+        round_id = stats_pb.Round.FromString(blob.body).round_id
+        _wait_for(lambda: stats.round(round_id).release_id, "the nodes' shares", timeout=60)
+        release = stats_pb.Release.FromString(stats.release(round_id=round_id).body)
+    console.print(
+        f"  release {release.release_id}: ε = {release.epsilon:g} per period "
+        f"(OpenDP's privacy map), {release.participants} agencies, each count "
+        f"±{release.accuracy:g} at {1 - release.alpha:.0%}"
+    )
+    rows = release_rows(release)
+    console.print("  unmet needs by category (noisy count, [95% interval]):")
+    console.print(terminal_chart(rows), markup=False, highlight=False)
+    chart = directory / f"unmet-needs-{period}.png"
+    png_chart(rows, f"unmet needs, {REGION} {period}", chart)
+    console.print(f"  chart written to {chart}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _record_needs(clients: dict[str, NodeClient], imported: dict[str, list[str]]) -> None:

@@ -31,6 +31,8 @@ def test_demo_runs_twice_in_the_same_directory_and_leaks_nothing(tmp_path: Path)
     assert "Demo finished" in first.stdout
     assert "plaintext identifiers found on disk: 0" in first.stdout
     assert "the medical need is now 'in_progress'" in first.stdout
+    assert "unmet needs by category" in first.stdout
+    assert list(directory.glob("unmet-needs-*.png")), "the demo writes its chart"
     second = _demo(directory)  # a second run in the same directory works too
     assert second.returncode == 0, second.stderr
     # The demo's own synthetic cases, one seed per agency.
