@@ -197,8 +197,10 @@ def png_chart(rows: list[dict[str, Any]], title: str, out: Path) -> None:
     unmet = [r for r in rows if r.get("need_status", "unmet") == "unmet"]
     labels = [str(r.get("need_category", "?")) for r in unmet]
     values = [max(0, int(r["value"])) for r in unmet]  # clamping at zero is free
-    below = [v - max(0.0, r["lower"]) for v, r in zip(values, unmet, strict=True)]
-    above = [r["upper"] - v for v, r in zip(values, unmet, strict=True)]
+    # Clamping moved some values up to zero: the interval is clamped the same way, so its arms
+    # never point the wrong way (matplotlib refuses negative error arms).
+    below = [max(0.0, v - max(0.0, r["lower"])) for v, r in zip(values, unmet, strict=True)]
+    above = [max(0.0, r["upper"] - v) for v, r in zip(values, unmet, strict=True)]
     figure, axes = pyplot.subplots(figsize=(10, 5))
     axes.bar(labels, values, yerr=[below, above], capsize=3, color="#4a7ab5")
     axes.set_title(title)

@@ -384,7 +384,8 @@ def test_release_rows_and_charts(tmp_path: Path) -> None:
     spec = dp.default_needs_table(1)
     release = stats_pb.Release(table=stats.spec_to_pb(spec), region=REGION, period=PERIOD)
     for coordinates in spec.cells:
-        value = 7 if coordinates == ("medical", "unmet") else -1
+        # Negative noisy counts whose whole interval is below zero must chart too.
+        value = 7 if coordinates == ("medical", "unmet") else -6
         release.cells.add(coordinates=coordinates, value=value, lower=value - 3, upper=value + 3)
     rows = release_rows(release)
     assert rows[spec.index(("medical", "unmet"))] == {
