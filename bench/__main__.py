@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import cli_help, relay, store
+from bench import cli_help, relay, stats, store
 from bench.common import Figure, print_table
 
 BENCHMARKS: dict[str, Callable[[], list[Figure]]] = {
     "cli": cli_help.run,
     "store": store.run,
     "relay": relay.run,
+    "stats": stats.run,
 }
 
 
