@@ -61,8 +61,12 @@ def step(text: str) -> None:
     console.print(f"[bold cyan]▶[/] {text}")
 
 
-def run_demo(directory: Path, cases: int, _cli: CliContext) -> None:
-    """Run the demo in ``directory``; a second run resets it (only if the demo made it)."""
+def run_demo(directory: Path, cases: int, _cli: CliContext, keep_serving: bool = False) -> None:
+    """Run the demo in ``directory``; a second run resets it (only if the demo made it).
+
+    With ``keep_serving`` the broker and nodes stay up after the walk-through, until Ctrl-C, so
+    a person can run commands against them and watch their metrics move.
+    """
     started = time.perf_counter()
     _prepare(directory)
     loop = LoopThread()
@@ -98,6 +102,8 @@ def run_demo(directory: Path, cases: int, _cli: CliContext) -> None:
                 "  metrics while the servers run: "
                 + ", ".join(f"curl -s 127.0.0.1:{port}/metrics" for port in metrics.values())
             )
+            if keep_serving:
+                _serve_until_interrupted(homes, directory)
         finally:
             for client in clients.values():
                 client.close()
@@ -107,6 +113,22 @@ def run_demo(directory: Path, cases: int, _cli: CliContext) -> None:
         loop.close()
     console.print(f"\n[bold green]Demo finished in {time.perf_counter() - started:.1f} s.[/]")
     _print_next_steps(directory, homes)
+
+
+def _serve_until_interrupted(homes: dict[str, Path], directory: Path) -> None:
+    console.print("\n[bold]The region keeps running; press Ctrl-C to stop it.[/] Try:")
+    shelter = homes["harbour-shelter"]
+    console.print(f"  tessera --home {shelter} referral list")
+    console.print(f"  tessera --home {shelter} stats budget")
+    console.print(
+        f"  tessera --home {directory / 'broker'} stats show --period "
+        f"{dt.datetime.now(dt.UTC):%Y-%m}"
+    )
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping the broker and the nodes")
 
 
 def _prepare(directory: Path) -> None:
