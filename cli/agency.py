@@ -18,7 +18,12 @@ def list_agencies(
     revoked: Annotated[bool, typer.Option("--revoked", help="Include revoked agencies.")] = False,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """List agencies with their pinned key fingerprints (the node syncs the directory first)."""
+    """List agencies with their pinned key fingerprints (the node syncs the directory first).
+
+    \b
+    Example:
+      tessera agency list --revoked
+    """
     from node.client import NodeClient
 
     with NodeClient(context.get(ctx).home) as client:
@@ -44,6 +49,10 @@ def verify(
 
     Call the agency on a number you already know; each reads out their fingerprint
     (`tessera node status`). Only verified agencies count toward statistics thresholds.
+
+    \b
+    Example:
+      tessera agency verify lighthouse-clinic --fingerprint K7QX-M2RD-4FHN-ZP3A-W6TB-C8JE-5VYL-9GSU
     """
     from node.client import NodeClient
     from tessera.errors import NotFound

@@ -24,7 +24,9 @@ def init(
 ) -> None:
     """Create a broker in --home: signing key, TLS, database, first operator credential.
 
-    Example: tessera --home /var/lib/tessera/broker broker init --region north
+    \b
+    Example:
+      TESSERA_HOME=/var/lib/tessera/broker tessera broker init --region north
     """
     from broker.setup import BrokerInit, init_broker
 
@@ -44,7 +46,12 @@ def init(
 
 @app.command("serve")
 def serve(ctx: typer.Context) -> None:
-    """Run the broker's gRPC server until interrupted (Ctrl-C or SIGTERM)."""
+    """Run the broker's gRPC server until interrupted (Ctrl-C or SIGTERM).
+
+    \b
+    Example:
+      TESSERA_HOME=/var/lib/tessera/broker tessera broker serve
+    """
     import asyncio
 
     from broker.server import serve_until_signalled
@@ -64,7 +71,9 @@ def enrol_token(
 ) -> None:
     """Issue a one-time enrolment code for an agency; give it to their administrator.
 
-    Example: tessera broker enrol-token --agency harbour-shelter
+    \b
+    Example:
+      tessera broker enrol-token --agency harbour-shelter --days 3
     """
     from broker.operator_client import OperatorClient
 
@@ -79,7 +88,12 @@ def revoke(
     agency: Annotated[str, typer.Argument(help="The agency id to withdraw.")],
     reason: Annotated[str, typer.Option(help="Why (recorded in the directory).")] = "",
 ) -> None:
-    """Withdraw an agency from the directory at once (e.g. a lost laptop)."""
+    """Withdraw an agency from the directory at once (e.g. a lost laptop).
+
+    \b
+    Example:
+      tessera broker revoke harbour-shelter --reason "laptop lost"
+    """
     from broker.operator_client import OperatorClient
 
     with OperatorClient(context.get(ctx).home) as client:

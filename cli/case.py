@@ -82,8 +82,9 @@ def create(
 ) -> None:
     """Record a new case.
 
-    Example: echo '{"prs_FirstName": "Mirelka", "prs_Gender": "Feminine"}' |
-    tessera case create --from-json - --need safe_housing
+    \b
+    Example:
+      echo '{"prs_FirstName": "Mirelka"}' | tessera case create --from-json - --need safe_housing
     """
     from node.htcds import NeedStatus
 
@@ -96,7 +97,12 @@ def create(
 
 @app.command("show")
 def show(ctx: typer.Context, case_id: str, fmt: OutputFormat = FORMAT_OPTION) -> None:
-    """Show one case in full (the read is recorded in the audit log)."""
+    """Show one case in full (the read is recorded in the audit log).
+
+    \b
+    Example:
+      tessera case show 7c9e6679-7425-40de-944b-e07fc1f90ae7
+    """
     with _client(ctx) as client:
         _show(client.get_case(case_id), fmt)
 
@@ -114,7 +120,13 @@ def update(
     ] = None,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Change fields of a case. Without --version, the current version is used."""
+    """Change fields of a case. Without --version, the current version is used.
+
+    \b
+    Example:
+      tessera case update 7c9e6679-7425-40de-944b-e07fc1f90ae7 \\
+        --field prs_Gender=Feminine --version 3
+    """
     fields = _parse_fields(field, from_json)
     with _client(ctx) as client:
         expected = version if version is not None else client.get_case(case_id)["version"]
@@ -131,7 +143,12 @@ def list_cases(
     limit: Annotated[int, typer.Option(help="At most this many cases.")] = 100,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """List cases, most recently updated first (names only with --names)."""
+    """List cases, most recently updated first (names only with --names).
+
+    \b
+    Example:
+      tessera case list --state open --need safe_housing --need-status unmet
+    """
     from node.htcds import NeedStatus
 
     with _client(ctx) as client:
@@ -165,7 +182,12 @@ def find(
     phone: Annotated[str | None, typer.Option(help="Mobile phone number.")] = None,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Find cases by a survivor identifier (keyed blind index; exact match after normalising)."""
+    """Find cases by a survivor identifier (keyed blind index; exact match after normalising).
+
+    \b
+    Example:
+      tessera case find --email mirelka.example@example.org
+    """
     from tessera.errors import InvalidInput
 
     identifiers: dict[str, str] = {}
@@ -189,7 +211,12 @@ def find(
 
 @app.command("close")
 def close(ctx: typer.Context, case_id: str) -> None:
-    """Close a case; its data stays, encrypted, until erased."""
+    """Close a case; its data stays, encrypted, until erased.
+
+    \b
+    Example:
+      tessera case close 7c9e6679-7425-40de-944b-e07fc1f90ae7
+    """
     with _client(ctx) as client:
         client.close_case(case_id)
     typer.echo(f"Closed {case_id}.")
@@ -202,7 +229,12 @@ def erase(
     reason: Annotated[str, typer.Option(help="Why, for the audit log (no survivor data).")] = "",
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Erase a survivor by destroying their data key (irreversible). Admin only."""
+    """Erase a survivor by destroying their data key (irreversible). Admin only.
+
+    \b
+    Example:
+      tessera case erase 7c9e6679-7425-40de-944b-e07fc1f90ae7 --reason "survivor asked for erasure"
+    """
     if not yes and not typer.confirm(f"Erase case {case_id} for ever?"):
         raise typer.Exit(1)
     with _client(ctx) as client:
@@ -219,7 +251,12 @@ def need(
         str, typer.Argument(help="identified, referred, in_progress, met, unmet or declined.")
     ] = "identified",
 ) -> None:
-    """Add a need to a case or change its status."""
+    """Add a need to a case or change its status.
+
+    \b
+    Example:
+      tessera case need 7c9e6679-7425-40de-944b-e07fc1f90ae7 legal_civil referred
+    """
     from node.htcds import NeedStatus
     from tessera.errors import InvalidInput
 
@@ -245,7 +282,9 @@ def import_cases(
 ) -> None:
     """Import cases from an HTCDS spreadsheet. By default a file with any bad row imports nothing.
 
-    Example: tessera case import intake.xlsx --skip-bad-rows --rejects intake-rejects.csv
+    \b
+    Example:
+      tessera case import intake.xlsx --skip-bad-rows --rejects intake-rejects.csv
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -294,7 +333,12 @@ def export_cases(
     file: Annotated[Path, typer.Argument(help="Where to write: .csv or .xlsx.")],
     state: Annotated[str | None, typer.Option(help="Only open or closed cases.")] = None,
 ) -> None:
-    """Export cases as an HTCDS spreadsheet (admin only; audited)."""
+    """Export cases as an HTCDS spreadsheet (admin only; audited).
+
+    \b
+    Example:
+      tessera case export open-cases.xlsx --state open
+    """
     import os
 
     from tessera.errors import InvalidInput
@@ -316,7 +360,12 @@ def export_cases(
 
 @app.command("disclosures")
 def disclosures(ctx: typer.Context, case_id: str, fmt: OutputFormat = FORMAT_OPTION) -> None:
-    """Who received what about this survivor, and when (accounting of disclosures)."""
+    """Who received what about this survivor, and when (accounting of disclosures).
+
+    \b
+    Example:
+      tessera case disclosures 7c9e6679-7425-40de-944b-e07fc1f90ae7
+    """
     with _client(ctx) as client:
         rows = client.disclosures(case_id)
     render(

@@ -49,8 +49,11 @@ def grant(
 ) -> None:
     """Record a survivor's consent to one agency receiving some of their data, for one need.
 
-    Example: tessera consent grant CASE --to lighthouse-clinic --purpose medical
-    --share identity --share contact --expires 2027-06-30 --method verbal
+    \b
+    Example:
+      tessera consent grant 7c9e6679-7425-40de-944b-e07fc1f90ae7 \\
+        --to lighthouse-clinic --purpose medical --share identity --share contact \\
+        --expires 2027-06-30 --method verbal
     """
     import datetime as dt
 
@@ -72,7 +75,12 @@ def list_consents(
     case_id: Annotated[str, typer.Argument(help="The survivor's case.")],
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """List a case's consents, newest first."""
+    """List a case's consents, newest first.
+
+    \b
+    Example:
+      tessera consent list 7c9e6679-7425-40de-944b-e07fc1f90ae7
+    """
     with _client(ctx) as client:
         rows = [_shown(c) for c in client.consents(case_id)]
     render(rows, fmt, columns=_COLUMNS, title=f"consents for {case_id}")
@@ -85,7 +93,12 @@ def revoke(
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     """Withdraw a consent: undelivered envelopes are purged at the broker, and every agency
-    that received a referral under it is told to purge it."""
+    that received a referral under it is told to purge it.
+
+    \b
+    Example:
+      tessera consent revoke e4d9a1f0-2b3c-4d5e-8f70-91a2b3c4d5e6
+    """
     with _client(ctx) as client:
         consent = client.revoke_consent(consent_id)
     render_one(_shown(consent), fmt, title="consent revoked")

@@ -24,12 +24,17 @@ def command(
         Path, typer.Option("--dir", help="Where to keep the demo's homes (reset on each run).")
     ] = Path("demo-run"),
     cases: Annotated[int, typer.Option(help="Synthetic cases to import.")] = 36,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Keep the broker and nodes running until Ctrl-C.")
+    ] = False,
 ) -> None:
-    """Run a broker and three agency nodes on loopback and show what they do.
+    """Run the whole system on this machine: a broker and three agency nodes on loopback.
 
-    Example: tessera demo --dir /tmp/tessera-demo
+    \b
+    Example:
+      tessera demo --dir /tmp/tessera-demo --cases 24
     """
     from cli.demo_run import run_demo
 
     del ctx
-    run_demo(directory.resolve(), cases, context.CliContext(None, {}))
+    run_demo(directory.resolve(), cases, context.CliContext(None, {}), keep_serving=serve)

@@ -12,6 +12,8 @@ import dataclasses
 import datetime as dt
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,11 +126,12 @@ def _serve_until_interrupted(homes: dict[str, Path], directory: Path) -> None:
         f"  tessera --home {directory / 'broker'} stats show --period "
         f"{dt.datetime.now(dt.UTC):%Y-%m}"
     )
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        console.print("stopping the broker and the nodes")
+    stop = threading.Event()
+    # Ctrl-C (SIGINT) or a service manager's SIGTERM: stop the region gracefully either way.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_args: stop.set())
+    stop.wait()
+    console.print("stopping the broker and the nodes")
 
 
 def _prepare(directory: Path) -> None:

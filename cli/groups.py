@@ -28,7 +28,9 @@ class Group:
         if self.module is not None:
             built = importlib.import_module(self.module)
             if self.is_command:
-                app.command(self.name, help=self.help)(built.command)
+                # The command's own docstring is its help (with its example); the root's listing
+                # shows the docstring's first line.
+                app.command(self.name)(built.command)
             else:
                 app.add_typer(built.app, name=self.name, help=self.help)
             return

@@ -38,7 +38,11 @@ def init(
 ) -> None:
     """Create a node in --home: keys, key-encryption key, config, database, TLS, first admin.
 
-    Example: TESSERA_PASSPHRASE=... tessera --home ~/shelter node init --name "Harbour Shelter"
+    The passphrase comes from TESSERA_PASSPHRASE or a prompt, never from the command line.
+
+    \b
+    Example:
+      TESSERA_HOME=~/shelter tessera node init --name "Harbour Shelter" --region north
     """
     from node.setup import NodeInit, init_node
     from tessera.config import Argon2Profile, KekSource
@@ -67,7 +71,12 @@ def init(
 
 @app.command("serve")
 def serve(ctx: typer.Context) -> None:
-    """Run the node's gRPC server until interrupted (Ctrl-C or SIGTERM)."""
+    """Run the node's gRPC server until interrupted (Ctrl-C or SIGTERM).
+
+    \b
+    Example:
+      TESSERA_HOME=~/shelter tessera node serve
+    """
     import asyncio
 
     from node.server import serve_until_signalled
@@ -93,6 +102,10 @@ def enrol(
 
     The broker's TLS certificate is accepted only if it matches the code; the node registers its
     public keys and pins the broker's signing key. Prints this node's fingerprint to compare.
+
+    \b
+    Example:
+      tessera node enrol "$(cat enrol-code.txt)" --service safe_housing --service legal_civil
     """
     from node import directory_sync
     from node.keyring import open_keyring
@@ -114,7 +127,12 @@ def enrol(
 
 @app.command("status")
 def status(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
-    """Show who and where this node is, its key fingerprint and your role."""
+    """Show who and where this node is, its key fingerprint and your role.
+
+    \b
+    Example:
+      tessera node status --format json
+    """
     from node.client import NodeClient
 
     with NodeClient(context.get(ctx).home) as client:
@@ -129,6 +147,10 @@ def rotate_kek(
     """Protect the node with a new passphrase (TESSERA_NEW_PASSPHRASE or prompt) or key file.
 
     Only the keyring is re-wrapped; no record is re-encrypted. Admin only.
+
+    \b
+    Example:
+      tessera node rotate-kek --key-file /media/usb/harbour-shelter.key
     """
     from node.client import NodeClient
 
@@ -151,7 +173,12 @@ def backup(
     ] = None,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Write an encrypted backup of the node's store on the node's host. Admin only."""
+    """Write an encrypted backup of the node's store on the node's host. Admin only.
+
+    \b
+    Example:
+      tessera node backup --destination /srv/backups/harbour-shelter
+    """
     from node.client import NodeClient
 
     with NodeClient(context.get(ctx).home) as client:
@@ -167,6 +194,10 @@ def restore(
     """Restore a backup into this (stopped) node; erasures made since are applied again.
 
     Needs the passphrase (or key file) that protected the node when the backup was taken.
+
+    \b
+    Example:
+      tessera node restore /srv/backups/tessera-backup-20261020T020000000000Z.tbk
     """
     from node import backup as backup_mod
     from node.store.database import open_database
@@ -199,7 +230,9 @@ def staff_add(
 ) -> None:
     """Issue a staff credential: a new key pair in OUT_HOME; only its public key goes to the node.
 
-    Example: tessera node staff add "Ana Ruiz" --role caseworker --out-home /media/usb/ana
+    \b
+    Example:
+      tessera node staff add "Ana Ruiz" --role caseworker --out-home /media/usb/ana
     """
     from node.client import NodeClient
     from node.domain import StaffRole
@@ -230,7 +263,12 @@ def staff_add(
 
 @staff_app.command("remove")
 def staff_remove(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
-    """Revoke a staff member's credential; it stops working at once."""
+    """Revoke a staff member's credential; it stops working at once.
+
+    \b
+    Example:
+      tessera node staff remove "Ana Ruiz"
+    """
     from node.client import NodeClient
 
     with NodeClient(context.get(ctx).home) as client:
@@ -244,7 +282,12 @@ def staff_list(
     removed: Annotated[bool, typer.Option("--removed", help="Include removed staff.")] = False,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """List the node's staff."""
+    """List the node's staff.
+
+    \b
+    Example:
+      tessera node staff list --removed
+    """
     from node.client import NodeClient
 
     with NodeClient(context.get(ctx).home) as client:
@@ -254,7 +297,12 @@ def staff_list(
 
 @audit_app.command("verify")
 def audit_verify(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
-    """Check every link and signature of the audit log; exit 11 if it was tampered with."""
+    """Check every link and signature of the audit log; exit 11 if it was tampered with.
+
+    \b
+    Example:
+      tessera node audit verify --format json
+    """
     from node.client import NodeClient
     from tessera.errors import CryptoError
 

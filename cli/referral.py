@@ -45,7 +45,13 @@ def send(
     ] = "",
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Send a referral: only the fields the survivor consented to leave the node."""
+    """Send a referral: only the fields the survivor consented to leave the node.
+
+    \b
+    Example:
+      tessera referral send 7c9e6679-7425-40de-944b-e07fc1f90ae7 \\
+        --to lighthouse-clinic --need medical
+    """
     from cli.case import _category
 
     with _client(ctx) as client:
@@ -59,7 +65,12 @@ def list_referrals(
     case_id: Annotated[str, typer.Option("--case", help="Only referrals from this case.")] = "",
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Referrals sent and received, most recently changed first, with how long each waited."""
+    """Referrals sent and received, most recently changed first, with how long each waited.
+
+    \b
+    Example:
+      tessera referral list --case 7c9e6679-7425-40de-944b-e07fc1f90ae7
+    """
     with _client(ctx) as client:
         rows = client.referrals(case_id=case_id)
     render(rows, fmt, columns=_COLUMNS, title="referrals")
@@ -73,7 +84,12 @@ def inbox(
     ] = False,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Referrals received and waiting for an answer, oldest first."""
+    """Referrals received and waiting for an answer, oldest first.
+
+    \b
+    Example:
+      tessera referral inbox --all
+    """
     with _client(ctx) as client:
         rows = client.inbox(include_answered=everything)
     render(rows, fmt, columns=_COLUMNS, title="inbox")
@@ -85,7 +101,12 @@ def show(
     referral_id: Annotated[str, typer.Argument(help="The referral.")],
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Show one referral with the survivor's fields (the read is recorded in the audit log)."""
+    """Show one referral with the survivor's fields (the read is recorded in the audit log).
+
+    \b
+    Example:
+      tessera referral show b3e1c2d4-5f60-4a7b-8c9d-0e1f2a3b4c5d
+    """
     with _client(ctx) as client:
         referral = client.show_referral(referral_id)
     render_one(referral, fmt, title="referral")
@@ -97,7 +118,12 @@ def accept(
     referral_id: Annotated[str, typer.Argument(help="The referral.")],
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Accept a received referral (the sender is told)."""
+    """Accept a received referral (the sender is told).
+
+    \b
+    Example:
+      tessera referral accept b3e1c2d4-5f60-4a7b-8c9d-0e1f2a3b4c5d
+    """
     with _client(ctx) as client:
         render_one(client.answer_referral(referral_id, "accept"), fmt, title="accepted")
 
@@ -112,7 +138,12 @@ def decline(
     ] = "",
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Decline a received referral with a reason (the sender is told)."""
+    """Decline a received referral with a reason (the sender is told).
+
+    \b
+    Example:
+      tessera referral decline b3e1c2d4-5f60-4a7b-8c9d-0e1f2a3b4c5d --reason no_capacity
+    """
     with _client(ctx) as client:
         answered = client.answer_referral(referral_id, "decline", reason.value, text)
     render_one(answered, fmt, title="declined")
@@ -124,6 +155,11 @@ def complete(
     referral_id: Annotated[str, typer.Argument(help="The referral.")],
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Record that the service was provided (after accepting; the sender is told)."""
+    """Record that the service was provided (after accepting; the sender is told).
+
+    \b
+    Example:
+      tessera referral complete b3e1c2d4-5f60-4a7b-8c9d-0e1f2a3b4c5d
+    """
     with _client(ctx) as client:
         render_one(client.answer_referral(referral_id, "complete"), fmt, title="completed")

@@ -217,7 +217,12 @@ def budget(
     period: Annotated[str, typer.Option(help="Only this period (YYYY-MM).")] = "",
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Show this node's privacy budget: the cap, what was spent, and every charge."""
+    """Show this node's privacy budget: the cap, what was spent, and every charge.
+
+    \b
+    Example:
+      tessera stats budget --period 2026-10
+    """
     from node.client import NodeClient
 
     with NodeClient(context.get(ctx).home) as client:
@@ -253,7 +258,13 @@ def open_round(
     region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Open a statistics round on the broker (coordinator or operator credential)."""
+    """Open a statistics round on the broker (coordinator or operator credential).
+
+    \b
+    Example:
+      tessera stats round open --period 2026-10 --epsilon 0.5 \\
+        --participants harbour-shelter,lighthouse-clinic,northside-legal --threshold 2
+    """
     from node import stats
     from tessera import dp
     from tessera.errors import InvalidInput
@@ -273,7 +284,12 @@ def round_status(
     round_id: Annotated[str, typer.Argument(help="The round's id.")],
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Show a round's current attempt and who has submitted."""
+    """Show a round's current attempt and who has submitted.
+
+    \b
+    Example:
+      tessera stats round status 0f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a
+    """
     with StatsClient(context.get(ctx).home) as client:
         render_one(client.round_status(round_id), fmt, title="round")
 
@@ -299,7 +315,12 @@ def show(
     region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Print the newest release for a region and period, each cell with its error bar."""
+    """Print the newest release for a region and period, each cell with its error bar.
+
+    \b
+    Example:
+      tessera stats show --period 2026-10 --format csv
+    """
     with StatsClient(context.get(ctx).home) as client:
         release = _latest_release(client, region, period)
     rows = release_rows(release)
@@ -319,7 +340,9 @@ def chart(
 ) -> None:
     """Chart unmet needs by category with error bars: in the terminal, and as a PNG with --out.
 
-    Example: tessera stats chart --period 2026-10 --out unmet-2026-10.png
+    \b
+    Example:
+      tessera stats chart --period 2026-10 --out unmet-2026-10.png
     """
     with StatsClient(context.get(ctx).home) as client:
         release = _latest_release(client, region, period)
