@@ -9,8 +9,6 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
-
 from broker import access
 from broker import identity as broker_identity
 from broker.service import DirectoryServicer, DirectoryView, RelayServicer
@@ -20,6 +18,7 @@ from broker.store.relay import BrokerStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, reachable_address, write_run_file
+from tessera.db import database_answers
 from tessera.logs import fields
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
@@ -129,7 +128,13 @@ async def start_broker(
     write_run_file(settings.home, address)
     running = RunningBroker(settings, server, store, identity, address, relay, metrics=exporter)
     running._tasks.append(asyncio.create_task(_housekeeping(running)))
-    running._tasks.append(asyncio.create_task(_watch_database(running, health_interval)))
+    running._tasks.append(
+        asyncio.create_task(
+            rpc.watch_health(
+                server, lambda: database_answers(store.engine), health_interval, "broker"
+            )
+        )
+    )
     log.info(
         "broker.started",
         extra=fields(
@@ -168,26 +173,3 @@ async def _housekeeping(running: RunningBroker) -> None:
         except Exception:  # housekeeping must never take the server down
             log.exception("broker.housekeeping_failed")
         await asyncio.sleep(_HOUSEKEEPING_SECONDS)
-
-
-async def _watch_database(running: RunningBroker, interval: float) -> None:
-    """Report NOT_SERVING while the database cannot be reached, SERVING once it is back."""
-    serving = True
-    while True:
-        await asyncio.sleep(interval)
-        ok = await asyncio.to_thread(_database_ok, running.store)
-        if ok != serving:
-            serving = ok
-            await running.server.set_serving(ok)
-            log.warning("broker.health", extra=fields(serving=ok))
-
-
-def _database_ok(store: BrokerStore) -> bool:
-    try:
-        with store.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception:  # any failure to reach the database means not serving
-        metrics.DATABASE_UP.set(0)
-        return False
-    metrics.DATABASE_UP.set(1)
-    return True

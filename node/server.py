@@ -12,8 +12,6 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from sqlalchemy import text
-
 from node import access
 from node.keyring import Keyring, open_keyring
 from node.relay_worker import RelayWorker, start_worker
@@ -24,6 +22,7 @@ from node.store.referrals import ReferralStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, reachable_address, write_run_file
+from tessera.db import database_answers
 from tessera.logs import fields
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
@@ -104,7 +103,9 @@ async def start_node(
     write_run_file(settings.home, address)
     running = RunningNode(settings, server, store, keyring, address, metrics=exporter)
     await asyncio.to_thread(_database_ok, store)  # the gauges are current from the first scrape
-    running._health_task = asyncio.create_task(_watch_database(running, health_interval))
+    running._health_task = asyncio.create_task(
+        rpc.watch_health(server, lambda: _database_ok(store), health_interval, "node")
+    )
     running.relay = start_worker(store, referrals, keyring, settings.home, settings.limits)
     if running.relay is not None:
         servicer.wake_relay = running.relay.wake
@@ -135,27 +136,12 @@ async def serve_until_signalled(
     await running.stop()
 
 
-async def _watch_database(running: RunningNode, interval: float) -> None:
-    """Report NOT_SERVING while the database cannot be reached (issue 8 item 3)."""
-    serving = True
-    while True:
-        await asyncio.sleep(interval)
-        ok = await asyncio.to_thread(_database_ok, running.store)
-        if ok != serving:
-            serving = ok
-            await running.server.set_serving(ok)
-            log.warning("node.health", extra=fields(serving=ok))
-
-
 def _database_ok(store: NodeStore) -> bool:
-    """Whether the database answers; also refreshes the database and case-count gauges."""
-    try:
-        with store.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        cases = store.count_cases()
-    except Exception:  # any failure to reach the database means not serving
-        metrics.DATABASE_UP.set(0)
+    """Whether the database answers; also refreshes the case-count gauge."""
+    if not database_answers(store.engine):
         return False
-    metrics.DATABASE_UP.set(1)
-    metrics.NODE_CASES.set(cases)
+    try:
+        metrics.NODE_CASES.set(store.count_cases())
+    except Exception:  # the database went away between the two queries
+        return False
     return True

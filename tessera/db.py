@@ -58,3 +58,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Erased survivors must not linger in free pages (crypto-shredding, DESIGN.md section 5).
     cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
+
+
+def database_answers(engine: Engine) -> bool:
+    """Whether the database answers a trivial query now; keeps the ``database_up`` gauge."""
+    from sqlalchemy import text
+
+    from tessera import metrics
+
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception:  # any failure to reach the database means not serving
+        metrics.DATABASE_UP.set(0)
+        return False
+    metrics.DATABASE_UP.set(1)
+    return True

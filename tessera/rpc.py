@@ -371,6 +371,23 @@ async def start_server(
     return RunningServer(server=server, port=port, health=health_servicer)
 
 
+async def watch_health(
+    server: RunningServer, probe: Callable[[], bool], interval: float, component: str
+) -> None:
+    """Report NOT_SERVING while ``probe()`` (run in a thread) fails, SERVING once it passes.
+
+    Node and broker both run this with a database probe (issue 8 item 3).
+    """
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        ok = await asyncio.to_thread(probe)
+        if ok != serving:
+            serving = ok
+            await server.set_serving(ok)
+            log.warning(f"{component}.health", extra=fields(serving=ok))
+
+
 # --- clients --------------------------------------------------------------------------------
 
 
