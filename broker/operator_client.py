@@ -6,40 +6,23 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tessera import credential, enrolment, rpc
+from tessera import enrolment, rpc
 from tessera.config import Limits
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
 
 
-class OperatorClient:
+class OperatorClient(rpc.CredentialClient):
     """A broker operator's connection to their broker (credential in ``home``)."""
 
     def __init__(self, home: Path) -> None:
-        self._credential = credential.read(home)
-        self.address = credential.resolve_address(home, self._credential)
-        self._channel = rpc.open_channel(
-            self.address,
-            self._credential.node_certificate,
-            self._credential.identity,
-            Limits().max_message_bytes,
-        )
-        self._stub = directory_grpc.DirectoryStub(self._channel)
-
-    def __enter__(self) -> OperatorClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._channel.close()
+        super().__init__(home, Limits().max_message_bytes)
+        self._stub = directory_grpc.DirectoryStub(self.channel)
 
     def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=30)
-        except grpc.RpcError as exc:
-            raise rpc.error_from_rpc(exc, f"the broker at {self.address}") from None
+        return self.call(method, request)
 
     def enrolment_code(self, agency_id: str, days: int) -> str:
         """Issue a one-time token and wrap it, with the broker's address and certificate
@@ -52,7 +35,7 @@ class OperatorClient:
         )
         return enrolment.EnrolmentCode(
             broker_address=self.address,
-            certificate_sha256=enrolment.certificate_sha256(self._credential.node_certificate),
+            certificate_sha256=enrolment.certificate_sha256(self.certificate),
             token=reply.token,
             agency_id=reply.agency_id,
             region=reply.region,

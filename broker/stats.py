@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 from broker.service import DirectoryView
 from broker.store.stats import STATE_OPEN, StatsStore, StoredRelease, StoredRound
-from tessera import credential, crypto, dp, rpc
+from tessera import crypto, dp, rpc
 from tessera.config import Limits, Settings
 from tessera.errors import InvalidInput, NotFound, PermissionDenied, Refused
 from tessera.v1 import common_pb2 as common_pb
@@ -453,32 +453,16 @@ def _token(token: str) -> int | None:
 # --- the client for coordinators and operators --------------------------------------------------
 
 
-class StatsClient:
+class StatsClient(rpc.CredentialClient):
     """A coordinator's or operator's signed connection to the Stats service (credential in
     ``home``, as for :class:`broker.operator_client.OperatorClient`)."""
 
     def __init__(self, home: Path) -> None:
-        self._credential = credential.read(home)
-        self.address = credential.resolve_address(home, self._credential)
-        self._channel = rpc.open_channel(
-            self.address,
-            self._credential.node_certificate,
-            self._credential.identity,
-            Limits().max_message_bytes,
-        )
-        self.stub = stats_grpc.StatsStub(self._channel)
-
-    def __enter__(self) -> StatsClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._channel.close()
+        super().__init__(home, Limits().max_message_bytes)
+        self.stub = stats_grpc.StatsStub(self.channel)
 
     def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=30)
-        except grpc.RpcError as exc:
-            raise rpc.error_from_rpc(exc, f"the broker at {self.address}") from None
+        return self.call(method, request)
 
     def open_round(
         self,

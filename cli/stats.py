@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
 
 from cli import context
@@ -31,39 +30,28 @@ _MODES = {0: "unspecified", 1: "private", 2: "local_noise"}
 
 
 class StatsClient:
-    """A coordinator's or operator's connection to the broker's Stats service."""
+    """The coordinator's view for the CLI: the broker's Stats client plus checks of the broker's
+    signature on every round and release it shows. Imports happen here, not at module load,
+    so ``tessera --help`` stays fast."""
 
     def __init__(self, home: Path) -> None:
-        from tessera import credential, rpc
-        from tessera.config import Limits
+        from broker.stats import StatsClient as BrokerStatsClient
         from tessera.v1 import directory_pb2_grpc as directory_grpc
-        from tessera.v1 import stats_pb2_grpc as stats_grpc
 
-        self._credential = credential.read(home)
-        self.address = credential.resolve_address(home, self._credential)
-        self._channel = rpc.open_channel(
-            self.address,
-            self._credential.node_certificate,
-            self._credential.identity,
-            Limits().max_message_bytes,
-        )
-        self._stub = stats_grpc.StatsStub(self._channel)
-        self._directory = directory_grpc.DirectoryStub(self._channel)
+        self._base = BrokerStatsClient(home)
+        self.address = self._base.address
+        self._stub = self._base.stub
+        self._directory = directory_grpc.DirectoryStub(self._base.channel)
         self._info: Any = None
 
     def __enter__(self) -> StatsClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._channel.close()
+        self._base.close()
 
     def _call(self, method: Any, request: Any) -> Any:
-        from tessera import rpc
-
-        try:
-            return method(request, timeout=30)
-        except grpc.RpcError as exc:
-            raise rpc.error_from_rpc(exc, f"the broker at {self.address}") from None
+        return self._base.call(method, request)
 
     def info(self) -> Any:
         """The broker's region and signing key (over the TLS channel pinned by the credential)."""

@@ -20,7 +20,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, Self
 
 import grpc
 import grpc.aio
@@ -499,3 +500,39 @@ def open_aio_channel(
 async def collect(stream: AsyncIterator[Any]) -> list[Any]:
     """Drain an async response stream into a list (handy for small streams)."""
     return [item async for item in stream]
+
+
+class CredentialClient:
+    """A signed TLS connection to the server named by the credential in ``home``.
+
+    Node staff, broker operators and coordinators all hold a credential (tessera.credential);
+    clients for each service build on this so the channel, the error mapping and the context
+    manager exist once.
+    """
+
+    def __init__(self, home: Path, limits_bytes: int = 64 * 1024 * 1024) -> None:
+        from tessera import credential
+
+        held = credential.read(home)
+        self.address = credential.resolve_address(home, held)
+        self.certificate = held.node_certificate
+        self.channel = open_channel(
+            self.address, held.node_certificate, held.identity, limits_bytes
+        )
+
+    def call(self, method: Callable[..., Any], request: Any, timeout: float = 30.0) -> Any:
+        """Make one call; a failure comes back as the typed error the server raised."""
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"the server at {self.address}") from None
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
