@@ -36,15 +36,16 @@ _APPEND_RETRIES = 5
 _POLL_SECONDS = 0.5
 
 
-async def _run(func: Callable[..., T], *args: Any) -> T:
-    return await asyncio.to_thread(func, *args)
+async def run_blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking store call in a worker thread (shared by the broker's servicers)."""
+    return await asyncio.to_thread(func, *args, **kwargs)
 
 
-def _now() -> dt.datetime:
+def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _stamp(value: dt.datetime) -> Timestamp:
+def to_timestamp(value: dt.datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(value.astimezone(dt.UTC))
     return stamp
@@ -75,7 +76,7 @@ class DirectoryView:
             blobs = [self.blob(e) for e in entries]
             size = entries[-1].sequence
             head = directory.sign_head(
-                self._identity, self._region, size, entries[-1].chain, _now()
+                self._identity, self._region, size, entries[-1].chain, utc_now()
             )
             _verified, verified_entries = directory.verify_extension(
                 self._identity.public.signing_key, self._region, self.size, self.chain, blobs, head
@@ -92,8 +93,10 @@ class DirectoryView:
     def head(self, at: StoredLogEntry | None = None) -> common_pb.SignedBlob:
         """A freshly signed head for the current size, or for the log as of entry ``at``."""
         if at is not None:
-            return directory.sign_head(self._identity, self._region, at.sequence, at.chain, _now())
-        return directory.sign_head(self._identity, self._region, self.size, self.chain, _now())
+            return directory.sign_head(
+                self._identity, self._region, at.sequence, at.chain, utc_now()
+            )
+        return directory.sign_head(self._identity, self._region, self.size, self.chain, utc_now())
 
     def append(
         self,
@@ -113,7 +116,7 @@ class DirectoryView:
             )
             check_agency(self.records.get(record.agency_id))
             entry, chain = directory.append(
-                self._identity, self.chain, self.size + 1, statement, possession, _now()
+                self._identity, self.chain, self.size + 1, statement, possession, utc_now()
             )
             try:
                 self._store.append_log_entry(
@@ -170,17 +173,20 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
         expires = (
             request.expires_at.ToDatetime(tzinfo=dt.UTC)
             if request.HasField("expires_at")
-            else _now() + dt.timedelta(days=7)
+            else utc_now() + dt.timedelta(days=7)
         )
-        token = await _run(self._store.issue_token, request.agency_id, region, expires)
+        token = await run_blocking(self._store.issue_token, request.agency_id, region, expires)
         return directory_pb.IssueEnrolmentTokenResponse(
-            token=token, agency_id=request.agency_id, region=region, expires_at=_stamp(expires)
+            token=token,
+            agency_id=request.agency_id,
+            region=region,
+            expires_at=to_timestamp(expires),
         )
 
     async def Enrol(
         self, request: directory_pb.EnrolRequest, context: Context
     ) -> directory_pb.EnrolResponse:
-        agency_id, region = await _run(self._store.consume_token, request.token, _now())
+        agency_id, region = await run_blocking(self._store.consume_token, request.token, utc_now())
         body = directory_pb.DirectoryEntry.FromString(request.statement.body)
         if body.agency_id != agency_id or body.region != region:
             raise PermissionDenied("the statement names another agency or region than the token")
@@ -189,7 +195,7 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
             if current is not None:
                 raise Conflict(f"agency {agency_id} is already enrolled")
 
-        entry = await _run(self._view.append, request.statement, b"", must_be_new)
+        entry = await run_blocking(self._view.append, request.statement, b"", must_be_new)
         return directory_pb.EnrolResponse(entry=entry, head=self._view.head())
 
     async def RotateKeys(
@@ -201,7 +207,7 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
             if current is None or current.agency_id != caller.principal:
                 raise PermissionDenied("an agency may rotate only its own keys")
 
-        entry = await _run(
+        entry = await run_blocking(
             self._view.append, request.statement, request.possession_signature, must_be_caller
         )
         return directory_pb.RotateKeysResponse(entry=entry, head=self._view.head())
@@ -212,27 +218,27 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
         caller = rpc.current_caller()
         if caller.role == "agency" and caller.principal != request.agency_id:
             raise PermissionDenied("an agency may revoke only itself")
-        await _run(self._view.refresh)
+        await run_blocking(self._view.refresh)
         current = self._view.records.get(request.agency_id)
         if current is None:
             raise NotFound(f"no agency {request.agency_id!r} in the directory")
-        statement = directory.revoke_statement(self._identity, current, request.reason, _now())
-        entry = await _run(self._view.append, statement, b"", lambda _c: None)
-        await _run(self._store.purge_agency, request.agency_id)
+        statement = directory.revoke_statement(self._identity, current, request.reason, utc_now())
+        entry = await run_blocking(self._view.append, statement, b"", lambda _c: None)
+        await run_blocking(self._store.purge_agency, request.agency_id)
         return directory_pb.RevokeResponse(entry=entry, head=self._view.head())
 
     async def GetHead(
         self, request: directory_pb.GetHeadRequest, context: Context
     ) -> directory_pb.GetHeadResponse:
-        await _run(self._view.refresh)
+        await run_blocking(self._view.refresh)
         return directory_pb.GetHeadResponse(head=self._view.head())
 
     async def GetEntries(
         self, request: directory_pb.GetEntriesRequest, context: Context
     ) -> directory_pb.GetEntriesResponse:
-        await _run(self._view.refresh)
+        await run_blocking(self._view.refresh)
         limit = min(request.limit or 1000, 1000)
-        entries = await _run(self._store.log_entries, request.since, limit)
+        entries = await run_blocking(self._store.log_entries, request.since, limit)
         head = self._view.head(entries[-1] if entries else None)
         return directory_pb.GetEntriesResponse(
             entries=[self._view.blob(e) for e in entries], head=head
@@ -241,10 +247,10 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
     async def GetConsistency(
         self, request: directory_pb.GetConsistencyRequest, context: Context
     ) -> directory_pb.GetConsistencyResponse:
-        await _run(self._view.refresh)
+        await run_blocking(self._view.refresh)
         to_size = request.to_size or self._view.size
-        bodies = await _run(self._store.leaf_bodies, request.from_size, to_size)
-        last = await _run(self._store.log_entry, to_size) if to_size else None
+        bodies = await run_blocking(self._store.leaf_bodies, request.from_size, to_size)
+        last = await run_blocking(self._store.log_entry, to_size) if to_size else None
         head = self._view.head(last)
         return directory_pb.GetConsistencyResponse(
             leaf_hashes=[directory.leaf_hash(b) for b in bodies], head=head
@@ -253,11 +259,11 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
     async def GetAgency(
         self, request: directory_pb.GetAgencyRequest, context: Context
     ) -> directory_pb.GetAgencyResponse:
-        await _run(self._view.refresh)
+        await run_blocking(self._view.refresh)
         record = self._view.records.get(request.agency_id)
         if record is None:
             raise NotFound(f"no agency {request.agency_id!r} in the directory")
-        entry = await _run(self._store.log_entry, record.sequence)
+        entry = await run_blocking(self._store.log_entry, record.sequence)
         if entry is None:
             raise NotFound(f"no log entry {record.sequence}")
         return directory_pb.GetAgencyResponse(entry=self._view.blob(entry), head=self._view.head())
@@ -330,21 +336,21 @@ class RelayServicer(relay_grpc.RelayServicer):
         recipient = self._view.records.get(request.recipient_agency_id)
         if recipient is None or recipient.revoked:
             # Only an unknown recipient costs a directory refresh (it may have just enrolled).
-            await _run(self._view.refresh)
+            await run_blocking(self._view.refresh)
             recipient = self._view.records.get(request.recipient_agency_id)
         if recipient is None or recipient.revoked:
             raise NotFound(
                 f"no enrolled agency {request.recipient_agency_id!r}",
                 hint="check the agency id with `tessera agency list`",
             )
-        accepted = await _run(
+        accepted = await run_blocking(
             self._store.put_envelope,
             sender,
             request.recipient_agency_id,
             request.idempotency_key,
             request.consent_commitment,
             request.sealed_envelope,
-            _now(),
+            utc_now(),
         )
         event = self._wakeups.get(request.recipient_agency_id)
         if event is not None:
@@ -360,7 +366,7 @@ class RelayServicer(relay_grpc.RelayServicer):
             envelope_digest=accepted.envelope_digest,
             consent_commitment=accepted.consent_commitment,
             size=accepted.size,
-            accepted_at=_stamp(accepted.received_at),
+            accepted_at=to_timestamp(accepted.received_at),
         )
         body = receipt.SerializeToString()
         return common_pb.SignedBlob(
@@ -379,20 +385,20 @@ class RelayServicer(relay_grpc.RelayServicer):
         while True:
             # Clear before claiming: a Send committing during the claim then still wakes us.
             event.clear()
-            batch = await _run(
+            batch = await run_blocking(
                 self._store.claim,
                 recipient,
                 self._owner,
                 min(100, wanted - sent) if wanted else 100,
                 self._settings.limits.delivery_lease_seconds,
-                _now(),
+                utc_now(),
             )
             for envelope in batch:
                 yield relay_pb.Delivery(
                     delivery_id=envelope.envelope_id,
                     sender_agency_id=envelope.sender_id,
                     sealed_envelope=envelope.ciphertext,
-                    received_at=_stamp(envelope.received_at),
+                    received_at=to_timestamp(envelope.received_at),
                     consent_commitment=envelope.consent_commitment,
                     attempt=envelope.attempts,
                 )
@@ -410,7 +416,7 @@ class RelayServicer(relay_grpc.RelayServicer):
         self, request: relay_pb.AcknowledgeRequest, context: Context
     ) -> relay_pb.AcknowledgeResponse:
         recipient = rpc.current_caller().principal
-        deleted = await _run(self._store.acknowledge, recipient, list(request.delivery_ids))
+        deleted = await run_blocking(self._store.acknowledge, recipient, list(request.delivery_ids))
         return relay_pb.AcknowledgeResponse(deleted_ids=deleted)
 
     async def PurgeConsent(
@@ -419,7 +425,9 @@ class RelayServicer(relay_grpc.RelayServicer):
         sender = rpc.current_caller().principal
         if len(request.consent_commitment) != 32:
             raise InvalidInput("a consent commitment is 32 bytes")
-        result = await _run(self._store.purge_consent, sender, request.consent_commitment, _now())
+        result = await run_blocking(
+            self._store.purge_consent, sender, request.consent_commitment, utc_now()
+        )
         return relay_pb.PurgeConsentResponse(
             purged=result.purged, already_delivered=result.already_delivered
         )

@@ -9,22 +9,20 @@ unread. :class:`StatsClient` is the signed client coordinators and operators use
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import math
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import Engine
 
-from broker.service import DirectoryView
+from broker.service import DirectoryView, run_blocking, to_timestamp, utc_now
 from broker.store.stats import STATE_OPEN, StatsStore, StoredRelease, StoredRound
 from tessera import crypto, dp, rpc
 from tessera.config import Limits, Settings
@@ -43,20 +41,6 @@ MAX_CELLS = 10_000
 DEFAULT_PAGE = 100
 _PERIOD = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
 _KEY_CHARS = 128
-
-
-async def _run(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    return await asyncio.to_thread(func, *args, **kwargs)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _stamp(value: dt.datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value.astimezone(dt.UTC))
-    return stamp
 
 
 # --- tables: wire <-> dp ------------------------------------------------------------------------
@@ -137,7 +121,7 @@ def build_release(
         # of scale s (n = t: exactly that distribution).
         noise_scale=scale * math.sqrt(n / threshold),
         accuracy=dp.sum_accuracy(n, threshold, scale, ALPHA),
-        released_at=_stamp(now),
+        released_at=to_timestamp(now),
     )
     signed = release.SerializeToString()
     return release.release_id, signed, identity.sign(crypto.LABEL_RELEASE, signed)
@@ -205,9 +189,9 @@ class StatsServicer(stats_grpc.StatsServicer):
         if key is not None and len(key) > _KEY_CHARS:
             raise InvalidInput(f"an idempotency key is at most {_KEY_CHARS} characters")
         if key is not None:
-            existing = await _run(self._store.round_by_key, key)
+            existing = await run_blocking(self._store.round_by_key, key)
             if existing is not None:
-                first = await _run(self._store.attempt_body, existing.round_id, 1)
+                first = await run_blocking(self._store.attempt_body, existing.round_id, 1)
                 if first is None:  # pragma: no cover - stored with the round
                     raise NotFound(f"round {existing.round_id} has no first attempt")
                 return stats_pb.OpenRoundResponse(round=self._blob(*first))
@@ -230,7 +214,7 @@ class StatsServicer(stats_grpc.StatsServicer):
         )
         if not dt.timedelta(seconds=1) <= timeout <= MAX_ATTEMPT_TIMEOUT:
             raise InvalidInput("the attempt timeout must be between 1 second and 90 days")
-        await _run(self._view.refresh)
+        await run_blocking(self._view.refresh)
         participants = self._participants(list(request.participants))
         if not 2 <= request.threshold <= len(participants):
             raise InvalidInput(
@@ -244,7 +228,7 @@ class StatsServicer(stats_grpc.StatsServicer):
             dp.scale_for(request.epsilon, dp.l1_sensitivity(spec)),
             ALPHA,
         )
-        now = _now()
+        now = utc_now()
         round_id = str(uuid.uuid4())
         body = stats_pb.Round(
             round_id=round_id,
@@ -256,12 +240,12 @@ class StatsServicer(stats_grpc.StatsServicer):
             threshold=request.threshold,
             mode=request.mode,
             epsilon=request.epsilon,
-            opened_at=_stamp(now),
-            deadline=_stamp(now + timeout),
+            opened_at=to_timestamp(now),
+            deadline=to_timestamp(now + timeout),
             opened_by=caller.signer,
         )
         raw, signature = self._sign_round(body)
-        stored, _created = await _run(
+        stored, _created = await run_blocking(
             lambda: self._store.open_round(
                 round_id=round_id,
                 idempotency_key=key,
@@ -275,7 +259,7 @@ class StatsServicer(stats_grpc.StatsServicer):
                 participants=participants,
             )
         )
-        first = await _run(self._store.attempt_body, stored.round_id, 1)
+        first = await run_blocking(self._store.attempt_body, stored.round_id, 1)
         if first is None:  # pragma: no cover - stored with the round
             raise NotFound(f"round {stored.round_id} has no first attempt")
         return stats_pb.OpenRoundResponse(round=self._blob(*first))
@@ -283,7 +267,7 @@ class StatsServicer(stats_grpc.StatsServicer):
     async def GetRound(  # noqa: N802 - the proto's method name
         self, request: stats_pb.GetRoundRequest, context: Context
     ) -> stats_pb.GetRoundResponse:
-        stored = await _run(self._store.round, request.round_id)
+        stored = await run_blocking(self._store.round, request.round_id)
         if stored is None:
             raise NotFound(f"no round {request.round_id!r}")
         return stats_pb.GetRoundResponse(round=self._status(stored))
@@ -291,7 +275,7 @@ class StatsServicer(stats_grpc.StatsServicer):
     async def ListRounds(  # noqa: N802 - the proto's method name
         self, request: stats_pb.ListRoundsRequest, context: Context
     ) -> stats_pb.ListRoundsResponse:
-        page, following = await _run(
+        page, following = await run_blocking(
             lambda: self._store.list_rounds(
                 state=int(request.state),
                 participant=request.participant,
@@ -311,7 +295,7 @@ class StatsServicer(stats_grpc.StatsServicer):
         caller = rpc.current_caller()
         if request.agency_id != caller.principal:
             raise PermissionDenied("an agency submits only its own share")
-        stored = await _run(self._store.round, request.round_id)
+        stored = await run_blocking(self._store.round, request.round_id)
         if stored is None:
             raise NotFound(f"no round {request.round_id!r}")
         if request.attempt != stored.attempt:
@@ -335,13 +319,13 @@ class StatsServicer(stats_grpc.StatsServicer):
             raise InvalidInput(
                 f"the table has {size} cells; the share has {len(request.masked_cells)}"
             )
-        now = _now()
+        now = utc_now()
         if stored.state == STATE_OPEN and now > stored.deadline:
             raise Refused(
                 f"attempt {stored.attempt} of round {request.round_id} passed its deadline",
                 hint="ask the coordinator to restart the round",
             )
-        result = await _run(
+        result = await run_blocking(
             lambda: self._store.submit_share(
                 round_id=request.round_id,
                 attempt=request.attempt,
@@ -360,7 +344,7 @@ class StatsServicer(stats_grpc.StatsServicer):
     async def RestartRound(  # noqa: N802 - the proto's method name
         self, request: stats_pb.RestartRoundRequest, context: Context
     ) -> stats_pb.RestartRoundResponse:
-        stored = await _run(self._store.round, request.round_id)
+        stored = await run_blocking(self._store.round, request.round_id)
         if stored is None:
             raise NotFound(f"no round {request.round_id!r}")
         if stored.state != STATE_OPEN:
@@ -382,17 +366,17 @@ class StatsServicer(stats_grpc.StatsServicer):
                 f"{body.threshold}",
                 hint="open a new round with a lower threshold instead",
             )
-        now = _now()
+        now = utc_now()
         deadline = now + dt.timedelta(seconds=stored.attempt_timeout_seconds)
         new = stats_pb.Round()
         new.CopyFrom(body)
         new.attempt = stored.attempt + 1
         del new.participants[:]
         new.participants.extend(remaining)
-        new.opened_at.CopyFrom(_stamp(now))
-        new.deadline.CopyFrom(_stamp(deadline))
+        new.opened_at.CopyFrom(to_timestamp(now))
+        new.deadline.CopyFrom(to_timestamp(deadline))
         raw, signature = self._sign_round(new)
-        restarted = await _run(
+        restarted = await run_blocking(
             lambda: self._store.restart_round(
                 round_id=request.round_id,
                 attempt=request.attempt,
@@ -412,7 +396,7 @@ class StatsServicer(stats_grpc.StatsServicer):
         which = request.WhichOneof("key")
         if which is None:
             raise InvalidInput("name a release_id or a round_id")
-        stored = await _run(
+        stored = await run_blocking(
             lambda: self._store.release(
                 release_id=request.release_id if which == "release_id" else "",
                 round_id=request.round_id if which == "round_id" else "",
@@ -425,7 +409,7 @@ class StatsServicer(stats_grpc.StatsServicer):
     async def ListReleases(  # noqa: N802 - the proto's method name
         self, request: stats_pb.ListReleasesRequest, context: Context
     ) -> stats_pb.ListReleasesResponse:
-        page, following = await _run(
+        page, following = await run_blocking(
             lambda: self._store.list_releases(
                 period=request.period,
                 table=request.table,

@@ -11,7 +11,6 @@ legitimate rewind, removes it first (node.backup).
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import os
@@ -24,7 +23,7 @@ from sqlmodel import Session, col, select
 
 from node import audit
 from node.domain import AuditEntry, AuditReport
-from node.store.tables import AuditHeadRow, AuditRow, utcnow
+from node.store.tables import AuditHeadRow, AuditRow, as_utc, utcnow
 from tessera import crypto
 
 
@@ -128,7 +127,7 @@ class AuditLog:
         return [
             AuditEntry(
                 seq=row.seq,
-                at=_aware(row.at),
+                at=as_utc(row.at),
                 actor=row.actor,
                 action=row.action,
                 case_id=row.case_id,
@@ -141,7 +140,7 @@ class AuditLog:
         for row in session.exec(select(AuditRow).order_by(col(AuditRow.seq))):
             yield audit.SealedEntry(
                 seq=row.seq,
-                at=_aware(row.at),
+                at=as_utc(row.at),
                 actor=row.actor,
                 action=row.action,
                 case_id=row.case_id,
@@ -176,8 +175,3 @@ def _locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite returns naive datetimes; everything Tessera stores is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

@@ -26,7 +26,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from node.store.cases import NodeStore
-from node.store.tables import AuditHeadRow, BudgetChargeRow, BudgetPeriodRow, NeedRow, utcnow
+from node.store.tables import (
+    AuditHeadRow,
+    BudgetChargeRow,
+    BudgetPeriodRow,
+    NeedRow,
+    as_utc,
+    utcnow,
+)
 from tessera.errors import Conflict, InvalidInput, Refused
 
 __all__ = ["DEFAULT_CAP", "STATS_ACTOR", "BudgetCharge", "BudgetPeriod", "BudgetStore"]
@@ -281,14 +288,10 @@ class BudgetStore:
             rows = session.exec(
                 select(NeedRow.case_id, NeedRow.category, NeedRow.status, NeedRow.updated_at)
             ).all()
-        return [(c, cat, st, _aware(at)) for c, cat, st, at in rows]
-
-
-def _aware(at: dt.datetime) -> dt.datetime:
-    return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at
+        return [(c, cat, st, as_utc(at)) for c, cat, st, at in rows]
 
 
 def _charge(row: BudgetChargeRow) -> BudgetCharge:
     return BudgetCharge(
-        row.round_id, row.attempt, row.table_name, row.epsilon, _aware(row.charged_at)
+        row.round_id, row.attempt, row.table_name, row.epsilon, as_utc(row.charged_at)
     )

@@ -47,6 +47,7 @@ from node.store.tables import (
     NeedRow,
     RequestKeyRow,
     StaffRow,
+    as_utc,
     utcnow,
 )
 from tessera import crypto
@@ -694,8 +695,8 @@ class NodeStore:
                     fields=fields,
                     notes=notes,
                     state=CaseState(row.state),
-                    created_at=_aware(row.created_at),
-                    updated_at=_aware(row.updated_at),
+                    created_at=as_utc(row.created_at),
+                    updated_at=as_utc(row.updated_at),
                     needs=tuple(needs.get(case_id, ())),
                 )
             )
@@ -711,8 +712,8 @@ class NodeStore:
                 fields=fields,
                 notes=notes,
                 state=CaseState(row.state),
-                created_at=_aware(row.created_at),
-                updated_at=_aware(row.updated_at),
+                created_at=as_utc(row.created_at),
+                updated_at=as_utc(row.updated_at),
                 needs=self._needs(session, case_id),
             )
 
@@ -723,8 +724,8 @@ class NodeStore:
                 case_id=case_id,
                 version=row.version,
                 state=CaseState(row.state),
-                created_at=_aware(row.created_at),
-                updated_at=_aware(row.updated_at),
+                created_at=as_utc(row.created_at),
+                updated_at=as_utc(row.updated_at),
                 needs=self._needs(session, case_id),
             )
 
@@ -743,7 +744,7 @@ def _need(row: Any) -> Need:
         category=NeedCategory(row.category),
         status=NeedStatus(row.status),
         identified_on=row.identified_on,
-        updated_at=_aware(row.updated_at),
+        updated_at=as_utc(row.updated_at),
     )
 
 
@@ -753,13 +754,9 @@ def _staff(row: StaffRow) -> StaffMember:
         name=row.name,
         role=StaffRole(row.role),
         signing_key=row.signing_key,
-        added_at=_aware(row.added_at),
-        removed_at=_aware(row.removed_at) if row.removed_at else None,
+        added_at=as_utc(row.added_at),
+        removed_at=as_utc(row.removed_at) if row.removed_at else None,
     )
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _storage_error(exc: OperationalError) -> StorageError:

@@ -15,6 +15,11 @@ from sqlalchemy import Column, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A datetime read back from the database, as aware UTC (SQLite returns naive ones)."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 def utcnow() -> dt.datetime:
     """Timestamps are stored in UTC."""
     return dt.datetime.now(dt.UTC)
