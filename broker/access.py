@@ -6,11 +6,11 @@ a person in ``operators.json`` (operator or coordinator). Unlisted methods are r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from broker.identity import BrokerRole, Operator
 from tessera.errors import PermissionDenied, Unauthenticated
-from tessera.rpc import Caller
+from tessera.rpc import Authenticator, Caller
 
 AGENCY = "agency"
 # Methods open without a signature: broker discovery, and enrolment (its one-time token is the
@@ -43,12 +43,12 @@ _ROLES: dict[str, frozenset[str]] = {
 
 
 def make_authenticator(
-    agency_by_key: Callable[[bytes], tuple[str, bool] | None],
+    agency_by_key: Callable[[bytes], Awaitable[tuple[str, bool] | None]],
     operators: Callable[[], list[Operator]],
-) -> Callable[[bytes, str], Caller]:
-    """Signer key → Caller. ``agency_by_key(key)`` gives (agency_id, revoked) or None."""
+) -> Authenticator:
+    """Signer key → Caller. ``await agency_by_key(key)`` gives (agency_id, revoked) or None."""
 
-    def authenticate(signer: bytes, method: str) -> Caller:
+    async def authenticate(signer: bytes, method: str) -> Caller:
         allowed = _ROLES.get(method, frozenset())
         operator = next((o for o in operators() if o.signing_key == signer), None)
         if operator is not None:
@@ -58,7 +58,7 @@ def make_authenticator(
                 role=operator.role.value,
             )
         else:
-            agency = agency_by_key(signer)
+            agency = await agency_by_key(signer)
             if agency is None:
                 raise Unauthenticated(
                     "this key belongs to no enrolled agency or operator of this broker",

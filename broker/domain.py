@@ -78,6 +78,21 @@ class StoredLogEntry:
 
 
 @dataclass(frozen=True)
+class EnvelopePut:
+    """One Send as the store takes it: a sealed envelope from ``sender_id`` for ``recipient_id``.
+
+    The store checks every field (each put of a batch succeeds or fails on its own), so this
+    carries the request's values as they came.
+    """
+
+    sender_id: str
+    recipient_id: str
+    idempotency_key: str
+    consent_commitment: bytes
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
 class AcceptedEnvelope:
     """The broker's record that it holds an envelope: the facts of a ``RelayReceipt``.
 

@@ -7,10 +7,12 @@ import contextlib
 import datetime as dt
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from broker import access
 from broker import identity as broker_identity
+from broker.group_commit import GroupCommitter
 from broker.service import DirectoryServicer, DirectoryView, RelayServicer
 from broker.stats import StatsServicer
 from broker.store.database import open_database
@@ -19,6 +21,7 @@ from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, reachable_address, write_run_file
 from tessera.db import database_answers
+from tessera.errors import TesseraError
 from tessera.logs import fields
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
@@ -79,28 +82,38 @@ async def start_broker(
     view = DirectoryView(store, identity, settings.region)
     await asyncio.to_thread(view.refresh)  # refuses to start on a log that does not verify
 
-    def agency_by_key(key: bytes) -> tuple[str, bool] | None:
-        state = store.agency_by_signing_key(key)
-        return (state.agency_id, state.revoked) if state else None
+    async def agency_by_key(key: bytes) -> tuple[str, bool] | None:
+        record = view.agency_by_signing_key(key)
+        if record is None:  # perhaps enrolled a moment ago through another broker process
+            await asyncio.to_thread(view.refresh)
+            record = view.agency_by_signing_key(key)
+        return (record.agency_id, record.revoked) if record else None
 
     window = settings.limits.replay_window_seconds
+    shared_nonces: rpc.SharedNonces | None = None
+    if engine.dialect.name == "postgresql":
+        # Replicas on PostgreSQL share nonces through the database, written by group commit.
+        # Each batch then brings this process's directory view up to date, so a request is
+        # authenticated against every revocation committed (by any replica) before its nonce.
+        def remember(seen: Sequence[tuple[bytes, bytes, dt.datetime]]) -> list[bool | TesseraError]:
+            outcomes = store.remember_nonces(seen, window)
+            view.refresh()
+            return outcomes
+
+        nonces: GroupCommitter[tuple[bytes, bytes, dt.datetime], bool] = GroupCommitter(remember)
+
+        async def shared_nonces(signer: bytes, nonce: bytes, signed_at: dt.datetime) -> bool:
+            return await nonces.submit((signer, nonce, signed_at))
+
     interceptor = rpc.TesseraServerInterceptor(
         access.make_authenticator(
             agency_by_key, lambda: broker_identity.load_operators(settings.home)
         ),
         crypto.ReplayGuard(window),
         public_methods=access.PUBLIC,
-        # One SQLite broker process has every nonce in its ReplayGuard; replicas on PostgreSQL
-        # share them through the database.
-        shared_nonces=(
-            (
-                lambda signer, nonce, signed_at: store.remember_nonce(
-                    signer, nonce, signed_at, window
-                )
-            )
-            if engine.dialect.name == "postgresql"
-            else None
-        ),
+        # One SQLite broker process has every nonce in its ReplayGuard and is the only writer of
+        # its directory.
+        shared_nonces=shared_nonces,
     )
     directory_servicer = DirectoryServicer(settings, store, identity, view)
     relay = RelayServicer(settings, store, identity, view)

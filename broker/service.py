@@ -19,7 +19,8 @@ import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import tessera
-from broker.domain import AcceptedEnvelope, StoredLogEntry
+from broker.domain import AcceptedEnvelope, EnvelopePut, StoredLogEntry
+from broker.group_commit import GroupCommitter
 from broker.store.relay import BrokerStore
 from tessera import crypto, directory, rpc
 from tessera.config import Settings
@@ -66,6 +67,7 @@ class DirectoryView:
         self.size = 0
         self.chain = directory.GENESIS_CHAIN
         self.records: dict[str, directory.AgencyRecord] = {}
+        self._by_signing_key: dict[bytes, directory.AgencyRecord] = {}
 
     def refresh(self) -> None:
         """Read and verify entries appended since the view's size (by any broker process)."""
@@ -82,7 +84,15 @@ class DirectoryView:
                 self._identity.public.signing_key, self._region, self.size, self.chain, blobs, head
             )
             self.records = directory.apply_to_pins(self.records, verified_entries)
+            self._by_signing_key = {r.identity.signing_key: r for r in self.records.values()}
             self.size, self.chain = size, entries[-1].chain
+
+    def agency_by_signing_key(self, signing_key: bytes) -> directory.AgencyRecord | None:
+        """The agency whose current (or, if revoked, last) signing key this is, as of the view.
+
+        In memory: the broker authenticates every request with it, without a database read.
+        """
+        return self._by_signing_key.get(signing_key)
 
     def blob(self, entry: StoredLogEntry) -> common_pb.SignedBlob:
         """A stored log entry as the SignedBlob the wire carries."""
@@ -305,6 +315,10 @@ class RelayServicer(relay_grpc.RelayServicer):
         self._owner = f"broker-{uuid.uuid4()}"
         self._wakeups: dict[str, asyncio.Event] = {}
         self._buckets: dict[str, RateBucket] = {}
+        # Sends arriving together share one transaction and one commit (broker.group_commit).
+        self._puts: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(
+            lambda puts: store.put_envelopes(puts, utc_now())
+        )
 
     @property
     def owner(self) -> str:
@@ -343,14 +357,14 @@ class RelayServicer(relay_grpc.RelayServicer):
                 f"no enrolled agency {request.recipient_agency_id!r}",
                 hint="check the agency id with `tessera agency list`",
             )
-        accepted = await run_blocking(
-            self._store.put_envelope,
-            sender,
-            request.recipient_agency_id,
-            request.idempotency_key,
-            request.consent_commitment,
-            request.sealed_envelope,
-            utc_now(),
+        accepted = await self._puts.submit(
+            EnvelopePut(
+                sender_id=sender,
+                recipient_id=request.recipient_agency_id,
+                idempotency_key=request.idempotency_key,
+                consent_commitment=request.consent_commitment,
+                ciphertext=request.sealed_envelope,
+            )
         )
         event = self._wakeups.get(request.recipient_agency_id)
         if event is not None:

@@ -7,11 +7,12 @@ access fails closed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from node.domain import StaffMember, StaffRole
 from tessera.errors import PermissionDenied, Unauthenticated
-from tessera.rpc import Caller
+from tessera.rpc import Authenticator, Caller
 
 SERVICE = "/tessera.v1.Node/"
 
@@ -72,13 +73,14 @@ def principal(member: StaffMember) -> str:
 def make_authenticator(
     lookup: Callable[[bytes], StaffMember | None],
     on_refused: Callable[[str, str, str], None],
-) -> Callable[[bytes, str], Caller]:
+) -> Authenticator:
     """An authenticator for tessera.rpc: signer key → Caller, or a refusal that is audited.
 
-    ``on_refused(actor, method, reason)`` records every refusal in the audit log.
+    ``on_refused(actor, method, reason)`` records every refusal in the audit log. Both query the
+    node's database, so they run in a worker thread.
     """
 
-    def authenticate(signer: bytes, method: str) -> Caller:
+    def check(signer: bytes, method: str) -> Caller:
         member = lookup(signer)
         if member is None:
             on_refused(f"key:{signer.hex()[:16]}", method, "unknown key")
@@ -99,5 +101,8 @@ def make_authenticator(
                 hint="ask an administrator of this node",
             )
         return Caller(signer=signer, principal=principal(member), role=member.role.value)
+
+    async def authenticate(signer: bytes, method: str) -> Caller:
+        return await asyncio.to_thread(check, signer, method)
 
     return authenticate

@@ -111,9 +111,13 @@ class Caller:
     role: str
 
 
-Authenticator = Callable[[bytes, str], Caller]
+Authenticator = Callable[[bytes, str], Awaitable[Caller]]
 """Maps (signer verify key, full method name) to a Caller, or raises Unauthenticated /
-PermissionDenied. It runs in a worker thread, so it may query the database."""
+PermissionDenied. It runs on the event loop: one that queries a database hands that to a worker
+thread itself (the node's does; the broker's answers from its verified directory in memory)."""
+
+SharedNonces = Callable[[bytes, bytes, datetime.datetime], Awaitable[bool]]
+"""``(signer, nonce, signed_at) -> False`` when another replica already accepted that nonce."""
 
 _current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
     "tessera_caller", default=None
@@ -142,7 +146,7 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         guard: crypto.ReplayGuard,
         public_methods: frozenset[str] = frozenset(),
         on_refused: Callable[[str, str, str], None] | None = None,
-        shared_nonces: Callable[[bytes, bytes, datetime.datetime], bool] | None = None,
+        shared_nonces: SharedNonces | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._guard = guard
@@ -260,8 +264,8 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
             signature = crypto.RequestSignature.from_metadata(metadata)
             crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
             signed_at = datetime.datetime.fromtimestamp(signature.timestamp_ms / 1000, datetime.UTC)
-            if self._shared_nonces is not None and not await asyncio.to_thread(
-                self._shared_nonces, signature.signer, signature.nonce, signed_at
+            if self._shared_nonces is not None and not await self._shared_nonces(
+                signature.signer, signature.nonce, signed_at
             ):
                 raise errors.ReplayedRequest("this request was already accepted (a replay)")
         except TesseraError as exc:
@@ -275,7 +279,7 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
                     hint="check that the client signs with the credential it claims",
                 ) from None
             raise
-        caller = await asyncio.to_thread(self._authenticator, signature.signer, method)
+        caller = await self._authenticator(signature.signer, method)
         _current_caller.set(caller)
 
 

@@ -27,7 +27,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, inspect, text
 from sqlmodel import SQLModel
 
-from broker.domain import AcceptedEnvelope, StoredEnvelope
+from broker.domain import AcceptedEnvelope, EnvelopePut, StoredEnvelope
 from broker.store import BrokerStore
 from broker.store.database import VERSION_TABLE, current_revision, head_revision, open_database
 from broker.store.tables import BROKER_TABLES
@@ -386,6 +386,71 @@ def test_racing_identical_puts_store_one_envelope(broker: Broker) -> None:
     assert len({r.envelope_id for r in accepted}) == 1
     assert sum(not r.duplicate for r in accepted) == 1
     assert broker.count("broker_envelope") == 1 and broker.count("broker_receipt") == 1
+
+
+def test_batched_puts_each_get_their_own_outcome_in_one_transaction(broker: Broker) -> None:
+    # Group commit (broker.group_commit): one transaction for many Sends, yet each put is
+    # settled exactly as it would be alone, and a bad one costs the others nothing.
+    store = broker.store
+    sealed = [secrets.token_bytes(120) for _ in range(4)]
+    earlier = put(store, "earlier", sealed[0], consent=commitment("c-ok"))
+    store.purge_consent("agency-a", commitment("c-revoked"), at(0))
+    before = broker.count("broker_envelope")
+    outcomes = store.put_envelopes(
+        [
+            EnvelopePut("agency-a", "agency-b", "new-1", commitment("c-ok"), sealed[1]),
+            EnvelopePut("agency-a", "agency-b", "earlier", commitment("c-ok"), sealed[0]),
+            EnvelopePut("agency-a", "agency-b", "earlier", commitment("c-ok"), sealed[2]),
+            EnvelopePut("agency-a", "agency-b", "revoked", commitment("c-revoked"), sealed[3]),
+            EnvelopePut("agency-a", "agency-b", "", b"", sealed[3]),
+            EnvelopePut("agency-a", "agency-b", "new-2", b"", sealed[2]),
+            EnvelopePut("agency-a", "agency-b", "new-2", b"", sealed[2]),  # a retry in-batch
+            EnvelopePut("agency-a", "agency-b", "new-1", commitment("c-ok"), sealed[3]),
+        ],
+        at(5),
+    )
+    new_1, repeat, conflict, refused, invalid, new_2, retry, conflict_in_batch = outcomes
+    assert isinstance(new_1, AcceptedEnvelope) and not new_1.duplicate
+    assert isinstance(repeat, AcceptedEnvelope) and repeat.duplicate
+    assert (repeat.envelope_id, repeat.received_at) == (earlier.envelope_id, T0)
+    assert isinstance(conflict, Conflict) and isinstance(conflict_in_batch, Conflict)
+    assert isinstance(refused, Refused) and isinstance(invalid, InvalidInput)
+    assert isinstance(new_2, AcceptedEnvelope) and not new_2.duplicate
+    assert isinstance(retry, AcceptedEnvelope) and retry.duplicate
+    assert retry.envelope_id == new_2.envelope_id
+    assert new_1.received_at == at(5)
+    # Exactly the two new envelopes were stored, once each, and they are delivered as sent.
+    assert broker.count("broker_envelope") == before + 2
+    claimed = {e.envelope_id: e.ciphertext for e in store.claim("agency-b", "p", 10, 30, at(6))}
+    assert claimed[new_1.envelope_id] == sealed[1] and claimed[new_2.envelope_id] == sealed[2]
+    assert store.put_envelopes([], at(7)) == []
+
+
+def test_a_failed_batch_commit_stores_nothing_of_the_batch(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'broker.db'}"
+    store = BrokerStore(open_database(url))
+    put(store, "kept")
+    holder = sqlite3.connect(tmp_path / "broker.db", timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer holds the database: the batch cannot commit
+    try:
+        with pytest.raises(StorageError, match="nothing was written"):
+            store.put_envelopes(
+                [
+                    EnvelopePut("agency-a", "agency-b", f"lost-{i}", b"", b"x" * 10)
+                    for i in range(5)
+                ],
+                at(1),
+            )
+    finally:
+        holder.rollback()
+        holder.close()
+    assert store.waiting_count() == 1
+    # The senders retry with the same keys and the envelopes are stored once.
+    retried = store.put_envelopes(
+        [EnvelopePut("agency-a", "agency-b", f"lost-{i}", b"", b"x" * 10) for i in range(5)], at(2)
+    )
+    assert all(isinstance(r, AcceptedEnvelope) and not r.duplicate for r in retried)
+    assert store.waiting_count() == 6
 
 
 # --- relay: claim, lease, acknowledge ---------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 
 from sqlalchemy import Engine, text
@@ -25,6 +25,8 @@ from tessera.errors import InvalidInput, StorageError, TesseraError, Unavailable
 
 # Domain separation for the advisory-lock keys derived from a (sender, commitment) pair.
 _LABEL_CONSENT_LOCK = b"tessera/v1/broker/consent-lock"
+_LOCK_SHARED = text("SELECT pg_advisory_xact_lock_shared(k) FROM unnest(CAST(:keys AS bigint[])) k")
+_LOCK_EXCLUSIVE = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) k")
 
 
 class StoreBase:
@@ -89,26 +91,31 @@ class StoreBase:
             return sqlite.insert(table).on_conflict_do_nothing()
         return postgresql.insert(table).on_conflict_do_nothing()
 
-    def _lock_consent(
-        self, session: Session, sender_id: str, commitment: bytes, *, shared: bool
+    def _lock_consents(
+        self, session: Session, consents: Sequence[tuple[str, bytes]], *, shared: bool
     ) -> None:
-        """Serialise puts under a consent commitment against its purge (PostgreSQL only).
+        """Serialise puts under consent commitments against their purge (PostgreSQL only).
 
-        Puts take the lock shared, a purge takes it exclusive, for the rest of the transaction.
-        Without it, under READ COMMITTED a put could check "not purged" while a purge deletes
-        "every pending envelope" without seeing the put's uncommitted row, and an envelope would
-        survive its consent's revocation. SQLite needs nothing: BEGIN IMMEDIATE already makes
-        every write transaction exclusive.
+        Takes one advisory lock per (sender, commitment) for the rest of the transaction: puts
+        take them shared, a purge takes its one lock exclusive. Without them, under READ
+        COMMITTED a put could check "not purged" while a purge deletes "every pending envelope"
+        without seeing the put's uncommitted row, and an envelope would survive its consent's
+        revocation. SQLite needs nothing: BEGIN IMMEDIATE already makes every write transaction
+        exclusive.
         """
-        if self._sqlite:
+        if self._sqlite or not consents:
             return
-        key = int.from_bytes(
-            crypto.digest(_LABEL_CONSENT_LOCK, sender_id.encode() + b"\0" + commitment)[:8],
-            "big",
-            signed=True,
+        keys = sorted(
+            {
+                int.from_bytes(
+                    crypto.digest(_LABEL_CONSENT_LOCK, sender_id.encode() + b"\0" + commitment)[:8],
+                    "big",
+                    signed=True,
+                )
+                for sender_id, commitment in consents
+            }
         )
-        function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-        session.connection().execute(text(f"SELECT {function}(:key)"), {"key": key})
+        session.connection().execute(_LOCK_SHARED if shared else _LOCK_EXCLUSIVE, {"keys": keys})
 
 
 def _rollback(session: Session) -> None:

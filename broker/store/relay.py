@@ -20,14 +20,16 @@ times, sizes, digests, consent commitments, and the sealed ciphertext it cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from sqlalchemy import delete, func, update
+from sqlalchemy import delete, func, tuple_, update
+from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
-from broker.domain import AcceptedEnvelope, PurgeResult, StoredEnvelope
+from broker.domain import AcceptedEnvelope, EnvelopePut, PurgeResult, StoredEnvelope
 from broker.store._base import check_bytes, check_count, check_id, check_time
 from broker.store.directory import DirectoryStore
 from broker.store.tables import (
@@ -39,7 +41,7 @@ from broker.store.tables import (
     ReceiptRow,
 )
 from tessera import crypto
-from tessera.errors import Conflict, InvalidInput, Refused
+from tessera.errors import Conflict, InvalidInput, Refused, TesseraError
 
 COMMITMENT_BYTES = 32
 # Largest claim batch and acknowledgement chunk: bounds one transaction's locks and memory, and
@@ -76,6 +78,38 @@ def _accepted(row: ReceiptRow, *, duplicate: bool) -> AcceptedEnvelope:
         received_at=row.received_at,
         duplicate=duplicate,
     )
+
+
+def _receipt_values(accepted: AcceptedEnvelope) -> dict[str, object]:
+    return {
+        "sender_id": accepted.sender_id,
+        "idempotency_key": accepted.idempotency_key,
+        "envelope_id": accepted.envelope_id,
+        "recipient_id": accepted.recipient_id,
+        "consent_commitment": accepted.consent_commitment,
+        "envelope_digest": accepted.envelope_digest,
+        "size": accepted.size,
+        "received_at": accepted.received_at,
+    }
+
+
+def _checked_digest(put: EnvelopePut) -> bytes:
+    """Check one put's fields; returns its envelope digest."""
+    check_id(put.sender_id, "a sender id")
+    check_id(put.recipient_id, "a recipient id")
+    key = put.idempotency_key
+    if not isinstance(key, str) or not key or len(key) > IDEMPOTENCY_KEY_CHARS:
+        raise InvalidInput(f"an idempotency key must be 1 to {IDEMPOTENCY_KEY_CHARS} characters")
+    _check_commitment(put.consent_commitment, required=False)
+    if not isinstance(put.ciphertext, bytes) or not put.ciphertext:
+        raise InvalidInput("an envelope must be non-empty bytes")
+    return crypto.digest(crypto.LABEL_ENVELOPE, put.ciphertext)
+
+
+def _settled(outcome: AcceptedEnvelope | TesseraError | None) -> AcceptedEnvelope | TesseraError:
+    if outcome is None:  # every put is settled above; this would be a bug in the store
+        raise RuntimeError("a put of the batch was left without an outcome")
+    return outcome
 
 
 def _check_commitment(value: bytes, *, required: bool) -> bytes:
@@ -122,84 +156,157 @@ class BrokerStore(DirectoryStore):
         envelopes that carry no survivor data; Refused, a repeat included, once the sender has
         purged it.
         """
-        check_id(sender_id, "a sender id")
-        check_id(recipient_id, "a recipient id")
-        if (
-            not isinstance(idempotency_key, str)
-            or not idempotency_key
-            or len(idempotency_key) > IDEMPOTENCY_KEY_CHARS
-        ):
-            raise InvalidInput(
-                f"an idempotency key must be 1 to {IDEMPOTENCY_KEY_CHARS} characters"
-            )
-        _check_commitment(consent_commitment, required=False)
-        if not isinstance(ciphertext, bytes) or not ciphertext:
-            raise InvalidInput("an envelope must be non-empty bytes")
+        put = EnvelopePut(sender_id, recipient_id, idempotency_key, consent_commitment, ciphertext)
+        (outcome,) = self.put_envelopes([put], now)
+        if isinstance(outcome, TesseraError):
+            raise outcome
+        return outcome
+
+    def put_envelopes(
+        self, puts: Sequence[EnvelopePut], now: dt.datetime
+    ) -> list[AcceptedEnvelope | TesseraError]:
+        """Store several envelopes in one transaction (group commit); one outcome per put.
+
+        Each put gets exactly what :meth:`put_envelope` would give it alone: its receipt, or
+        the typed error of its own (InvalidInput, Conflict, Refused), which stores nothing of
+        that put and does not affect the others. Two puts of the batch with the same (sender,
+        idempotency key) are an original and its repeat. Everything accepted is committed
+        before this returns; if the commit fails, it raises and nothing of the batch is stored.
+        """
         now = check_time(now, "now")
-        digest = crypto.digest(crypto.LABEL_ENVELOPE, ciphertext)
-        envelope_id = str(uuid.uuid4())
-        with self._writing("store the envelope") as session:
-            if consent_commitment:
-                self._lock_consent(session, sender_id, consent_commitment, shared=True)
-                # Checked before the repeat test: once consent is revoked, even a retry of an
-                # envelope accepted earlier gets no receipt suggesting it is still on its way.
-                if self._is_purged(session, sender_id, consent_commitment):
-                    raise Refused(
-                        "the consent this envelope travels under was revoked; it was not stored",
-                        hint="record a new consent with the survivor before referring again",
-                    )
-            # The receipt row carries the idempotency key's uniqueness. Inserting it first, as
-            # one atomic "insert unless present", decides between a new put and a repeat even
-            # when two copies of the same request race.
-            inserted = session.exec(
-                self._insert_ignoring_duplicates(ReceiptRow)
-                .values(
-                    sender_id=sender_id,
-                    idempotency_key=idempotency_key,
-                    envelope_id=envelope_id,
-                    recipient_id=recipient_id,
-                    consent_commitment=consent_commitment,
-                    envelope_digest=digest,
-                    size=len(ciphertext),
-                    received_at=now,
-                )
-                .returning(col(ReceiptRow.envelope_id))
-            ).first()
-            if inserted is None:
-                original = session.get(ReceiptRow, (sender_id, idempotency_key))
-                if original is None:  # the insert only yields to a committed row; be safe anyway
-                    raise Conflict("the envelope's idempotency key is in use", hint="retry")
-                if (
-                    bytes(original.envelope_digest) != digest
-                    or original.recipient_id != recipient_id
-                    or bytes(original.consent_commitment) != consent_commitment
-                ):
-                    raise Conflict(
-                        "this idempotency key was already used for a different envelope",
-                        hint="use a new idempotency key for each envelope; reuse it only to retry",
-                    )
-                return _accepted(original, duplicate=True)
-            session.add(
-                EnvelopeRow(
-                    envelope_id=envelope_id,
-                    sender_id=sender_id,
-                    recipient_id=recipient_id,
-                    consent_commitment=consent_commitment,
-                    ciphertext=ciphertext,
-                    received_at=now,
+        outcomes: list[AcceptedEnvelope | TesseraError | None] = [None] * len(puts)
+        pending: list[tuple[int, EnvelopePut, bytes]] = []
+        for index, put in enumerate(puts):
+            try:
+                pending.append((index, put, _checked_digest(put)))
+            except TesseraError as exc:
+                outcomes[index] = exc
+        if pending:
+            with self._writing("store the envelope") as session:
+                pending = self._refuse_purged(session, pending, outcomes)
+                self._insert_new(session, pending, outcomes, now)
+        return [_settled(outcome) for outcome in outcomes]
+
+    def _refuse_purged(
+        self,
+        session: Session,
+        pending: list[tuple[int, EnvelopePut, bytes]],
+        outcomes: list[AcceptedEnvelope | TesseraError | None],
+    ) -> list[tuple[int, EnvelopePut, bytes]]:
+        """Settle every put under a purged consent as Refused; returns the others.
+
+        Checked before the repeat test: once consent is revoked, even a retry of an envelope
+        accepted earlier gets no receipt suggesting it is still on its way.
+        """
+        consents = sorted(
+            {(p.sender_id, p.consent_commitment) for _, p, _ in pending if p.consent_commitment}
+        )
+        if not consents:
+            return pending
+        self._lock_consents(session, consents, shared=True)
+        purged = {
+            (str(row[0]), bytes(row[1]))
+            for row in session.exec(
+                select(PurgedConsentRow.sender_id, PurgedConsentRow.consent_commitment).where(
+                    tuple_(
+                        col(PurgedConsentRow.sender_id), col(PurgedConsentRow.consent_commitment)
+                    ).in_(consents)
                 )
             )
-        return AcceptedEnvelope(
-            envelope_id=envelope_id,
-            sender_id=sender_id,
-            recipient_id=recipient_id,
-            idempotency_key=idempotency_key,
-            consent_commitment=consent_commitment,
-            envelope_digest=digest,
-            size=len(ciphertext),
-            received_at=now,
-            duplicate=False,
-        )
+        }
+        remaining = []
+        for index, put, digest in pending:
+            if (put.sender_id, put.consent_commitment) in purged:
+                outcomes[index] = Refused(
+                    "the consent this envelope travels under was revoked; it was not stored",
+                    hint="record a new consent with the survivor before referring again",
+                )
+            else:
+                remaining.append((index, put, digest))
+        return remaining
+
+    def _insert_new(
+        self,
+        session: Session,
+        pending: list[tuple[int, EnvelopePut, bytes]],
+        outcomes: list[AcceptedEnvelope | TesseraError | None],
+        now: dt.datetime,
+    ) -> None:
+        """Insert a receipt and an envelope for each put not seen before; settle repeats."""
+        if not pending:
+            return
+        # The receipt row carries the idempotency key's uniqueness. Inserting the receipts first,
+        # as one atomic "insert unless present", decides between a new put and a repeat even
+        # when two copies of the same request race (in this batch or in another process).
+        fresh: dict[tuple[str, str], AcceptedEnvelope] = {}
+        for _index, put, digest in pending:
+            key = (put.sender_id, put.idempotency_key)
+            if key not in fresh:
+                fresh[key] = AcceptedEnvelope(
+                    envelope_id=str(uuid.uuid4()),
+                    sender_id=put.sender_id,
+                    recipient_id=put.recipient_id,
+                    idempotency_key=put.idempotency_key,
+                    consent_commitment=put.consent_commitment,
+                    envelope_digest=digest,
+                    size=len(put.ciphertext),
+                    received_at=now,
+                    duplicate=False,
+                )
+        inserted = {
+            (str(row[0]), str(row[1]))
+            for row in session.exec(
+                self._insert_ignoring_duplicates(ReceiptRow)
+                .values([_receipt_values(a) for a in fresh.values()])
+                .returning(col(ReceiptRow.sender_id), col(ReceiptRow.idempotency_key))
+            )
+        }
+        originals = {key: a for key, a in fresh.items() if key in inserted}
+        earlier = [key for key in fresh if key not in inserted]
+        if earlier:
+            for row in session.exec(
+                select(ReceiptRow).where(
+                    tuple_(col(ReceiptRow.sender_id), col(ReceiptRow.idempotency_key)).in_(earlier)
+                )
+            ):
+                originals[(row.sender_id, row.idempotency_key)] = _accepted(row, duplicate=True)
+        envelopes: list[tuple[AcceptedEnvelope, bytes]] = []
+        stored: set[tuple[str, str]] = set()
+        for index, put, digest in pending:
+            key = (put.sender_id, put.idempotency_key)
+            original = originals.get(key)
+            if original is None:  # the insert only yields to a committed row; be safe anyway
+                outcomes[index] = Conflict("the envelope's idempotency key is in use", hint="retry")
+            elif (
+                original.envelope_digest != digest
+                or original.recipient_id != put.recipient_id
+                or original.consent_commitment != put.consent_commitment
+            ):
+                outcomes[index] = Conflict(
+                    "this idempotency key was already used for a different envelope",
+                    hint="use a new idempotency key for each envelope; reuse it only to retry",
+                )
+            elif original.duplicate or key in stored:
+                outcomes[index] = dataclasses.replace(original, duplicate=True)
+            else:
+                outcomes[index] = original
+                stored.add(key)
+                envelopes.append((original, put.ciphertext))
+        if envelopes:
+            session.connection().execute(
+                EnvelopeRow.__table__.insert(),  # type: ignore[attr-defined]
+                [
+                    {
+                        "envelope_id": a.envelope_id,
+                        "sender_id": a.sender_id,
+                        "recipient_id": a.recipient_id,
+                        "consent_commitment": a.consent_commitment,
+                        "ciphertext": ciphertext,
+                        "received_at": a.received_at,
+                    }
+                    for a, ciphertext in envelopes
+                ],
+            )
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -223,26 +330,49 @@ class BrokerStore(DirectoryStore):
         if limit == 0:
             return []
         until = now + lease
+        table = EnvelopeRow.__table__.c  # type: ignore[attr-defined]
         with self._writing("lease envelopes") as session:
-            rows = session.exec(
-                select(EnvelopeRow)
-                .where(col(EnvelopeRow.recipient_id) == recipient_id)
-                .where(
-                    col(EnvelopeRow.lease_until).is_(None) | (col(EnvelopeRow.lease_until) <= now)
+            connection = session.connection()
+            rows = connection.execute(
+                select_columns(
+                    table.seq,
+                    table.envelope_id,
+                    table.sender_id,
+                    table.consent_commitment,
+                    table.ciphertext,
+                    table.received_at,
+                    table.attempts,
                 )
-                .order_by(col(EnvelopeRow.received_at), col(EnvelopeRow.seq))
+                .where(table.recipient_id == recipient_id)
+                .where(table.lease_until.is_(None) | (table.lease_until <= now))
+                .order_by(table.received_at, table.seq)
                 .limit(limit)
                 # Ignored by SQLite, whose BEGIN IMMEDIATE already excludes other writers.
                 .with_for_update(skip_locked=True)
             ).all()
             if not rows:
                 return []
-            for row in rows:
-                row.attempts += 1
-                row.lease_owner = owner
-                row.lease_until = until
-            claimed = [_envelope(row) for row in rows]
-        return claimed
+            connection.execute(
+                update(EnvelopeRow)
+                .where(col(EnvelopeRow.seq).in_([row.seq for row in rows]))
+                .values(
+                    attempts=col(EnvelopeRow.attempts) + 1, lease_owner=owner, lease_until=until
+                )
+            )
+        return [
+            StoredEnvelope(
+                envelope_id=row.envelope_id,
+                sender_id=row.sender_id,
+                recipient_id=recipient_id,
+                consent_commitment=bytes(row.consent_commitment),
+                ciphertext=bytes(row.ciphertext),
+                received_at=row.received_at,
+                attempts=row.attempts + 1,
+                lease_owner=owner,
+                lease_until=until,
+            )
+            for row in rows
+        ]
 
     def acknowledge(
         self, recipient_id: str, envelope_ids: Iterable[str], now: dt.datetime | None = None
@@ -316,7 +446,7 @@ class BrokerStore(DirectoryStore):
         _check_commitment(commitment, required=True)
         now = check_time(now, "now")
         with self._writing("purge the consent's envelopes") as session:
-            self._lock_consent(session, sender_id, commitment, shared=False)
+            self._lock_consents(session, [(sender_id, commitment)], shared=False)
             session.exec(
                 self._insert_ignoring_duplicates(PurgedConsentRow).values(
                     sender_id=sender_id, consent_commitment=commitment, purged_at=now
@@ -395,18 +525,54 @@ class BrokerStore(DirectoryStore):
         request's own timestamp as ``seen_at`` so it is remembered exactly as long as the
         request could pass the freshness check.
         """
-        check_bytes(signer, "a signer key", (crypto.KEY_BYTES,))
-        if not isinstance(nonce, bytes) or not 0 < len(nonce) <= MAX_NONCE_BYTES:
-            raise InvalidInput(f"a request nonce must be 1 to {MAX_NONCE_BYTES} bytes")
-        seen_at = check_time(seen_at, "seen_at")
+        (fresh,) = self.remember_nonces([(signer, nonce, seen_at)], window_seconds)
+        if isinstance(fresh, TesseraError):
+            raise fresh
+        return fresh
+
+    def remember_nonces(
+        self, seen: Sequence[tuple[bytes, bytes, dt.datetime]], window_seconds: float
+    ) -> list[bool | TesseraError]:
+        """Record several (signer, nonce, seen_at) in one transaction (group commit).
+
+        One outcome each, as :meth:`remember_nonce` would give: True for a nonce not seen
+        before, False for a replay (of an earlier request, or of one earlier in ``seen``), or
+        InvalidInput for a malformed one.
+        """
         window = _check_seconds(window_seconds, "the replay window")
-        with self._writing("remember the request nonce") as session:
-            stored = session.exec(
-                self._insert_ignoring_duplicates(NonceRow)
-                .values(signer=signer, nonce=nonce, seen_at=seen_at, expires_at=seen_at + window)
-                .returning(col(NonceRow.nonce))
-            ).first()
-        return stored is not None
+        outcomes: list[bool | TesseraError] = []
+        rows: dict[tuple[bytes, bytes], dict[str, object]] = {}
+        for signer, nonce, seen_at in seen:
+            try:
+                check_bytes(signer, "a signer key", (crypto.KEY_BYTES,))
+                if not isinstance(nonce, bytes) or not 0 < len(nonce) <= MAX_NONCE_BYTES:
+                    raise InvalidInput(f"a request nonce must be 1 to {MAX_NONCE_BYTES} bytes")
+                when = check_time(seen_at, "seen_at")
+            except TesseraError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(False)
+            rows.setdefault(
+                (signer, nonce),
+                {"signer": signer, "nonce": nonce, "seen_at": when, "expires_at": when + window},
+            )
+        if not rows:
+            return outcomes
+        with self._writing("remember the request nonces") as session:
+            stored = {
+                (bytes(row[0]), bytes(row[1]))
+                for row in session.exec(
+                    self._insert_ignoring_duplicates(NonceRow)
+                    .values(list(rows.values()))
+                    .returning(col(NonceRow.signer), col(NonceRow.nonce))
+                )
+            }
+        # Only the first occurrence of a stored nonce is fresh; every other one is a replay.
+        for index, (signer, nonce, _seen_at) in enumerate(seen):
+            if outcomes[index] is False and (signer, nonce) in stored:
+                outcomes[index] = True
+                stored.discard((signer, nonce))
+        return outcomes
 
     def prune_nonces(self, now: dt.datetime) -> int:
         """Forget nonces whose replay window has ended; returns how many."""
