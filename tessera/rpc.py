@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -158,6 +159,9 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         # nonce, signed_at) -> False when another replica already accepted that nonce (a
         # database table, pruned once the request's own timestamp leaves the window).
         self._shared_nonces = shared_nonces
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     async def intercept_service(
         self,
@@ -170,13 +174,22 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method: str = details.method
-        if method.startswith(PUBLIC_PREFIXES):
-            return handler
-        needs_auth = self._authenticator is not None and method not in self._public_methods
-        metadata = tuple(details.invocation_metadata or ())
-        if handler.request_streaming:
+        if method.startswith(PUBLIC_PREFIXES) or handler.request_streaming:
             # Client-streaming calls sign the method with an empty body; TLS protects the stream.
             return handler
+        # The wrapped handler depends only on the method (the request's metadata is read from
+        # its context), so it is built once per method rather than once per call.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        needs_auth = self._authenticator is not None and method not in self._public_methods
         original_deserializer = handler.request_deserializer
 
         def keep_raw(body: bytes) -> _Raw:
@@ -186,26 +199,25 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
                 return _Raw(body, None)
 
         if handler.response_streaming:
-            behaviour = self._streaming(handler.unary_stream, method, metadata, needs_auth)
             return grpc.unary_stream_rpc_method_handler(
-                behaviour,
+                self._streaming(handler.unary_stream, method, needs_auth),
                 request_deserializer=keep_raw,
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
-            self._unary(handler.unary_unary, method, metadata, needs_auth),
+            self._unary(handler.unary_unary, method, needs_auth),
             request_deserializer=keep_raw,
             response_serializer=handler.response_serializer,
         )
 
     def _unary(
-        self, inner: Any, method: str, metadata: Sequence[tuple[str, Any]], needs_auth: bool
+        self, inner: Any, method: str, needs_auth: bool
     ) -> Callable[[_Raw, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def behaviour(raw: _Raw, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             code = "OK"
             try:
-                await self._admit(method, metadata, raw, needs_auth)
+                await self._admit(method, context, raw, needs_auth)
                 return await inner(raw.message, context)
             except TesseraError as exc:
                 code = status_code(exc.kind).name
@@ -221,7 +233,7 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         return behaviour
 
     def _streaming(
-        self, inner: Any, method: str, metadata: Sequence[tuple[str, Any]], needs_auth: bool
+        self, inner: Any, method: str, needs_auth: bool
     ) -> Callable[[_Raw, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
         async def behaviour(
             raw: _Raw, context: grpc.aio.ServicerContext[Any, Any]
@@ -229,7 +241,7 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = "OK"
             try:
-                await self._admit(method, metadata, raw, needs_auth)
+                await self._admit(method, context, raw, needs_auth)
                 result = inner(raw.message, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
@@ -251,7 +263,11 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         return behaviour
 
     async def _admit(
-        self, method: str, metadata: Sequence[tuple[str, Any]], raw: _Raw, needs_auth: bool
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        raw: _Raw,
+        needs_auth: bool,
     ) -> None:
         if raw.message is None:
             raise errors.InvalidInput(
@@ -261,6 +277,7 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         if not needs_auth or self._authenticator is None:
             return
         try:
+            metadata = tuple(context.invocation_metadata() or ())
             signature = crypto.RequestSignature.from_metadata(metadata)
             crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
             signed_at = datetime.datetime.fromtimestamp(signature.timestamp_ms / 1000, datetime.UTC)
@@ -307,8 +324,19 @@ async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any], method: s
 
 
 def _observe(method: str, code: str, started: float) -> None:
-    metrics.RPC_REQUESTS.labels(method=method, code=code).inc()
-    metrics.RPC_LATENCY.labels(method=method).observe(time.perf_counter() - started)
+    _requests_counter(method, code).inc()
+    _latency_histogram(method).observe(time.perf_counter() - started)
+
+
+# Looking a labelled child up costs more than counting; the label sets are few (methods, codes).
+@functools.cache
+def _requests_counter(method: str, code: str) -> Any:
+    return metrics.RPC_REQUESTS.labels(method=method, code=code)
+
+
+@functools.cache
+def _latency_histogram(method: str) -> Any:
+    return metrics.RPC_LATENCY.labels(method=method)
 
 
 # --- servers --------------------------------------------------------------------------------

@@ -253,12 +253,17 @@ class BrokerStore(DirectoryStore):
                     received_at=now,
                     duplicate=False,
                 )
+        # Executed as one executemany (a multi-row INSERT the driver is handed in one go), with
+        # a statement SQLAlchemy compiles once: group commit gains nothing if each batch pays for
+        # compiling a statement of its own size.
+        connection = session.connection()
         inserted = {
             (str(row[0]), str(row[1]))
-            for row in session.exec(
-                self._insert_ignoring_duplicates(ReceiptRow)
-                .values([_receipt_values(a) for a in fresh.values()])
-                .returning(col(ReceiptRow.sender_id), col(ReceiptRow.idempotency_key))
+            for row in connection.execute(
+                self._insert_ignoring_duplicates(ReceiptRow).returning(
+                    col(ReceiptRow.sender_id), col(ReceiptRow.idempotency_key)
+                ),
+                [_receipt_values(a) for a in fresh.values()],
             )
         }
         originals = {key: a for key, a in fresh.items() if key in inserted}
@@ -293,7 +298,7 @@ class BrokerStore(DirectoryStore):
                 stored.add(key)
                 envelopes.append((original, put.ciphertext))
         if envelopes:
-            session.connection().execute(
+            connection.execute(
                 EnvelopeRow.__table__.insert(),  # type: ignore[attr-defined]
                 [
                     {
@@ -561,10 +566,11 @@ class BrokerStore(DirectoryStore):
         with self._writing("remember the request nonces") as session:
             stored = {
                 (bytes(row[0]), bytes(row[1]))
-                for row in session.exec(
-                    self._insert_ignoring_duplicates(NonceRow)
-                    .values(list(rows.values()))
-                    .returning(col(NonceRow.signer), col(NonceRow.nonce))
+                for row in session.connection().execute(
+                    self._insert_ignoring_duplicates(NonceRow).returning(
+                        col(NonceRow.signer), col(NonceRow.nonce)
+                    ),
+                    list(rows.values()),
                 )
             }
         # Only the first occurrence of a stored nonce is fresh; every other one is a replay.
