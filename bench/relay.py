@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -65,6 +65,7 @@ from node.setup import NodeInit, init_node
 from tessera import config, crypto, rpc, tls
 from tessera.config import Argon2Profile, Limits
 from tessera.credential import RUN_FILE
+from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
 
@@ -257,35 +258,6 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes])
     return request
 
 
-async def _serve_echo(home: Path) -> None:
-    """A bare grpc.aio server: one unary method returning its request bytes, over TLS."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ]
-    )
-    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(_echo)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler}),)
-    )
-    credentials = grpc.ssl_server_credentials(
-        [(tls.read_pem(home / "tls" / "server.key"), tls.read_pem(home / "tls" / "server.crt"))]
-    )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    await server.start()
-    run_file = home / RUN_FILE
-    run_file.parent.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"address": f"127.0.0.1:{port}", "pid": os.getpid()}))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop(1.0)
-    run_file.unlink(missing_ok=True)
-
-
 async def _drive(count: int, concurrency: int, call: Callable[[int], Awaitable[None]]) -> None:
     """Make ``count`` calls, ``concurrency`` of them in flight at any moment."""
     indexes = iter(range(count))
@@ -337,6 +309,102 @@ async def measure_echo(
         return outcome
     finally:
         await channel.close()
+
+
+# --- the in-memory relay: the wire pattern alone --------------------------------------------
+
+
+class MemoryRelay(relay_grpc.RelayServicer):
+    """tessera.v1.Relay with nothing behind it: no interceptor (no signature check, no replay
+    window, no authentication), no database, no receipt signature; mailboxes are in-memory
+    queues. The benchmark's relay client drives it exactly as it drives the broker (its signed
+    requests are not checked), so it measures what the relay's wire pattern (a unary Send in,
+    a streamed Delivery out, batched Acknowledge calls) costs over one echo call.
+    """
+
+    def __init__(self) -> None:
+        self._mail: list[relay_pb.Delivery] = []
+        self._arrived = asyncio.Event()
+        self._sent = 0
+
+    async def Send(
+        self, request: relay_pb.SendRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> relay_pb.SendResponse:
+        self._sent += 1
+        delivery_id = f"d{self._sent}"
+        self._mail.append(
+            relay_pb.Delivery(
+                delivery_id=delivery_id,
+                sender_agency_id="sender",
+                sealed_envelope=request.sealed_envelope,
+                consent_commitment=request.consent_commitment,
+                attempt=1,
+            )
+        )
+        self._arrived.set()
+        receipt = relay_pb.RelayReceipt(
+            delivery_id=delivery_id,
+            recipient_agency_id=request.recipient_agency_id,
+            idempotency_key=request.idempotency_key,
+            consent_commitment=request.consent_commitment,
+            size=len(request.sealed_envelope),
+        )
+        return relay_pb.SendResponse(receipt=common_pb.SignedBlob(body=receipt.SerializeToString()))
+
+    async def Receive(
+        self, request: relay_pb.ReceiveRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[relay_pb.Delivery]:
+        while True:
+            self._arrived.clear()
+            batch, self._mail = self._mail, []
+            for delivery in batch:
+                yield delivery
+            if not self._mail:
+                await self._arrived.wait()
+
+    async def Acknowledge(
+        self,
+        request: relay_pb.AcknowledgeRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> relay_pb.AcknowledgeResponse:
+        return relay_pb.AcknowledgeResponse(deleted_ids=request.delivery_ids)
+
+
+async def _serve(home: Path, add: Callable[[grpc.aio.Server], None]) -> None:
+    """A bare grpc.aio server over TLS (no interceptor), until SIGTERM; address in the run file."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+    )
+    add(server)
+    credentials = grpc.ssl_server_credentials(
+        [(tls.read_pem(home / "tls" / "server.key"), tls.read_pem(home / "tls" / "server.crt"))]
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    run_file = home / RUN_FILE
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"address": f"127.0.0.1:{port}", "pid": os.getpid()}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+    run_file.unlink(missing_ok=True)
+
+
+def _add_echo(server: grpc.aio.Server) -> None:
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(_echo)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler}),)
+    )
+
+
+def _add_memory_relay(server: grpc.aio.Server) -> None:
+    relay_grpc.add_RelayServicer_to_server(MemoryRelay(), server)
 
 
 # --- agencies -----------------------------------------------------------------------------------
@@ -495,8 +563,9 @@ class Mailbox:
 
 async def measure_relay(
     label: str,
-    sender: Agency,
-    recipient: Agency,
+    sender: crypto.Identity,
+    recipient: crypto.Identity,
+    cert: bytes,
     sender_addresses: Sequence[str],
     warmup: Sequence[relay_pb.SendRequest],
     requests: Sequence[relay_pb.SendRequest],
@@ -505,9 +574,8 @@ async def measure_relay(
 ) -> Outcome:
     """Send every request (Send calls alternating over ``sender_addresses``) and wait until the
     recipient, on the first address, has them all delivered and acknowledged."""
-    cert = sender.link.certificate
-    sender_channels = [open_channel(address, cert, sender.identity) for address in sender_addresses]
-    recipient_channel = open_channel(sender_addresses[0], cert, recipient.identity)
+    sender_channels = [open_channel(address, cert, sender) for address in sender_addresses]
+    recipient_channel = open_channel(sender_addresses[0], cert, recipient)
     mailbox = Mailbox(relay_grpc.RelayStub(recipient_channel))
     returned_at: dict[bytes, float] = {}
     try:
@@ -665,6 +733,7 @@ class Results:
 
     echo: Outcome
     echo_unloaded: Outcome
+    memory: Outcome
     sqlite: Outcome
     sqlite_unloaded: Outcome
     pg_one: Outcome | None = None
@@ -682,10 +751,12 @@ async def _enrolled(plan: Plan, broker_home: Path) -> tuple[Agency, Agency]:
     return sender, recipient
 
 
-async def _echo_phases(plan: Plan) -> tuple[Outcome, Outcome]:
+async def _baseline_phases(plan: Plan) -> tuple[Outcome, Outcome, Outcome]:
+    """The echo server (loaded, then one in flight) and the in-memory relay, same TLS setup."""
     home = plan.folder / "echo"
     cert = home / "tls" / "server.crt"
     tls.create_self_signed(cert, home / "tls" / "server.key", "echo")
+    pem = tls.read_pem(cert)
     with contextlib.ExitStack() as stack:
         server = ServerProcess(
             "echo server",
@@ -694,7 +765,6 @@ async def _echo_phases(plan: Plan) -> tuple[Outcome, Outcome]:
             plan.folder / "echo.log",
         )
         address = _started(stack, server)
-        pem = tls.read_pem(cert)
         metered = {server.name: server.pid}
         loaded = [
             await measure_echo(
@@ -710,7 +780,31 @@ async def _echo_phases(plan: Plan) -> tuple[Outcome, Outcome]:
         unloaded = await measure_echo(
             address, pem, plan.payloads[: plan.warmup + plan.unloaded], plan.warmup, 1, metered
         )
-    return best(loaded), unloaded
+    with contextlib.ExitStack() as stack:
+        server = ServerProcess(
+            "in-memory relay",
+            [sys.executable, "-m", "bench.relay", "memory-relay", str(home)],
+            home,
+            plan.folder / "memory-relay.log",
+        )
+        address = _started(stack, server)
+        memory = []
+        for run in range(plan.runs):
+            warm, measured = plan.requests("lantern-clinic", f"memory-{run}")
+            memory.append(
+                await measure_relay(
+                    "in-memory relay",
+                    plan.sender,
+                    plan.recipient,
+                    pem,
+                    [address],
+                    warm,
+                    measured,
+                    plan.concurrency,
+                    {server.name: server.pid},
+                )
+            )
+    return best(loaded), unloaded, best(memory)
 
 
 async def _sqlite_phases(plan: Plan) -> tuple[Outcome, Outcome]:
@@ -726,8 +820,9 @@ async def _sqlite_phases(plan: Plan) -> tuple[Outcome, Outcome]:
             loaded.append(
                 await measure_relay(
                     "relay, SQLite, 1 broker",
-                    sender,
-                    recipient,
+                    sender.identity,
+                    recipient.identity,
+                    sender.link.certificate,
                     [address],
                     warm,
                     measured,
@@ -737,7 +832,15 @@ async def _sqlite_phases(plan: Plan) -> tuple[Outcome, Outcome]:
             )
         warm, measured = plan.requests(recipient.agency_id, "sqlite-unloaded", 1)
         unloaded = await measure_relay(
-            "relay, SQLite, 1 broker", sender, recipient, [address], warm, measured, 1, metered
+            "relay, SQLite, 1 broker",
+            sender.identity,
+            recipient.identity,
+            sender.link.certificate,
+            [address],
+            warm,
+            measured,
+            1,
+            metered,
         )
     return best(loaded), unloaded
 
@@ -756,8 +859,9 @@ async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Outcome, Outc
             ones.append(
                 await measure_relay(
                     "relay, PostgreSQL, 1 broker",
-                    sender,
-                    recipient,
+                    sender.identity,
+                    recipient.identity,
+                    sender.link.certificate,
                     [address_a],
                     warm,
                     measured,
@@ -771,8 +875,9 @@ async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Outcome, Outc
             twos.append(
                 await measure_relay(
                     "relay, PostgreSQL, 2 brokers",
-                    sender,
-                    recipient,
+                    sender.identity,
+                    recipient.identity,
+                    sender.link.certificate,
                     [address_a, address_b],
                     warm,
                     measured,
@@ -785,8 +890,9 @@ async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Outcome, Outc
         warm, measured = plan.requests(recipient.agency_id, "pg1-unloaded", 1)
         unloaded = await measure_relay(
             "relay, PostgreSQL, 1 broker",
-            sender,
-            recipient,
+            sender.identity,
+            recipient.identity,
+            sender.link.certificate,
             [address_a],
             warm,
             measured,
@@ -797,9 +903,9 @@ async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Outcome, Outc
 
 
 async def _run(plan: Plan, postgres_url: str | None) -> Results:
-    echo, echo_unloaded = await _echo_phases(plan)
+    echo, echo_unloaded, memory = await _baseline_phases(plan)
     sqlite, sqlite_unloaded = await _sqlite_phases(plan)
-    results = Results(echo, echo_unloaded, sqlite, sqlite_unloaded)
+    results = Results(echo, echo_unloaded, memory, sqlite, sqlite_unloaded)
     if postgres_url is not None:
         with throwaway_database(postgres_url) as database_url:
             _say(f"PostgreSQL database {database_url.rsplit('/', 1)[-1]} created")
@@ -823,7 +929,33 @@ def _figures(results: Results) -> list[Figure]:
         f"At {echo.concurrency} in flight, latency is mostly queueing (≈ in flight / "
         "throughput); the '1 in flight' rows show the path itself."
     )
-    figures: list[Figure] = []
+    figures: list[Figure] = [
+        Figure(
+            "relay wire pattern",
+            "in-memory relay, delivered+acked/s",
+            results.memory.throughput,
+            "echo calls/s",
+            echo.throughput,
+            "msg/s",
+            note=(
+                "The relay's calls with nothing behind them (no signature checks, no database, "
+                "no receipt signature): the ceiling of the wire pattern itself, a unary Send in, "
+                "a streamed Delivery out and batched Acknowledge calls, on this machine."
+            ),
+        ),
+        Figure(
+            "relay durability+security",
+            "broker on SQLite, delivered+acked/s",
+            results.sqlite.throughput,
+            "in-memory relay",
+            results.memory.throughput,
+            "msg/s",
+            note=(
+                "What signed requests, the replay window, authentication, durable group-committed "
+                "storage, leases and signed receipts cost over the bare wire pattern."
+            ),
+        ),
+    ]
     configs = [
         ("relay sqlite x1", results.sqlite, results.sqlite_unloaded),
         ("relay pg x1", results.pg_one, results.pg_one_unloaded),
@@ -919,11 +1051,17 @@ def run(
     return _figures(results)
 
 
+_SERVERS = {"echo-server": _add_echo, "memory-relay": _add_memory_relay}
+
+
 def _main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "echo-server":
-        asyncio.run(_serve_echo(Path(argv[1])))
+    if len(argv) == 2 and argv[0] in _SERVERS:
+        asyncio.run(_serve(Path(argv[1]), _SERVERS[argv[0]]))
         return 0
-    print("usage: python -m bench.relay echo-server HOME   (run by `python -m bench relay`)")
+    print(
+        "usage: python -m bench.relay {echo-server|memory-relay} HOME   "
+        "(run by `python -m bench relay`)"
+    )
     return 2
 
 

@@ -50,7 +50,14 @@ def make_authenticator(
 
     async def authenticate(signer: bytes, method: str) -> Caller:
         allowed = _ROLES.get(method, frozenset())
-        operator = next((o for o in operators() if o.signing_key == signer), None)
+        # Agencies make almost every call, and their keys are looked up in memory: try them
+        # first. An operator's key is never an agency's (both are fresh Ed25519 keys).
+        agency = await agency_by_key(signer)
+        operator = (
+            None
+            if agency is not None
+            else next((o for o in operators() if o.signing_key == signer), None)
+        )
         if operator is not None:
             caller = Caller(
                 signer=signer,
@@ -58,7 +65,6 @@ def make_authenticator(
                 role=operator.role.value,
             )
         else:
-            agency = await agency_by_key(signer)
             if agency is None:
                 raise Unauthenticated(
                     "this key belongs to no enrolled agency or operator of this broker",
