@@ -206,7 +206,7 @@ class BrokerStore(DirectoryStore):
         self._lock_consents(session, consents, shared=True)
         purged = {
             (str(row[0]), bytes(row[1]))
-            for row in session.exec(
+            for row in session.connection().execute(
                 select(PurgedConsentRow.sender_id, PurgedConsentRow.consent_commitment).where(
                     tuple_(
                         col(PurgedConsentRow.sender_id), col(PurgedConsentRow.consent_commitment)
@@ -395,9 +395,10 @@ class BrokerStore(DirectoryStore):
             return []
         deleted: list[str] = []
         with self._writing("acknowledge the envelopes") as session:
+            connection = session.connection()
             for start in range(0, len(wanted), _ACK_CHUNK):
                 chunk = wanted[start : start + _ACK_CHUNK]
-                gone = session.exec(
+                gone = connection.execute(
                     delete(EnvelopeRow)
                     .where(col(EnvelopeRow.recipient_id) == recipient_id)
                     .where(col(EnvelopeRow.envelope_id).in_(chunk))
@@ -405,7 +406,7 @@ class BrokerStore(DirectoryStore):
                 ).all()
                 ids = sorted(str(row[0]) for row in gone)
                 if ids:
-                    session.exec(
+                    connection.execute(
                         update(ReceiptRow)
                         .where(col(ReceiptRow.envelope_id).in_(ids))
                         .values(acknowledged_at=when)
