@@ -427,8 +427,7 @@ def test_batched_puts_each_get_their_own_outcome_in_one_transaction(broker: Brok
 
 
 def test_a_failed_batch_commit_stores_nothing_of_the_batch(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'broker.db'}"
-    store = BrokerStore(open_database(url))
+    _engine, store = _sqlite_store(f"sqlite:///{tmp_path / 'broker.db'}", "PRAGMA busy_timeout=50")
     put(store, "kept")
     holder = sqlite3.connect(tmp_path / "broker.db", timeout=0)
     holder.execute("BEGIN EXCLUSIVE")  # another writer holds the database: the batch cannot commit
@@ -667,6 +666,25 @@ def test_replayed_nonce_is_caught_by_another_broker(broker: Broker) -> None:
     assert first.prune_nonces(at(250)) == 0
     assert first.prune_nonces(at(302.5)) == 4
     assert broker.count("broker_nonce") == 0
+
+
+def test_batched_nonces_catch_replays_within_the_batch_and_before_it(broker: Broker) -> None:
+    store, signer = broker.store, secrets.token_bytes(32)
+    earlier, fresh = secrets.token_bytes(16), secrets.token_bytes(16)
+    assert store.remember_nonce(signer, earlier, at(0), 300)
+    outcomes = broker.another().remember_nonces(
+        [
+            (signer, fresh, at(1)),
+            (signer, earlier, at(1)),  # replays a request accepted before
+            (signer, fresh, at(1)),  # replays one earlier in the same batch
+            (signer, b"", at(1)),  # malformed: refused alone
+            (secrets.token_bytes(32), fresh, at(1)),  # the same nonce from another signer
+        ],
+        300,
+    )
+    assert outcomes[:3] == [True, False, False] and outcomes[4] is True
+    assert isinstance(outcomes[3], InvalidInput)
+    assert broker.count("broker_nonce") == 3
 
 
 # --- what the database holds ------------------------------------------------------------------

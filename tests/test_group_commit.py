@@ -1,0 +1,148 @@
+"""Group commit (broker.group_commit) over a real broker store on SQLite.
+
+Concurrent Sends must share transactions, yet each caller must get exactly its own outcome; a
+failed commit must fail every put of its batch and store none of it; a caller that gives up must
+not take its put out of the batch. The batch writer here is the broker's own
+``BrokerStore.put_envelopes`` on a real database file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import sqlite3
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event
+
+from broker.domain import AcceptedEnvelope, EnvelopePut
+from broker.group_commit import GroupCommitter
+from broker.store import BrokerStore
+from broker.store.database import open_database
+from tessera.errors import Conflict, StorageError, TesseraError
+
+NOW = dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC)
+
+
+def in_event_loop(test: Callable[..., Coroutine[object, object, None]]) -> Callable[..., None]:
+    """Run an async test in its own event loop (the suite has no asyncio plugin)."""
+
+    @functools.wraps(test)
+    def run(*args: object, **kwargs: object) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BrokerStore:
+    engine = open_database(f"sqlite:///{tmp_path / 'broker.db'}")
+    engine.dispose()
+    # A short busy timeout, so the test that locks the file fails its batch quickly.
+    event.listen(engine, "connect", lambda conn, _record: conn.execute("PRAGMA busy_timeout=50"))
+    return BrokerStore(engine)
+
+
+def envelope(key: str, body: bytes = b"sealed bytes") -> EnvelopePut:
+    return EnvelopePut("agency-a", "agency-b", key, b"", body)
+
+
+class CountingWriter:
+    """The store's batch write, recording the size of every batch it was given."""
+
+    def __init__(self, store: BrokerStore) -> None:
+        self.store = store
+        self.sizes: list[int] = []
+
+    def __call__(self, puts: Sequence[EnvelopePut]) -> list[AcceptedEnvelope | TesseraError]:
+        self.sizes.append(len(puts))
+        return self.store.put_envelopes(puts, NOW)
+
+
+@in_event_loop
+async def test_concurrent_submits_share_transactions_and_keep_their_own_outcomes(
+    store: BrokerStore,
+) -> None:
+    writer = CountingWriter(store)
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(writer, max_batch=64)
+    store.put_envelope("agency-a", "agency-b", "taken", b"", b"other bytes", NOW)
+
+    puts = [envelope(f"k{i}") for i in range(200)] + [envelope("taken")]
+    outcomes = await asyncio.gather(*(committer.submit(p) for p in puts), return_exceptions=True)
+
+    accepted = outcomes[:200]
+    assert all(isinstance(o, AcceptedEnvelope) and not o.duplicate for o in accepted), outcomes
+    assert [o.idempotency_key for o in accepted if isinstance(o, AcceptedEnvelope)] == [
+        f"k{i}" for i in range(200)
+    ]
+    # The one bad put failed alone, with its own error.
+    assert isinstance(outcomes[200], Conflict)
+    assert sum(writer.sizes) == 201 and max(writer.sizes) <= 64
+    assert len(writer.sizes) < 201 / 8  # shared transactions, not one each
+    assert committer.batches == len(writer.sizes)
+    assert store.waiting_count("agency-b") == 201  # 200 new and the one stored before
+
+
+@in_event_loop
+async def test_a_lone_submit_is_written_at_once(store: BrokerStore) -> None:
+    writer = CountingWriter(store)
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(writer)
+    accepted = await asyncio.wait_for(committer.submit(envelope("alone")), timeout=5)
+    assert accepted.idempotency_key == "alone" and writer.sizes == [1]
+
+
+@in_event_loop
+async def test_a_failed_commit_fails_its_whole_batch_and_stores_none_of_it(
+    store: BrokerStore, tmp_path: Path
+) -> None:
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(
+        lambda puts: store.put_envelopes(puts, NOW)
+    )
+    holder = sqlite3.connect(tmp_path / "broker.db", timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer holds the database file
+    try:
+        outcomes = await asyncio.gather(
+            *(committer.submit(envelope(f"k{i}")) for i in range(20)), return_exceptions=True
+        )
+    finally:
+        holder.rollback()
+        holder.close()
+    assert all(isinstance(o, StorageError) for o in outcomes), outcomes
+    assert store.waiting_count() == 0
+    # The committer is still usable, and the retries store each envelope once.
+    retried = await asyncio.gather(*(committer.submit(envelope(f"k{i}")) for i in range(20)))
+    assert all(not r.duplicate for r in retried)
+    assert store.waiting_count() == 20
+
+
+@in_event_loop
+async def test_a_caller_that_gives_up_leaves_its_put_in_the_batch(store: BrokerStore) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_write(puts: Sequence[EnvelopePut]) -> list[AcceptedEnvelope | TesseraError]:
+        loop.call_soon_threadsafe(started.set)
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        return store.put_envelopes(puts, NOW)
+
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(slow_write)
+    first = asyncio.create_task(committer.submit(envelope("first")))
+    await started.wait()  # the first batch is being written; the next two queue behind it
+    impatient = asyncio.create_task(committer.submit(envelope("impatient")))
+    patient = asyncio.create_task(committer.submit(envelope("patient")))
+    await asyncio.sleep(0)
+    impatient.cancel()  # its RPC was cancelled while queued
+    release.set()
+    await first
+    assert (await patient).idempotency_key == "patient"
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    # Written anyway: a retry by its sender finds it, and nothing is stored twice.
+    assert store.put_envelope(
+        "agency-a", "agency-b", "impatient", b"", b"sealed bytes", NOW
+    ).duplicate
+    assert store.waiting_count() == 3
