@@ -7,6 +7,10 @@ same client with the same payloads:
   identity serializers, no interceptor, no database) behind the same TLS setup as Tessera's servers
   (a self-signed certificate, the pinned-certificate channel options of :mod:`tessera.rpc`). Each
   call carries one sealed envelope's bytes and gets them back.
+* **Wire pattern**: an in-memory relay (:class:`MemoryRelay`) in its own process, same TLS: the
+  relay's calls with nothing behind them (no signature checks, no database, no receipt
+  signature), driven by the same client as the broker. It is the ceiling of the relay's call
+  pattern on this machine, and the baseline for what security and durability cost.
 * **Relay**: ``tessera --home H broker serve`` in its own process. One sender agency sends the same
   envelopes (about 2 KiB sealed, a realistic referral) with the same number of calls in flight over
   a signed asyncio channel (:func:`tessera.rpc.open_aio_channel`); the recipient agency holds a
