@@ -755,6 +755,18 @@ async def _enrolled(plan: Plan, broker_home: Path) -> tuple[Agency, Agency]:
     return sender, recipient
 
 
+def bare_server(plan: Plan, name: str, kind: str) -> ServerProcess:
+    """``python -m bench.relay KIND HOME`` (an echo server or the in-memory relay) as a child
+    process, with the TLS files of the baseline home."""
+    home = plan.folder / "echo"
+    return ServerProcess(
+        name,
+        [sys.executable, "-m", "bench.relay", kind, str(home)],
+        home,
+        plan.folder / f"{kind}.log",
+    )
+
+
 async def _baseline_phases(plan: Plan) -> tuple[Outcome, Outcome, Outcome]:
     """The echo server (loaded, then one in flight) and the in-memory relay, same TLS setup."""
     home = plan.folder / "echo"
@@ -762,12 +774,7 @@ async def _baseline_phases(plan: Plan) -> tuple[Outcome, Outcome, Outcome]:
     tls.create_self_signed(cert, home / "tls" / "server.key", "echo")
     pem = tls.read_pem(cert)
     with contextlib.ExitStack() as stack:
-        server = ServerProcess(
-            "echo server",
-            [sys.executable, "-m", "bench.relay", "echo-server", str(home)],
-            home,
-            plan.folder / "echo.log",
-        )
+        server = bare_server(plan, "echo server", "echo-server")
         address = _started(stack, server)
         metered = {server.name: server.pid}
         loaded = [
@@ -785,12 +792,7 @@ async def _baseline_phases(plan: Plan) -> tuple[Outcome, Outcome, Outcome]:
             address, pem, plan.payloads[: plan.warmup + plan.unloaded], plan.warmup, 1, metered
         )
     with contextlib.ExitStack() as stack:
-        server = ServerProcess(
-            "in-memory relay",
-            [sys.executable, "-m", "bench.relay", "memory-relay", str(home)],
-            home,
-            plan.folder / "memory-relay.log",
-        )
+        server = bare_server(plan, "in-memory relay", "memory-relay")
         address = _started(stack, server)
         memory = []
         for run in range(plan.runs):
@@ -818,34 +820,23 @@ async def _sqlite_phases(plan: Plan) -> tuple[Outcome, Outcome]:
         address = _started(stack, broker)
         sender, recipient = await _enrolled(plan, home)
         metered = {broker.name: broker.pid}
-        loaded = []
-        for run in range(plan.runs):
-            warm, measured = plan.requests(recipient.agency_id, f"sqlite-{run}")
-            loaded.append(
-                await measure_relay(
-                    "relay, SQLite, 1 broker",
-                    sender.identity,
-                    recipient.identity,
-                    sender.link.certificate,
-                    [address],
-                    warm,
-                    measured,
-                    plan.concurrency,
-                    metered,
-                )
+
+        async def phase(tag: str, concurrency: int) -> Outcome:
+            warm, measured = plan.requests(recipient.agency_id, tag, concurrency)
+            return await measure_relay(
+                "relay, SQLite, 1 broker",
+                sender.identity,
+                recipient.identity,
+                sender.link.certificate,
+                [address],
+                warm,
+                measured,
+                concurrency,
+                metered,
             )
-        warm, measured = plan.requests(recipient.agency_id, "sqlite-unloaded", 1)
-        unloaded = await measure_relay(
-            "relay, SQLite, 1 broker",
-            sender.identity,
-            recipient.identity,
-            sender.link.certificate,
-            [address],
-            warm,
-            measured,
-            1,
-            metered,
-        )
+
+        loaded = [await phase(f"sqlite-{run}", plan.concurrency) for run in range(plan.runs)]
+        unloaded = await phase("sqlite-unloaded", 1)
     return best(loaded), unloaded
 
 
