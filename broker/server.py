@@ -16,6 +16,7 @@ from broker.group_commit import GroupCommitter
 from broker.service import DirectoryServicer, DirectoryView, RelayServicer
 from broker.stats import StatsServicer
 from broker.store.database import open_database
+from broker.store.notify import listen_for_mail
 from broker.store.relay import BrokerStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
@@ -141,6 +142,10 @@ async def start_broker(
     write_run_file(settings.home, address)
     running = RunningBroker(settings, server, store, identity, address, relay, metrics=exporter)
     running._tasks.append(asyncio.create_task(_housekeeping(running)))
+    if engine.dialect.name == "postgresql":
+        running._tasks.append(
+            asyncio.create_task(listen_for_mail(settings.effective_database_url, relay.wake))
+        )
     running._tasks.append(
         asyncio.create_task(
             rpc.watch_health(

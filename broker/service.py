@@ -376,10 +376,14 @@ class RelayServicer(relay_grpc.RelayServicer):
                 ciphertext=request.sealed_envelope,
             )
         )
-        event = self._wakeups.get(request.recipient_agency_id)
+        self.wake(request.recipient_agency_id)
+        return relay_pb.SendResponse(receipt=self._receipt(accepted), duplicate=accepted.duplicate)
+
+    def wake(self, recipient_id: str) -> None:
+        """New mail for ``recipient_id``: wake its Receive stream in this process, if any."""
+        event = self._wakeups.get(recipient_id)
         if event is not None:
             event.set()
-        return relay_pb.SendResponse(receipt=self._receipt(accepted), duplicate=accepted.duplicate)
 
     def _receipt(self, accepted: AcceptedEnvelope) -> common_pb.SignedBlob:
         receipt = relay_pb.RelayReceipt(
@@ -432,7 +436,8 @@ class RelayServicer(relay_grpc.RelayServicer):
             if len(batch) < 100 and not request.follow:
                 return  # a poll: everything there was has been handed out
             if len(batch) < 100:
-                # Caught up: wait for a Send here, or poll (another broker process may hold it).
+                # Caught up: wait for new mail (a Send here, or on PostgreSQL a notification
+                # from another broker process), polling as a fallback.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), _POLL_SECONDS)
 

@@ -11,7 +11,9 @@ it should. Nothing is mocked: two "broker processes" are two engines on one data
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import datetime as dt
 import secrets
 import sqlite3
@@ -30,6 +32,7 @@ from sqlmodel import SQLModel
 from broker.domain import AcceptedEnvelope, EnvelopePut, StoredEnvelope
 from broker.store import BrokerStore
 from broker.store.database import VERSION_TABLE, current_revision, head_revision, open_database
+from broker.store.notify import listen_for_mail
 from broker.store.tables import BROKER_TABLES
 from tessera import crypto
 from tessera.directory import GENESIS_CHAIN, leaf_hash, next_chain
@@ -685,6 +688,42 @@ def test_batched_nonces_catch_replays_within_the_batch_and_before_it(broker: Bro
     assert outcomes[:3] == [True, False, False] and outcomes[4] is True
     assert isinstance(outcomes[3], InvalidInput)
     assert broker.count("broker_nonce") == 3
+
+
+def test_stored_mail_wakes_listeners_in_every_broker_process(pg_broker: Broker) -> None:
+    # LISTEN/NOTIFY (broker.store.notify): a put committed by one broker process wakes the
+    # recipient's stream in another at once, instead of at its next poll.
+    async def scenario() -> tuple[set[str], bool]:
+        woken: asyncio.Queue[str] = asyncio.Queue()
+        listening = asyncio.Event()
+        listener = asyncio.create_task(
+            listen_for_mail(pg_broker.url, woken.put_nowait, listening.set)
+        )
+        try:
+            await asyncio.wait_for(listening.wait(), 10)
+            other = pg_broker.another()
+            puts = [
+                EnvelopePut("agency-a", "agency-b", "k1", b"", b"sealed"),
+                EnvelopePut("agency-a", "agency-c", "k2", b"", b"sealed"),
+            ]
+            await asyncio.to_thread(other.put_envelopes, puts, at(0))
+            got = {await asyncio.wait_for(woken.get(), 10) for _ in puts}
+            # A repeat stores nothing, so it wakes nobody.
+            await asyncio.to_thread(other.put_envelopes, puts[:1], at(1))
+            try:
+                await asyncio.wait_for(woken.get(), 0.5)
+                repeat_woke = True
+            except TimeoutError:
+                repeat_woke = False
+            return got, repeat_woke
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    woken, repeat_woke = asyncio.run(scenario())
+    assert woken == {"agency-b", "agency-c"}
+    assert not repeat_woke
 
 
 # --- what the database holds ------------------------------------------------------------------

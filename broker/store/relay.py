@@ -25,13 +25,14 @@ import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import delete, func, tuple_, update
+from sqlalchemy import delete, func, text, tuple_, update
 from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
 from broker.domain import AcceptedEnvelope, EnvelopePut, PurgeResult, StoredEnvelope
 from broker.store._base import check_bytes, check_count, check_id, check_time
 from broker.store.directory import DirectoryStore
+from broker.store.notify import MAIL_CHANNEL
 from broker.store.tables import (
     IDEMPOTENCY_KEY_CHARS,
     OWNER_CHARS,
@@ -48,6 +49,9 @@ COMMITMENT_BYTES = 32
 # stays far below SQLite's limit on bound parameters.
 MAX_CLAIM = 1000
 _ACK_CHUNK = 500
+_NOTIFY_MAIL = text(
+    "SELECT pg_notify(:channel, r) FROM unnest(CAST(:recipients AS text[])) r"
+).bindparams(channel=MAIL_CHANNEL)
 # Request nonces are 16 random bytes (common.proto, convention 4); allow some room, no more.
 MAX_NONCE_BYTES = 64
 
@@ -297,6 +301,12 @@ class BrokerStore(DirectoryStore):
                 outcomes[index] = original
                 stored.add(key)
                 envelopes.append((original, put.ciphertext))
+        if envelopes and not self._sqlite:
+            # Wake the recipients' streams in every broker process (broker.store.notify); sent
+            # by PostgreSQL when this transaction commits.
+            connection.execute(
+                _NOTIFY_MAIL, {"recipients": sorted({a.recipient_id for a, _c in envelopes})}
+            )
         if envelopes:
             connection.execute(
                 EnvelopeRow.__table__.insert(),  # type: ignore[attr-defined]
