@@ -6,6 +6,7 @@ envelope, a reused or forged enrolment code, a directory entry altered in the br
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from broker.operator_client import OperatorClient
 from node import directory_sync
 from node.keyring import open_keyring
-from tessera import crypto, enrolment, rpc
+from tessera import config, crypto, enrolment, rpc
 from tessera.config import Limits
 from tessera.errors import ConfigError, CryptoError, InvalidInput, TesseraError
 from tessera.v1 import relay_pb2 as relay_pb
@@ -178,6 +179,53 @@ def test_requests_from_strangers_replays_and_revoked_agencies_are_refused(
     # The broker keeps serving everyone else.
     assert receive(clinic) is not None
     plain.close()
+
+
+@pytest.mark.postgres
+def test_broker_processes_on_one_database_see_enrolments_and_revocations_at_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # Each broker process authenticates from its own in-memory view of the directory. An agency
+    # enrolled through one process is served by another at once, and one revoked through one
+    # process is refused by the other on its very next request.
+    first = make_broker(tmp_path / "broker-a", database_url=postgres_url)
+    second_home = tmp_path / "broker-b"
+    shutil.copytree(first.home, second_home, ignore=shutil.ignore_patterns("run", "tessera.db*"))
+    broker_a = BackgroundBroker(first)
+    broker_b = BackgroundBroker(config.load(second_home, {}))
+    try:
+        assert broker_a.address != broker_b.address
+        shelter = enrol(broker_a, tmp_path, "harbour-shelter")
+        clinic = enrol(broker_a, tmp_path, "lantern-clinic")
+        via_b = rpc.open_channel(
+            broker_b.address, shelter.link.certificate, shelter.identity, Limits().max_message_bytes
+        )
+        stub_b = relay_grpc.RelayStub(via_b)
+        request = relay_pb.SendRequest(
+            recipient_agency_id="lantern-clinic", idempotency_key="k1", sealed_envelope=b"\x01" * 64
+        )
+        assert not stub_b.Send(request, timeout=10).duplicate  # enrolled through A, served by B
+
+        with OperatorClient(broker_a.settings.home) as operator:
+            operator.revoke("harbour-shelter", "laptop lost")
+        request.idempotency_key = "k2"
+        with pytest.raises(grpc.RpcError) as info:
+            stub_b.Send(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (info.value.details() or "")
+        # Broker B keeps serving everyone else: the clinic receives what was sent before.
+        clinic_b = rpc.open_channel(
+            broker_b.address, clinic.link.certificate, clinic.identity, Limits().max_message_bytes
+        )
+        deliveries = list(
+            relay_grpc.RelayStub(clinic_b).Receive(relay_pb.ReceiveRequest(), timeout=10)
+        )
+        assert [d.sender_agency_id for d in deliveries] == ["harbour-shelter"]
+        via_b.close()
+        clinic_b.close()
+    finally:
+        broker_b.stop()
+        broker_a.stop()
 
 
 def test_a_directory_entry_altered_in_the_database_is_detected_by_nodes(
