@@ -32,15 +32,26 @@ Raising instead fails every item of the batch with that error."""
 class GroupCommitter(Generic[Item, Outcome]):
     """Batches concurrent :meth:`submit` calls into calls of ``write`` on a worker thread.
 
-    At most one batch is being written at any moment; at most ``max_batch`` items go into one.
-    Use from a single event loop.
+    At most one batch is being written at any moment. A batch holds at most ``max_batch`` items
+    and, when ``size`` is given, items of at most ``max_bytes`` in all (one item always fits), so
+    one transaction's memory stays bounded whatever the items weigh. Use from a single event
+    loop.
     """
 
-    def __init__(self, write: WriteBatch[Item, Outcome], max_batch: int = 256) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+    def __init__(
+        self,
+        write: WriteBatch[Item, Outcome],
+        max_batch: int = 256,
+        *,
+        size: Callable[[Item], int] | None = None,
+        max_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        if max_batch < 1 or max_bytes < 1:
+            raise ValueError("max_batch and max_bytes must be at least 1")
         self._write = write
         self._max_batch = max_batch
+        self._size = size
+        self._max_bytes = max_bytes
         self._waiting: list[tuple[Item, asyncio.Future[Outcome]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0  # transactions written so far (for tests and metrics)
@@ -56,10 +67,22 @@ class GroupCommitter(Generic[Item, Outcome]):
         # part of a batch other callers wait for.
         return await asyncio.shield(future)
 
+    def _batch_length(self) -> int:
+        """How many of the waiting items go into the next batch."""
+        if self._size is None:
+            return min(len(self._waiting), self._max_batch)
+        total = 0
+        for count, (item, _future) in enumerate(self._waiting[: self._max_batch]):
+            total += self._size(item)
+            if total > self._max_bytes and count > 0:
+                return count
+        return min(len(self._waiting), self._max_batch)
+
     async def _drain(self) -> None:
         while self._waiting:
-            batch = self._waiting[: self._max_batch]
-            del self._waiting[: self._max_batch]
+            count = self._batch_length()
+            batch = self._waiting[:count]
+            del self._waiting[:count]
             items = [item for item, _future in batch]
             try:
                 outcomes = await asyncio.to_thread(self._write, items)

@@ -327,7 +327,8 @@ class RelayServicer(relay_grpc.RelayServicer):
         self._buckets: dict[str, RateBucket] = {}
         # Sends arriving together share one transaction and one commit (broker.group_commit).
         self._puts: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(
-            lambda puts: store.put_envelopes(puts, utc_now())
+            lambda puts: store.put_envelopes(puts, utc_now()),
+            size=lambda put: len(put.ciphertext),
         )
 
     @property

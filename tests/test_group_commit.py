@@ -146,3 +146,19 @@ async def test_a_caller_that_gives_up_leaves_its_put_in_the_batch(store: BrokerS
         "agency-a", "agency-b", "impatient", b"", b"sealed bytes", NOW
     ).duplicate
     assert store.waiting_count() == 3
+
+
+@in_event_loop
+async def test_a_batch_stays_within_its_byte_bound(store: BrokerStore) -> None:
+    # Envelopes may be up to 1 MiB: a batch is bounded by bytes too, so one transaction never
+    # holds hundreds of megabytes. One oversized item still goes through, alone.
+    writer = CountingWriter(store)
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(
+        writer, max_batch=100, size=lambda put: len(put.ciphertext), max_bytes=10_000
+    )
+    puts = [envelope(f"k{i}", bytes([i]) * 3_000) for i in range(12)]
+    puts.append(envelope("huge", b"h" * 25_000))
+    outcomes = await asyncio.gather(*(committer.submit(p) for p in puts))
+    assert all(not o.duplicate for o in outcomes)
+    assert sum(writer.sizes) == 13 and max(writer.sizes) <= 3  # 3 x 3,000 bytes fit in 10,000
+    assert store.waiting_count("agency-b") == 13
