@@ -6,10 +6,9 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from tessera import enrolment, rpc
 from tessera.config import Limits
+from tessera.timestamps import to_timestamp
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
 
@@ -27,8 +26,7 @@ class OperatorClient(rpc.CredentialClient):
     def enrolment_code(self, agency_id: str, days: int) -> str:
         """Issue a one-time token and wrap it, with the broker's address and certificate
         fingerprint, into a code for the agency's administrator."""
-        expires = Timestamp()
-        expires.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(days=days))
+        expires = to_timestamp(dt.datetime.now(dt.UTC) + dt.timedelta(days=days))
         reply = self._call(
             self._stub.IssueEnrolmentToken,
             directory_pb.IssueEnrolmentTokenRequest(agency_id=agency_id, expires_at=expires),

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc.aio
-from google.protobuf.timestamp_pb2 import Timestamp
 
 import tessera
 from broker.domain import AcceptedEnvelope, EnvelopePut, StoredLogEntry
@@ -25,6 +24,7 @@ from broker.store.relay import BrokerStore
 from tessera import crypto, directory, rpc
 from tessera.config import Settings
 from tessera.errors import Conflict, Exhausted, InvalidInput, NotFound, PermissionDenied
+from tessera.timestamps import to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
@@ -44,22 +44,6 @@ async def run_blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def to_timestamp(value: dt.datetime) -> Timestamp:
-    """An aware datetime as a protobuf Timestamp (microsecond precision, as datetimes have).
-
-    Computed directly: protobuf's ``FromDatetime`` is pure Python and showed in the relay's
-    profile, where every receipt and delivery carries a timestamp.
-    """
-    delta = value - _EPOCH
-    seconds, micros = divmod(
-        (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds, 1_000_000
-    )
-    return Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
 class DirectoryView:
@@ -191,7 +175,7 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
         if not request.agency_id:
             raise InvalidInput("an agency id is required")
         expires = (
-            request.expires_at.ToDatetime(tzinfo=dt.UTC)
+            to_datetime(request.expires_at, "expires_at")
             if request.HasField("expires_at")
             else utc_now() + dt.timedelta(days=7)
         )

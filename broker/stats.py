@@ -22,11 +22,12 @@ import grpc.aio
 from google.protobuf.duration_pb2 import Duration
 from sqlalchemy import Engine
 
-from broker.service import DirectoryView, run_blocking, to_timestamp, utc_now
+from broker.service import DirectoryView, run_blocking, utc_now
 from broker.store.stats import STATE_OPEN, StatsStore, StoredRelease, StoredRound
 from tessera import crypto, dp, rpc
 from tessera.config import Limits, Settings
 from tessera.errors import InvalidInput, NotFound, PermissionDenied, Refused
+from tessera.timestamps import to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import stats_pb2 as stats_pb
 from tessera.v1 import stats_pb2_grpc as stats_grpc

@@ -8,7 +8,6 @@ release the broker returns is checked against the broker's signing key before it
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 import uuid
@@ -332,9 +331,11 @@ def chart(
     Example:
       tessera stats chart --period 2026-10 --out unmet-2026-10.png
     """
+    from tessera.timestamps import to_datetime
+
     with StatsClient(context.get(ctx).home) as client:
         release = _latest_release(client, region, period)
-    stamp = release.released_at.ToDatetime(dt.UTC) if release.HasField("released_at") else None
+    stamp = to_datetime(release.released_at) if release.HasField("released_at") else None
     title = f"unmet needs, {release.region} {release.period} (released {stamp})"
     if out is not None:
         png_chart(release_rows(release), title, out)

@@ -21,6 +21,7 @@ from node.htcds import NeedCategory, NeedStatus
 from tessera import credential, rpc
 from tessera.config import Limits
 from tessera.errors import InvalidInput, Refused
+from tessera.timestamps import to_datetime
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import node_pb2 as node_pb
@@ -227,7 +228,7 @@ class NodeClient:
         reply = self._call(
             self._stub.EraseCase, node_pb.EraseCaseRequest(case_id=case_id, reason=reason)
         )
-        return {"case_id": reply.case_id, "erased_at": serde.datetime_of(reply.erased_at)}
+        return {"case_id": reply.case_id, "erased_at": to_datetime(reply.erased_at)}
 
     def set_need(self, case_id: str, category: NeedCategory, status: NeedStatus) -> dict[str, Any]:
         """Add a need to a case or change its status."""
@@ -317,7 +318,7 @@ class NodeClient:
                         "attempt": c.attempt,
                         "table": c.table,
                         "epsilon": c.epsilon,
-                        "charged_at": serde.datetime_of(c.charged_at),
+                        "charged_at": to_datetime(c.charged_at),
                     }
                     for c in p.charges
                 ],
@@ -332,7 +333,7 @@ class NodeClient:
         )
         return [
             {
-                "at": serde.datetime_of(d.at),
+                "at": to_datetime(d.at),
                 "event": node_pb.DisclosureEvent.Name(d.event),
                 "recipient": d.recipient.name or d.recipient.agency_id,
                 "purpose": common_pb.NeedCategory.Name(d.purpose),
@@ -504,18 +505,16 @@ def _consent(consent: node_pb.Consent) -> dict[str, Any]:
         "fields": list(receipt.data_categories),
         "method": _code(consent_pb.ConsentMethod.Name(receipt.method), "CONSENT_METHOD_"),
         "witnessed_by": receipt.witnessed_by,
-        "granted_at": serde.datetime_of(receipt.granted_at),
-        "expires_at": serde.datetime_of(receipt.expires_at),
+        "granted_at": to_datetime(receipt.granted_at),
+        "expires_at": to_datetime(receipt.expires_at),
         "state": _code(node_pb.ConsentState.Name(consent.state), "CONSENT_STATE_"),
-        "revoked_at": serde.datetime_of(consent.revoked_at)
-        if consent.HasField("revoked_at")
-        else None,
+        "revoked_at": to_datetime(consent.revoked_at) if consent.HasField("revoked_at") else None,
         "referrals": list(consent.referral_ids),
     }
 
 
 def _referral(referral: node_pb.ReferralRecord) -> dict[str, Any]:
-    updated = serde.datetime_of(referral.updated_at)
+    updated = to_datetime(referral.updated_at)
     reason = referral.decline_reason
     return {
         "referral_id": referral.referral_id,
@@ -531,7 +530,7 @@ def _referral(referral: node_pb.ReferralRecord) -> dict[str, Any]:
         if reason
         else "",
         "consent_id": referral.consent_id,
-        "created_at": serde.datetime_of(referral.created_at),
+        "created_at": to_datetime(referral.created_at),
         "updated_at": updated,
         "waiting": str(dt.datetime.now(dt.UTC) - updated).split(".")[0],
     }
@@ -554,10 +553,8 @@ def _staff(member: node_pb.Staff) -> dict[str, Any]:
         "staff_id": member.staff_id,
         "name": member.name,
         "role": serde.staff_role(member.role).value,
-        "added_at": serde.datetime_of(member.added_at),
-        "removed_at": serde.datetime_of(member.removed_at)
-        if member.HasField("removed_at")
-        else None,
+        "added_at": to_datetime(member.added_at),
+        "removed_at": to_datetime(member.removed_at) if member.HasField("removed_at") else None,
     }
 
 
@@ -577,6 +574,6 @@ def _case(case: node_pb.Case) -> dict[str, Any]:
             }
             for n in case.needs
         ],
-        "created_at": serde.datetime_of(case.created_at),
-        "updated_at": serde.datetime_of(case.updated_at),
+        "created_at": to_datetime(case.created_at),
+        "updated_at": to_datetime(case.updated_at),
     }

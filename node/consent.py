@@ -39,7 +39,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from google.protobuf.message import DecodeError
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from node import htcds, serde
 from node.htcds import DATA_CATEGORIES, FIELD_CATEGORY, FIELD_NAMES, NeedCategory
@@ -47,6 +46,7 @@ from tessera import crypto
 from tessera.crypto import Identity, PublicIdentity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused
+from tessera.timestamps import require_aware, to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 
@@ -178,8 +178,8 @@ class Consent:
         object.__setattr__(self, "method", _method(self.method))
         object.__setattr__(self, "categories", _categories(self.categories))
         _check_text(self.witnessed_by, "witnessed_by", limits.max_witness_chars)
-        _aware(self.granted_at, "granted_at")
-        _aware(self.expires_at, "expires_at")
+        require_aware(self.granted_at, "granted_at")
+        require_aware(self.expires_at, "expires_at")
         if self.expires_at <= self.granted_at:
             raise InvalidInput(
                 f"consent {self.consent_id}: expires_at ({_iso(self.expires_at)}) must be after "
@@ -187,7 +187,7 @@ class Consent:
                 hint="consent is never open-ended: give an expiry date after today",
             )
         if self.revoked_at is not None:
-            _aware(self.revoked_at, "revoked_at")
+            require_aware(self.revoked_at, "revoked_at")
             if self.revoked_at < self.granted_at:
                 raise InvalidInput(
                     f"consent {self.consent_id}: revoked_at is before granted_at",
@@ -206,7 +206,7 @@ class Consent:
 
     def active(self, now: datetime) -> bool:
         """True when a referral may be sent under it at ``now`` (not revoked, in its window)."""
-        _aware(now, "now")
+        require_aware(now, "now")
         return not self.revoked and self.granted_at <= now < self.expires_at
 
 
@@ -234,7 +234,7 @@ def check_covers(
     """
     if not isinstance(consent, Consent):
         raise InvalidInput("check_covers needs a Consent")
-    _aware(now, "now")
+    require_aware(now, "now")
     purpose = _need(purpose)
     names = _field_names(fields_to_send)
     regrant = _grant_hint(consent, consent.categories)
@@ -355,8 +355,8 @@ def receipt_blob(
         data_categories=sorted(consent.fields),
         method=_METHOD_TO_WIRE[consent.method],
         witnessed_by=consent.witnessed_by,
-        granted_at=_timestamp(consent.granted_at, "granted_at"),
-        expires_at=_timestamp(consent.expires_at, "expires_at"),
+        granted_at=to_timestamp(consent.granted_at, "granted_at"),
+        expires_at=to_timestamp(consent.expires_at, "expires_at"),
         survivor_pseudonym=consent.survivor_pseudonym,
     )
     body = receipt.SerializeToString(deterministic=True)
@@ -449,7 +449,7 @@ def verify_receipt(
     agencies, another purpose, expired or not yet valid; Refused for a revoked sender record;
     InvalidInput for a malformed receipt.
     """
-    _aware(now, "now")
+    require_aware(now, "now")
     pinned = _pinned_key(sender, expected_sender_id, now)
     if not isinstance(blob, common_pb.SignedBlob):
         raise InvalidInput("a consent receipt must be a SignedBlob")
@@ -538,8 +538,8 @@ def _parsed_receipt(
     for name in ("granted_at", "expires_at"):
         if not receipt.HasField(name):
             raise InvalidInput(f"the consent receipt's {name} is missing")
-    granted_at = _datetime(receipt.granted_at, "granted_at")
-    expires_at = _datetime(receipt.expires_at, "expires_at")
+    granted_at = to_datetime(receipt.granted_at, "granted_at")
+    expires_at = to_datetime(receipt.expires_at, "expires_at")
     if expires_at <= granted_at:
         raise InvalidInput("the consent receipt expires before it was granted")
     names = list(receipt.data_categories)
@@ -726,28 +726,6 @@ def _check_pseudonym(value: object, limits: ConsentLimits) -> str:
             hint="derive it at random per consent (for example a UUID); never use a name",
         )
     return value
-
-
-def _aware(value: object, name: str) -> datetime:
-    if not isinstance(value, datetime) or value.utcoffset() is None:
-        raise InvalidInput(f"{name} must be a timezone-aware datetime")
-    return value
-
-
-def _timestamp(value: datetime, name: str) -> Timestamp:
-    stamp = Timestamp()
-    try:
-        stamp.FromDatetime(_aware(value, name).astimezone(UTC))
-    except (ValueError, OverflowError):
-        raise InvalidInput(f"{name} is out of range for a timestamp") from None
-    return stamp
-
-
-def _datetime(stamp: Timestamp, name: str) -> datetime:
-    try:
-        return stamp.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidInput(f"{name} is not a valid timestamp") from None
 
 
 def _iso(value: datetime) -> str:

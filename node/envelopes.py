@@ -40,12 +40,9 @@ from node.consent import (
     ConsentRefused,
     Refusal,
     VerifiedReceipt,
-    _aware,
     _check_uuid,
-    _datetime,
     _iso,
     _need,
-    _timestamp,
     verify_receipt,
 )
 from node.htcds import FIELD_CATEGORY, FIELD_NAMES, MAX_TEXT_CHARS, NeedCategory
@@ -53,6 +50,7 @@ from tessera import crypto
 from tessera.crypto import Identity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused, WrongRecipient
+from tessera.timestamps import require_aware, to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import referral_pb2 as referral_pb
 
@@ -280,7 +278,7 @@ def referral_envelope(
         note=_check_text(note, "note", limits.max_note_chars),
         consent_receipt=receipt.to_blob(),
         sender_contact=_check_text(sender_contact, "sender_contact", limits.max_contact_chars),
-        sent_at=_timestamp(now, "now"),
+        sent_at=to_timestamp(now, "now"),
     )
     content = _content(sender_id, recipient, now, message_id)
     content.referral.CopyFrom(referral)
@@ -318,7 +316,7 @@ def status_envelope(
             else referral_pb.DECLINE_REASON_UNSPECIFIED
         ),
         decline_text=decline_text,
-        status_at=_timestamp(now if status_at is None else status_at, "status_at"),
+        status_at=to_timestamp(now if status_at is None else status_at, "status_at"),
     )
     content = _content(sender_id, recipient, now, message_id)
     content.status_update.CopyFrom(update)
@@ -343,7 +341,7 @@ def revocation_envelope(
     revocation = referral_pb.Revocation(
         referral_id=_check_uuid(referral_id, "referral_id"),
         consent_id=_check_uuid(consent_id, "consent_id"),
-        revoked_at=_timestamp(revoked_at, "revoked_at"),
+        revoked_at=to_timestamp(revoked_at, "revoked_at"),
     )
     content = _content(sender_id, recipient, now, message_id)
     content.revocation.CopyFrom(revocation)
@@ -373,7 +371,7 @@ def purge_confirmation_envelope(
     confirmation = referral_pb.PurgeConfirmation(
         referral_id=_check_uuid(referral_id, "referral_id"),
         consent_id=_check_uuid(consent_id, "consent_id"),
-        purged_at=_timestamp(purged_at, "purged_at"),
+        purged_at=to_timestamp(purged_at, "purged_at"),
         purged_fields=names,
     )
     content = _content(sender_id, recipient, now, message_id)
@@ -452,7 +450,7 @@ def _check_parties(
     if not isinstance(sender, Identity):
         raise InvalidInput("a sender must be this node's Identity")
     _check_id(sender_id, "sender_id", limits)
-    _aware(now, "now")
+    require_aware(now, "now")
     if not isinstance(recipient, AgencyRecord):
         raise InvalidInput("a recipient must be its directory record")
     if recipient.agency_id == sender_id:
@@ -501,7 +499,7 @@ def _content(
         message_id=_check_uuid(message_id, "message_id"),
         sender_agency_id=sender_id,
         recipient_agency_id=recipient.agency_id,
-        created_at=_timestamp(now, "now"),
+        created_at=to_timestamp(now, "now"),
     )
 
 
@@ -557,7 +555,7 @@ def _check_open_inputs(
     if not isinstance(recipient, Identity):
         raise InvalidInput("open_envelope needs this node's Identity")
     _check_id(my_agency_id, "my_agency_id", limits)
-    _aware(now, "now")
+    require_aware(now, "now")
     if not isinstance(sender, AgencyRecord):
         raise InvalidInput("open_envelope needs the sender's directory record")
     _check_sender_record(sender, now)
@@ -607,7 +605,7 @@ def _check_addresses(
     message_id = _check_uuid(content.message_id, "message_id")
     if not content.HasField("created_at"):
         raise InvalidInput("the envelope's created_at is missing")
-    return _Common(message_id, sender.agency_id, _datetime(content.created_at, "created_at"))
+    return _Common(message_id, sender.agency_id, to_datetime(content.created_at, "created_at"))
 
 
 def _open_either(recipient: Identity, sender: AgencyRecord, sealed: bytes) -> tuple[bytes, bytes]:
@@ -681,7 +679,7 @@ def _received_referral(
         sender_contact=_check_text(
             referral.sender_contact, "sender_contact", limits.max_contact_chars
         ),
-        sent_at=_datetime(referral.sent_at, "sent_at"),
+        sent_at=to_datetime(referral.sent_at, "sent_at"),
         receipt=receipt,
     )
 
@@ -708,7 +706,7 @@ def _received_status(
         status=status,
         decline_reason=reason,
         decline_text=update.decline_text,
-        status_at=_datetime(update.status_at, "status_at"),
+        status_at=to_datetime(update.status_at, "status_at"),
     )
 
 
@@ -721,7 +719,7 @@ def _received_revocation(common: _Common, revocation: referral_pb.Revocation) ->
         created_at=common.created_at,
         referral_id=_check_uuid(revocation.referral_id, "referral_id"),
         consent_id=_check_uuid(revocation.consent_id, "consent_id"),
-        revoked_at=_datetime(revocation.revoked_at, "revoked_at"),
+        revoked_at=to_datetime(revocation.revoked_at, "revoked_at"),
     )
 
 
@@ -740,7 +738,7 @@ def _received_purge(
         created_at=common.created_at,
         referral_id=_check_uuid(confirmation.referral_id, "referral_id"),
         consent_id=_check_uuid(confirmation.consent_id, "consent_id"),
-        purged_at=_datetime(confirmation.purged_at, "purged_at"),
+        purged_at=to_datetime(confirmation.purged_at, "purged_at"),
         purged_fields=tuple(names),
     )
 

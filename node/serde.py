@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from node.domain import AuditEntry, Case, CaseState, CaseSummary, Need, StaffMember, StaffRole
 from node.htcds import FIELD_NAMES, NeedCategory, NeedStatus
 from tessera.errors import InvalidInput
+from tessera.timestamps import to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import node_pb2 as node_pb
 
@@ -19,16 +20,7 @@ _FIELD_ORDER = {name: index for index, name in enumerate(FIELD_NAMES)}
 
 def timestamp(value: dt.datetime | None) -> Timestamp | None:
     """A protobuf Timestamp for an aware datetime (None stays None)."""
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value.astimezone(dt.UTC))
-    return stamp
-
-
-def datetime_of(stamp: Timestamp) -> dt.datetime:
-    """An aware UTC datetime from a protobuf Timestamp."""
-    return stamp.ToDatetime(tzinfo=dt.UTC)
+    return None if value is None else to_timestamp(value)
 
 
 def need_category_pb(category: NeedCategory) -> common_pb.NeedCategory.ValueType:

@@ -41,6 +41,7 @@ from tessera import crypto, directory, rpc
 from tessera.config import KekSource, Settings
 from tessera.errors import InvalidInput, NotFound, Refused
 from tessera.logs import fields
+from tessera.timestamps import to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import node_pb2 as node_pb
@@ -486,7 +487,7 @@ class NodeServicer(node_grpc.NodeServicer):
                 method=method,
                 witnessed_by=witness,
                 granted_at=dt.datetime.now(dt.UTC),
-                expires_at=serde.datetime_of(request.expires_at),
+                expires_at=to_datetime(request.expires_at),
                 revoked_at=None,
                 survivor_pseudonym=self._referrals.survivor_pseudonym(case_id, recipient),
             )
@@ -662,7 +663,7 @@ class NodeServicer(node_grpc.NodeServicer):
             got = await _run(lambda: self._referrals.inbox(states, limit=size, offset=offset))
             names = await _run(self._agency_names)
             items.extend(_incoming_pb(r, names) for r in got)
-        items.sort(key=lambda r: r.updated_at.ToDatetime(), reverse=True)
+        items.sort(key=lambda r: to_datetime(r.updated_at), reverse=True)
         token = str(offset + size) if len(items) >= size else ""
         return node_pb.ListReferralsResponse(referrals=items, next_page_token=token)
 
@@ -806,7 +807,7 @@ class NodeServicer(node_grpc.NodeServicer):
         )
         message.receipt.ParseFromString(blob.body)
         if consent.revoked_at is not None:
-            message.revoked_at.FromDatetime(consent.revoked_at.astimezone(dt.UTC))
+            message.revoked_at.CopyFrom(to_timestamp(consent.revoked_at))
         return message
 
     async def ListAgencies(

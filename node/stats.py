@@ -39,6 +39,7 @@ from node import directory_sync
 from node.store.budget import check_period
 from tessera import crypto, dp
 from tessera.errors import BadSignature, InvalidInput, Refused
+from tessera.timestamps import to_datetime
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import stats_pb2 as stats_pb
 
@@ -228,7 +229,7 @@ def check_round(
             f"epsilon {epsilon:g} is above the {remaining_budget:g} left of this node's"
             f" budget for {round_.period}"
         )
-    if round_.HasField("deadline") and round_.deadline.ToDatetime(dt.UTC) < now:
+    if round_.HasField("deadline") and to_datetime(round_.deadline, "the round's deadline") < now:
         raise Refused("the round's attempt is past its deadline")
     for agency in round_.participants:
         record = cache.records.get(agency)

@@ -36,11 +36,10 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import ClassVar, Final
 
 from google.protobuf.message import DecodeError
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from tessera import crypto
 from tessera.crypto import Identity, PublicIdentity
@@ -52,6 +51,7 @@ from tessera.errors import (
     NotFound,
     Refused,
 )
+from tessera.timestamps import require_aware, to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
 
@@ -221,9 +221,9 @@ class AgencyRecord:
             code not in _SERVICE_VALUES for code in self.services
         ):
             raise InvalidInput("an agency record's services must be a tuple of NEEDS.md codes")
-        _aware(self.valid_from, "valid_from")
+        require_aware(self.valid_from, "valid_from")
         if self.valid_until is not None:
-            _aware(self.valid_until, "valid_until")
+            require_aware(self.valid_until, "valid_until")
         if not isinstance(self.sequence, int) or self.sequence < 0:
             raise InvalidInput("an agency record's sequence must be a non-negative integer")
 
@@ -323,8 +323,8 @@ def enrol_statement(
         signing_key=identity.public.signing_key,
         encryption_key=identity.public.encryption_key,
     )
-    message.valid_from.CopyFrom(_timestamp(now, "now"))
-    message.created_at.CopyFrom(_timestamp(now, "now"))
+    message.valid_from.CopyFrom(to_timestamp(now, "now"))
+    message.created_at.CopyFrom(to_timestamp(now, "now"))
     return _sign_blob(
         identity, crypto.LABEL_KEY_ROTATION, message.SerializeToString(deterministic=True)
     )
@@ -368,8 +368,8 @@ def rotate_statement(
         encryption_key=new.public.encryption_key,
         previous_signing_key=old.public.signing_key,
     )
-    message.valid_from.CopyFrom(_timestamp(now, "now"))
-    message.created_at.CopyFrom(_timestamp(now, "now"))
+    message.valid_from.CopyFrom(to_timestamp(now, "now"))
+    message.created_at.CopyFrom(to_timestamp(now, "now"))
     body = message.SerializeToString(deterministic=True)
     return _sign_blob(old, crypto.LABEL_KEY_ROTATION, body), new.sign(POSSESSION_LABEL, body)
 
@@ -397,9 +397,11 @@ def revoke_statement(
         previous_signing_key=current.identity.signing_key,
         reason=_check_text(reason, "reason", limits.max_reason_chars, required=False),
     )
-    message.valid_from.CopyFrom(_timestamp(current.valid_from, "valid_from"))
-    message.valid_until.CopyFrom(_timestamp(max(_aware(now, "now"), current.valid_from), "now"))
-    message.created_at.CopyFrom(_timestamp(now, "now"))
+    message.valid_from.CopyFrom(to_timestamp(current.valid_from, "valid_from"))
+    message.valid_until.CopyFrom(
+        to_timestamp(max(require_aware(now, "now"), current.valid_from), "now")
+    )
+    message.created_at.CopyFrom(to_timestamp(now, "now"))
     return _sign_blob(
         broker, crypto.LABEL_KEY_ROTATION, message.SerializeToString(deterministic=True)
     )
@@ -493,7 +495,7 @@ def append(
         sequence=sequence, possession_signature=possession, previous_chain=prev_chain
     )
     entry.statement.CopyFrom(statement)
-    entry.logged_at.CopyFrom(_timestamp(now, "now"))
+    entry.logged_at.CopyFrom(to_timestamp(now, "now"))
     body = entry.SerializeToString(deterministic=True)
     blob = _sign_blob(broker, crypto.LABEL_DIRECTORY_ENTRY, body)
     return blob, next_chain(prev_chain, leaf_hash(body))
@@ -511,7 +513,7 @@ def sign_head(
     head = directory_pb.LogHead(
         region=_check_id(region, "region", DEFAULT_LIMITS), size=size, chain=chain
     )
-    head.signed_at.CopyFrom(_timestamp(now, "now"))
+    head.signed_at.CopyFrom(to_timestamp(now, "now"))
     return _sign_blob(
         broker, crypto.LABEL_DIRECTORY_HEAD, head.SerializeToString(deterministic=True)
     )
@@ -550,7 +552,7 @@ def verify_head(
             raise InvalidInput("an empty log's head must carry chain(0), 32 zero bytes")
         if not head.HasField("signed_at"):
             raise InvalidInput("signed_at is missing")
-        signed_at = _datetime(head.signed_at, "signed_at")
+        signed_at = to_datetime(head.signed_at, "signed_at")
     except (InvalidInput, BadSignature) as exc:
         raise BadDirectoryData(f"the directory head does not verify: {exc.message}") from exc
     return VerifiedHead(region=region, size=head.size, chain=chain, signed_at=signed_at)
@@ -879,7 +881,7 @@ def _parse_statement(blob: common_pb.SignedBlob, limits: DirectoryLimits) -> Age
         valid_from=valid_from,
         valid_until=valid_until,
         reason=reason,
-        created_at=_datetime(message.created_at, "created_at"),
+        created_at=to_datetime(message.created_at, "created_at"),
         signer=signer,
     )
 
@@ -888,10 +890,10 @@ def _validity(message: directory_pb.DirectoryEntry) -> tuple[datetime, datetime 
     """A statement's valid_from (required) and valid_until (unset: until rotated or revoked)."""
     if not message.HasField("valid_from"):
         raise InvalidInput("the statement's valid_from is missing")
-    valid_from = _datetime(message.valid_from, "valid_from")
+    valid_from = to_datetime(message.valid_from, "valid_from")
     if not message.HasField("valid_until"):
         return valid_from, None
-    valid_until = _datetime(message.valid_until, "valid_until")
+    valid_until = to_datetime(message.valid_until, "valid_until")
     if valid_until < valid_from:
         raise InvalidInput("the statement's valid_until is before its valid_from")
     return valid_from, valid_until
@@ -943,7 +945,7 @@ def _verify_entry(
         previous_chain = _check_chain(entry.previous_chain, "previous_chain")
         if not entry.HasField("logged_at"):
             raise InvalidInput("logged_at is missing")
-        logged_at = _datetime(entry.logged_at, "logged_at")
+        logged_at = to_datetime(entry.logged_at, "logged_at")
         if not entry.HasField("statement"):
             raise InvalidInput("it carries no statement")
         statement = _parse_statement(entry.statement, limits)
@@ -1090,28 +1092,6 @@ def _services_from_wire(values: Iterable[int], limits: DirectoryLimits) -> tuple
     if any(later <= earlier for earlier, later in itertools.pairwise(values)):
         raise InvalidInput("a statement's services must be in ascending order without duplicates")
     return tuple(_SERVICE_CODES[value] for value in values if value in _SERVICE_CODES)
-
-
-def _aware(value: datetime, name: str) -> datetime:
-    if not isinstance(value, datetime) or value.utcoffset() is None:
-        raise InvalidInput(f"{name} must be a timezone-aware datetime")
-    return value
-
-
-def _timestamp(value: datetime, name: str) -> Timestamp:
-    stamp = Timestamp()
-    try:
-        stamp.FromDatetime(_aware(value, name).astimezone(UTC))
-    except (ValueError, OverflowError):
-        raise InvalidInput(f"{name} is out of range for a timestamp") from None
-    return stamp
-
-
-def _datetime(stamp: Timestamp, name: str) -> datetime:
-    try:
-        return stamp.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidInput(f"{name} is not a valid timestamp") from None
 
 
 def _sign_blob(signer: Identity, label: bytes, body: bytes) -> common_pb.SignedBlob:
