@@ -2,6 +2,9 @@
 
 PostgreSQL tests read the server's URL from ``TESSERA_TEST_POSTGRES_URL`` (``.ci/run`` sets it, so
 in CI they always run). Each test gets a database of its own, dropped afterwards.
+
+In CI (``CI`` set, as ``.ci/run`` does) no test may skip: a skip there is reported as a failure,
+so a missing service or tool can never pass for a green run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
+IN_CI = bool(os.environ.get("CI"))
+
 POSTGRES_ENV = "TESSERA_TEST_POSTGRES_URL"
 
 
@@ -20,7 +25,7 @@ def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test; dropped when the test ends."""
     base = os.environ.get(POSTGRES_ENV)
     if not base:
-        if os.environ.get("CI"):
+        if IN_CI:
             pytest.fail(f"{POSTGRES_ENV} must be set in CI")
         pytest.skip(f"set {POSTGRES_ENV} to run PostgreSQL tests")
     import psycopg
@@ -36,3 +41,13 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """In CI, a skipped test fails: what a skip would hide is exactly what CI must run."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every test must run: {report.longrepr}"
