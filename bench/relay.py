@@ -69,6 +69,7 @@ from node.setup import NodeInit, init_node
 from tessera import config, crypto, rpc, tls
 from tessera.config import Argon2Profile, Limits
 from tessera.credential import RUN_FILE
+from tessera.db import libpq_dsn
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
@@ -677,12 +678,11 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
     from sqlalchemy.engine import make_url
 
     name = f"tessera_bench_{secrets.token_hex(4)}"
-    admin = make_url(admin_url).set(drivername="postgresql")
-    dsn = admin.render_as_string(hide_password=False)
+    dsn = libpq_dsn(admin_url)
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as connection:
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
+        yield make_url(dsn).set(database=name).render_as_string(hide_password=False)
     finally:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as connection:
             connection.execute(
@@ -693,9 +693,8 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
 def postgres_reachable(admin_url: str) -> str | None:
     """None if the PostgreSQL server answers, else why not."""
     import psycopg
-    from sqlalchemy.engine import make_url
 
-    dsn = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = libpq_dsn(admin_url)
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as connection:
             connection.execute("SELECT 1")

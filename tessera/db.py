@@ -30,6 +30,12 @@ def normalise_url(url: str) -> str:
     )
 
 
+def libpq_dsn(url: str) -> str:
+    """The ``postgresql://`` connection string psycopg takes directly, from a database URL in
+    SQLAlchemy's form (``postgresql+psycopg://...`` included)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def is_sqlite(url: str) -> bool:
     """True for the embedded SQLite backend."""
     return make_url(url).get_backend_name() == "sqlite"

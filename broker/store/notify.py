@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import psycopg
 import psycopg.sql
-from sqlalchemy.engine import make_url
 
+from tessera.db import libpq_dsn
 from tessera.logs import fields
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ async def listen_for_mail(
     Reconnects after a lost connection; ``on_listening()`` is called each time LISTEN is in
     effect (so a test, or a caller, knows no later commit's notification can be missed).
     """
-    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = libpq_dsn(database_url)
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
