@@ -43,21 +43,30 @@ _ROLES: dict[str, frozenset[str]] = {
 
 
 def make_authenticator(
-    agency_by_key: Callable[[bytes], Awaitable[tuple[str, bool] | None]],
+    agency_by_key: Callable[[bytes], tuple[str, bool] | None],
     operators: Callable[[], list[Operator]],
+    refresh: Callable[[], Awaitable[None]],
 ) -> Authenticator:
-    """Signer key → Caller. ``await agency_by_key(key)`` gives (agency_id, revoked) or None."""
+    """Signer key → Caller.
+
+    ``agency_by_key(key)`` gives (agency_id, revoked) or None from the broker's verified view of
+    the directory, in memory. A key that is neither an agency's nor an operator's costs one
+    ``await refresh()`` of that view (the agency may have enrolled a moment ago through another
+    broker process) and is looked up again.
+    """
+
+    def find_operator(signer: bytes) -> Operator | None:
+        return next((o for o in operators() if o.signing_key == signer), None)
 
     async def authenticate(signer: bytes, method: str) -> Caller:
         allowed = _ROLES.get(method, frozenset())
-        # Agencies make almost every call, and their keys are looked up in memory: try them
-        # first. An operator's key is never an agency's (both are fresh Ed25519 keys).
-        agency = await agency_by_key(signer)
-        operator = (
-            None
-            if agency is not None
-            else next((o for o in operators() if o.signing_key == signer), None)
-        )
+        # Agencies make almost every call: their keys are looked up first. An operator's key is
+        # never an agency's (both are fresh Ed25519 keys).
+        agency = agency_by_key(signer)
+        operator = None if agency is not None else find_operator(signer)
+        if agency is None and operator is None:
+            await refresh()
+            agency = agency_by_key(signer)
         if operator is not None:
             caller = Caller(
                 signer=signer,

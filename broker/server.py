@@ -83,12 +83,12 @@ async def start_broker(
     view = DirectoryView(store, identity, settings.region)
     await asyncio.to_thread(view.refresh)  # refuses to start on a log that does not verify
 
-    async def agency_by_key(key: bytes) -> tuple[str, bool] | None:
+    def agency_by_key(key: bytes) -> tuple[str, bool] | None:
         record = view.agency_by_signing_key(key)
-        if record is None:  # perhaps enrolled a moment ago through another broker process
-            await asyncio.to_thread(view.refresh)
-            record = view.agency_by_signing_key(key)
         return (record.agency_id, record.revoked) if record else None
+
+    async def refresh_view() -> None:
+        await asyncio.to_thread(view.refresh)
 
     window = settings.limits.replay_window_seconds
     shared_nonces: rpc.SharedNonces | None = None
@@ -108,7 +108,7 @@ async def start_broker(
 
     interceptor = rpc.TesseraServerInterceptor(
         access.make_authenticator(
-            agency_by_key, lambda: broker_identity.load_operators(settings.home)
+            agency_by_key, lambda: broker_identity.load_operators(settings.home), refresh_view
         ),
         crypto.ReplayGuard(window),
         public_methods=access.PUBLIC,

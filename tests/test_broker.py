@@ -7,6 +7,7 @@ envelope, a reused or forged enrolment code, a directory entry altered in the br
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,6 +180,32 @@ def test_requests_from_strangers_replays_and_revoked_agencies_are_refused(
     # The broker keeps serving everyone else.
     assert receive(clinic) is not None
     plain.close()
+
+
+def test_an_agency_key_swapped_in_the_database_does_not_let_a_stranger_in(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    # The broker authenticates from its verified view of the signed log, not from the derived
+    # agency table: someone who can write the database cannot slip their own key in.
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    enrol(broker, tmp_path, "lantern-clinic")
+    stranger = crypto.Identity.generate()
+    database = broker.settings.effective_database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as connection:
+        changed = connection.execute(
+            "UPDATE broker_agency SET signing_key = ? WHERE agency_id = ?",
+            (stranger.public.signing_key, "harbour-shelter"),
+        ).rowcount
+    assert changed == 1
+    channel = rpc.open_channel(
+        broker.address, shelter.link.certificate, stranger, Limits().max_message_bytes
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        list(relay_grpc.RelayStub(channel).Receive(relay_pb.ReceiveRequest(), timeout=5))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+    # The real agency is still served.
+    assert receive(shelter) == []
 
 
 @pytest.mark.postgres

@@ -302,7 +302,12 @@ class DirectoryStore(StoreBase):
             return None if row is None else _agency(row)
 
     def agency_by_signing_key(self, signing_key: bytes) -> AgencyState | None:
-        """The agency whose current (or, if revoked, last) signing key this is, or None."""
+        """The agency whose current (or, if revoked, last) signing key this is, or None.
+
+        A database read, for inspection and tools. Requests are not authenticated with it: the
+        serving broker answers from its verified in-memory view of the log
+        (``broker.service.DirectoryView``), which an edited agency row cannot mislead.
+        """
         if not isinstance(signing_key, bytes) or len(signing_key) != _KEY_BYTES:
             return None  # not a key any agency could hold
         with self._reading("read the directory") as session:
