@@ -356,6 +356,17 @@ class MemoryRelay(relay_grpc.RelayServicer):
         )
         return relay_pb.SendResponse(receipt=common_pb.SignedBlob(body=receipt.SerializeToString()))
 
+    async def SendBatch(
+        self,
+        request: relay_pb.SendBatchRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> relay_pb.SendBatchResponse:
+        results = [
+            relay_pb.SendResult(accepted=await self.Send(envelope, context))
+            for envelope in request.envelopes
+        ]
+        return relay_pb.SendBatchResponse(results=results)
+
     async def Receive(
         self, request: relay_pb.ReceiveRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[relay_pb.Delivery]:
@@ -576,9 +587,11 @@ async def measure_relay(
     requests: Sequence[relay_pb.SendRequest],
     concurrency: int,
     metered: dict[str, int],
+    send_batch: int = 0,
 ) -> Outcome:
-    """Send every request (Send calls alternating over ``sender_addresses``) and wait until the
-    recipient, on the first address, has them all delivered and acknowledged."""
+    """Send every request (Send calls alternating over ``sender_addresses``; with
+    ``send_batch``, SendBatch calls of that many envelopes, ``concurrency`` calls in flight) and
+    wait until the recipient, on the first address, has them all delivered and acknowledged."""
     sender_channels = [open_channel(address, cert, sender) for address in sender_addresses]
     recipient_channel = open_channel(sender_addresses[0], cert, recipient)
     mailbox = Mailbox(relay_grpc.RelayStub(recipient_channel))
@@ -595,8 +608,26 @@ async def measure_relay(
                 await stubs[index % len(stubs)].Send(request, timeout=60)
                 returned_at[commitment] = time.perf_counter()
 
+            chunks = [batch[i : i + send_batch] for i in range(0, len(batch), send_batch or 1)]
+
+            async def call_batch(index: int) -> None:
+                chunk = chunks[index]
+                commitments = [bytes(request.consent_commitment) for request in chunk]
+                now = time.perf_counter()
+                mailbox.sent_at.update(dict.fromkeys(commitments, now))
+                reply = await stubs[index % len(stubs)].SendBatch(
+                    relay_pb.SendBatchRequest(envelopes=chunk), timeout=60
+                )
+                refused = [r.refused for r in reply.results if r.HasField("refused")]
+                if refused or len(reply.results) != len(chunk):
+                    raise RuntimeError(f"the relay refused envelopes of a batch: {refused[:1]}")
+                returned_at.update(dict.fromkeys(commitments, time.perf_counter()))
+
             started = time.perf_counter()
-            await _drive(len(batch), concurrency, call)
+            if send_batch:
+                await _drive(len(chunks), concurrency, call_batch)
+            else:
+                await _drive(len(batch), concurrency, call)
             sends_done = time.perf_counter()
             finished = await mailbox.all_acknowledged(batch)
             return sends_done - started, finished - started

@@ -29,6 +29,7 @@ _ROLES: dict[str, frozenset[str]] = {
     "/tessera.v1.Directory/GetConsistency": _READ_DIRECTORY,
     "/tessera.v1.Directory/GetAgency": _READ_DIRECTORY,
     "/tessera.v1.Relay/Send": frozenset({AGENCY}),
+    "/tessera.v1.Relay/SendBatch": frozenset({AGENCY}),
     "/tessera.v1.Relay/Receive": frozenset({AGENCY}),
     "/tessera.v1.Relay/Acknowledge": frozenset({AGENCY}),
     "/tessera.v1.Relay/PurgeConsent": frozenset({AGENCY}),

@@ -67,6 +67,21 @@ class GroupCommitter(Generic[Item, Outcome]):
         # part of a batch other callers wait for.
         return await asyncio.shield(future)
 
+    async def submit_many(self, items: Sequence[Item]) -> list[Outcome | BaseException]:
+        """Write ``items`` in the next batches (in order, sharing them with other callers);
+        returns each item's outcome or error, in order, once every one is committed or failed."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outcome]] = []
+        for item in items:
+            future: asyncio.Future[Outcome] = loop.create_future()
+            future.add_done_callback(_retrieve)
+            self._waiting.append((item, future))
+            futures.append(future)
+        if futures and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.create_task(self._drain())
+        # Shielded as in submit: the items are written even if the caller stops waiting.
+        return list(await asyncio.shield(asyncio.gather(*futures, return_exceptions=True)))
+
     def _batch_length(self) -> int:
         """How many of the waiting items go into the next batch."""
         if self._size is None:

@@ -23,7 +23,14 @@ from broker.group_commit import GroupCommitter
 from broker.store.relay import BrokerStore
 from tessera import crypto, directory, rpc
 from tessera.config import Settings
-from tessera.errors import Conflict, Exhausted, InvalidInput, NotFound, PermissionDenied
+from tessera.errors import (
+    Conflict,
+    Exhausted,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    TesseraError,
+)
 from tessera.timestamps import to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
@@ -321,7 +328,59 @@ class RelayServicer(relay_grpc.RelayServicer):
         return self._owner
 
     async def Send(self, request: relay_pb.SendRequest, context: Context) -> relay_pb.SendResponse:
+        put = await self._admit(rpc.current_caller().principal, request)
+        accepted = await self._puts.submit(put)
+        self.wake(put.recipient_id)
+        return self._response(accepted)
+
+    async def SendBatch(
+        self, request: relay_pb.SendBatchRequest, context: Context
+    ) -> relay_pb.SendBatchResponse:
         sender = rpc.current_caller().principal
+        count, most = len(request.envelopes), self._settings.limits.max_send_batch
+        if not 1 <= count <= most:
+            raise InvalidInput(
+                f"a batch holds 1 to {most:,} envelopes; this one holds {count:,}",
+                hint="split the outbox into smaller batches",
+            )
+        # Each envelope is checked and stored as a Send of it alone would be; the refusals of
+        # some do not refuse the others.
+        # An unknown recipient costs one directory refresh per call, not one per envelope.
+        if any(not self._enrolled(e.recipient_agency_id) for e in request.envelopes):
+            await run_blocking(self._view.refresh)
+        admitted: list[EnvelopePut | TesseraError] = []
+        for envelope in request.envelopes:
+            try:
+                admitted.append(await self._admit(sender, envelope, may_refresh=False))
+            except TesseraError as exc:
+                admitted.append(exc)
+        puts = [item for item in admitted if isinstance(item, EnvelopePut)]
+        stored = iter(await self._puts.submit_many(puts))
+        results: list[relay_pb.SendResult] = []
+        for item in admitted:
+            outcome = next(stored) if isinstance(item, EnvelopePut) else item
+            if isinstance(outcome, AcceptedEnvelope):
+                results.append(relay_pb.SendResult(accepted=self._response(outcome)))
+            elif isinstance(outcome, TesseraError):
+                code, message, hint, kind = rpc.refusal_parts(outcome)
+                refusal = relay_pb.SendRefusal(code=code, message=message, hint=hint, kind=kind)
+                results.append(relay_pb.SendResult(refused=refusal))
+            else:
+                raise outcome  # the transaction itself failed: the whole call fails
+        for recipient_id in {put.recipient_id for put in puts}:
+            self.wake(recipient_id)
+        return relay_pb.SendBatchResponse(results=results)
+
+    def _enrolled(self, agency_id: str) -> bool:
+        record = self._view.records.get(agency_id)
+        return record is not None and not record.revoked
+
+    async def _admit(
+        self, sender: str, request: relay_pb.SendRequest, *, may_refresh: bool = True
+    ) -> EnvelopePut:
+        """Check one envelope from ``sender`` against the limits and the directory; the put to
+        store, or the typed error that refuses it (nothing is stored then). An unknown recipient
+        costs a directory refresh (it may have just enrolled) when ``may_refresh``."""
         limits = self._settings.limits
         bucket = self._buckets.setdefault(sender, RateBucket(limits.sends_per_minute))
         if not bucket.take(time.monotonic()):
@@ -342,33 +401,30 @@ class RelayServicer(relay_grpc.RelayServicer):
             raise InvalidInput("an idempotency key of 1 to 128 characters is required")
         if len(request.consent_commitment) not in (0, 32):
             raise InvalidInput("a consent commitment is 32 bytes (or empty for a status)")
-        recipient = self._view.records.get(request.recipient_agency_id)
-        if recipient is None or recipient.revoked:
-            # Only an unknown recipient costs a directory refresh (it may have just enrolled).
+        recipient_id = request.recipient_agency_id
+        if may_refresh and not self._enrolled(recipient_id):
             await run_blocking(self._view.refresh)
-            recipient = self._view.records.get(request.recipient_agency_id)
-        if recipient is None or recipient.revoked:
+        if not self._enrolled(recipient_id):
             raise NotFound(
                 f"no enrolled agency {request.recipient_agency_id!r}",
                 hint="check the agency id with `tessera agency list`",
             )
-        accepted = await self._puts.submit(
-            EnvelopePut(
-                sender_id=sender,
-                recipient_id=request.recipient_agency_id,
-                idempotency_key=request.idempotency_key,
-                consent_commitment=request.consent_commitment,
-                ciphertext=request.sealed_envelope,
-            )
+        return EnvelopePut(
+            sender_id=sender,
+            recipient_id=request.recipient_agency_id,
+            idempotency_key=request.idempotency_key,
+            consent_commitment=request.consent_commitment,
+            ciphertext=request.sealed_envelope,
         )
-        self.wake(request.recipient_agency_id)
-        return relay_pb.SendResponse(receipt=self._receipt(accepted), duplicate=accepted.duplicate)
 
     def wake(self, recipient_id: str) -> None:
         """New mail for ``recipient_id``: wake its Receive stream in this process, if any."""
         event = self._wakeups.get(recipient_id)
         if event is not None:
             event.set()
+
+    def _response(self, accepted: AcceptedEnvelope) -> relay_pb.SendResponse:
+        return relay_pb.SendResponse(receipt=self._receipt(accepted), duplicate=accepted.duplicate)
 
     def _receipt(self, accepted: AcceptedEnvelope) -> common_pb.SignedBlob:
         receipt = relay_pb.RelayReceipt(

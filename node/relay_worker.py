@@ -3,9 +3,10 @@
 
 Two asyncio tasks, started by ``node.server.start_node`` once the node is enrolled:
 
-- the outbox pusher sends each queued envelope with ``Relay.Send`` (its idempotency key makes a
-  retry harmless) and marks it sent only after the broker accepted it; a failure is counted on
-  the row and retried with back-off. :meth:`RelayWorker.wake` pushes at once.
+- the outbox pusher sends the queued envelopes with ``Relay.SendBatch`` (up to
+  :data:`OUTBOX_BATCH` in one signed call; each envelope's idempotency key makes a retry
+  harmless) and marks each sent only after the broker accepted it; a refusal or failure is
+  counted on the row and retried with back-off. :meth:`RelayWorker.wake` pushes at once.
 - the receiver follows ``Relay.Receive``, opens and verifies every delivery against the sender's
   pinned directory record, applies it to the store (each message takes effect once), and only
   then acknowledges it, so the broker deletes nothing the node has not stored. An envelope that
@@ -57,7 +58,7 @@ _IDLE_POLL = 5.0
 _MIN_BACKOFF = 0.2
 _MAX_BACKOFF = 10.0
 _CALL_TIMEOUT = 15.0
-_BATCH = 100
+OUTBOX_BATCH = 100  # envelopes pushed in one Relay.SendBatch call, at most
 _ROUND_POLL = 5.0
 
 
@@ -157,29 +158,63 @@ class RelayWorker:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
     async def push_once(self) -> bool:
-        """Send every pending envelope once; False if any of them failed."""
-        items = await asyncio.to_thread(self._referrals.pending_outbox, _BATCH)
+        """Send every pending envelope once, in ``Relay.SendBatch`` calls; False if any of them
+        failed."""
+        items = await asyncio.to_thread(self._referrals.pending_outbox, OUTBOX_BATCH)
         ok = True
-        for item in items:
-            ok = await self._push(item) and ok
+        for chunk in _chunks(items, self._limits.max_message_bytes // 2):
+            ok = await self._push(chunk) and ok
         return ok
 
-    async def _push(self, item: OutboxItem) -> bool:
-        request = relay_pb.SendRequest(
-            recipient_agency_id=item.recipient_id,
-            idempotency_key=item.idempotency_key,
-            consent_commitment=item.consent_commitment,
-            sealed_envelope=item.sealed,
+    async def _push(self, items: list[OutboxItem]) -> bool:
+        request = relay_pb.SendBatchRequest(
+            envelopes=[
+                relay_pb.SendRequest(
+                    recipient_agency_id=item.recipient_id,
+                    idempotency_key=item.idempotency_key,
+                    consent_commitment=item.consent_commitment,
+                    sealed_envelope=item.sealed,
+                )
+                for item in items
+            ]
         )
         try:
-            reply = await self._stub().Send(request, timeout=_CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            error = rpc.error_from_rpc(exc, f"the broker at {self._link.address}")
-            await asyncio.to_thread(self._referrals.outbox_failed, item.id, str(error))
+            reply = await self._stub().SendBatch(request, timeout=_CALL_TIMEOUT)
+            if len(reply.results) != len(items):
+                raise TesseraError(
+                    f"the broker answered {len(reply.results)} of {len(items)} envelopes"
+                )
+        except (grpc.aio.AioRpcError, TesseraError) as exc:
+            error = (
+                rpc.error_from_rpc(exc, f"the broker at {self._link.address}")
+                if isinstance(exc, grpc.aio.AioRpcError)
+                else exc
+            )
+            await asyncio.to_thread(self._settle, [], [(item.id, str(error)) for item in items])
             return False
-        receipt = reply.receipt.SerializeToString(deterministic=True)
-        await asyncio.to_thread(self._referrals.mark_outbox_sent, item.id, receipt)
-        return True
+        sent: list[tuple[int, bytes]] = []
+        failed: list[tuple[int, str]] = []
+        for item, result in zip(items, reply.results, strict=True):
+            if result.HasField("accepted"):
+                sent.append(
+                    (item.id, result.accepted.receipt.SerializeToString(deterministic=True))
+                )
+            else:
+                refusal = result.refused
+                error = rpc.error_from_refusal(
+                    refusal.code, refusal.message, refusal.hint, refusal.kind
+                )
+                failed.append((item.id, str(error)))
+        await asyncio.to_thread(self._settle, sent, failed)
+        return not failed
+
+    def _settle(self, sent: list[tuple[int, bytes]], failed: list[tuple[int, str]]) -> None:
+        """Record the broker's answers: accepted envelopes leave the outbox, refused ones are
+        counted and retried later."""
+        for item_id, receipt in sent:
+            self._referrals.mark_outbox_sent(item_id, receipt)
+        for item_id, error in failed:
+            self._referrals.outbox_failed(item_id, error)
 
     # --- the receiver ------------------------------------------------------------------------
 
@@ -464,3 +499,17 @@ def start_worker(
     worker = RelayWorker(store, referrals, keyring, home, link, limits)
     worker.start()
     return worker
+
+
+def _chunks(items: list[OutboxItem], max_bytes: int) -> list[list[OutboxItem]]:
+    """``items`` in order, split so that no chunk's envelopes exceed ``max_bytes`` in all (one
+    envelope always fits: the broker's envelope limit is far below a message's)."""
+    chunks: list[list[OutboxItem]] = []
+    size = 0
+    for item in items:
+        if not chunks or size + len(item.sealed) > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += len(item.sealed)
+    return chunks

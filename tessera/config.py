@@ -63,6 +63,7 @@ class Limits:
     envelope_retention_days: int = 30
     delivery_lease_seconds: float = 30.0
     sends_per_minute: int = 6000
+    max_send_batch: int = 500  # envelopes in one Relay.SendBatch call
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,25 @@ def error_from_rpc(exc: grpc.RpcError, target: str = "the server") -> TesseraErr
     return _ERROR_CLASS_FOR_KIND[kind](details, hint=hint)
 
 
+def refusal_parts(exc: TesseraError) -> tuple[int, str, str, str]:
+    """A typed error as one item's refusal inside a reply (its status code number, message,
+    hint and kind), for calls that answer for several items at once (Relay.SendBatch)."""
+    return status_code(exc.kind).value[0], exc.message, exc.hint or "", exc.kind.name
+
+
+def error_from_refusal(code: int, message: str, hint: str, kind: str) -> TesseraError:
+    """Rebuild the typed error of one item's refusal (the inverse of :func:`refusal_parts`)."""
+    if kind in ErrorKind.__members__:
+        error_kind = ErrorKind[kind]
+    else:
+        status = _STATUS_FOR_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+        error_kind = _KIND_FOR_STATUS.get(status, ErrorKind.INTERNAL)
+    return _ERROR_CLASS_FOR_KIND[error_kind](message, hint=hint or None)
+
+
+_STATUS_FOR_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
 # --- who is calling -------------------------------------------------------------------------
 
 

@@ -59,6 +59,7 @@ SERVICES: dict[str, dict[str, bool]] = {
     },
     "tessera.v1.Relay": {
         "Send": False,
+        "SendBatch": False,
         "Receive": True,
         "Acknowledge": False,
         "PurgeConsent": False,

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tessera.v1 import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/relay.proto\x12\ntessera.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tessera/v1/common.proto\"x\n\x0bSendRequest\x12\x1b\n\x13recipient_agency_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x1a\n\x12\x63onsent_commitment\x18\x03 \x01(\x0c\x12\x17\n\x0fsealed_envelope\x18\x04 \x01(\x0c\"\xe7\x01\n\x0cRelayReceipt\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x18\n\x10sender_agency_id\x18\x02 \x01(\t\x12\x1b\n\x13recipient_agency_id\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x17\n\x0f\x65nvelope_digest\x18\x05 \x01(\x0c\x12\x1a\n\x12\x63onsent_commitment\x18\x06 \x01(\x0c\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x0cSendResponse\x12\'\n\x07receipt\x18\x01 \x01(\x0b\x32\x16.tessera.v1.SignedBlob\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"8\n\x0eReceiveRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\x16\n\x0emax_deliveries\x18\x02 \x01(\r\"\xb0\x01\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x18\n\x10sender_agency_id\x18\x02 \x01(\t\x12\x17\n\x0fsealed_envelope\x18\x03 \x01(\x0c\x12/\n\x0breceived_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63onsent_commitment\x18\x05 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\"*\n\x12\x41\x63knowledgeRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"*\n\x13\x41\x63knowledgeResponse\x12\x13\n\x0b\x64\x65leted_ids\x18\x01 \x03(\t\"1\n\x13PurgeConsentRequest\x12\x1a\n\x12\x63onsent_commitment\x18\x01 \x01(\x0c\"A\n\x14PurgeConsentResponse\x12\x0e\n\x06purged\x18\x01 \x01(\r\x12\x19\n\x11\x61lready_delivered\x18\x02 \x01(\r2\xa4\x02\n\x05Relay\x12\x39\n\x04Send\x12\x17.tessera.v1.SendRequest\x1a\x18.tessera.v1.SendResponse\x12=\n\x07Receive\x12\x1a.tessera.v1.ReceiveRequest\x1a\x14.tessera.v1.Delivery0\x01\x12N\n\x0b\x41\x63knowledge\x12\x1e.tessera.v1.AcknowledgeRequest\x1a\x1f.tessera.v1.AcknowledgeResponse\x12Q\n\x0cPurgeConsent\x12\x1f.tessera.v1.PurgeConsentRequest\x1a .tessera.v1.PurgeConsentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/relay.proto\x12\ntessera.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tessera/v1/common.proto\"x\n\x0bSendRequest\x12\x1b\n\x13recipient_agency_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x1a\n\x12\x63onsent_commitment\x18\x03 \x01(\x0c\x12\x17\n\x0fsealed_envelope\x18\x04 \x01(\x0c\"\xe7\x01\n\x0cRelayReceipt\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x18\n\x10sender_agency_id\x18\x02 \x01(\t\x12\x1b\n\x13recipient_agency_id\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x17\n\x0f\x65nvelope_digest\x18\x05 \x01(\x0c\x12\x1a\n\x12\x63onsent_commitment\x18\x06 \x01(\x0c\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x0cSendResponse\x12\'\n\x07receipt\x18\x01 \x01(\x0b\x32\x16.tessera.v1.SignedBlob\x12\x11\n\tduplicate\x18\x02 \x01(\x08\">\n\x10SendBatchRequest\x12*\n\tenvelopes\x18\x01 \x03(\x0b\x32\x17.tessera.v1.SendRequest\"H\n\x0bSendRefusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04hint\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"q\n\nSendResult\x12,\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x18.tessera.v1.SendResponseH\x00\x12*\n\x07refused\x18\x02 \x01(\x0b\x32\x17.tessera.v1.SendRefusalH\x00\x42\t\n\x07outcome\"<\n\x11SendBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.tessera.v1.SendResult\"8\n\x0eReceiveRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\x16\n\x0emax_deliveries\x18\x02 \x01(\r\"\xb0\x01\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x18\n\x10sender_agency_id\x18\x02 \x01(\t\x12\x17\n\x0fsealed_envelope\x18\x03 \x01(\x0c\x12/\n\x0breceived_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63onsent_commitment\x18\x05 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\"*\n\x12\x41\x63knowledgeRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"*\n\x13\x41\x63knowledgeResponse\x12\x13\n\x0b\x64\x65leted_ids\x18\x01 \x03(\t\"1\n\x13PurgeConsentRequest\x12\x1a\n\x12\x63onsent_commitment\x18\x01 \x01(\x0c\"A\n\x14PurgeConsentResponse\x12\x0e\n\x06purged\x18\x01 \x01(\r\x12\x19\n\x11\x61lready_delivered\x18\x02 \x01(\r2\xee\x02\n\x05Relay\x12\x39\n\x04Send\x12\x17.tessera.v1.SendRequest\x1a\x18.tessera.v1.SendResponse\x12H\n\tSendBatch\x12\x1c.tessera.v1.SendBatchRequest\x1a\x1d.tessera.v1.SendBatchResponse\x12=\n\x07Receive\x12\x1a.tessera.v1.ReceiveRequest\x1a\x14.tessera.v1.Delivery0\x01\x12N\n\x0b\x41\x63knowledge\x12\x1e.tessera.v1.AcknowledgeRequest\x1a\x1f.tessera.v1.AcknowledgeResponse\x12Q\n\x0cPurgeConsent\x12\x1f.tessera.v1.PurgeConsentRequest\x1a .tessera.v1.PurgeConsentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,18 +39,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELAYRECEIPT']._serialized_end=450
   _globals['_SENDRESPONSE']._serialized_start=452
   _globals['_SENDRESPONSE']._serialized_end=526
-  _globals['_RECEIVEREQUEST']._serialized_start=528
-  _globals['_RECEIVEREQUEST']._serialized_end=584
-  _globals['_DELIVERY']._serialized_start=587
-  _globals['_DELIVERY']._serialized_end=763
-  _globals['_ACKNOWLEDGEREQUEST']._serialized_start=765
-  _globals['_ACKNOWLEDGEREQUEST']._serialized_end=807
-  _globals['_ACKNOWLEDGERESPONSE']._serialized_start=809
-  _globals['_ACKNOWLEDGERESPONSE']._serialized_end=851
-  _globals['_PURGECONSENTREQUEST']._serialized_start=853
-  _globals['_PURGECONSENTREQUEST']._serialized_end=902
-  _globals['_PURGECONSENTRESPONSE']._serialized_start=904
-  _globals['_PURGECONSENTRESPONSE']._serialized_end=969
-  _globals['_RELAY']._serialized_start=972
-  _globals['_RELAY']._serialized_end=1264
+  _globals['_SENDBATCHREQUEST']._serialized_start=528
+  _globals['_SENDBATCHREQUEST']._serialized_end=590
+  _globals['_SENDREFUSAL']._serialized_start=592
+  _globals['_SENDREFUSAL']._serialized_end=664
+  _globals['_SENDRESULT']._serialized_start=666
+  _globals['_SENDRESULT']._serialized_end=779
+  _globals['_SENDBATCHRESPONSE']._serialized_start=781
+  _globals['_SENDBATCHRESPONSE']._serialized_end=841
+  _globals['_RECEIVEREQUEST']._serialized_start=843
+  _globals['_RECEIVEREQUEST']._serialized_end=899
+  _globals['_DELIVERY']._serialized_start=902
+  _globals['_DELIVERY']._serialized_end=1078
+  _globals['_ACKNOWLEDGEREQUEST']._serialized_start=1080
+  _globals['_ACKNOWLEDGEREQUEST']._serialized_end=1122
+  _globals['_ACKNOWLEDGERESPONSE']._serialized_start=1124
+  _globals['_ACKNOWLEDGERESPONSE']._serialized_end=1166
+  _globals['_PURGECONSENTREQUEST']._serialized_start=1168
+  _globals['_PURGECONSENTREQUEST']._serialized_end=1217
+  _globals['_PURGECONSENTRESPONSE']._serialized_start=1219
+  _globals['_PURGECONSENTRESPONSE']._serialized_end=1284
+  _globals['_RELAY']._serialized_start=1287
+  _globals['_RELAY']._serialized_end=1653
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,11 @@ class RelayStub:
                 request_serializer=tessera_dot_v1_dot_relay__pb2.SendRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_relay__pb2.SendResponse.FromString,
                 _registered_method=True)
+        self.SendBatch = channel.unary_unary(
+                '/tessera.v1.Relay/SendBatch',
+                request_serializer=tessera_dot_v1_dot_relay__pb2.SendBatchRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_relay__pb2.SendBatchResponse.FromString,
+                _registered_method=True)
         self.Receive = channel.unary_stream(
                 '/tessera.v1.Relay/Receive',
                 request_serializer=tessera_dot_v1_dot_relay__pb2.ReceiveRequest.SerializeToString,
@@ -71,6 +76,17 @@ class RelayServicer:
         enrolled or is revoked; RESOURCE_EXHAUSTED if the envelope exceeds the broker's size limit.
         Repeating a Send with the same idempotency key and the same envelope returns the original
         receipt; the same key with a different envelope is refused (ALREADY_EXISTS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendBatch(self, request, context):
+        """Accepts a node's outbox in one signed call: each envelope is taken exactly as Send would
+        take it (same checks, same idempotency, same receipt) and the answer holds one result per
+        envelope, in order. One envelope's refusal does not refuse the others; the call as a whole
+        is refused only when it is not authenticated or malformed (INVALID_ARGUMENT: no envelopes,
+        or more than the broker's batch limit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +125,11 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.Send,
                     request_deserializer=tessera_dot_v1_dot_relay__pb2.SendRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_relay__pb2.SendResponse.SerializeToString,
+            ),
+            'SendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendBatch,
+                    request_deserializer=tessera_dot_v1_dot_relay__pb2.SendBatchRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_relay__pb2.SendBatchResponse.SerializeToString,
             ),
             'Receive': grpc.unary_stream_rpc_method_handler(
                     servicer.Receive,
@@ -156,6 +177,33 @@ class Relay:
             '/tessera.v1.Relay/Send',
             tessera_dot_v1_dot_relay__pb2.SendRequest.SerializeToString,
             tessera_dot_v1_dot_relay__pb2.SendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Relay/SendBatch',
+            tessera_dot_v1_dot_relay__pb2.SendBatchRequest.SerializeToString,
+            tessera_dot_v1_dot_relay__pb2.SendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,13 @@ class RelayStub:
     Repeating a Send with the same idempotency key and the same envelope returns the original
     receipt; the same key with a different envelope is refused (ALREADY_EXISTS).
     """
+    SendBatch: _grpc.UnaryUnaryMultiCallable[_relay_pb2.SendBatchRequest, _relay_pb2.SendBatchResponse]
+    """Accepts a node's outbox in one signed call: each envelope is taken exactly as Send would
+    take it (same checks, same idempotency, same receipt) and the answer holds one result per
+    envelope, in order. One envelope's refusal does not refuse the others; the call as a whole
+    is refused only when it is not authenticated or malformed (INVALID_ARGUMENT: no envelopes,
+    or more than the broker's batch limit).
+    """
     Receive: _grpc.UnaryStreamMultiCallable[_relay_pb2.ReceiveRequest, _relay_pb2.Delivery]
     """Streams the caller's pending deliveries, oldest first. Each is leased to this stream until
     acknowledged or until the lease ends; with `follow`, the stream stays open and carries new
@@ -86,6 +93,13 @@ class RelayAsyncStub(RelayStub):
     enrolled or is revoked; RESOURCE_EXHAUSTED if the envelope exceeds the broker's size limit.
     Repeating a Send with the same idempotency key and the same envelope returns the original
     receipt; the same key with a different envelope is refused (ALREADY_EXISTS).
+    """
+    SendBatch: _aio.UnaryUnaryMultiCallable[_relay_pb2.SendBatchRequest, _relay_pb2.SendBatchResponse]  # type: ignore[assignment]
+    """Accepts a node's outbox in one signed call: each envelope is taken exactly as Send would
+    take it (same checks, same idempotency, same receipt) and the answer holds one result per
+    envelope, in order. One envelope's refusal does not refuse the others; the call as a whole
+    is refused only when it is not authenticated or malformed (INVALID_ARGUMENT: no envelopes,
+    or more than the broker's batch limit).
     """
     Receive: _aio.UnaryStreamMultiCallable[_relay_pb2.ReceiveRequest, _relay_pb2.Delivery]  # type: ignore[assignment]
     """Streams the caller's pending deliveries, oldest first. Each is leased to this stream until
@@ -119,6 +133,19 @@ class RelayServicer(metaclass=_abc_1.ABCMeta):
         enrolled or is revoked; RESOURCE_EXHAUSTED if the envelope exceeds the broker's size limit.
         Repeating a Send with the same idempotency key and the same envelope returns the original
         receipt; the same key with a different envelope is refused (ALREADY_EXISTS).
+        """
+
+    @_abc_1.abstractmethod
+    def SendBatch(
+        self,
+        request: _relay_pb2.SendBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.SendBatchResponse, _abc.Awaitable[_relay_pb2.SendBatchResponse]]:
+        """Accepts a node's outbox in one signed call: each envelope is taken exactly as Send would
+        take it (same checks, same idempotency, same receipt) and the answer holds one result per
+        envelope, in order. One envelope's refusal does not refuse the others; the call as a whole
+        is refused only when it is not authenticated or malformed (INVALID_ARGUMENT: no envelopes,
+        or more than the broker's batch limit).
         """
 
     @_abc_1.abstractmethod
