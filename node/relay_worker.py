@@ -162,7 +162,7 @@ class RelayWorker:
         failed."""
         items = await asyncio.to_thread(self._referrals.pending_outbox, OUTBOX_BATCH)
         ok = True
-        for chunk in _chunks(items, self._limits.max_message_bytes // 2):
+        for chunk in split_by_size(items, self._limits.max_message_bytes // 2):
             ok = await self._push(chunk) and ok
         return ok
 
@@ -501,7 +501,7 @@ def start_worker(
     return worker
 
 
-def _chunks(items: list[OutboxItem], max_bytes: int) -> list[list[OutboxItem]]:
+def split_by_size(items: list[OutboxItem], max_bytes: int) -> list[list[OutboxItem]]:
     """``items`` in order, split so that no chunk's envelopes exceed ``max_bytes`` in all (one
     envelope always fits: the broker's envelope limit is far below a message's)."""
     chunks: list[list[OutboxItem]] = []

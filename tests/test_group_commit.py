@@ -162,3 +162,38 @@ async def test_a_batch_stays_within_its_byte_bound(store: BrokerStore) -> None:
     assert all(not o.duplicate for o in outcomes)
     assert sum(writer.sizes) == 13 and max(writer.sizes) <= 3  # 3 x 3,000 bytes fit in 10,000
     assert store.waiting_count("agency-b") == 13
+
+
+@in_event_loop
+async def test_submit_many_shares_batches_with_other_callers_and_answers_each_item_in_order(
+    store: BrokerStore,
+) -> None:
+    # A SendBatch call hands its envelopes over together; single Sends arriving meanwhile join
+    # the same transactions, and every item still gets its own outcome.
+    writer = CountingWriter(store)
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(writer, max_batch=64)
+    store.put_envelope("agency-a", "agency-b", "taken", b"", b"other bytes", NOW)
+    many = [envelope(f"m{i}") for i in range(100)]
+    many.insert(50, envelope("taken"))
+    outcomes, *singles = await asyncio.gather(
+        committer.submit_many(many), *(committer.submit(envelope(f"s{i}")) for i in range(10))
+    )
+    assert isinstance(outcomes, list) and len(outcomes) == 101
+    assert isinstance(outcomes[50], Conflict)
+    accepted = [o for i, o in enumerate(outcomes) if i != 50]
+    assert [o.idempotency_key for o in accepted if isinstance(o, AcceptedEnvelope)] == [
+        f"m{i}" for i in range(100)
+    ]
+    assert [s.idempotency_key for s in singles if isinstance(s, AcceptedEnvelope)] == [
+        f"s{i}" for i in range(10)
+    ]
+    assert sum(writer.sizes) == 111 and max(writer.sizes) <= 64 and len(writer.sizes) <= 3
+    assert store.waiting_count("agency-b") == 111
+
+
+@in_event_loop
+async def test_submit_many_of_nothing_writes_nothing(store: BrokerStore) -> None:
+    writer = CountingWriter(store)
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(writer)
+    assert await committer.submit_many([]) == []
+    assert writer.sizes == []

@@ -1,0 +1,229 @@
+"""Relay.SendBatch against a real broker over TLS, with real enrolled agencies.
+
+A batch must be exactly as safe as the same envelopes sent one by one: each envelope is checked,
+stored and receipted on its own (one bad envelope refuses only itself), the rate limit counts
+envelopes rather than calls, and the call itself is signed like any other: replayed, altered or
+unsigned batches are refused whole and store nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker.operator_client import OperatorClient
+from tessera import crypto, rpc
+from tessera.config import Limits
+from tessera.errors import Conflict, Exhausted, InvalidInput, NotFound
+from tessera.v1 import relay_pb2 as relay_pb
+from tessera.v1 import relay_pb2_grpc as relay_grpc
+from tests.support import Agency, BackgroundBroker, enrol, make_broker, receive, seal
+
+MARKER = "Velmora-Tansicot-4418"
+SEND_BATCH = "/tessera.v1.Relay/SendBatch"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BackgroundBroker]:
+    running = BackgroundBroker(
+        make_broker(tmp_path / "broker", max_envelope_bytes=4096, max_send_batch=8)
+    )
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def envelope(
+    sender: Agency, recipient: Agency, key: str, payload: bytes = b"", commitment: bytes = b""
+) -> relay_pb.SendRequest:
+    return relay_pb.SendRequest(
+        recipient_agency_id=recipient.agency_id,
+        idempotency_key=key,
+        consent_commitment=commitment
+        or crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, key.encode()),
+        sealed_envelope=seal(sender, recipient, payload or f"{MARKER} {key}".encode()),
+    )
+
+
+def send_batch(sender: Agency, *envelopes: relay_pb.SendRequest) -> relay_pb.SendBatchResponse:
+    channel, stub = sender.relay()
+    try:
+        reply: relay_pb.SendBatchResponse = stub.SendBatch(
+            relay_pb.SendBatchRequest(envelopes=envelopes), timeout=10
+        )
+        return reply
+    finally:
+        channel.close()
+
+
+def refusal(result: relay_pb.SendResult) -> Exception:
+    assert result.HasField("refused"), result
+    r = result.refused
+    return rpc.error_from_refusal(r.code, r.message, r.hint, r.kind)
+
+
+def opened(recipient: Agency, sender: Agency, deliveries: list[relay_pb.Delivery]) -> list[bytes]:
+    return [
+        crypto.open_sealed(
+            recipient.identity,
+            sender.identity.public,
+            crypto.LABEL_ENVELOPE,
+            delivery.sealed_envelope,
+        )
+        for delivery in deliveries
+    ]
+
+
+def test_each_envelope_of_a_batch_is_stored_or_refused_on_its_own(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    first = envelope(shelter, clinic, "ref-1")
+    oversized = relay_pb.SendRequest(
+        recipient_agency_id="lantern-clinic", idempotency_key="big", sealed_envelope=b"\0" * 4097
+    )
+    nowhere = envelope(shelter, clinic, "lost")
+    nowhere.recipient_agency_id = "no-such-agency"
+    short_commitment = envelope(shelter, clinic, "short", commitment=b"\x01" * 5)
+    empty = relay_pb.SendRequest(recipient_agency_id="lantern-clinic", idempotency_key="empty")
+    second = envelope(shelter, clinic, "ref-2")
+    same_key_other_bytes = envelope(shelter, clinic, "ref-1", payload=b"something else")
+
+    reply = send_batch(
+        shelter, first, oversized, nowhere, short_commitment, empty, second, same_key_other_bytes
+    )
+
+    results = list(reply.results)
+    assert len(results) == 7
+    for result, request in ((results[0], first), (results[5], second)):
+        assert result.HasField("accepted") and not result.accepted.duplicate
+        blob = result.accepted.receipt
+        crypto.verify(shelter.link.broker_key, crypto.LABEL_RECEIPT, blob.body, blob.signature)
+        receipt = relay_pb.RelayReceipt.FromString(blob.body)
+        assert receipt.sender_agency_id == "harbour-shelter"
+        assert receipt.idempotency_key == request.idempotency_key
+        assert receipt.envelope_digest == crypto.digest(
+            crypto.LABEL_ENVELOPE, request.sealed_envelope
+        )
+    assert isinstance(refusal(results[1]), Exhausted)
+    assert results[1].refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "4,097 bytes" in results[1].refused.message
+    assert isinstance(refusal(results[2]), NotFound)
+    assert "no-such-agency" in results[2].refused.message
+    assert isinstance(refusal(results[3]), InvalidInput)
+    assert isinstance(refusal(results[4]), InvalidInput)
+    assert isinstance(refusal(results[6]), Conflict)
+
+    # Only the two good envelopes reached the recipient, intact; the broker kept no plaintext.
+    delivered = receive(clinic)
+    assert sorted(opened(clinic, shelter, delivered)) == [
+        f"{MARKER} ref-1".encode(),
+        f"{MARKER} ref-2".encode(),
+    ]
+    assert receive(clinic) == []
+    database = broker.settings.home / "tessera.db"
+    wal = database.with_name("tessera.db-wal")
+    raw = database.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    assert MARKER.encode() not in raw
+
+
+def test_a_repeated_batch_gets_the_original_receipts_and_stores_nothing_twice(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    batch = [envelope(shelter, clinic, f"ref-{i}") for i in range(5)]
+    first = send_batch(shelter, *batch)
+    again = send_batch(shelter, *batch)  # a retry after the answer was lost
+    assert [r.accepted.duplicate for r in first.results] == [False] * 5
+    assert [r.accepted.duplicate for r in again.results] == [True] * 5
+    assert [r.accepted.receipt.body for r in again.results] == [
+        r.accepted.receipt.body for r in first.results
+    ]
+    assert len(receive(clinic)) == 5
+
+
+def test_an_empty_oversized_replayed_or_altered_batch_is_refused_whole(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    with pytest.raises(grpc.RpcError) as info:
+        send_batch(shelter)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    too_many = [envelope(shelter, clinic, f"many-{i}") for i in range(9)]  # the limit is 8
+    with pytest.raises(grpc.RpcError) as info:
+        send_batch(shelter, *too_many)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1 to 8 envelopes" in str(info.value.details())
+
+    plain = rpc.open_channel(
+        broker.address, shelter.link.certificate, None, Limits().max_message_bytes
+    )
+    stub = relay_grpc.RelayStub(plain)
+    request = relay_pb.SendBatchRequest(envelopes=[envelope(shelter, clinic, "captured")])
+    body = request.SerializeToString()
+    signature = crypto.sign_request(shelter.identity, SEND_BATCH, body)
+    stub.SendBatch(request, metadata=signature.to_metadata(), timeout=5)
+    with pytest.raises(grpc.RpcError) as info:  # the captured call, replayed
+        stub.SendBatch(request, metadata=signature.to_metadata(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # An envelope slipped into a signed batch: the signature no longer covers the body.
+    fresh = crypto.sign_request(shelter.identity, SEND_BATCH, body)
+    altered = relay_pb.SendBatchRequest()
+    altered.CopyFrom(request)
+    altered.envelopes.append(envelope(shelter, clinic, "slipped-in"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SendBatch(altered, metadata=fresh.to_metadata(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as info:  # not signed at all
+        stub.SendBatch(request, timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    plain.close()
+
+    # Only the one genuine call stored anything.
+    assert opened(clinic, shelter, receive(clinic)) == [f"{MARKER} captured".encode()]
+
+
+def test_the_rate_limit_counts_envelopes_not_calls(tmp_path: Path) -> None:
+    running = BackgroundBroker(make_broker(tmp_path / "broker", sends_per_minute=3))
+    try:
+        shelter = enrol(running, tmp_path, "harbour-shelter")
+        clinic = enrol(running, tmp_path, "lantern-clinic")
+        reply = send_batch(shelter, *(envelope(shelter, clinic, f"ref-{i}") for i in range(5)))
+        outcomes = [r.WhichOneof("outcome") for r in reply.results]
+        assert outcomes == ["accepted"] * 3 + ["refused"] * 2
+        late = refusal(reply.results[3])
+        assert isinstance(late, Exhausted) and "3 envelopes a minute" in str(late)
+        assert "nothing was stored" in str(late)
+        assert len(receive(clinic)) == 3
+    finally:
+        running.stop()
+
+
+def test_a_revoked_sender_is_refused_and_a_revoked_recipient_refuses_its_envelopes(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    legal = enrol(broker, tmp_path, "riverside-legal")
+    with OperatorClient(broker.settings.home) as operator:
+        operator.revoke("lantern-clinic", "laptop lost")
+    reply = send_batch(
+        shelter, envelope(shelter, clinic, "to-revoked"), envelope(shelter, legal, "to-legal")
+    )
+    assert isinstance(refusal(reply.results[0]), NotFound)
+    assert reply.results[1].HasField("accepted")
+    sealed_before = envelope(shelter, legal, "after-revocation")
+    with OperatorClient(broker.settings.home) as operator:
+        operator.revoke("harbour-shelter", "laptop lost")
+    with pytest.raises(grpc.RpcError) as info:
+        send_batch(shelter, sealed_before)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(receive(legal)) == 1
