@@ -65,6 +65,7 @@ from broker.operator_client import OperatorClient
 from broker.setup import BrokerInit, init_broker
 from node import directory_sync
 from node.keyring import open_keyring
+from node.relay_worker import OUTBOX_BATCH
 from node.setup import NodeInit, init_node
 from tessera import config, crypto, rpc, tls
 from tessera.config import Argon2Profile, Limits
@@ -79,6 +80,7 @@ REGION = "north"
 PASSPHRASE = "benchmark passphrase, throwaway keys"  # throwaway node homes
 ENVELOPE_BYTES = 2048  # sealed size of one envelope: a referral with a few fields and notes
 ACK_BATCH = 500  # the most delivery ids one Acknowledge carries
+BATCHES_IN_FLIGHT = 2  # SendBatch calls in flight (a node pushes one; two nodes at once)
 ECHO_SERVICE = "bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -281,10 +283,15 @@ async def measure_echo(
     warmup: int,
     concurrency: int,
     metered: dict[str, int],
+    batch: int = 1,
 ) -> Outcome:
     """Echo every payload with ``concurrency`` calls in flight (the first ``warmup`` unmeasured);
-    latency per call."""
+    latency per call. With ``batch`` > 1, each call carries ``batch`` payloads back to back
+    (the same bytes a SendBatch of them carries), and throughput counts payloads."""
     channel = open_channel(address, cert, None)
+    if batch > 1:
+        payloads = [b"".join(payloads[i : i + batch]) for i in range(0, len(payloads), batch)]
+        warmup = max(1, warmup // batch)
     try:
         echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO_METHOD)
         measured = len(payloads) - warmup
@@ -302,11 +309,12 @@ async def measure_echo(
         started = time.perf_counter()
         await _drive(measured, concurrency, lambda i: call(warmup + i))
         seconds = time.perf_counter() - started
+        label = "grpc.aio echo" if batch == 1 else f"grpc.aio echo, {batch} payloads a call"
         outcome = Outcome(
-            "grpc.aio echo",
-            measured,
+            label,
+            sum(len(p) for p in payloads[warmup:]) // ENVELOPE_BYTES,
             seconds,
-            latencies[warmup:],
+            [latency for latency in latencies[warmup:] for _ in range(batch)],
             concurrency,
             cpu=meter.report(),
         )
@@ -750,6 +758,8 @@ class Plan:
     warmup: int
     runs: int
     unloaded: int  # messages of the one-in-flight latency phase
+    send_batch: int = OUTBOX_BATCH  # envelopes a SendBatch call carries (as a node's pusher)
+    batches_in_flight: int = BATCHES_IN_FLIGHT
 
     def requests(
         self, recipient_id: str, tag: str, concurrency: int | None = None
@@ -761,18 +771,44 @@ class Plan:
         return everything[: self.warmup], everything[self.warmup :]
 
 
+@dataclass(frozen=True)
+class Mode:
+    """How the sender hands envelopes over: one Send each, or SendBatch calls."""
+
+    name: str
+    concurrency: int  # calls in flight
+    send_batch: int  # 0: Send calls; n: SendBatch calls of n envelopes
+
+    @staticmethod
+    def both(plan: Plan) -> tuple[Mode, Mode]:
+        """The unary mode and the batched mode (a node's outbox pusher) of ``plan``."""
+        return (
+            Mode("Send", plan.concurrency, 0),
+            Mode(f"SendBatch x{plan.send_batch}", plan.batches_in_flight, plan.send_batch),
+        )
+
+
+@dataclass
+class Pair:
+    """One configuration measured in both modes (best run of each)."""
+
+    unary: Outcome
+    batched: Outcome
+
+
 @dataclass
 class Results:
     """Every phase's best run (None where a phase could not run)."""
 
     echo: Outcome
+    echo_batched: Outcome
     echo_unloaded: Outcome
-    memory: Outcome
-    sqlite: Outcome
+    memory: Pair
+    sqlite: Pair
     sqlite_unloaded: Outcome
-    pg_one: Outcome | None = None
+    pg_one: Pair | None = None
     pg_one_unloaded: Outcome | None = None
-    pg_two: Outcome | None = None
+    pg_two: Pair | None = None
 
 
 async def _enrolled(plan: Plan, broker_home: Path) -> tuple[Agency, Agency]:
@@ -797,140 +833,162 @@ def bare_server(plan: Plan, name: str, kind: str) -> ServerProcess:
     )
 
 
-async def _baseline_phases(plan: Plan) -> tuple[Outcome, Outcome, Outcome]:
-    """The echo server (loaded, then one in flight) and the in-memory relay, same TLS setup."""
+async def _relay_phase(
+    plan: Plan,
+    label: str,
+    mode: Mode,
+    tag: str,
+    parties: tuple[crypto.Identity, crypto.Identity, bytes, str],
+    addresses: Sequence[str],
+    metered: dict[str, int],
+    unloaded: bool = False,
+) -> Outcome:
+    """One measured run of a relay (``parties``: sender, recipient, certificate, recipient id)."""
+    sender, recipient, cert, recipient_id = parties
+    warm, measured = plan.requests(recipient_id, tag, 1 if unloaded else None)
+    return await measure_relay(
+        f"{label}, {mode.name}",
+        sender,
+        recipient,
+        cert,
+        addresses,
+        warm,
+        measured,
+        1 if unloaded else mode.concurrency,
+        metered,
+        mode.send_batch,
+    )
+
+
+async def _pair(
+    plan: Plan,
+    label: str,
+    tag: str,
+    parties: tuple[crypto.Identity, crypto.Identity, bytes, str],
+    addresses: Sequence[str],
+    metered: dict[str, int],
+) -> Pair:
+    """Best of ``plan.runs`` runs in each mode, the modes alternating."""
+    unary_runs: list[Outcome] = []
+    batched_runs: list[Outcome] = []
+    unary, batched = Mode.both(plan)
+    for run in range(plan.runs):
+        for mode, runs in ((unary, unary_runs), (batched, batched_runs)):
+            runs.append(
+                await _relay_phase(
+                    plan, label, mode, f"{tag}-{mode.send_batch}-{run}", parties, addresses, metered
+                )
+            )
+    return Pair(best(unary_runs), best(batched_runs))
+
+
+async def _baseline_phases(plan: Plan) -> tuple[Outcome, Outcome, Outcome, Pair]:
+    """The echo server (loaded, loaded with batches, one in flight) and the in-memory relay,
+    same TLS setup."""
     home = plan.folder / "echo"
     cert = home / "tls" / "server.crt"
     tls.create_self_signed(cert, home / "tls" / "server.key", "echo")
     pem = tls.read_pem(cert)
+    payloads = plan.payloads[: plan.warmup + plan.messages]
     with contextlib.ExitStack() as stack:
         server = bare_server(plan, "echo server", "echo-server")
         address = _started(stack, server)
         metered = {server.name: server.pid}
-        loaded = [
-            await measure_echo(
-                address,
-                pem,
-                plan.payloads[: plan.warmup + plan.messages],
-                plan.warmup,
-                plan.concurrency,
-                metered,
+        loaded: list[Outcome] = []
+        batched: list[Outcome] = []
+        for _ in range(plan.runs):
+            loaded.append(
+                await measure_echo(address, pem, payloads, plan.warmup, plan.concurrency, metered)
             )
-            for _ in range(plan.runs)
-        ]
+            batched.append(
+                await measure_echo(
+                    address,
+                    pem,
+                    payloads,
+                    plan.warmup,
+                    plan.batches_in_flight,
+                    metered,
+                    batch=plan.send_batch,
+                )
+            )
         unloaded = await measure_echo(
             address, pem, plan.payloads[: plan.warmup + plan.unloaded], plan.warmup, 1, metered
         )
     with contextlib.ExitStack() as stack:
         server = bare_server(plan, "in-memory relay", "memory-relay")
         address = _started(stack, server)
-        memory = []
-        for run in range(plan.runs):
-            warm, measured = plan.requests("lantern-clinic", f"memory-{run}")
-            memory.append(
-                await measure_relay(
-                    "in-memory relay",
-                    plan.sender,
-                    plan.recipient,
-                    pem,
-                    [address],
-                    warm,
-                    measured,
-                    plan.concurrency,
-                    {server.name: server.pid},
-                )
-            )
-    return best(loaded), unloaded, best(memory)
+        memory = await _pair(
+            plan,
+            "in-memory relay",
+            "memory",
+            (plan.sender, plan.recipient, pem, "lantern-clinic"),
+            [address],
+            {server.name: server.pid},
+        )
+    return best(loaded), best(batched), unloaded, memory
 
 
-async def _sqlite_phases(plan: Plan) -> tuple[Outcome, Outcome]:
+async def _sqlite_phases(plan: Plan) -> tuple[Pair, Outcome]:
     home = make_broker_home(plan.folder / "broker-sqlite")
     with contextlib.ExitStack() as stack:
         broker = broker_process(home, "broker")
         address = _started(stack, broker)
         sender, recipient = await _enrolled(plan, home)
+        parties = (sender.identity, recipient.identity, sender.link.certificate, "lantern-clinic")
         metered = {broker.name: broker.pid}
-
-        async def phase(tag: str, concurrency: int) -> Outcome:
-            warm, measured = plan.requests(recipient.agency_id, tag, concurrency)
-            return await measure_relay(
-                "relay, SQLite, 1 broker",
-                sender.identity,
-                recipient.identity,
-                sender.link.certificate,
-                [address],
-                warm,
-                measured,
-                concurrency,
-                metered,
-            )
-
-        loaded = [await phase(f"sqlite-{run}", plan.concurrency) for run in range(plan.runs)]
-        unloaded = await phase("sqlite-unloaded", 1)
-    return best(loaded), unloaded
+        label = "relay, SQLite, 1 broker"
+        loaded = await _pair(plan, label, "sqlite", parties, [address], metered)
+        unary, _batched = Mode.both(plan)
+        unloaded = await _relay_phase(
+            plan, label, unary, "sqlite-unloaded", parties, [address], metered, unloaded=True
+        )
+    return loaded, unloaded
 
 
-async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Outcome, Outcome, Outcome]:
+async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Pair, Outcome, Pair]:
     first = make_broker_home(plan.folder / "broker-pg-a", database_url)
     second = copy_broker_home(first, plan.folder / "broker-pg-b")
     with contextlib.ExitStack() as stack:
         broker_a = broker_process(first, "broker A")
         address_a = _started(stack, broker_a)
         sender, recipient = await _enrolled(plan, first)
-        ones: list[Outcome] = []
-        twos: list[Outcome] = []
-        for run in range(plan.runs):  # alternating, so drift in the machine hits both alike
-            warm, measured = plan.requests(recipient.agency_id, f"pg1-{run}")
-            ones.append(
-                await measure_relay(
-                    "relay, PostgreSQL, 1 broker",
-                    sender.identity,
-                    recipient.identity,
-                    sender.link.certificate,
-                    [address_a],
-                    warm,
-                    measured,
-                    plan.concurrency,
-                    {broker_a.name: broker_a.pid},
-                )
-            )
-            broker_b = broker_process(second, "broker B")
-            address_b = _started(stack, broker_b)
-            warm, measured = plan.requests(recipient.agency_id, f"pg2-{run}")
-            twos.append(
-                await measure_relay(
-                    "relay, PostgreSQL, 2 brokers",
-                    sender.identity,
-                    recipient.identity,
-                    sender.link.certificate,
-                    [address_a, address_b],
-                    warm,
-                    measured,
-                    plan.concurrency,
-                    {broker_a.name: broker_a.pid, broker_b.name: broker_b.pid},
-                )
-            )
-            broker_b.stop()
-            _say("broker B stopped")
-        warm, measured = plan.requests(recipient.agency_id, "pg1-unloaded", 1)
-        unloaded = await measure_relay(
+        parties = (sender.identity, recipient.identity, sender.link.certificate, "lantern-clinic")
+        one = await _pair(
+            plan,
             "relay, PostgreSQL, 1 broker",
-            sender.identity,
-            recipient.identity,
-            sender.link.certificate,
+            "pg1",
+            parties,
             [address_a],
-            warm,
-            measured,
-            1,
             {broker_a.name: broker_a.pid},
         )
-    return best(ones), unloaded, best(twos)
+        unary, _batched = Mode.both(plan)
+        unloaded = await _relay_phase(
+            plan,
+            "relay, PostgreSQL, 1 broker",
+            unary,
+            "pg1-unloaded",
+            parties,
+            [address_a],
+            {broker_a.name: broker_a.pid},
+            unloaded=True,
+        )
+        broker_b = broker_process(second, "broker B")
+        address_b = _started(stack, broker_b)
+        two = await _pair(
+            plan,
+            "relay, PostgreSQL, 2 brokers",
+            "pg2",
+            parties,
+            [address_a, address_b],
+            {broker_a.name: broker_a.pid, broker_b.name: broker_b.pid},
+        )
+    return one, unloaded, two
 
 
 async def _run(plan: Plan, postgres_url: str | None) -> Results:
-    echo, echo_unloaded, memory = await _baseline_phases(plan)
+    echo, echo_batched, echo_unloaded, memory = await _baseline_phases(plan)
     sqlite, sqlite_unloaded = await _sqlite_phases(plan)
-    results = Results(echo, echo_unloaded, memory, sqlite, sqlite_unloaded)
+    results = Results(echo, echo_batched, echo_unloaded, memory, sqlite, sqlite_unloaded)
     if postgres_url is not None:
         with throwaway_database(postgres_url) as database_url:
             _say(f"PostgreSQL database {database_url.rsplit('/', 1)[-1]} created")
@@ -943,12 +1001,17 @@ async def _run(plan: Plan, postgres_url: str | None) -> Results:
 
 def _figures(results: Results) -> list[Figure]:
     cores = os.cpu_count() or 1
-    echo, echo_unloaded = results.echo, results.echo_unloaded
+    echo, echo_unloaded, echo_batched = results.echo, results.echo_unloaded, results.echo_batched
+    unary_mode, batched_mode = results.sqlite.unary, results.sqlite.batched
     machine = (
         f"{cores} CPU cores shared by the client, the server processes and PostgreSQL (and "
         "whatever else runs on the machine); durable commits (SQLite WAL synchronous=FULL, "
-        "PostgreSQL as configured); echo and relay driven by the same client, "
-        f"{echo.concurrency} calls in flight, same {ENVELOPE_BYTES:,}-byte payloads."
+        "PostgreSQL as configured); echo and relay driven by the same client with the same "
+        f"{ENVELOPE_BYTES:,}-byte payloads. 'Send': one Send call per envelope, "
+        f"{unary_mode.concurrency} in flight, against echo at {echo.concurrency} calls in "
+        f"flight. 'SendBatch': a node's outbox pusher, {batched_mode.concurrency} calls in "
+        f"flight; its second baseline is the echo server fed the same batches "
+        f"({echo_batched.concurrency} calls in flight, payloads/s)."
     )
     queueing = (
         f"At {echo.concurrency} in flight, latency is mostly queueing (≈ in flight / "
@@ -957,56 +1020,85 @@ def _figures(results: Results) -> list[Figure]:
     figures: list[Figure] = [
         Figure(
             "relay wire pattern",
-            "in-memory relay, delivered+acked/s",
-            results.memory.throughput,
+            f"in-memory relay, {label}, delivered+acked/s",
+            outcome.throughput,
             "echo calls/s",
             echo.throughput,
             "msg/s",
             note=(
                 "The relay's calls with nothing behind them (no signature checks, no database, "
-                "no receipt signature): the ceiling of the wire pattern itself, a unary Send in, "
-                "a streamed Delivery out and batched Acknowledge calls, on this machine."
+                "no receipt signature): the ceiling of the wire pattern itself (Send or "
+                "SendBatch in, a streamed Delivery out, batched Acknowledge calls) here."
             ),
-        ),
+        )
+        for label, outcome in (
+            ("Send", results.memory.unary),
+            ("SendBatch", results.memory.batched),
+        )
+    ]
+    figures += [
         Figure(
             "relay durability+security",
-            "broker on SQLite, delivered+acked/s",
-            results.sqlite.throughput,
-            "in-memory relay",
-            results.memory.throughput,
+            f"broker on SQLite, {label}",
+            broker.throughput,
+            "in-memory relay, same mode",
+            memory.throughput,
             "msg/s",
             note=(
                 "What signed requests, the replay window, authentication, durable group-committed "
                 "storage, leases and signed receipts cost over the bare wire pattern."
             ),
-        ),
+        )
+        for label, broker, memory in (
+            ("Send", results.sqlite.unary, results.memory.unary),
+            ("SendBatch", results.sqlite.batched, results.memory.batched),
+        )
     ]
     configs = [
         ("relay sqlite x1", results.sqlite, results.sqlite_unloaded),
         ("relay pg x1", results.pg_one, results.pg_one_unloaded),
         ("relay pg x2", results.pg_two, None),
     ]
-    for benchmark, loaded, unloaded in configs:
-        if loaded is None:
+    for benchmark, pair, unloaded in configs:
+        if pair is None:
             continue
-        figures.append(
+        figures += [
             Figure(
                 benchmark,
-                "delivered+acked/s",
-                loaded.throughput,
+                "Send, delivered+acked/s",
+                pair.unary.throughput,
                 "echo calls/s",
                 echo.throughput,
                 "msg/s",
                 target=0.5,
                 note=machine,
-            )
-        )
+            ),
+            Figure(
+                benchmark,
+                "SendBatch, delivered+acked/s",
+                pair.batched.throughput,
+                "echo calls/s",
+                echo.throughput,
+                "msg/s",
+                target=0.5,
+                note=machine,
+            ),
+            Figure(
+                benchmark,
+                "SendBatch, delivered+acked/s",
+                pair.batched.throughput,
+                "echo of the same batches",
+                echo_batched.throughput,
+                "msg/s",
+                note=machine,
+            ),
+        ]
         for tag, fraction in (("p50", 0.5), ("p99", 0.99)):
             figures.append(
                 Figure(
                     benchmark,
-                    f"{tag} send→delivered",
-                    loaded.latency_ms(fraction),
+                    f"Send, {tag} send→delivered",
+                    pair.unary.latency_ms(fraction),
                     f"echo {tag}",
                     echo.latency_ms(fraction),
                     "ms",
@@ -1028,23 +1120,27 @@ def _figures(results: Results) -> list[Figure]:
                 )
             )
     if results.pg_one is not None and results.pg_two is not None:
-        figures.append(
+        figures += [
             Figure(
                 "relay scale-out",
-                "pg, 2 broker processes",
-                results.pg_two.throughput,
+                f"pg, 2 broker processes, {label}",
+                two.throughput,
                 "1 broker process",
-                results.pg_one.throughput,
+                one.throughput,
                 "msg/s",
                 note=(
                     f"2 broker processes on {cores} CPU cores that also run the client and "
                     "PostgreSQL: they compete with each other and with those for CPU, so this "
-                    "understates what a second machine (or more cores) would add. Send calls "
+                    "understates what a second machine (or more cores) would add. Calls "
                     "alternate between the processes; the recipient's stream and "
                     "acknowledgements use the first."
                 ),
             )
-        )
+            for label, two, one in (
+                ("Send", results.pg_two.unary, results.pg_one.unary),
+                ("SendBatch", results.pg_two.batched, results.pg_one.batched),
+            )
+        ]
     return figures
 
 
