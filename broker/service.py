@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc.aio
 
 import tessera
-from broker.domain import AcceptedEnvelope, EnvelopePut, StoredLogEntry
+from broker.domain import AcceptedEnvelope, EnvelopePut, StoredEnvelope, StoredLogEntry
 from broker.group_commit import GroupCommitter
 from broker.store.relay import BrokerStore
 from tessera import crypto, directory, rpc
@@ -42,6 +42,7 @@ T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 _APPEND_RETRIES = 5
 _POLL_SECONDS = 0.5
+_CLAIM_BATCH = 100  # envelopes leased to a Receive stream at a time
 
 
 async def run_blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -451,36 +452,56 @@ class RelayServicer(relay_grpc.RelayServicer):
         wanted = request.max_deliveries or 0
         sent = 0
         event = self._wakeups.setdefault(recipient, asyncio.Event())
-        while True:
+
+        def claim(handed_out: int) -> asyncio.Task[list[StoredEnvelope]]:
             # Clear before claiming: a Send committing during the claim then still wakes us.
             event.clear()
-            batch = await run_blocking(
-                self._store.claim,
-                recipient,
-                self._owner,
-                min(100, wanted - sent) if wanted else 100,
-                self._settings.limits.delivery_lease_seconds,
-                utc_now(),
-            )
-            for envelope in batch:
-                yield relay_pb.Delivery(
-                    delivery_id=envelope.envelope_id,
-                    sender_agency_id=envelope.sender_id,
-                    sealed_envelope=envelope.ciphertext,
-                    received_at=to_timestamp(envelope.received_at),
-                    consent_commitment=envelope.consent_commitment,
-                    attempt=envelope.attempts,
+            limit = min(_CLAIM_BATCH, wanted - handed_out) if wanted else _CLAIM_BATCH
+            return asyncio.create_task(
+                run_blocking(
+                    self._store.claim,
+                    recipient,
+                    self._owner,
+                    limit,
+                    self._settings.limits.delivery_lease_seconds,
+                    utc_now(),
                 )
-                sent += 1
-            if wanted and sent >= wanted:
-                return
-            if len(batch) < 100 and not request.follow:
-                return  # a poll: everything there was has been handed out
-            if len(batch) < 100:
-                # Caught up: wait for new mail (a Send here, or on PostgreSQL a notification
-                # from another broker process), polling as a fallback.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), _POLL_SECONDS)
+            )
+
+        claiming: asyncio.Task[list[StoredEnvelope]] | None = claim(0)
+        try:
+            while claiming is not None:
+                batch = await claiming
+                # A full batch means more may be waiting: lease the next batch while this one is
+                # streamed, so the stream never waits for the database between batches.
+                after = sent + len(batch)
+                more = len(batch) == _CLAIM_BATCH and not (wanted and after >= wanted)
+                claiming = claim(after) if more else None
+                for envelope in batch:
+                    yield relay_pb.Delivery(
+                        delivery_id=envelope.envelope_id,
+                        sender_agency_id=envelope.sender_id,
+                        sealed_envelope=envelope.ciphertext,
+                        received_at=to_timestamp(envelope.received_at),
+                        consent_commitment=envelope.consent_commitment,
+                        attempt=envelope.attempts,
+                    )
+                    sent += 1
+                if wanted and sent >= wanted:
+                    return
+                if claiming is None:
+                    if not request.follow:
+                        return  # a poll: everything there was has been handed out
+                    # Caught up: wait for new mail (a Send here, or on PostgreSQL a notification
+                    # from another broker process), polling as a fallback.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(event.wait(), _POLL_SECONDS)
+                    claiming = claim(sent)
+        finally:
+            if claiming is not None:
+                # The stream ended with a claim in flight: its envelopes stay leased to this
+                # process until the lease ends, then are offered again.
+                claiming.cancel()
 
     async def Acknowledge(
         self, request: relay_pb.AcknowledgeRequest, context: Context

@@ -340,3 +340,44 @@ def test_asyncio_clients_sign_unary_and_streaming_calls(
 
     delivered = asyncio.run(exchange())
     assert [d.sender_agency_id for d in delivered] == ["harbour-shelter"]
+
+
+def test_a_long_mailbox_streams_in_order_and_a_capped_stream_leases_no_more_than_it_hands_out(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    # The broker leases the next batch while streaming the current one; a stream capped by
+    # max_deliveries must still lease only what it hands out, or the rest would be held back
+    # until their lease ran out.
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    channel, stub = shelter.relay()
+    keys = [f"bulk-{i:03d}" for i in range(250)]
+    for start in range(0, len(keys), 125):
+        reply = stub.SendBatch(
+            relay_pb.SendBatchRequest(
+                envelopes=[
+                    relay_pb.SendRequest(
+                        recipient_agency_id="lantern-clinic",
+                        idempotency_key=key,
+                        consent_commitment=crypto.digest(
+                            crypto.LABEL_CONSENT_COMMITMENT, key.encode()
+                        ),
+                        sealed_envelope=key.encode(),
+                    )
+                    for key in keys[start : start + 125]
+                ]
+            ),
+            timeout=10,
+        )
+        assert all(r.HasField("accepted") for r in reply.results)
+    channel.close()
+    channel, stub = clinic.relay()
+    try:
+        capped = list(stub.Receive(relay_pb.ReceiveRequest(max_deliveries=150), timeout=10))
+        rest = list(stub.Receive(relay_pb.ReceiveRequest(follow=False), timeout=10))
+    finally:
+        channel.close()
+    assert [bytes(d.sealed_envelope).decode() for d in capped] == keys[:150]
+    # Not leased by the capped stream: offered at once, each for the first time.
+    assert [bytes(d.sealed_envelope).decode() for d in rest] == keys[150:]
+    assert {d.attempt for d in capped + rest} == {1}
