@@ -31,6 +31,7 @@ _ROLES: dict[str, frozenset[str]] = {
     "/tessera.v1.Relay/Send": frozenset({AGENCY}),
     "/tessera.v1.Relay/SendBatch": frozenset({AGENCY}),
     "/tessera.v1.Relay/Receive": frozenset({AGENCY}),
+    "/tessera.v1.Relay/ReceiveBatches": frozenset({AGENCY}),
     "/tessera.v1.Relay/Acknowledge": frozenset({AGENCY}),
     "/tessera.v1.Relay/PurgeConsent": frozenset({AGENCY}),
     "/tessera.v1.Stats/OpenRound": _COORDINATE,

@@ -448,7 +448,31 @@ class RelayServicer(relay_grpc.RelayServicer):
     async def Receive(
         self, request: relay_pb.ReceiveRequest, context: Context
     ) -> AsyncIterator[relay_pb.Delivery]:
-        recipient = rpc.current_caller().principal
+        async for batch in self._leased(rpc.current_caller().principal, request):
+            for envelope in batch:
+                yield _delivery(envelope)
+
+    async def ReceiveBatches(
+        self, request: relay_pb.ReceiveRequest, context: Context
+    ) -> AsyncIterator[relay_pb.DeliveryBatch]:
+        most = self._settings.limits.max_message_bytes // 2
+        async for batch in self._leased(rpc.current_caller().principal, request):
+            deliveries: list[relay_pb.Delivery] = []
+            size = 0
+            for envelope in batch:
+                if deliveries and size + len(envelope.ciphertext) > most:
+                    yield relay_pb.DeliveryBatch(deliveries=deliveries)
+                    deliveries, size = [], 0
+                deliveries.append(_delivery(envelope))
+                size += len(envelope.ciphertext)
+            if deliveries:
+                yield relay_pb.DeliveryBatch(deliveries=deliveries)
+
+    async def _leased(
+        self, recipient: str, request: relay_pb.ReceiveRequest
+    ) -> AsyncIterator[list[StoredEnvelope]]:
+        """The recipient's deliverable envelopes, leased to this process a batch at a time, as
+        Receive and ReceiveBatches hand them out (relay.proto)."""
         wanted = request.max_deliveries or 0
         sent = 0
         event = self._wakeups.setdefault(recipient, asyncio.Event())
@@ -477,16 +501,9 @@ class RelayServicer(relay_grpc.RelayServicer):
                 after = sent + len(batch)
                 more = len(batch) == _CLAIM_BATCH and not (wanted and after >= wanted)
                 claiming = claim(after) if more else None
-                for envelope in batch:
-                    yield relay_pb.Delivery(
-                        delivery_id=envelope.envelope_id,
-                        sender_agency_id=envelope.sender_id,
-                        sealed_envelope=envelope.ciphertext,
-                        received_at=to_timestamp(envelope.received_at),
-                        consent_commitment=envelope.consent_commitment,
-                        attempt=envelope.attempts,
-                    )
-                    sent += 1
+                if batch:
+                    yield batch
+                sent = after
                 if wanted and sent >= wanted:
                     return
                 if claiming is None:
@@ -522,3 +539,14 @@ class RelayServicer(relay_grpc.RelayServicer):
         return relay_pb.PurgeConsentResponse(
             purged=result.purged, already_delivered=result.already_delivered
         )
+
+
+def _delivery(envelope: StoredEnvelope) -> relay_pb.Delivery:
+    return relay_pb.Delivery(
+        delivery_id=envelope.envelope_id,
+        sender_agency_id=envelope.sender_id,
+        sealed_envelope=envelope.ciphertext,
+        received_at=to_timestamp(envelope.received_at),
+        consent_commitment=envelope.consent_commitment,
+        attempt=envelope.attempts,
+    )

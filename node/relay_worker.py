@@ -7,11 +7,11 @@ Two asyncio tasks, started by ``node.server.start_node`` once the node is enroll
   :data:`OUTBOX_BATCH` in one signed call; each envelope's idempotency key makes a retry
   harmless) and marks each sent only after the broker accepted it; a refusal or failure is
   counted on the row and retried with back-off. :meth:`RelayWorker.wake` pushes at once.
-- the receiver follows ``Relay.Receive``, opens and verifies every delivery against the sender's
-  pinned directory record, applies it to the store (each message takes effect once), and only
-  then acknowledges it, so the broker deletes nothing the node has not stored. An envelope that
-  fails verification is audited ``envelope.refused`` and acknowledged (dropped): nothing from it
-  is stored, and it is not redelivered for ever.
+- the receiver follows ``Relay.ReceiveBatches``, opens and verifies every delivery against the
+  sender's pinned directory record, applies it to the store (each message takes effect once), and
+  only then acknowledges it, so the broker deletes nothing the node has not stored. An envelope
+  that fails verification is audited ``envelope.refused`` and acknowledged (dropped): nothing
+  from it is stored, and it is not redelivered for ever.
 """
 
 from __future__ import annotations
@@ -222,10 +222,11 @@ class RelayWorker:
         backoff = _MIN_BACKOFF
         while True:
             try:
-                call = self._stub().Receive(relay_pb.ReceiveRequest(follow=True))
-                async for delivery in call:
+                call = self._stub().ReceiveBatches(relay_pb.ReceiveRequest(follow=True))
+                async for batch in call:
                     backoff = _MIN_BACKOFF
-                    await self.handle(delivery)
+                    for delivery in batch.deliveries:
+                        await self.handle(delivery)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a dropped stream, the database: reconnect with back-off

@@ -227,3 +227,41 @@ def test_a_revoked_sender_is_refused_and_a_revoked_recipient_refuses_its_envelop
         send_batch(shelter, sealed_before)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert len(receive(legal)) == 1
+
+
+def test_receive_batches_hands_out_what_receive_would_several_to_a_message(
+    tmp_path: Path,
+) -> None:
+    # Small message limit: 6 envelopes of 3,000 bytes cannot share one message of at most 8 KiB
+    # (half the limit), so they arrive two to a message, in order, each once.
+    running = BackgroundBroker(
+        make_broker(tmp_path / "broker", max_message_bytes=16 * 1024, max_envelope_bytes=4096)
+    )
+    try:
+        shelter = enrol(running, tmp_path, "harbour-shelter")
+        clinic = enrol(running, tmp_path, "lantern-clinic")
+        keys = [f"ref-{i}" for i in range(6)]
+        sent = [envelope(shelter, clinic, key, payload=key.encode() * 600) for key in keys]
+        for request in sent:  # one at a time: the batch would exceed the small message limit
+            assert send_batch(shelter, request).results[0].HasField("accepted")
+        channel, stub = clinic.relay()
+        try:
+            capped = list(
+                stub.ReceiveBatches(relay_pb.ReceiveRequest(max_deliveries=5), timeout=10)
+            )
+            rest = list(stub.ReceiveBatches(relay_pb.ReceiveRequest(), timeout=10))
+            stub.Acknowledge(
+                relay_pb.AcknowledgeRequest(
+                    delivery_ids=[d.delivery_id for b in capped + rest for d in b.deliveries]
+                ),
+                timeout=10,
+            )
+        finally:
+            channel.close()
+        assert [len(batch.deliveries) for batch in capped] == [2, 2, 1]
+        delivered = [d for batch in capped + rest for d in batch.deliveries]
+        assert [d.sealed_envelope for d in delivered] == [r.sealed_envelope for r in sent]
+        assert {d.attempt for d in delivered} == {1}
+        assert receive(clinic) == []  # all acknowledged, nothing left or leased
+    finally:
+        running.stop()

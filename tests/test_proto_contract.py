@@ -61,6 +61,7 @@ SERVICES: dict[str, dict[str, bool]] = {
         "Send": False,
         "SendBatch": False,
         "Receive": True,
+        "ReceiveBatches": True,
         "Acknowledge": False,
         "PurgeConsent": False,
     },

@@ -372,6 +372,30 @@ class Delivery(_message.Message):
 Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
 
 @_typing.final
+class DeliveryBatch(_message.Message):
+    """Deliveries leased together, for ReceiveBatches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]:
+        """Each as Receive would stream it, oldest first. Seen by: the recipient, the broker."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___Delivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryBatch: _TypeAlias = DeliveryBatch  # noqa: Y015
+
+@_typing.final
 class AcknowledgeRequest(_message.Message):
     """Acknowledges stored deliveries."""
 

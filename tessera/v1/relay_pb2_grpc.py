@@ -52,6 +52,11 @@ class RelayStub:
                 request_serializer=tessera_dot_v1_dot_relay__pb2.ReceiveRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_relay__pb2.Delivery.FromString,
                 _registered_method=True)
+        self.ReceiveBatches = channel.unary_stream(
+                '/tessera.v1.Relay/ReceiveBatches',
+                request_serializer=tessera_dot_v1_dot_relay__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_relay__pb2.DeliveryBatch.FromString,
+                _registered_method=True)
         self.Acknowledge = channel.unary_unary(
                 '/tessera.v1.Relay/Acknowledge',
                 request_serializer=tessera_dot_v1_dot_relay__pb2.AcknowledgeRequest.SerializeToString,
@@ -101,6 +106,15 @@ class RelayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReceiveBatches(self, request, context):
+        """Streams the caller's pending deliveries exactly as Receive does, several to a message (those
+        the broker leased together, within half the message size limit): a node draining a long
+        mailbox pays for one message per batch rather than per delivery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Acknowledge(self, request, context):
         """Deletes deliveries from the caller's mailbox once the node has stored them durably.
         Idempotent: unknown or already acknowledged ids are ignored.
@@ -135,6 +149,11 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.Receive,
                     request_deserializer=tessera_dot_v1_dot_relay__pb2.ReceiveRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_relay__pb2.Delivery.SerializeToString,
+            ),
+            'ReceiveBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReceiveBatches,
+                    request_deserializer=tessera_dot_v1_dot_relay__pb2.ReceiveRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_relay__pb2.DeliveryBatch.SerializeToString,
             ),
             'Acknowledge': grpc.unary_unary_rpc_method_handler(
                     servicer.Acknowledge,
@@ -231,6 +250,33 @@ class Relay:
             '/tessera.v1.Relay/Receive',
             tessera_dot_v1_dot_relay__pb2.ReceiveRequest.SerializeToString,
             tessera_dot_v1_dot_relay__pb2.Delivery.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tessera.v1.Relay/ReceiveBatches',
+            tessera_dot_v1_dot_relay__pb2.ReceiveRequest.SerializeToString,
+            tessera_dot_v1_dot_relay__pb2.DeliveryBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,11 @@ class RelayStub:
     acknowledged or until the lease ends; with `follow`, the stream stays open and carries new
     deliveries as they arrive.
     """
+    ReceiveBatches: _grpc.UnaryStreamMultiCallable[_relay_pb2.ReceiveRequest, _relay_pb2.DeliveryBatch]
+    """Streams the caller's pending deliveries exactly as Receive does, several to a message (those
+    the broker leased together, within half the message size limit): a node draining a long
+    mailbox pays for one message per batch rather than per delivery.
+    """
     Acknowledge: _grpc.UnaryUnaryMultiCallable[_relay_pb2.AcknowledgeRequest, _relay_pb2.AcknowledgeResponse]
     """Deletes deliveries from the caller's mailbox once the node has stored them durably.
     Idempotent: unknown or already acknowledged ids are ignored.
@@ -105,6 +110,11 @@ class RelayAsyncStub(RelayStub):
     """Streams the caller's pending deliveries, oldest first. Each is leased to this stream until
     acknowledged or until the lease ends; with `follow`, the stream stays open and carries new
     deliveries as they arrive.
+    """
+    ReceiveBatches: _aio.UnaryStreamMultiCallable[_relay_pb2.ReceiveRequest, _relay_pb2.DeliveryBatch]  # type: ignore[assignment]
+    """Streams the caller's pending deliveries exactly as Receive does, several to a message (those
+    the broker leased together, within half the message size limit): a node draining a long
+    mailbox pays for one message per batch rather than per delivery.
     """
     Acknowledge: _aio.UnaryUnaryMultiCallable[_relay_pb2.AcknowledgeRequest, _relay_pb2.AcknowledgeResponse]  # type: ignore[assignment]
     """Deletes deliveries from the caller's mailbox once the node has stored them durably.
@@ -157,6 +167,17 @@ class RelayServicer(metaclass=_abc_1.ABCMeta):
         """Streams the caller's pending deliveries, oldest first. Each is leased to this stream until
         acknowledged or until the lease ends; with `follow`, the stream stays open and carries new
         deliveries as they arrive.
+        """
+
+    @_abc_1.abstractmethod
+    def ReceiveBatches(
+        self,
+        request: _relay_pb2.ReceiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_relay_pb2.DeliveryBatch], _abc.AsyncIterator[_relay_pb2.DeliveryBatch]]:
+        """Streams the caller's pending deliveries exactly as Receive does, several to a message (those
+        the broker leased together, within half the message size limit): a node draining a long
+        mailbox pays for one message per batch rather than per delivery.
         """
 
     @_abc_1.abstractmethod
