@@ -8,13 +8,15 @@ deliver every envelope exactly once and never lose one.
 Each case runs real ``tessera broker serve`` processes (TLS gRPC, SQLite or PostgreSQL) and drives
 them from this process with threads acting as three enrolled agencies:
 
-- senders send sealed envelopes, each with its own idempotency key and a payload naming a unique
-  message id; on any error they retry the SAME request (same key, same sealed bytes) until it is
-  accepted, failing over to the other broker process when there are two; after a failure they
-  also repeat the envelope accepted before it, which must come back as a duplicate with the same
-  delivery id (idempotency keys live in the database, not in a process);
-- receivers poll ``Receive(follow=False)``, open every envelope, and acknowledge it; they dedupe
-  by delivery id, as a recipient must (exactly-once in effect);
+- senders send sealed envelopes (per agency, one sending thread with Send, one with SendBatch
+  calls of several), each with its own idempotency key and a payload naming a unique message id;
+  on any error they retry the SAME request (same keys, same sealed bytes) until it is accepted,
+  failing over to the other broker process when there are two; after a failure they also repeat
+  the envelope accepted before it, which must come back as a duplicate with the same delivery id
+  (idempotency keys live in the database, not in a process);
+- receivers poll ``Receive(follow=False)`` (``ReceiveBatches`` for some agencies), open every
+  envelope, and acknowledge it; they dedupe by delivery id, as a recipient must (exactly-once in
+  effect);
 - a killer thread SIGKILLs the broker processes in turn at random points of the traffic (a seeded
   ``random.Random``; set TESSERA_FAULT_SEED to replay a seed): half the kills at a random moment,
   half just as a process has leased a batch and is streaming it, sometimes again while the
@@ -68,6 +70,7 @@ DRAIN_TIMEOUT = 120.0
 # Draining gives up when nothing changed for this long (several leases and a restart).
 STALL_SECONDS = 20.0
 RECEIVE_BATCH = 50
+SEND_BATCH = 8  # envelopes in one SendBatch call of a batched sending thread
 RETRY_PAUSE = 0.02
 # How long the killer waits for a delivery stream to kill a broker in (else it kills anyway).
 MID_STREAM_WAIT = 5.0
@@ -306,27 +309,60 @@ class Connection:
 
 
 class Sender:
-    """One sending thread of an agency: sends its envelopes in order, each until accepted."""
+    """One sending thread of an agency: sends its envelopes in order, each until accepted; with
+    ``batched``, in SendBatch calls of ``SEND_BATCH``, each call repeated until every envelope
+    of it was accepted (as a node's outbox pusher does)."""
 
-    def __init__(self, run: Run, agency: Agency, first_broker: int) -> None:
+    def __init__(self, run: Run, agency: Agency, first_broker: int, batched: bool) -> None:
         self.run, self.agency, self.broker = run, agency, first_broker
+        self.batched = batched
         self.connection = Connection(agency)
 
     def send_all(self, messages: list[Message]) -> None:
         previous: tuple[Message, str] | None = None
+        step = SEND_BATCH if self.batched else 1
         try:
-            for message in messages:
+            for start in range(0, len(messages), step):
                 self.run.wait_for_gate()
-                accepted = self.send(message)
-                if accepted is None:
+                chunk = messages[start : start + step]
+                outcomes = self.send_batch(chunk) if self.batched else [self.send(chunk[0])]
+                if any(outcome is None for outcome in outcomes):
                     return  # aborted
-                delivery_id, duplicate, attempts = accepted
-                self.run.ledger.accepted(message, delivery_id, duplicate, attempts)
+                attempts = 1
+                for message, outcome in zip(chunk, outcomes, strict=True):
+                    assert outcome is not None
+                    delivery_id, duplicate, attempts = outcome
+                    self.run.ledger.accepted(message, delivery_id, duplicate, attempts)
                 if attempts > 1 and previous is not None:
                     self.repeat(*previous)
-                previous = (message, delivery_id)
+                previous = (chunk[-1], self.run.ledger.receipts[chunk[-1].message_id])
         finally:
             self.connection.close()
+
+    def send_batch(self, chunk: list[Message]) -> list[tuple[str, bool, int] | None]:
+        """SendBatch until every envelope of ``chunk`` is accepted, the same requests every time;
+        (delivery id, duplicate, attempts) per envelope, from the call that accepted them all."""
+        request = relay_pb.SendBatchRequest(envelopes=[_request(m) for m in chunk])
+        attempts = 0
+        while not self.run.abort.is_set():
+            endpoint = self.run.brokers[self.broker].endpoint
+            assert endpoint is not None
+            attempts += 1
+            try:
+                reply = self.connection.stub_for(endpoint).SendBatch(request, timeout=RPC_TIMEOUT)
+            except grpc.RpcError as exc:
+                self.run.ledger.failed("send", exc)
+                self.broker = (self.broker + 1) % len(self.run.brokers)  # fail over
+                time.sleep(RETRY_PAUSE)
+                continue
+            assert len(reply.results) == len(chunk)
+            refused = [r.refused for r in reply.results if r.HasField("refused")]
+            assert not refused, f"the broker refused envelopes of a batch: {refused[:2]}"
+            return [
+                (*self.check_receipt(message, result.accepted), attempts)
+                for message, result in zip(chunk, reply.results, strict=True)
+            ]
+        return [None]
 
     def repeat(self, message: Message, delivery_id: str) -> None:
         """Send an envelope accepted before the last failure again, as a client does that is
@@ -339,12 +375,7 @@ class Sender:
 
     def send(self, message: Message) -> tuple[str, bool, int] | None:
         """Send until accepted, the same request every time; (delivery id, duplicate, attempts)."""
-        request = relay_pb.SendRequest(
-            recipient_agency_id=message.recipient,
-            idempotency_key=message.key,
-            consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, message.key.encode()),
-            sealed_envelope=message.sealed,
-        )
+        request = _request(message)
         attempts = 0
         while not self.run.abort.is_set():
             endpoint = self.run.brokers[self.broker].endpoint
@@ -357,22 +388,37 @@ class Sender:
                 self.broker = (self.broker + 1) % len(self.run.brokers)  # fail over
                 time.sleep(RETRY_PAUSE)
                 continue
-            crypto.verify(
-                self.agency.link.broker_key,
-                crypto.LABEL_RECEIPT,
-                reply.receipt.body,
-                reply.receipt.signature,
-            )
-            receipt = relay_pb.RelayReceipt.FromString(reply.receipt.body)
-            assert receipt.idempotency_key == message.key
-            assert receipt.recipient_agency_id == message.recipient
-            assert receipt.envelope_digest == crypto.digest(crypto.LABEL_ENVELOPE, message.sealed)
-            return receipt.delivery_id, reply.duplicate, attempts
+            return (*self.check_receipt(message, reply), attempts)
         return None
 
+    def check_receipt(self, message: Message, reply: relay_pb.SendResponse) -> tuple[str, bool]:
+        """The broker-signed receipt of ``message``, checked; (delivery id, duplicate)."""
+        crypto.verify(
+            self.agency.link.broker_key,
+            crypto.LABEL_RECEIPT,
+            reply.receipt.body,
+            reply.receipt.signature,
+        )
+        receipt = relay_pb.RelayReceipt.FromString(reply.receipt.body)
+        assert receipt.idempotency_key == message.key
+        assert receipt.recipient_agency_id == message.recipient
+        assert receipt.envelope_digest == crypto.digest(crypto.LABEL_ENVELOPE, message.sealed)
+        return receipt.delivery_id, reply.duplicate
 
-def _sender(run: Run, agency: Agency, messages: list[Message], first_broker: int) -> None:
-    Sender(run, agency, first_broker).send_all(messages)
+
+def _request(message: Message) -> relay_pb.SendRequest:
+    return relay_pb.SendRequest(
+        recipient_agency_id=message.recipient,
+        idempotency_key=message.key,
+        consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, message.key.encode()),
+        sealed_envelope=message.sealed,
+    )
+
+
+def _sender(
+    run: Run, agency: Agency, messages: list[Message], first_broker: int, batched: bool
+) -> None:
+    Sender(run, agency, first_broker, batched).send_all(messages)
 
 
 def _deliver(run: Run, agency: Agency, delivery: relay_pb.Delivery) -> None:
@@ -405,15 +451,16 @@ def _deliver(run: Run, agency: Agency, delivery: relay_pb.Delivery) -> None:
         ledger.recovered += delivery.attempt > 1
 
 
-def _receiver(run: Run, agency: Agency, broker: int) -> None:
+def _receiver(run: Run, agency: Agency, broker: int, batched: bool) -> None:
     connection = Connection(agency)
     unacknowledged: list[str] = []
     try:
         while not run.stop_receiving.is_set() and not run.abort.is_set():
             request = run.kill_request
-            if request is not None and (request.broker != broker or request.holding()):
+            if request is not None and (batched or request.broker != broker or request.holding()):
                 # Let a backlog build up, so that the stream to be cut is long, and leave it to
-                # the receivers of the broker to be killed.
+                # the receivers of the broker to be killed that take one delivery per message
+                # (a batched poll gets its whole lease in one message: nothing left to cut).
                 time.sleep(0.02)
                 continue
             endpoint = run.brokers[broker].endpoint
@@ -422,9 +469,15 @@ def _receiver(run: Run, agency: Agency, broker: int) -> None:
             got = 0
             cut: KillRequest | None = None
             try:
-                stream = stub.Receive(
-                    relay_pb.ReceiveRequest(follow=False, max_deliveries=RECEIVE_BATCH),
-                    timeout=RPC_TIMEOUT,
+                poll = relay_pb.ReceiveRequest(follow=False, max_deliveries=RECEIVE_BATCH)
+                stream: Iterator[relay_pb.Delivery] = (
+                    (
+                        delivery
+                        for batch in stub.ReceiveBatches(poll, timeout=RPC_TIMEOUT)
+                        for delivery in batch.deliveries
+                    )
+                    if batched
+                    else stub.Receive(poll, timeout=RPC_TIMEOUT)
                 )
                 for delivery in stream:
                     _deliver(run, agency, delivery)
@@ -636,13 +689,23 @@ def _run(
     try:
         began = time.monotonic()
         setup_seconds = began - setup_began
+        # Both ways of each call: agencies 0 and 2 receive with ReceiveBatches, agency 1 with
+        # Receive; each agency's first sending thread uses Send, its second SendBatch.
         receivers = [
-            _thread(run, f"receive-{a}-{b}", _receiver, agencies[a], b)
-            for a in AGENCIES
+            _thread(run, f"receive-{a}-{b}", _receiver, agencies[a], b, i % 2 == 0)
+            for i, a in enumerate(AGENCIES)
             for b in range(processes)
         ]
         senders = [
-            _thread(run, f"send-{a}-{k}", _sender, agencies[a], plan[a][k::SENDERS], n % processes)
+            _thread(
+                run,
+                f"send-{a}-{k}",
+                _sender,
+                agencies[a],
+                plan[a][k::SENDERS],
+                n % processes,
+                k % 2 == 1,
+            )
             for n, (a, k) in enumerate((a, k) for a in AGENCIES for k in range(SENDERS))
         ]
         killer = _thread(run, "killer", _killer, rng, kill_plan)
