@@ -9,9 +9,10 @@ Two asyncio tasks, started by ``node.server.start_node`` once the node is enroll
   counted on the row and retried with back-off. :meth:`RelayWorker.wake` pushes at once.
 - the receiver follows ``Relay.ReceiveBatches``, opens and verifies every delivery against the
   sender's pinned directory record, applies it to the store (each message takes effect once), and
-  only then acknowledges it, so the broker deletes nothing the node has not stored. An envelope
-  that fails verification is audited ``envelope.refused`` and acknowledged (dropped): nothing
-  from it is stored, and it is not redelivered for ever.
+  only then acknowledges it (one Acknowledge per batch the broker streamed), so the broker
+  deletes nothing the node has not stored. An envelope that fails verification is audited
+  ``envelope.refused`` and acknowledged (dropped): nothing from it is stored, and it is not
+  redelivered for ever.
 """
 
 from __future__ import annotations
@@ -225,8 +226,7 @@ class RelayWorker:
                 call = self._stub().ReceiveBatches(relay_pb.ReceiveRequest(follow=True))
                 async for batch in call:
                     backoff = _MIN_BACKOFF
-                    for delivery in batch.deliveries:
-                        await self.handle(delivery)
+                    await self.handle(*batch.deliveries)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a dropped stream, the database: reconnect with back-off
@@ -234,31 +234,51 @@ class RelayWorker:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
-    async def handle(self, delivery: relay_pb.Delivery) -> None:
-        """Open, verify and apply one delivery, then acknowledge it."""
-        sender_id = delivery.sender_agency_id
-        record = await asyncio.to_thread(self._sender_record, sender_id)
+    async def handle(self, *deliveries: relay_pb.Delivery) -> None:
+        """Open, verify and apply each delivery in order, then acknowledge them in one call.
+
+        A failure that is not about the envelope (the database) stops the batch: what was
+        stored before it is acknowledged, the rest stays at the broker and is delivered again.
+        """
+        stored: list[str] = []
         queued = False
-        if record is None:
-            await self._refuse(delivery, f"agency {sender_id!r} is not in the directory")
-        else:
+        for delivery in deliveries:
             try:
-                opened = self._open(record, delivery)
-            except Exception as exc:  # forged, tampered, misaddressed, malformed: drop it
-                await self._refuse(delivery, f"{type(exc).__name__}: {exc}")
-            else:
-                try:
-                    queued = await asyncio.to_thread(self._apply, record, opened, delivery)
-                except TesseraError as exc:
-                    # Not about anything of ours, or not from the agency it concerns: drop it.
-                    # Any other failure (the database) propagates: no acknowledgement, redelivered.
-                    await self._refuse(delivery, f"{type(exc).__name__}: {exc}")
-        await self._stub().Acknowledge(
-            relay_pb.AcknowledgeRequest(delivery_ids=[delivery.delivery_id]),
-            timeout=_CALL_TIMEOUT,
-        )
+                queued = await self._take(delivery) or queued
+            except Exception:
+                if stored:
+                    await self._acknowledge(stored)
+                raise
+            stored.append(delivery.delivery_id)
+        if stored:
+            await self._acknowledge(stored)
         if queued:
             self.wake()
+
+    async def _take(self, delivery: relay_pb.Delivery) -> bool:
+        """Open, verify and apply one delivery, or refuse (drop) it; True if a reply was queued."""
+        sender_id = delivery.sender_agency_id
+        record = await asyncio.to_thread(self._sender_record, sender_id)
+        if record is None:
+            await self._refuse(delivery, f"agency {sender_id!r} is not in the directory")
+            return False
+        try:
+            opened = self._open(record, delivery)
+        except Exception as exc:  # forged, tampered, misaddressed, malformed: drop it
+            await self._refuse(delivery, f"{type(exc).__name__}: {exc}")
+            return False
+        try:
+            return await asyncio.to_thread(self._apply, record, opened, delivery)
+        except TesseraError as exc:
+            # Not about anything of ours, or not from the agency it concerns: drop it. Any other
+            # failure (the database) propagates: no acknowledgement, redelivered.
+            await self._refuse(delivery, f"{type(exc).__name__}: {exc}")
+            return False
+
+    async def _acknowledge(self, delivery_ids: list[str]) -> None:
+        await self._stub().Acknowledge(
+            relay_pb.AcknowledgeRequest(delivery_ids=delivery_ids), timeout=_CALL_TIMEOUT
+        )
 
     def _sender_record(self, sender_id: str) -> directory.AgencyRecord | None:
         cache = directory_sync.load_cache(self._home)
