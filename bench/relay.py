@@ -65,10 +65,9 @@ from broker.operator_client import OperatorClient
 from broker.setup import BrokerInit, init_broker
 from node import directory_sync
 from node.keyring import open_keyring
-from node.relay_worker import OUTBOX_BATCH
 from node.setup import NodeInit, init_node
 from tessera import config, crypto, rpc, tls
-from tessera.config import Argon2Profile, Limits
+from tessera.config import OUTBOX_BATCH, Argon2Profile, Limits
 from tessera.credential import RUN_FILE
 from tessera.db import libpq_dsn
 from tessera.v1 import common_pb2 as common_pb

@@ -317,6 +317,7 @@ class RelayServicer(relay_grpc.RelayServicer):
         self._owner = f"broker-{uuid.uuid4()}"
         self._wakeups: dict[str, asyncio.Event] = {}
         self._buckets: dict[str, RateBucket] = {}
+        self._background: set[asyncio.Task[int]] = set()
         # Sends arriving together share one transaction and one commit (broker.group_commit).
         self._puts: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(
             lambda puts: store.put_envelopes(puts, utc_now()),
@@ -329,7 +330,12 @@ class RelayServicer(relay_grpc.RelayServicer):
         return self._owner
 
     async def Send(self, request: relay_pb.SendRequest, context: Context) -> relay_pb.SendResponse:
-        put = await self._admit(rpc.current_caller().principal, request)
+        sender = rpc.current_caller().principal
+        self._check_envelope(sender, request)
+        if not self._enrolled(request.recipient_agency_id):
+            # Only an unknown recipient costs a directory refresh (it may have just enrolled).
+            await run_blocking(self._view.refresh)
+        put = self._put(sender, request)
         accepted = await self._puts.submit(put)
         self.wake(put.recipient_id)
         return self._response(accepted)
@@ -344,22 +350,41 @@ class RelayServicer(relay_grpc.RelayServicer):
                 f"a batch holds 1 to {most:,} envelopes; this one holds {count:,}",
                 hint="split the outbox into smaller batches",
             )
-        # Each envelope is checked and stored as a Send of it alone would be; the refusals of
-        # some do not refuse the others.
-        # An unknown recipient costs one directory refresh per call, not one per envelope.
-        if any(not self._enrolled(e.recipient_agency_id) for e in request.envelopes):
-            await run_blocking(self._view.refresh)
-        admitted: list[EnvelopePut | TesseraError] = []
+        # Each envelope is checked and stored as a Send of it alone would be (its rate token
+        # first); the refusals of some do not refuse the others.
+        checked: list[relay_pb.SendRequest | TesseraError] = []
         for envelope in request.envelopes:
             try:
-                admitted.append(await self._admit(sender, envelope, may_refresh=False))
+                self._check_envelope(sender, envelope)
+                checked.append(envelope)
+            except TesseraError as exc:
+                checked.append(exc)
+        # An unknown recipient costs one directory refresh per call, not one per envelope.
+        if any(
+            isinstance(item, relay_pb.SendRequest) and not self._enrolled(item.recipient_agency_id)
+            for item in checked
+        ):
+            await run_blocking(self._view.refresh)
+        admitted: list[EnvelopePut | TesseraError] = []
+        for envelope_or_error in checked:
+            try:
+                admitted.append(
+                    envelope_or_error
+                    if isinstance(envelope_or_error, TesseraError)
+                    else self._put(sender, envelope_or_error)
+                )
             except TesseraError as exc:
                 admitted.append(exc)
         puts = [item for item in admitted if isinstance(item, EnvelopePut)]
-        stored = iter(await self._puts.submit_many(puts))
+        outcomes = await self._puts.submit_many(puts)
+        # Wake recipients of whatever was stored, even if a later transaction of the call failed.
+        for put, outcome in zip(puts, outcomes, strict=True):
+            if isinstance(outcome, AcceptedEnvelope):
+                self.wake(put.recipient_id)
+        stored = iter(outcomes)
         results: list[relay_pb.SendResult] = []
-        for item in admitted:
-            outcome = next(stored) if isinstance(item, EnvelopePut) else item
+        for put_or_error in admitted:
+            outcome = next(stored) if isinstance(put_or_error, EnvelopePut) else put_or_error
             if isinstance(outcome, AcceptedEnvelope):
                 results.append(relay_pb.SendResult(accepted=self._response(outcome)))
             elif isinstance(outcome, TesseraError):
@@ -367,21 +392,16 @@ class RelayServicer(relay_grpc.RelayServicer):
                 refusal = relay_pb.SendRefusal(code=code, message=message, hint=hint, kind=kind)
                 results.append(relay_pb.SendResult(refused=refusal))
             else:
-                raise outcome  # the transaction itself failed: the whole call fails
-        for recipient_id in {put.recipient_id for put in puts}:
-            self.wake(recipient_id)
+                raise outcome  # a transaction itself failed: the whole call fails (retry it)
         return relay_pb.SendBatchResponse(results=results)
 
     def _enrolled(self, agency_id: str) -> bool:
         record = self._view.records.get(agency_id)
         return record is not None and not record.revoked
 
-    async def _admit(
-        self, sender: str, request: relay_pb.SendRequest, *, may_refresh: bool = True
-    ) -> EnvelopePut:
-        """Check one envelope from ``sender`` against the limits and the directory; the put to
-        store, or the typed error that refuses it (nothing is stored then). An unknown recipient
-        costs a directory refresh (it may have just enrolled) when ``may_refresh``."""
+    def _check_envelope(self, sender: str, request: relay_pb.SendRequest) -> None:
+        """Spend one of ``sender``'s rate tokens on the envelope and check its fields; raises
+        the typed error that refuses it (nothing is stored then)."""
         limits = self._settings.limits
         bucket = self._buckets.setdefault(sender, RateBucket(limits.sends_per_minute))
         if not bucket.take(time.monotonic()):
@@ -402,10 +422,11 @@ class RelayServicer(relay_grpc.RelayServicer):
             raise InvalidInput("an idempotency key of 1 to 128 characters is required")
         if len(request.consent_commitment) not in (0, 32):
             raise InvalidInput("a consent commitment is 32 bytes (or empty for a status)")
-        recipient_id = request.recipient_agency_id
-        if may_refresh and not self._enrolled(recipient_id):
-            await run_blocking(self._view.refresh)
-        if not self._enrolled(recipient_id):
+
+    def _put(self, sender: str, request: relay_pb.SendRequest) -> EnvelopePut:
+        """The checked envelope as the store takes it; NotFound if its recipient is not an
+        enrolled, unrevoked agency in the directory view."""
+        if not self._enrolled(request.recipient_agency_id):
             raise NotFound(
                 f"no enrolled agency {request.recipient_agency_id!r}",
                 hint="check the agency id with `tessera agency list`",
@@ -516,9 +537,17 @@ class RelayServicer(relay_grpc.RelayServicer):
                     claiming = claim(sent)
         finally:
             if claiming is not None:
-                # The stream ended with a claim in flight: its envelopes stay leased to this
-                # process until the lease ends, then are offered again.
-                claiming.cancel()
+                # The stream ended with a claim in flight (a prefetch, or a wait cut short): once
+                # it is done, hand its envelopes back rather than hold them for a whole lease.
+                claiming.add_done_callback(self._unclaim)
+
+    def _unclaim(self, claimed: asyncio.Task[list[StoredEnvelope]]) -> None:
+        if claimed.cancelled() or claimed.exception() is not None or not claimed.result():
+            return
+        ids = [envelope.envelope_id for envelope in claimed.result()]
+        task = asyncio.create_task(run_blocking(self._store.unclaim, self._owner, ids))
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
 
     async def Acknowledge(
         self, request: relay_pb.AcknowledgeRequest, context: Context

@@ -4,8 +4,8 @@
 Two asyncio tasks, started by ``node.server.start_node`` once the node is enrolled:
 
 - the outbox pusher sends the queued envelopes with ``Relay.SendBatch`` (up to
-  :data:`OUTBOX_BATCH` in one signed call; each envelope's idempotency key makes a retry
-  harmless) and marks each sent only after the broker accepted it; a refusal or failure is
+  :data:`tessera.config.OUTBOX_BATCH` and 4 MiB in one signed call; each envelope's idempotency
+  key makes a retry harmless) and marks each sent only after the broker accepted it; a refusal or failure is
   counted on the row and retried with back-off. :meth:`RelayWorker.wake` pushes at once.
 - the receiver follows ``Relay.ReceiveBatches``, opens and verifies every delivery against the
   sender's pinned directory record, applies it to the store (each message takes effect once), and
@@ -45,7 +45,7 @@ from node.store.budget import STATS_ACTOR, BudgetStore
 from node.store.cases import NodeStore
 from node.store.referrals import RELAY_ACTOR, OutboxItem, OutgoingEnvelope, ReferralStore
 from tessera import directory, dp, rpc
-from tessera.config import Limits
+from tessera.config import OUTBOX_BATCH, Limits
 from tessera.errors import Conflict, Refused, TesseraError
 from tessera.logs import fields
 from tessera.v1 import relay_pb2 as relay_pb
@@ -59,7 +59,7 @@ _IDLE_POLL = 5.0
 _MIN_BACKOFF = 0.2
 _MAX_BACKOFF = 10.0
 _CALL_TIMEOUT = 15.0
-OUTBOX_BATCH = 100  # envelopes pushed in one Relay.SendBatch call, at most
+_PUSH_BYTES = 4 * 1024 * 1024  # envelope bytes in one SendBatch call (one call, one deadline)
 _ROUND_POLL = 5.0
 
 
@@ -163,7 +163,8 @@ class RelayWorker:
         failed."""
         items = await asyncio.to_thread(self._referrals.pending_outbox, OUTBOX_BATCH)
         ok = True
-        for chunk in split_by_size(items, self._limits.max_message_bytes // 2):
+        most = min(_PUSH_BYTES, self._limits.max_message_bytes // 2)
+        for chunk in split_by_size(items, most):
             ok = await self._push(chunk) and ok
         return ok
 

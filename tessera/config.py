@@ -52,6 +52,10 @@ class KekSource(enum.StrEnum):
     KEY_FILE = "key-file"
 
 
+OUTBOX_BATCH = 100
+"""Envelopes a node pushes in one Relay.SendBatch call, at most; every broker accepts that many."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Safety limits, named in one place rather than scattered as literals."""
@@ -63,7 +67,14 @@ class Limits:
     envelope_retention_days: int = 30
     delivery_lease_seconds: float = 30.0
     sends_per_minute: int = 6000
-    max_send_batch: int = 500  # envelopes in one Relay.SendBatch call
+    max_send_batch: int = 500  # envelopes in one Relay.SendBatch call, at least OUTBOX_BATCH
+
+    def __post_init__(self) -> None:
+        if self.max_send_batch < OUTBOX_BATCH:
+            raise ValueError(
+                f"max_send_batch must be at least {OUTBOX_BATCH} (nodes push that many envelopes "
+                "in one call)"
+            )
 
 
 @dataclass(frozen=True)

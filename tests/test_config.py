@@ -56,6 +56,10 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ('[tessera]\nname = "n"\n', "`role` and `name` are required"),
         ("[tessera\n", "cannot read"),
         ('[tessera]\nrole = "node"\nname = "n"\n[limits]\nmax_bytes = 1\n', "unknown limit"),
+        (
+            '[tessera]\nrole = "broker"\nname = "b"\n[limits]\nmax_send_batch = 50\n',
+            "max_send_batch must be at least 100",
+        ),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, needle: str) -> None:

@@ -56,9 +56,11 @@ class CountingWriter:
     def __init__(self, store: BrokerStore) -> None:
         self.store = store
         self.sizes: list[int] = []
+        self.keys: list[list[str]] = []
 
     def __call__(self, puts: Sequence[EnvelopePut]) -> list[AcceptedEnvelope | TesseraError]:
         self.sizes.append(len(puts))
+        self.keys.append([put.idempotency_key for put in puts])
         return self.store.put_envelopes(puts, NOW)
 
 
@@ -188,6 +190,11 @@ async def test_submit_many_shares_batches_with_other_callers_and_answers_each_it
         f"s{i}" for i in range(10)
     ]
     assert sum(writer.sizes) == 111 and max(writer.sizes) <= 64 and len(writer.sizes) <= 3
+    # The single Sends rode in a transaction with the batch's items, not in their own.
+    assert any(
+        any(k.startswith("m") for k in keys) and any(k.startswith("s") for k in keys)
+        for keys in writer.keys
+    )
     assert store.waiting_count("agency-b") == 111
 
 
@@ -197,3 +204,31 @@ async def test_submit_many_of_nothing_writes_nothing(store: BrokerStore) -> None
     committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(writer)
     assert await committer.submit_many([]) == []
     assert writer.sizes == []
+
+
+@in_event_loop
+async def test_submit_many_writes_every_item_even_if_its_caller_gives_up(
+    store: BrokerStore,
+) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_write(puts: Sequence[EnvelopePut]) -> list[AcceptedEnvelope | TesseraError]:
+        loop.call_soon_threadsafe(started.set)
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        return store.put_envelopes(puts, NOW)
+
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(slow_write)
+    first = asyncio.create_task(committer.submit(envelope("first")))
+    await started.wait()
+    impatient = asyncio.create_task(committer.submit_many([envelope(f"b{i}") for i in range(5)]))
+    await asyncio.sleep(0)
+    impatient.cancel()  # the SendBatch call was cancelled while its envelopes were queued
+    release.set()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    while committer.batches < 2:  # the queued batch is still written
+        await asyncio.sleep(0.01)
+    assert store.waiting_count() == 6

@@ -102,7 +102,7 @@ def item(index: int, size: int) -> OutboxItem:
     )
 
 
-def testsplit_by_size_keep_order_and_stay_under_the_message_size() -> None:
+def test_split_by_size_keeps_order_and_stay_under_the_message_size() -> None:
     items = [item(i, size) for i, size in enumerate([400, 400, 300, 900, 100, 1500])]
     chunks = split_by_size(items, 1000)
     assert [[i.id for i in chunk] for chunk in chunks] == [[0, 1], [2], [3, 4], [5]]

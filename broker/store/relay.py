@@ -439,6 +439,28 @@ class BrokerStore(DirectoryStore):
             )
             return int(result.rowcount)
 
+    def unclaim(self, owner: str, envelope_ids: Iterable[str]) -> int:
+        """Undo a claim whose envelopes ``owner`` never handed out (its stream ended first):
+        their leases end and their attempt counts go back down, as if never claimed. Envelopes
+        no longer leased to ``owner`` are left alone. Returns how many were released."""
+        _check_owner(owner)
+        wanted = sorted({i for i in envelope_ids if isinstance(i, str) and 0 < len(i) <= 36})
+        if not wanted:
+            return 0
+        with self._writing("release unsent leases") as session:
+            result = session.exec(
+                update(EnvelopeRow)
+                .where(col(EnvelopeRow.lease_owner) == owner)
+                .where(col(EnvelopeRow.envelope_id).in_(wanted))
+                .where(col(EnvelopeRow.attempts) > 0)
+                .values(
+                    lease_owner=None,
+                    lease_until=None,
+                    attempts=col(EnvelopeRow.attempts) - 1,
+                )
+            )
+            return int(result.rowcount)
+
     def waiting_count(self, recipient_id: str | None = None) -> int:
         """Envelopes not yet acknowledged (leased or not), for one recipient or for all."""
         query = select(func.count()).select_from(EnvelopeRow)
