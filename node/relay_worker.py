@@ -5,8 +5,9 @@ Two asyncio tasks, started by ``node.server.start_node`` once the node is enroll
 
 - the outbox pusher sends the queued envelopes with ``Relay.SendBatch`` (up to
   :data:`tessera.config.OUTBOX_BATCH` and 4 MiB in one signed call; each envelope's idempotency
-  key makes a retry harmless) and marks each sent only after the broker accepted it; a refusal or failure is
-  counted on the row and retried with back-off. :meth:`RelayWorker.wake` pushes at once.
+  key makes a retry harmless) and marks each sent only after the broker accepted it; a refusal
+  or failure is counted on the row and retried with back-off. :meth:`RelayWorker.wake` pushes at
+  once.
 - the receiver follows ``Relay.ReceiveBatches``, opens and verifies every delivery against the
   sender's pinned directory record, applies it to the store (each message takes effect once), and
   only then acknowledges it (one Acknowledge per batch the broker streamed), so the broker
