@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from node import access
+from node import access, directory_sync
 from node.keyring import Keyring, open_keyring
 from node.relay_worker import RelayWorker, start_worker
 from node.service import NodeServicer
@@ -30,6 +32,7 @@ from tessera.v1 import node_pb2_grpc as node_grpc
 log = logging.getLogger(__name__)
 NODE_SERVICE = node_pb.DESCRIPTOR.services_by_name["Node"].full_name
 _HEALTH_INTERVAL = 5.0
+_ENROLMENT_POLL = 2.0
 
 
 @dataclass
@@ -44,9 +47,14 @@ class RunningNode:
     _health_task: asyncio.Task[None] | None = None
     relay: RelayWorker | None = None
     metrics: metrics.MetricsServer | None = None
+    _enrolment_task: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving and relaying, close the database, forget the run file."""
+        if self._enrolment_task is not None:
+            self._enrolment_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._enrolment_task
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
@@ -63,12 +71,17 @@ class RunningNode:
 
 
 async def start_node(
-    settings: Settings, passphrase: str | None, health_interval: float = _HEALTH_INTERVAL
+    settings: Settings,
+    passphrase: str | None,
+    health_interval: float = _HEALTH_INTERVAL,
+    enrolment_poll: float = _ENROLMENT_POLL,
 ) -> RunningNode:
     """Open the keyring (Argon2id runs once, here), migrate the database, start the server.
 
     ``health_interval`` is how often (seconds) the database is checked for the health service;
-    with ``metrics_port`` set, Prometheus metrics are served on 127.0.0.1 at that port.
+    with ``metrics_port`` set, Prometheus metrics are served on 127.0.0.1 at that port. A node
+    not yet enrolled looks for its broker link every ``enrolment_poll`` seconds and starts its
+    relay worker once the link is there.
     """
     keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
     engine = await asyncio.to_thread(open_database, settings.effective_database_url)
@@ -106,9 +119,20 @@ async def start_node(
     running._health_task = asyncio.create_task(
         rpc.watch_health(server, lambda: _database_ok(store), health_interval, "node")
     )
-    running.relay = start_worker(store, referrals, keyring, settings.home, settings.limits)
-    if running.relay is not None:
+
+    def start_relay() -> bool:
+        running.relay = start_worker(store, referrals, keyring, settings.home, settings.limits)
+        if running.relay is None:
+            return False
         servicer.wake_relay = running.relay.wake
+        return True
+
+    if not start_relay():
+        # Not enrolled yet: `tessera node enrol` may run while the node serves; start relaying
+        # as soon as it has linked the node to a broker, without a restart.
+        running._enrolment_task = asyncio.create_task(
+            _relay_once_enrolled(settings.home, start_relay, enrolment_poll)
+        )
     log.info(
         "node.started",
         extra=fields(
@@ -134,6 +158,21 @@ async def serve_until_signalled(
     await stop.wait()
     log.info("node.stopping")
     await running.stop()
+
+
+async def _relay_once_enrolled(home: Path, start_relay: Callable[[], bool], poll: float) -> None:
+    """Wait for ``broker.json`` (written by ``tessera node enrol``), then start relaying."""
+    link = home / directory_sync.LINK_FILE
+    while True:
+        await asyncio.sleep(poll)
+        if not link.exists():
+            continue
+        try:
+            if start_relay():
+                log.info("node.relay_started", extra=fields(reason="enrolled"))
+                return
+        except Exception as exc:  # a link being written right now: try again next time
+            log.warning("node.relay_not_started", extra=fields(error=str(exc)[:200]))
 
 
 def _database_ok(store: NodeStore) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,22 @@ import pytest
 
 from broker.operator_client import OperatorClient
 from node import directory_sync
+from node.keyring import open_keyring
 from node.relay_worker import RelayWorker, split_by_size
 from node.store.referrals import OutboxItem, OutboxKind, ReferralStore
 from tessera import crypto
 from tests.nodefixtures import NodeFactory, db_url_fixture, nodes_fixture  # noqa: F401
-from tests.support import BackgroundBroker, enrol, make_broker, receive
+from tests.support import (
+    PASSPHRASE,
+    Agency,
+    BackgroundBroker,
+    BackgroundNode,
+    enrol,
+    make_broker,
+    make_node,
+    receive,
+    send,
+)
 
 NOW = dt.datetime(2026, 10, 15, 12, 0, tzinfo=dt.UTC)
 
@@ -109,3 +121,30 @@ def test_split_by_size_keeps_order_and_stay_under_the_message_size() -> None:
     # One envelope larger than the bound still travels, alone.
     assert all(sum(len(i.sealed) for i in c) <= 1000 or len(c) == 1 for c in chunks)
     assert split_by_size([], 1000) == []
+
+
+def test_a_node_enrolled_while_it_serves_starts_relaying_without_a_restart(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    home = tmp_path / "harbour-shelter"
+    node = BackgroundNode(make_node(home, name="Harbour Shelter"))
+    try:
+        assert node.running.relay is None  # not enrolled: nothing to relay with
+        identity = open_keyring(home, PASSPHRASE).identity
+        with OperatorClient(broker.settings.home) as operator:
+            code = operator.enrolment_code("harbour-shelter", 1)
+        link = directory_sync.enrol(home, identity, code, "Harbour Shelter", ["medical"])
+        harbour = Agency(home, "harbour-shelter", identity, link)
+        clinic = enrol(broker, tmp_path / "others", "lantern-clinic")
+        # Mail for the node. Not a Tessera envelope inside: its receiver, once running, opens
+        # it, refuses it and acknowledges it, so the broker's mailbox empties.
+        send(clinic, harbour, b"not an envelope", "first-mail")
+        deadline = time.monotonic() + 15
+        while broker.running.store.waiting_count("harbour-shelter") and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert node.running.relay is not None
+        assert broker.running.store.waiting_count("harbour-shelter") == 0
+    finally:
+        node.stop()
