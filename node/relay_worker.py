@@ -248,6 +248,8 @@ class RelayWorker:
             try:
                 queued = await self._take(delivery) or queued
             except Exception:
+                if queued:
+                    self.wake()  # replies queued before the failure go out now
                 if stored:
                     await self._acknowledge(stored)
                 raise
