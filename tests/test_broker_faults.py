@@ -343,26 +343,33 @@ class Sender:
         """SendBatch until every envelope of ``chunk`` is accepted, the same requests every time;
         (delivery id, duplicate, attempts) per envelope, from the call that accepted them all."""
         request = relay_pb.SendBatchRequest(envelopes=[_request(m) for m in chunk])
+        answered = self.until_answered(lambda stub: stub.SendBatch(request, timeout=RPC_TIMEOUT))
+        if answered is None:
+            return [None]
+        reply, attempts = answered
+        assert len(reply.results) == len(chunk)
+        refused = [r.refused for r in reply.results if r.HasField("refused")]
+        assert not refused, f"the broker refused envelopes of a batch: {refused[:2]}"
+        return [
+            (*self.check_receipt(message, result.accepted), attempts)
+            for message, result in zip(chunk, reply.results, strict=True)
+        ]
+
+    def until_answered(self, call: Callable[[relay_grpc.RelayStub], Any]) -> tuple[Any, int] | None:
+        """Make ``call`` until a broker answers it, failing over to the next broker process
+        after every error; (answer, attempts), or None if the run was aborted."""
         attempts = 0
         while not self.run.abort.is_set():
             endpoint = self.run.brokers[self.broker].endpoint
             assert endpoint is not None
             attempts += 1
             try:
-                reply = self.connection.stub_for(endpoint).SendBatch(request, timeout=RPC_TIMEOUT)
+                return call(self.connection.stub_for(endpoint)), attempts
             except grpc.RpcError as exc:
                 self.run.ledger.failed("send", exc)
                 self.broker = (self.broker + 1) % len(self.run.brokers)  # fail over
                 time.sleep(RETRY_PAUSE)
-                continue
-            assert len(reply.results) == len(chunk)
-            refused = [r.refused for r in reply.results if r.HasField("refused")]
-            assert not refused, f"the broker refused envelopes of a batch: {refused[:2]}"
-            return [
-                (*self.check_receipt(message, result.accepted), attempts)
-                for message, result in zip(chunk, reply.results, strict=True)
-            ]
-        return [None]
+        return None
 
     def repeat(self, message: Message, delivery_id: str) -> None:
         """Send an envelope accepted before the last failure again, as a client does that is
@@ -376,20 +383,11 @@ class Sender:
     def send(self, message: Message) -> tuple[str, bool, int] | None:
         """Send until accepted, the same request every time; (delivery id, duplicate, attempts)."""
         request = _request(message)
-        attempts = 0
-        while not self.run.abort.is_set():
-            endpoint = self.run.brokers[self.broker].endpoint
-            assert endpoint is not None
-            attempts += 1
-            try:
-                reply = self.connection.stub_for(endpoint).Send(request, timeout=RPC_TIMEOUT)
-            except grpc.RpcError as exc:
-                self.run.ledger.failed("send", exc)
-                self.broker = (self.broker + 1) % len(self.run.brokers)  # fail over
-                time.sleep(RETRY_PAUSE)
-                continue
-            return (*self.check_receipt(message, reply), attempts)
-        return None
+        answered = self.until_answered(lambda stub: stub.Send(request, timeout=RPC_TIMEOUT))
+        if answered is None:
+            return None
+        reply, attempts = answered
+        return (*self.check_receipt(message, reply), attempts)
 
     def check_receipt(self, message: Message, reply: relay_pb.SendResponse) -> tuple[str, bool]:
         """The broker-signed receipt of ``message``, checked; (delivery id, duplicate)."""

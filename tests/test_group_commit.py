@@ -120,18 +120,26 @@ async def test_a_failed_commit_fails_its_whole_batch_and_stores_none_of_it(
     assert store.waiting_count() == 20
 
 
+class HeldWriter:
+    """The store's batch write, held back until released: what queues behind a batch being
+    written can be arranged, and cancelled, while it is held."""
+
+    def __init__(self, store: BrokerStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.store, self.loop = store, loop
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __call__(self, puts: Sequence[EnvelopePut]) -> list[AcceptedEnvelope | TesseraError]:
+        self.loop.call_soon_threadsafe(self.started.set)
+        asyncio.run_coroutine_threadsafe(self.release.wait(), self.loop).result(timeout=10)
+        return self.store.put_envelopes(puts, NOW)
+
+
 @in_event_loop
 async def test_a_caller_that_gives_up_leaves_its_put_in_the_batch(store: BrokerStore) -> None:
-    started = asyncio.Event()
-    release = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def slow_write(puts: Sequence[EnvelopePut]) -> list[AcceptedEnvelope | TesseraError]:
-        loop.call_soon_threadsafe(started.set)
-        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
-        return store.put_envelopes(puts, NOW)
-
-    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(slow_write)
+    held = HeldWriter(store, asyncio.get_running_loop())
+    started, release = held.started, held.release
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(held)
     first = asyncio.create_task(committer.submit(envelope("first")))
     await started.wait()  # the first batch is being written; the next two queue behind it
     impatient = asyncio.create_task(committer.submit(envelope("impatient")))
@@ -210,16 +218,9 @@ async def test_submit_many_of_nothing_writes_nothing(store: BrokerStore) -> None
 async def test_submit_many_writes_every_item_even_if_its_caller_gives_up(
     store: BrokerStore,
 ) -> None:
-    started = asyncio.Event()
-    release = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def slow_write(puts: Sequence[EnvelopePut]) -> list[AcceptedEnvelope | TesseraError]:
-        loop.call_soon_threadsafe(started.set)
-        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
-        return store.put_envelopes(puts, NOW)
-
-    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(slow_write)
+    held = HeldWriter(store, asyncio.get_running_loop())
+    started, release = held.started, held.release
+    committer: GroupCommitter[EnvelopePut, AcceptedEnvelope] = GroupCommitter(held)
     first = asyncio.create_task(committer.submit(envelope("first")))
     await started.wait()
     impatient = asyncio.create_task(committer.submit_many([envelope(f"b{i}") for i in range(5)]))
