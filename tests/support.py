@@ -71,6 +71,13 @@ class BackgroundBroker:
         self._loop.close()
 
 
+def disk_bytes(settings: Settings) -> bytes:
+    """Every byte a server's embedded SQLite database has on disk: the file and its WAL."""
+    database = settings.home / "tessera.db"
+    wal = database.with_name("tessera.db-wal")
+    return database.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
 def make_broker(home: Path, database_url: str = "", **limits: float) -> Settings:
     """A broker home listening on a free loopback port (limits overridable for tests)."""
     import dataclasses

@@ -26,6 +26,7 @@ from tessera.v1 import relay_pb2_grpc as relay_grpc
 from tests.support import (
     PASSPHRASE,
     BackgroundBroker,
+    disk_bytes,
     enrol,
     make_broker,
     make_node,
@@ -104,13 +105,7 @@ def test_an_envelope_travels_once_and_the_broker_never_sees_plaintext(
     )
     assert opened == payload
     assert receive(clinic) == []  # acknowledged: deleted
-    database = broker.settings.home / "tessera.db"
-    raw = database.read_bytes() + (
-        database.with_name("tessera.db-wal").read_bytes()
-        if database.with_name("tessera.db-wal").exists()
-        else b""
-    )
-    assert MARKER.encode() not in raw
+    assert MARKER.encode() not in disk_bytes(broker.settings)
 
 
 def test_an_unacknowledged_envelope_is_delivered_again_with_the_same_id(

@@ -26,7 +26,15 @@ from tessera.config import Limits
 from tessera.errors import Conflict, Exhausted, InvalidInput, NotFound
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
-from tests.support import Agency, BackgroundBroker, enrol, make_broker, receive, seal
+from tests.support import (
+    Agency,
+    BackgroundBroker,
+    disk_bytes,
+    enrol,
+    make_broker,
+    receive,
+    seal,
+)
 
 MARKER = "Velmora-Tansicot-4418"
 SEND_BATCH = "/tessera.v1.Relay/SendBatch"
@@ -132,10 +140,7 @@ def test_each_envelope_of_a_batch_is_stored_or_refused_on_its_own(
         f"{MARKER} ref-2".encode(),
     ]
     assert receive(clinic) == []
-    database = broker.settings.home / "tessera.db"
-    wal = database.with_name("tessera.db-wal")
-    raw = database.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
-    assert MARKER.encode() not in raw
+    assert MARKER.encode() not in disk_bytes(broker.settings)
 
 
 def test_a_repeated_batch_gets_the_original_receipts_and_stores_nothing_twice(
