@@ -825,9 +825,9 @@ class Results:
     echo_unloaded: Outcome
     memory: Pair
     sqlite: Pair
-    sqlite_unloaded: Outcome
+    sqlite_unloaded: Pair
     pg_one: Pair | None = None
-    pg_one_unloaded: Outcome | None = None
+    pg_one_unloaded: Pair | None = None
     pg_two: Pair | None = None
 
 
@@ -948,7 +948,29 @@ async def _baseline_phases(plan: Plan) -> tuple[Outcome, Outcome, Outcome, Pair]
     return best(loaded), best(batched), unloaded, memory
 
 
-async def _sqlite_phases(plan: Plan) -> tuple[Pair, Outcome]:
+async def _unloaded_pair(
+    plan: Plan,
+    label: str,
+    tag: str,
+    parties: tuple[crypto.Identity, crypto.Identity, bytes, str],
+    addresses: Sequence[str],
+    metered: dict[str, int],
+) -> Pair:
+    """One envelope in flight: as a Send, and as a node sends a lone referral (a SendBatch of
+    one, delivered over ReceiveBatches)."""
+    unary, _batched = Mode.both(plan)
+    lone = Mode("SendBatch x1", 1, 1)
+    return Pair(
+        await _relay_phase(
+            plan, label, unary, f"{tag}-unloaded", parties, addresses, metered, unloaded=True
+        ),
+        await _relay_phase(
+            plan, label, lone, f"{tag}-unloaded-1", parties, addresses, metered, unloaded=True
+        ),
+    )
+
+
+async def _sqlite_phases(plan: Plan) -> tuple[Pair, Pair]:
     home = make_broker_home(plan.folder / "broker-sqlite")
     with contextlib.ExitStack() as stack:
         broker = broker_process(home, "broker")
@@ -958,14 +980,11 @@ async def _sqlite_phases(plan: Plan) -> tuple[Pair, Outcome]:
         metered = {broker.name: broker.pid}
         label = "relay, SQLite, 1 broker"
         loaded = await _pair(plan, label, "sqlite", parties, [address], metered)
-        unary, _batched = Mode.both(plan)
-        unloaded = await _relay_phase(
-            plan, label, unary, "sqlite-unloaded", parties, [address], metered, unloaded=True
-        )
+        unloaded = await _unloaded_pair(plan, label, "sqlite", parties, [address], metered)
     return loaded, unloaded
 
 
-async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Pair, Outcome, Pair]:
+async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Pair, Pair, Pair]:
     first = make_broker_home(plan.folder / "broker-pg-a", database_url)
     second = copy_broker_home(first, plan.folder / "broker-pg-b")
     with contextlib.ExitStack() as stack:
@@ -981,16 +1000,13 @@ async def _postgres_phases(plan: Plan, database_url: str) -> tuple[Pair, Outcome
             [address_a],
             {broker_a.name: broker_a.pid},
         )
-        unary, _batched = Mode.both(plan)
-        unloaded = await _relay_phase(
+        unloaded = await _unloaded_pair(
             plan,
             "relay, PostgreSQL, 1 broker",
-            unary,
-            "pg1-unloaded",
+            "pg1",
             parties,
             [address_a],
             {broker_a.name: broker_a.pid},
-            unloaded=True,
         )
         broker_b = broker_process(second, "broker B")
         address_b = _started(stack, broker_b)
@@ -1132,18 +1148,22 @@ def _figures(results: Results) -> list[Figure]:
                     )
                 )
         if unloaded is not None:
-            figures.append(
+            figures += [
                 Figure(
                     benchmark,
-                    "p50, 1 in flight",
-                    unloaded.latency_ms(0.5),
+                    f"{mode}, p50, 1 in flight",
+                    outcome.latency_ms(0.5),
                     "echo p50, 1 in flight",
                     echo_unloaded.latency_ms(0.5),
                     "ms",
                     higher_is_better=False,
                     note=queueing,
                 )
-            )
+                for mode, outcome in (
+                    ("Send", unloaded.unary),
+                    ("SendBatch of 1", unloaded.batched),
+                )
+            ]
     if results.pg_one is not None and results.pg_two is not None:
         figures += [
             Figure(
