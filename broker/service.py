@@ -516,7 +516,9 @@ class RelayServicer(relay_grpc.RelayServicer):
         claiming: asyncio.Task[list[StoredEnvelope]] | None = claim(0)
         try:
             while claiming is not None:
-                batch = await claiming
+                # Shielded: a stream cancelled meanwhile leaves the claim to finish, and the
+                # finally below hands what it leased back.
+                batch = await asyncio.shield(claiming)
                 # A full batch means more may be waiting: lease the next batch while this one is
                 # streamed, so the stream never waits for the database between batches.
                 after = sent + len(batch)

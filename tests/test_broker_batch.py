@@ -9,7 +9,9 @@ unsigned batches are refused whole and store nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -359,3 +361,47 @@ def test_receive_batches_honours_a_cap_across_its_leases(
     assert [bytes(d.sealed_envelope).decode() for b in capped for d in b.deliveries] == keys[:150]
     assert [bytes(d.sealed_envelope).decode() for b in rest for d in b.deliveries] == keys[150:]
     assert {d.attempt for b in capped + rest for d in b.deliveries} == {1}
+
+
+class SlowClaims(BrokerStore):
+    """The real store, its claims slowed down so a stream can be cancelled in the middle of
+    one (the database work is still real and still commits)."""
+
+    def claim(
+        self, recipient_id: str, owner: str, limit: int, lease_seconds: float, now: dt.datetime
+    ) -> list[StoredEnvelope]:
+        time.sleep(0.3)
+        return super().claim(recipient_id, owner, limit, lease_seconds, now)
+
+
+def test_a_stream_cancelled_while_its_claim_runs_hands_that_claim_back(tmp_path: Path) -> None:
+    settings = make_broker(tmp_path / "broker")
+    engine = open_database(settings.effective_database_url)
+    store = SlowClaims(engine)
+    identity = crypto.Identity.generate()
+    servicer = RelayServicer(settings, store, identity, DirectoryView(store, identity, "north"))
+    now = dt.datetime.now(dt.UTC)
+    for i in range(30):
+        key = f"k{i:03d}"
+        store.put_envelope("harbour-shelter", "lantern-clinic", key, b"", key.encode(), now)
+
+    async def cancelled_mid_claim() -> None:
+        leases = servicer._leased("lantern-clinic", relay_pb.ReceiveRequest(follow=True))
+        waiting = asyncio.create_task(anext(leases))
+        await asyncio.sleep(0.1)  # the claim is running in its thread
+        waiting.cancel()  # the recipient's RPC was cancelled
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await leases.aclose()
+        await asyncio.sleep(0.5)  # the claim finishes in its thread, then the hand-back runs
+        while servicer._background:
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(cancelled_mid_claim())
+        rest = BrokerStore(engine).claim("lantern-clinic", "another-process", 100, 30.0, now)
+    finally:
+        engine.dispose()
+    # Nothing was handed out, so nothing stays leased: all 30 are offered at once, first time.
+    assert [e.ciphertext.decode() for e in rest] == [f"k{i:03d}" for i in range(30)]
+    assert {e.attempts for e in rest} == {1}
