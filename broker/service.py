@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import threading
 import time
 import uuid
@@ -31,6 +32,7 @@ from tessera.errors import (
     PermissionDenied,
     TesseraError,
 )
+from tessera.logs import fields
 from tessera.timestamps import to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
@@ -39,6 +41,7 @@ from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 _APPEND_RETRIES = 5
 _POLL_SECONDS = 0.5
@@ -388,6 +391,14 @@ class RelayServicer(relay_grpc.RelayServicer):
             if isinstance(outcome, AcceptedEnvelope):
                 results.append(relay_pb.SendResult(accepted=self._response(outcome)))
             elif isinstance(outcome, TesseraError):
+                # The call succeeds, so the interceptor logs nothing: say what was refused here
+                # (the kind of refusal only; never anything of the envelope).
+                log.info(
+                    "relay.envelope_refused",
+                    extra=fields(
+                        sender=sender, kind=outcome.kind.name, error=type(outcome).__name__
+                    ),
+                )
                 code, message, hint, kind = rpc.refusal_parts(outcome)
                 refusal = relay_pb.SendRefusal(code=code, message=message, hint=hint, kind=kind)
                 results.append(relay_pb.SendResult(refused=refusal))

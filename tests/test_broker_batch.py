@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,7 +210,10 @@ def test_an_empty_oversized_replayed_or_altered_batch_is_refused_whole(
     assert opened(clinic, shelter, receive(clinic)) == [f"{MARKER} captured".encode()]
 
 
-def test_the_rate_limit_counts_envelopes_not_calls(tmp_path: Path) -> None:
+def test_the_rate_limit_counts_envelopes_not_calls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="broker.service")
     running = BackgroundBroker(make_broker(tmp_path / "broker", sends_per_minute=3))
     try:
         shelter = enrol(running, tmp_path, "harbour-shelter")
@@ -221,6 +225,12 @@ def test_the_rate_limit_counts_envelopes_not_calls(tmp_path: Path) -> None:
         assert isinstance(late, Exhausted) and "3 envelopes a minute" in str(late)
         assert "nothing was stored" in str(late)
         assert len(receive(clinic)) == 3
+        # The operator's log names each refusal by kind, and nothing of the envelopes.
+        refusals = [r for r in caplog.records if r.getMessage() == "relay.envelope_refused"]
+        assert len(refusals) == 2
+        logged = " ".join(str(vars(r)) for r in refusals)
+        assert "EXHAUSTED" in logged and "harbour-shelter" in logged
+        assert "ref-3" not in logged and MARKER not in logged
     finally:
         running.stop()
 
