@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import Engine, text
 
 from broker.domain import StoredEnvelope
 from broker.operator_client import OperatorClient
@@ -316,38 +319,75 @@ def fill(sender: Agency, count: int) -> list[str]:
     return keys
 
 
-def test_a_stream_that_ends_early_hands_back_what_it_leased_ahead(tmp_path: Path) -> None:
-    # The broker leases the next batch while the current one is streamed. A recipient that goes
-    # away after the first batch must not leave the next one leased to nobody for a whole lease
-    # (30 s): it is handed back at once, as if never offered. Driven here on the servicer's own
-    # lease generator over a real store, since how far a real stream runs ahead of its reader
-    # depends on gRPC flow control.
+@dataclasses.dataclass
+class LocalRelay:
+    """A broker's relay servicer over a real store, driven without a server: for what a real
+    stream cannot time (how far it runs ahead of its reader, a cancellation mid-claim)."""
+
+    servicer: RelayServicer
+    store: BrokerStore
+    engine: Engine
+    now: dt.datetime
+
+
+@contextlib.contextmanager
+def local_relay(
+    tmp_path: Path, waiting: int, store_class: type[BrokerStore] = BrokerStore
+) -> Iterator[LocalRelay]:
+    """A relay servicer with ``waiting`` envelopes (their bytes are their keys, k000, ...)
+    waiting for lantern-clinic."""
     settings = make_broker(tmp_path / "broker")
     engine = open_database(settings.effective_database_url)
-    store = BrokerStore(engine)
+    store = store_class(engine)
     identity = crypto.Identity.generate()
     servicer = RelayServicer(settings, store, identity, DirectoryView(store, identity, "north"))
     now = dt.datetime.now(dt.UTC)
-    for i in range(250):
+    for i in range(waiting):
         key = f"k{i:03d}"
         store.put_envelope("harbour-shelter", "lantern-clinic", key, b"", key.encode(), now)
-
-    async def first_batch_then_gone() -> list[StoredEnvelope]:
-        leases = servicer._leased("lantern-clinic", relay_pb.ReceiveRequest(follow=True))
-        first = await anext(leases)
-        await asyncio.sleep(0.2)  # the prefetch of the next batch completes meanwhile
-        await leases.aclose()  # the recipient went away
-        for _ in range(100):  # the hand-back runs in the background
-            await asyncio.sleep(0.02)
-            if not servicer._background:
-                break
-        return first
-
     try:
-        first = asyncio.run(first_batch_then_gone())
-        rest = store.claim("lantern-clinic", "another-process", 1000, 30.0, now)
+        yield LocalRelay(servicer, store, engine, now)
     finally:
         engine.dispose()
+
+
+async def settle(relay: LocalRelay, leased: int) -> None:
+    """Wait until exactly ``leased`` envelopes are leased to the servicer's process (claims and
+    hand-backs run in worker threads), at most 10 s."""
+    query = text("SELECT count(*) FROM broker_envelope WHERE lease_owner = :owner")
+    for _ in range(500):
+        with relay.engine.connect() as connection:
+            count = connection.execute(query, {"owner": relay.servicer.owner}).scalar_one()
+        if count == leased and not relay.servicer._background:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{count} envelopes still leased, expected {leased}")
+
+
+def offered_elsewhere(relay: LocalRelay) -> list[StoredEnvelope]:
+    """What another broker process would be offered now for lantern-clinic."""
+    return BrokerStore(relay.engine).claim(
+        "lantern-clinic", "another-process", 1000, 30.0, relay.now
+    )
+
+
+def test_a_stream_that_ends_early_hands_back_what_it_leased_ahead(tmp_path: Path) -> None:
+    # The broker leases the next batch while the current one is streamed. A recipient that goes
+    # away after the first batch must not leave the next one leased to nobody for a whole lease
+    # (30 s): it is handed back at once, as if never offered.
+    with local_relay(tmp_path, 250) as relay:
+        servicer = relay.servicer
+
+        async def first_batch_then_gone() -> list[StoredEnvelope]:
+            leases = servicer._leased("lantern-clinic", relay_pb.ReceiveRequest(follow=True))
+            first = await anext(leases)
+            await settle(relay, 200)  # the next batch is leased ahead meanwhile
+            await leases.aclose()  # the recipient went away
+            await settle(relay, 100)  # only what was handed out stays leased
+            return first
+
+        first = asyncio.run(first_batch_then_gone())
+        rest = offered_elsewhere(relay)
     assert [e.ciphertext.decode() for e in first] == [f"k{i:03d}" for i in range(100)]
     # The 100 handed out stay leased (unacknowledged); the next 100, leased ahead, and the last
     # 50, never claimed, are free at once, each for its first offer.
@@ -377,41 +417,35 @@ class SlowClaims(BrokerStore):
     """The real store, its claims slowed down so a stream can be cancelled in the middle of
     one (the database work is still real and still commits)."""
 
+    claimed = threading.Event()  # set once a claim has committed
+
     def claim(
         self, recipient_id: str, owner: str, limit: int, lease_seconds: float, now: dt.datetime
     ) -> list[StoredEnvelope]:
         time.sleep(0.3)
-        return super().claim(recipient_id, owner, limit, lease_seconds, now)
+        leased = super().claim(recipient_id, owner, limit, lease_seconds, now)
+        self.claimed.set()
+        return leased
 
 
 def test_a_stream_cancelled_while_its_claim_runs_hands_that_claim_back(tmp_path: Path) -> None:
-    settings = make_broker(tmp_path / "broker")
-    engine = open_database(settings.effective_database_url)
-    store = SlowClaims(engine)
-    identity = crypto.Identity.generate()
-    servicer = RelayServicer(settings, store, identity, DirectoryView(store, identity, "north"))
-    now = dt.datetime.now(dt.UTC)
-    for i in range(30):
-        key = f"k{i:03d}"
-        store.put_envelope("harbour-shelter", "lantern-clinic", key, b"", key.encode(), now)
+    with local_relay(tmp_path, 30, SlowClaims) as relay:
+        servicer = relay.servicer
 
-    async def cancelled_mid_claim() -> None:
-        leases = servicer._leased("lantern-clinic", relay_pb.ReceiveRequest(follow=True))
-        waiting = asyncio.create_task(anext(leases))
-        await asyncio.sleep(0.1)  # the claim is running in its thread
-        waiting.cancel()  # the recipient's RPC was cancelled
-        with contextlib.suppress(asyncio.CancelledError):
-            await waiting
-        await leases.aclose()
-        await asyncio.sleep(0.5)  # the claim finishes in its thread, then the hand-back runs
-        while servicer._background:
-            await asyncio.sleep(0.02)
+        async def cancelled_mid_claim() -> None:
+            leases = servicer._leased("lantern-clinic", relay_pb.ReceiveRequest(follow=True))
+            waiting = asyncio.create_task(anext(leases))
+            await asyncio.sleep(0.1)  # the claim is running in its thread
+            waiting.cancel()  # the recipient's RPC was cancelled
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            await leases.aclose()
+            # The claim still finishes in its thread, leasing all 30, and is then handed back.
+            assert await asyncio.to_thread(SlowClaims.claimed.wait, 10)
+            await settle(relay, 0)
 
-    try:
         asyncio.run(cancelled_mid_claim())
-        rest = BrokerStore(engine).claim("lantern-clinic", "another-process", 100, 30.0, now)
-    finally:
-        engine.dispose()
+        rest = offered_elsewhere(relay)
     # Nothing was handed out, so nothing stays leased: all 30 are offered at once, first time.
     assert [e.ciphertext.decode() for e in rest] == [f"k{i:03d}" for i in range(30)]
     assert {e.attempts for e in rest} == {1}
