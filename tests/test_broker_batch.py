@@ -417,7 +417,9 @@ class SlowClaims(BrokerStore):
     """The real store, its claims slowed down so a stream can be cancelled in the middle of
     one (the database work is still real and still commits)."""
 
-    claimed = threading.Event()  # set once a claim has committed
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.claimed = threading.Event()  # set once a claim has committed
 
     def claim(
         self, recipient_id: str, owner: str, limit: int, lease_seconds: float, now: dt.datetime
@@ -441,7 +443,9 @@ def test_a_stream_cancelled_while_its_claim_runs_hands_that_claim_back(tmp_path:
                 await waiting
             await leases.aclose()
             # The claim still finishes in its thread, leasing all 30, and is then handed back.
-            assert await asyncio.to_thread(SlowClaims.claimed.wait, 10)
+            store = relay.store
+            assert isinstance(store, SlowClaims)
+            assert await asyncio.to_thread(store.claimed.wait, 10)
             await settle(relay, 0)
 
         asyncio.run(cancelled_mid_claim())
