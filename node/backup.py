@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +59,12 @@ from node.store.tables import (
 )
 from tessera import crypto
 from tessera.errors import ConfigError, InvalidInput, TamperedCiphertext
+from tessera.files import atomic_write
 
 _MAGIC = b"TESSERA-BACKUP-1\n"
+RESTORE_PENDING_FILE = "restore-pending.json"
+"""In the node's home while a restore has replaced the tables but not yet re-applied the
+ledger; it names the erasures and staff removals that only the replaced tables knew."""
 _LABEL_BACKUP = b"tessera/v1/backup"
 # Parents before children, so inserts satisfy foreign keys (deletes go in reverse).
 _TABLES: tuple[type[SQLModel], ...] = (
@@ -112,13 +115,7 @@ def create_backup(store: NodeStore, home: Path, destination: Path, actor: str) -
     content = _MAGIC + json.dumps(header).encode() + b"\n" + body
     destination.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = destination / f"tessera-backup-{taken_at.strftime('%Y%m%dT%H%M%S%fZ')}.tbk"
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, content)
     digest = crypto.digest(_LABEL_BACKUP, content)
     store.audit(actor, "node.backup", None, {"file": path.name, "bytes": len(content)})
     return BackupMade(path=path, size=len(content), digest=digest, taken_at=taken_at)
@@ -169,10 +166,15 @@ def read_backup(
 def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | None) -> int:
     """Replace the node's tables with the backup's, then re-apply every known erasure.
 
-    Returns how many erased survivors the backup still held (and were erased again). Everything
-    happens in one transaction: a failure leaves the node's database as it was.
+    Returns how many erased survivors the backup still held (and were erased again). The tables
+    are replaced in one transaction (a failure leaves the database as it was); the erasures,
+    staff removals, revocations and budget charges are re-applied right after it. Between the
+    two, a restore-pending file in the home names what must be re-applied: a node killed there
+    finishes the restore before it serves again (:func:`finish_interrupted_restore`).
     """
     header, keyring, snapshot = read_backup(path, passphrase)
+    # A restore killed halfway first finishes: its note holds erasures the tables no longer do.
+    finish_interrupted_restore(home, engine, keyring)
     if (home / keyring_mod.KEYRING_FILE).exists():
         current = keyring_mod.export_document(home)
         if current.get("identity_public") != header["keyring"].get("identity_public"):
@@ -192,6 +194,16 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
                 select(staff.c.signing_key).where(staff.c.removed_at.is_not(None))
             ).scalars()
         )
+        # Written before the tables are replaced: once they are, what they knew is only here.
+        _write_pending(
+            home,
+            {
+                "file": path.name,
+                "taken_at": header["taken_at"],
+                "erased": sorted(erased_now | {r["case_id"] for r in snapshot.get("erasure", [])}),
+                "staff_removed": sorted(bytes(k).hex() for k in removed_now),
+            },
+        )
         for table in reversed(_TABLES):
             conn.execute(delete(_table(table)))
         for table in _TABLES:
@@ -201,19 +213,35 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
                 conn.execute(insert(sa_table), rows)
         if conn.dialect.name == "postgresql":
             _advance_sequences(conn)
+    return _reapply(home, engine, keyring)
+
+
+def finish_interrupted_restore(home: Path, engine: Engine, keyring: Keyring) -> int | None:
+    """Finish a restore that was killed after replacing the tables (its restore-pending file is
+    still in the home): re-apply what it had to, exactly as the restore would have. Returns how
+    many erased survivors were erased again, or None when no restore was pending. Harmless when
+    the killed restore never replaced the tables: everything it re-applies is already so."""
+    if not (home / RESTORE_PENDING_FILE).exists():
+        return None
+    return _reapply(home, engine, keyring)
+
+
+def _reapply(home: Path, engine: Engine, keyring: Keyring) -> int:
+    """Re-apply every erasure, staff removal, revocation and budget charge the ledger and the
+    restore-pending file know of; then the restore is done and the file goes."""
+    pending = _read_pending(home)
     # The restored chain is older than the head the node recorded: start that record afresh.
     (home / AUDIT_HEAD_FILE).unlink(missing_ok=True)
     store = NodeStore(engine, keyring, home)
     ledger = read_ledger(home)
-    erased = (
-        {v for k, v in ledger if k == "erase"}
-        | {r["case_id"] for r in snapshot.get("erasure", [])}
-        | erased_now
-    )
+    erased = {v for k, v in ledger if k == "erase"} | set(pending["erased"])
     reapplied = store.reapply_erasures("system:restore", sorted(erased))
     removed = store.reapply_staff_removals(
         "system:restore",
-        sorted({bytes.fromhex(v) for k, v in ledger if k == "staff-removed"} | removed_now),
+        sorted(
+            {bytes.fromhex(v) for k, v in ledger if k == "staff-removed"}
+            | {bytes.fromhex(v) for v in pending["staff_removed"]}
+        ),
     )
     # Revoked consents and purged referrals stay revoked and purged, too.
     ReferralStore(store).reapply_ledger("system:restore", ledger)
@@ -224,13 +252,29 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
         "node.restored",
         None,
         {
-            "file": path.name,
-            "taken_at": header["taken_at"],
+            "file": pending["file"],
+            "taken_at": pending["taken_at"],
             "erasures": reapplied,
             "staff_removals": removed,
         },
     )
+    (home / RESTORE_PENDING_FILE).unlink()
     return reapplied
+
+
+def _write_pending(home: Path, pending: dict[str, Any]) -> None:
+    atomic_write(home / RESTORE_PENDING_FILE, json.dumps(pending).encode())
+
+
+def _read_pending(home: Path) -> dict[str, Any]:
+    try:
+        pending: dict[str, Any] = json.loads((home / RESTORE_PENDING_FILE).read_text("utf-8"))
+        return pending
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read {RESTORE_PENDING_FILE} ({exc}): a restore was interrupted",
+            hint="run `tessera node restore` again with the same backup",
+        ) from None
 
 
 def read_ledger(home: Path) -> list[tuple[str, str]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import grpc
 from tessera import crypto, directory, enrolment, rpc
 from tessera.config import Limits
 from tessera.errors import ConfigError, NotFound
+from tessera.files import atomic_write
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
@@ -97,7 +97,7 @@ def save_cache(home: Path, cache: DirectoryCache) -> None:
         "records": [_record_json(r) for r in cache.records.values()],
         "verified": sorted(cache.verified),
     }
-    _atomic_write(home / CACHE_FILE, json.dumps(data, indent=1).encode())
+    atomic_write(home / CACHE_FILE, json.dumps(data, indent=1).encode())
 
 
 def open_directory_channel(
@@ -133,7 +133,7 @@ def enrol(
     link = BrokerLink(
         code.broker_address, certificate, bytes(info.signing_key), code.agency_id, code.region
     )
-    _atomic_write(
+    atomic_write(
         home / LINK_FILE,
         json.dumps(
             {
@@ -224,9 +224,3 @@ def _record(data: dict[str, Any]) -> directory.AgencyRecord:
         revoked=bool(data["revoked"]),
         sequence=int(data["sequence"]),
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 from tessera import crypto
 from tessera.config import Argon2Profile, KekSource
 from tessera.errors import ConfigError, InvalidInput, KeyFileError, TamperedCiphertext
+from tessera.files import atomic_write
 
 KEYRING_FILE = Path("keys") / "keyring.json"
 _FORMAT = "tessera-keyring-v1"
@@ -142,7 +142,7 @@ def export_document(home: Path) -> dict[str, Any]:
 def install_document(home: Path, document: dict[str, Any]) -> None:
     """Write a keyring document taken from a backup, atomically."""
     _spec_from(document)  # validate before replacing anything
-    _atomic_write(home / KEYRING_FILE, json.dumps(document, indent=2).encode())
+    atomic_write(home / KEYRING_FILE, json.dumps(document, indent=2).encode())
 
 
 # --- file format ---------------------------------------------------------------------------
@@ -167,23 +167,7 @@ def _write(path: Path, spec: KekSpec, kek: crypto.KeyEncryptionKey, keyring: Key
         document["memlimit"] = spec.params.memlimit
     else:
         document["key_file"] = str(spec.key_file)
-    _atomic_write(path, json.dumps(document, indent=2).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, json.dumps(document, indent=2).encode())
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +153,70 @@ def test_restore_keeps_an_erasure_that_never_reached_the_ledger(
         node.store.get_case("maria", erased)
     assert dict(node.store.get_case("maria", kept).fields) == records[1]
     assert node.store.verify_audit().ok
+
+
+_KILLED_RESTORE = """
+import os, signal, sys
+from pathlib import Path
+from node.backup import restore_backup
+from node.store.cases import NodeStore
+from node.store.database import open_database
+
+def killed(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # right after the tables were replaced
+
+NodeStore.reapply_erasures = killed
+home, url, backup_file, passphrase = sys.argv[1:]
+restore_backup(Path(home), open_database(url), Path(backup_file), passphrase)
+"""
+
+
+def test_a_restore_killed_after_replacing_the_tables_never_brings_an_erased_survivor_back(
+    nodes: NodeFactory, db_url: str
+) -> None:
+    node = nodes.make(db_url)
+    (erased, kept), records = _seed(node, 2)
+    made = create_backup(node.store, node.home, node.home / "backups", "admin")
+    node.store.erase_case("maria", erased)
+    # The erasure is known to the database only (its ledger line was lost in an earlier crash):
+    # once the restore has replaced the tables, nothing but the restore's own note knows it.
+    ledger = node.home / LEDGER_FILE
+    ledger.write_text(
+        "".join(line + "\n" for line in ledger.read_text().splitlines() if erased not in line)
+    )
+    node.engine.dispose()
+
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KILLED_RESTORE,
+            str(node.home),
+            node.url,
+            str(made.path),
+            PASSPHRASE,
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    # Killed between the two steps: the backup's tables are in, the erased survivor with them.
+    assert node.sql("SELECT count(*) FROM case_record WHERE case_id = :c", c=erased) == [(1,)]
+    assert (node.home / backup.RESTORE_PENDING_FILE).exists()
+
+    # The node starting again finishes the restore before anything reads a case.
+    restarted = nodes.open(node.home, node.url)
+    assert backup.finish_interrupted_restore(node.home, restarted.engine, restarted.keyring) == 1
+    with pytest.raises(NotFound):
+        restarted.store.get_case("maria", erased)
+    assert node.sql("SELECT count(*) FROM case_record WHERE case_id = :c", c=erased) == [(0,)]
+    assert dict(restarted.store.get_case("maria", kept).fields) == records[1]
+    assert not (node.home / backup.RESTORE_PENDING_FILE).exists()
+    assert backup.finish_interrupted_restore(node.home, restarted.engine, restarted.keyring) is None
+    report = restarted.store.verify_audit()
+    assert (report.ok, report.problems) == (True, ())
 
 
 def test_restore_into_a_fresh_home_and_database_brings_every_case_back(

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from node import keyring as keyring_mod
 from node.keyring import KEYRING_FILE, new_kek_spec, open_keyring, read_spec, rotate
+from tessera import files
 from tessera.config import Argon2Profile, KekSource
 from tessera.errors import ConfigError, KeyFileError, WrongPassphrase
 from tests.nodefixtures import (
@@ -259,7 +259,7 @@ def test_a_crash_at_the_rename_keeps_the_old_keyring(
         raise OSError("power cut")
 
     # The process dies after writing and syncing the new keyring, before renaming it into place.
-    monkeypatch.setattr(keyring_mod.os, "replace", power_cut)
+    monkeypatch.setattr(files.os, "replace", power_cut)
     spec = new_kek_spec(KekSource.PASSPHRASE, Argon2Profile.TEST_CHEAP, None)
     with pytest.raises(OSError, match="power cut"):
         rotate(node.home, node.keyring, spec, NEW_PASSPHRASE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import uuid
 from pathlib import Path
 
@@ -145,6 +146,49 @@ def test_budget_refuses_past_the_cap_and_counts_every_attempt(
     assert actions.count("budget.charged") == 4
     assert node.store.verify_audit().ok
     assert [p.period for p in budget.periods(include="2026-12")] == [PERIOD, "2026-12"]
+
+
+def race_charges(budgets: list[BudgetStore], period: str, epsilon: float) -> list[object]:
+    """Each budget charges ``epsilon`` to ``period`` at the same instant (threads behind a
+    barrier); what each got back: the period, or the error that refused it."""
+    barrier = threading.Barrier(len(budgets))
+    outcomes: list[object] = [None] * len(budgets)
+
+    def charge(which: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[which] = budgets[which].charge(
+                "t", period, str(uuid.uuid4()), 1, "needs", epsilon
+            )
+        except (Refused, Conflict) as exc:
+            outcomes[which] = exc
+
+    threads = [threading.Thread(target=charge, args=(i,)) for i in range(len(budgets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return outcomes
+
+
+def test_two_charges_racing_for_the_last_of_the_budget_never_overspend(
+    nodes: NodeFactory, db_url: str
+) -> None:
+    # Two stores on one database (two processes of a node, or a retry racing the original)
+    # charge 0.5 each at the same instant to a period that has 0.2 of its 1.0 spent: one wins,
+    # one is refused, and the period never holds more than its cap. (The period exists before
+    # the race, so only the ledger's own serialisation can stop the second charge.)
+    node = nodes.make(db_url)
+    budgets = [BudgetStore(store, default_cap=1.0) for store in (node.store, node.another_store())]
+    for index in range(6):
+        period = f"2027-{index + 1:02d}"
+        budgets[0].charge("t", period, str(uuid.uuid4()), 1, "needs", 0.2)
+        outcomes = race_charges(budgets, period, 0.5)
+        refused = [o for o in outcomes if isinstance(o, Refused | Conflict)]
+        assert len(refused) == 1, outcomes
+        assert budgets[0].period(period).spent == pytest.approx(0.7)
+        assert len(budgets[1].period(period).charges) == 2
+    assert node.store.verify_audit().ok
 
 
 # --- the local table ------------------------------------------------------------------------
