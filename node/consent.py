@@ -31,18 +31,18 @@ from __future__ import annotations
 import enum
 import itertools
 import re
-import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Final, TypeVar
 
 from google.protobuf.message import DecodeError
 
 from node import htcds, serde
 from node.htcds import DATA_CATEGORIES, FIELD_CATEGORY, FIELD_NAMES, NeedCategory
 from tessera import crypto
+from tessera import directory as directory_core
 from tessera.crypto import Identity, PublicIdentity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused
@@ -96,9 +96,7 @@ GRANT_COMMAND: Final = (
     "--categories {categories} --method verbal|written|electronic --expires YYYY-MM-DD"
 )
 
-_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*", re.ASCII)
 _PSEUDONYM_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
-_FORBIDDEN_TEXT: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 _FIELD_ORDER: Final = {name: index for index, name in enumerate(FIELD_NAMES)}
 
 
@@ -175,7 +173,7 @@ class Consent:
         _check_id(self.case_id, "case_id", limits)
         _check_id(self.recipient_agency_id, "recipient_agency_id", limits)
         object.__setattr__(self, "purpose", _need(self.purpose))
-        object.__setattr__(self, "method", _method(self.method))
+        object.__setattr__(self, "method", _member(ConsentMethod, self.method, "consent method"))
         object.__setattr__(self, "categories", _categories(self.categories))
         _check_text(self.witnessed_by, "witnessed_by", limits.max_witness_chars)
         require_aware(self.granted_at, "granted_at")
@@ -284,11 +282,10 @@ def check_covers(
     outside = [name for name in names if name not in covered]
     if outside:
         wanted = sorted({FIELD_CATEGORY[name] for name in outside})
-        listed = ", ".join(f"{name} (category {FIELD_CATEGORY[name]!r})" for name in outside)
         wider = _grant_hint(consent, consent.categories | set(wanted))
         raise ConsentRefused(
-            f"consent {consent.consent_id} does not cover {listed}; it covers the categories "
-            f"{_category_list(consent.categories)}",
+            f"consent {consent.consent_id} does not cover {_field_list(outside)}; it covers the "
+            f"categories {_category_list(consent.categories)}",
             reason=Refusal.FIELD_NOT_COVERED,
             fields=tuple(outside),
             hint="leave those fields out, or, if the survivor agrees to share "
@@ -362,11 +359,7 @@ def receipt_blob(
     body = receipt.SerializeToString(deterministic=True)
     if len(body) > DEFAULT_LIMITS.max_receipt_bytes:
         raise InvalidInput(f"a consent receipt is at most {DEFAULT_LIMITS.max_receipt_bytes} bytes")
-    return common_pb.SignedBlob(
-        body=body,
-        signature=sender_identity.sign(crypto.LABEL_CONSENT_RECEIPT, body),
-        signer=sender_identity.public.signing_key,
-    )
+    return directory_core.sign_blob(sender_identity, crypto.LABEL_CONSENT_RECEIPT, body)
 
 
 def commitment(receipt: common_pb.SignedBlob | VerifiedReceipt) -> bytes:
@@ -459,8 +452,8 @@ def verify_receipt(
     # 1. The signer is the key pinned for the sending agency (common.proto SignedBlob.signer).
     if blob.signer != pinned:
         raise BadSignature(
-            f"the consent receipt is signed by key {_short(blob.signer)}, not by the key pinned "
-            f"for {expected_sender_id} ({_short(pinned)})",
+            f"the consent receipt is signed by key {directory_core.short_key(blob.signer)}, not by "
+            f"the key pinned for {expected_sender_id} ({directory_core.short_key(pinned)})",
             hint="the receipt was not made by the sending agency; do not use the referral",
         )
     try:
@@ -507,12 +500,14 @@ def verify_receipt(
             hint="check this node's clock",
         )
     # 5. The purpose (referral.proto: Referral.need must equal the receipt's purpose).
-    if expected_purpose is not None and verified.purpose is not _need(expected_purpose):
-        raise ConsentRefused(
-            f"the consent receipt {verified.consent_id} is for purpose "
-            f"{verified.purpose.value}, not {_need(expected_purpose).value}",
-            reason=Refusal.OTHER_PURPOSE,
-        )
+    if expected_purpose is not None:
+        purpose = _need(expected_purpose)
+        if verified.purpose is not purpose:
+            raise ConsentRefused(
+                f"the consent receipt {verified.consent_id} is for purpose "
+                f"{verified.purpose.value}, not {purpose.value}",
+                reason=Refusal.OTHER_PURPOSE,
+            )
     return verified
 
 
@@ -582,43 +577,53 @@ def _pinned_key(sender: AgencyRecord | PublicIdentity, sender_id: str, now: date
         raise InvalidInput(
             f"the directory record given is for {sender.agency_id}, not the sender {sender_id}"
         )
-    if sender.revoked:
+    _check_trusted(
+        sender,
+        now,
+        if_revoked="nothing it signed is trusted",
+        hint="contact the broker operator if this is unexpected",
+    )
+    return sender.identity.signing_key
+
+
+def _check_trusted(record: AgencyRecord, now: datetime, *, if_revoked: str, hint: str) -> None:
+    """Refused unless the directory still trusts ``record``'s keys at ``now``: not revoked, and
+    not past ``valid_until`` (DESIGN.md section 5). The one check behind every use of an agency's
+    keys, to verify what it signed or to seal to it; ``if_revoked`` and ``hint`` say what that
+    means for the caller."""
+    if record.revoked:
         raise Refused(
-            f"agency {sender.agency_id} has been revoked from the directory; nothing it signed "
-            "is trusted",
-            hint="contact the broker operator if this is unexpected",
+            f"agency {record.agency_id} has been revoked from the directory; {if_revoked}",
+            hint=hint,
         )
-    if sender.valid_until is not None and now >= sender.valid_until:
+    if record.valid_until is not None and now >= record.valid_until:
         raise Refused(
-            f"agency {sender.agency_id}'s keys expired at {_iso(sender.valid_until)}",
+            f"agency {record.agency_id}'s keys expired at {_iso(record.valid_until)}",
             hint="sync the directory (the agency may have rotated its keys)",
         )
-    return sender.identity.signing_key
 
 
 # --- small checks and conversions ---------------------------------------------------------------
 
 
+_Code = TypeVar("_Code", bound=enum.StrEnum)
+
+
+def _member(kind: type[_Code], value: object, what: str) -> _Code:
+    """``value`` as a member of ``kind``, given as the member or as its code (``"medical"``);
+    InvalidInput naming ``what`` and listing the codes otherwise."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str) and value in kind.__members__.values():
+        return kind(value)
+    raise InvalidInput(
+        f"unknown {what} {value!r}",
+        hint=f"one of: {', '.join(member.value for member in kind)}",
+    )
+
+
 def _need(value: object) -> NeedCategory:
-    if isinstance(value, NeedCategory):
-        return value
-    if isinstance(value, str) and value in NeedCategory.__members__.values():
-        return NeedCategory(value)
-    raise InvalidInput(
-        f"unknown purpose {value!r}",
-        hint=f"one of: {', '.join(c.value for c in NeedCategory)}",
-    )
-
-
-def _method(value: object) -> ConsentMethod:
-    if isinstance(value, ConsentMethod):
-        return value
-    if isinstance(value, str) and value in ConsentMethod.__members__.values():
-        return ConsentMethod(value)
-    raise InvalidInput(
-        f"unknown consent method {value!r}",
-        hint=f"one of: {', '.join(m.value for m in ConsentMethod)}",
-    )
+    return _member(NeedCategory, value, "purpose")
 
 
 def _categories(value: object) -> frozenset[str]:
@@ -677,6 +682,11 @@ def _category_list(categories: Iterable[str]) -> str:
     return ", ".join(sorted(categories))
 
 
+def _field_list(names: Iterable[str]) -> str:
+    """HTCDS field names with their categories, for a refusal: names only, never values."""
+    return ", ".join(f"{name} (category {FIELD_CATEGORY[name]!r})" for name in names)
+
+
 def _check_uuid(value: object, name: str) -> str:
     """A canonical UUID string (lower-case, hyphenated), as consent.proto and referral.proto
     require for consent, referral and message ids."""
@@ -691,27 +701,16 @@ def _check_uuid(value: object, name: str) -> str:
     return value
 
 
-def _check_id(value: object, name: str, limits: ConsentLimits) -> str:
-    if (
-        not isinstance(value, str)
-        or not 1 <= len(value) <= limits.max_id_chars
-        or _ID_PATTERN.fullmatch(value) is None
-    ):
-        raise InvalidInput(
-            f"{name} must be 1 to {limits.max_id_chars} ASCII letters, digits or ._:@- starting "
-            "with a letter or digit"
-        )
-    return value
+def _check_id(value: str, name: str, limits: ConsentLimits) -> str:
+    # The directory's rule for ids, not a copy of it: the agency ids a receipt names must be ones
+    # the directory can hold, and case ids follow the same rule.
+    id_limits = replace(directory_core.DEFAULT_LIMITS, max_id_chars=limits.max_id_chars)
+    return directory_core.check_agency_id(value, name, id_limits)
 
 
-def _check_text(value: object, name: str, max_chars: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(f"{name} is required")
-    if len(value) > max_chars:
-        raise InvalidInput(f"{name} is at most {max_chars} characters")
-    if any(unicodedata.category(char) in _FORBIDDEN_TEXT for char in value):
-        raise InvalidInput(f"{name} contains control or formatting characters")
-    return value
+def _check_text(value: str, name: str, max_chars: int) -> str:
+    # Required display text, by the directory's rule (no control or formatting characters).
+    return directory_core.check_text(value, name, max_chars, required=True)
 
 
 def _check_pseudonym(value: object, limits: ConsentLimits) -> str:
@@ -730,7 +729,3 @@ def _check_pseudonym(value: object, limits: ConsentLimits) -> str:
 
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _short(key: bytes) -> str:
-    return key[:8].hex() + "…" if key else "(none)"

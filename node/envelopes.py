@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import ClassVar, Final, TypeAlias
+from typing import ClassVar, Final, TypeAlias, TypedDict
 
 from google.protobuf.message import DecodeError
 
@@ -37,15 +37,18 @@ from node import serde
 
 # Helpers shared by the referral core; they live in node.consent, which this module builds on.
 from node.consent import (
+    _FIELD_ORDER,
     ConsentRefused,
     Refusal,
     VerifiedReceipt,
+    _check_trusted,
     _check_uuid,
-    _iso,
+    _field_list,
+    _member,
     _need,
     verify_receipt,
 )
-from node.htcds import FIELD_CATEGORY, FIELD_NAMES, MAX_TEXT_CHARS, NeedCategory
+from node.htcds import FIELD_CATEGORY, MAX_TEXT_CHARS, NeedCategory
 from tessera import crypto
 from tessera.crypto import Identity
 from tessera.directory import AgencyRecord
@@ -97,7 +100,6 @@ DEFAULT_LIMITS: Final = EnvelopeLimits()
 # Bytes seal() adds around the content: the sealed box (32-byte ephemeral key, 16-byte tag) and
 # the 64-byte signature.
 _SEAL_OVERHEAD: Final = 32 + 16 + crypto.SIGNATURE_BYTES
-_FIELD_ORDER: Final = {name: index for index, name in enumerate(FIELD_NAMES)}
 
 
 # --- domain vocabulary ----------------------------------------------------------------------
@@ -237,6 +239,14 @@ OpenedEnvelope: TypeAlias = (
     ReceivedReferral | ReceivedStatus | ReceivedRevocation | ReceivedPurgeConfirmation
 )
 
+# What each EnvelopeKind carries on the wire, in the same order.
+_Payload: TypeAlias = (
+    referral_pb.Referral
+    | referral_pb.StatusUpdate
+    | referral_pb.Revocation
+    | referral_pb.PurgeConfirmation
+)
+
 
 # --- builders (the sending side) ------------------------------------------------------------
 
@@ -280,9 +290,9 @@ def referral_envelope(
         sender_contact=_check_text(sender_contact, "sender_contact", limits.max_contact_chars),
         sent_at=to_timestamp(now, "now"),
     )
-    content = _content(sender_id, recipient, now, message_id)
-    content.referral.CopyFrom(referral)
-    return _seal(sender, recipient, EnvelopeKind.REFERRAL, content, limits)
+    return _seal(
+        sender, sender_id, recipient, now, message_id, EnvelopeKind.REFERRAL, referral, limits
+    )
 
 
 def status_envelope(
@@ -304,8 +314,10 @@ def status_envelope(
     otherwise; ``decline_text`` only with DECLINED, required with OTHER, never survivor details.
     ``status_at`` (when it took effect) defaults to ``now``."""
     _check_parties(sender, sender_id, recipient, now, limits)
-    status = _status(status)
-    reason = None if decline_reason is None else _reason(decline_reason)
+    status = _member(ReferralStatus, status, "referral status")
+    reason = (
+        None if decline_reason is None else _member(DeclineReason, decline_reason, "decline reason")
+    )
     _check_decline(status, reason, decline_text, limits)
     update = referral_pb.StatusUpdate(
         referral_id=_check_uuid(referral_id, "referral_id"),
@@ -318,9 +330,9 @@ def status_envelope(
         decline_text=decline_text,
         status_at=to_timestamp(now if status_at is None else status_at, "status_at"),
     )
-    content = _content(sender_id, recipient, now, message_id)
-    content.status_update.CopyFrom(update)
-    return _seal(sender, recipient, EnvelopeKind.STATUS_UPDATE, content, limits)
+    return _seal(
+        sender, sender_id, recipient, now, message_id, EnvelopeKind.STATUS_UPDATE, update, limits
+    )
 
 
 def revocation_envelope(
@@ -343,9 +355,9 @@ def revocation_envelope(
         consent_id=_check_uuid(consent_id, "consent_id"),
         revoked_at=to_timestamp(revoked_at, "revoked_at"),
     )
-    content = _content(sender_id, recipient, now, message_id)
-    content.revocation.CopyFrom(revocation)
-    return _seal(sender, recipient, EnvelopeKind.REVOCATION, content, limits)
+    return _seal(
+        sender, sender_id, recipient, now, message_id, EnvelopeKind.REVOCATION, revocation, limits
+    )
 
 
 def purge_confirmation_envelope(
@@ -374,9 +386,16 @@ def purge_confirmation_envelope(
         purged_at=to_timestamp(purged_at, "purged_at"),
         purged_fields=names,
     )
-    content = _content(sender_id, recipient, now, message_id)
-    content.purge_confirmation.CopyFrom(confirmation)
-    return _seal(sender, recipient, EnvelopeKind.PURGE_CONFIRMATION, content, limits)
+    return _seal(
+        sender,
+        sender_id,
+        recipient,
+        now,
+        message_id,
+        EnvelopeKind.PURGE_CONFIRMATION,
+        confirmation,
+        limits,
+    )
 
 
 # --- opening (the receiving side) -----------------------------------------------------------
@@ -455,17 +474,12 @@ def _check_parties(
         raise InvalidInput("a recipient must be its directory record")
     if recipient.agency_id == sender_id:
         raise InvalidInput("an agency does not send envelopes to itself")
-    if recipient.revoked:
-        raise Refused(
-            f"agency {recipient.agency_id} has been revoked from the directory; nothing is sent "
-            "to it",
-            hint="contact the broker operator if this is unexpected",
-        )
-    if recipient.valid_until is not None and now >= recipient.valid_until:
-        raise Refused(
-            f"agency {recipient.agency_id}'s keys expired at {_iso(recipient.valid_until)}",
-            hint="sync the directory (the agency may have rotated its keys)",
-        )
+    _check_trusted(
+        recipient,
+        now,
+        if_revoked="nothing is sent to it",
+        hint="contact the broker operator if this is unexpected",
+    )
 
 
 def _fields_for_wire(
@@ -478,38 +492,35 @@ def _fields_for_wire(
     _check_field_names(names, "fields")
     outside = [name for name in names if not receipt.covers(name)]
     if outside:
-        listed = ", ".join(f"{name} (category {FIELD_CATEGORY[name]!r})" for name in outside)
         raise ConsentRefused(
-            f"consent {receipt.consent_id} does not cover {listed}; nothing was sent",
+            f"consent {receipt.consent_id} does not cover {_field_list(outside)}; nothing was sent",
             reason=Refusal.FIELD_NOT_COVERED,
             fields=tuple(outside),
             hint="send only the consented fields (node.consent.minimise)",
         )
-    ordered = sorted(names, key=_FIELD_ORDER.__getitem__)
-    return [
-        common_pb.Field(name=name, value=_check_value(name, fields[name], limits))
-        for name in ordered
-    ]
+    checked = {name: _check_value(name, fields[name], limits) for name in names}
+    return serde.fields_pb(checked)  # HTCDS column order; every value here is non-empty
 
 
-def _content(
-    sender_id: str, recipient: AgencyRecord, now: datetime, message_id: str
-) -> referral_pb.EnvelopeContent:
-    return referral_pb.EnvelopeContent(
+def _seal(
+    sender: Identity,
+    sender_id: str,
+    recipient: AgencyRecord,
+    now: datetime,
+    message_id: str,
+    kind: EnvelopeKind,
+    message: _Payload,
+    limits: EnvelopeLimits,
+) -> bytes:
+    """``message`` as the ``kind`` payload of an EnvelopeContent from ``sender_id`` to
+    ``recipient``, signed and sealed under the kind's label; InvalidInput over the size limit."""
+    content = referral_pb.EnvelopeContent(
         message_id=_check_uuid(message_id, "message_id"),
         sender_agency_id=sender_id,
         recipient_agency_id=recipient.agency_id,
         created_at=to_timestamp(now, "now"),
     )
-
-
-def _seal(
-    sender: Identity,
-    recipient: AgencyRecord,
-    kind: EnvelopeKind,
-    content: referral_pb.EnvelopeContent,
-    limits: EnvelopeLimits,
-) -> bytes:
+    getattr(content, kind.value).CopyFrom(message)  # a kind's value is its oneof field name
     payload = content.SerializeToString(deterministic=True)
     if len(payload) + _SEAL_OVERHEAD > limits.max_sealed_bytes:
         raise InvalidInput(
@@ -523,25 +534,12 @@ def _seal(
 # --- internals: receiving -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Common:
+class _Common(TypedDict):
+    """The checked ``EnvelopeContent`` fields every kind of result starts with."""
+
     message_id: str
     sender_agency_id: str
     created_at: datetime
-
-
-def _check_sender_record(sender: AgencyRecord, now: datetime) -> None:
-    if sender.revoked:
-        raise Refused(
-            f"agency {sender.agency_id} has been revoked from the directory; its envelopes are "
-            "refused",
-            hint="acknowledge and drop it; contact the broker operator if this is unexpected",
-        )
-    if sender.valid_until is not None and now >= sender.valid_until:
-        raise Refused(
-            f"agency {sender.agency_id}'s keys expired at {_iso(sender.valid_until)}",
-            hint="sync the directory (the agency may have rotated its keys)",
-        )
 
 
 def _check_open_inputs(
@@ -558,7 +556,12 @@ def _check_open_inputs(
     require_aware(now, "now")
     if not isinstance(sender, AgencyRecord):
         raise InvalidInput("open_envelope needs the sender's directory record")
-    _check_sender_record(sender, now)
+    _check_trusted(
+        sender,
+        now,
+        if_revoked="its envelopes are refused",
+        hint="acknowledge and drop it; contact the broker operator if this is unexpected",
+    )
     if not isinstance(sealed, bytes) or not sealed:
         raise InvalidInput("a sealed envelope must be non-empty bytes")
     if len(sealed) > limits.max_sealed_bytes:
@@ -605,7 +608,11 @@ def _check_addresses(
     message_id = _check_uuid(content.message_id, "message_id")
     if not content.HasField("created_at"):
         raise InvalidInput("the envelope's created_at is missing")
-    return _Common(message_id, sender.agency_id, to_datetime(content.created_at, "created_at"))
+    return _Common(
+        message_id=message_id,
+        sender_agency_id=sender.agency_id,
+        created_at=to_datetime(content.created_at, "created_at"),
+    )
 
 
 def _open_either(recipient: Identity, sender: AgencyRecord, sealed: bytes) -> tuple[bytes, bytes]:
@@ -638,9 +645,10 @@ def _received_referral(
     if not referral.HasField("sent_at"):
         raise InvalidInput(f"referral {referral_id}'s sent_at is missing")
     # The receipt: same sender, this node, valid now, purpose = need (referral.proto, Referral).
+    # The sender's record was checked in step 1 of open_envelope, so its key is passed as is.
     receipt = verify_receipt(
         referral.consent_receipt,
-        sender,
+        sender.identity,
         sender.agency_id,
         my_agency_id,
         now,
@@ -657,10 +665,9 @@ def _received_referral(
         )
     outside = [name for name in names if not receipt.covers(name)]
     if outside:
-        listed = ", ".join(f"{name} (category {FIELD_CATEGORY[name]!r})" for name in outside)
         raise ConsentRefused(
-            f"referral {referral_id} from {sender.agency_id} carries {listed}, which its consent "
-            f"receipt {receipt.consent_id} does not cover",
+            f"referral {referral_id} from {sender.agency_id} carries {_field_list(outside)}, "
+            f"which its consent receipt {receipt.consent_id} does not cover",
             reason=Refusal.FIELD_NOT_COVERED,
             fields=tuple(outside),
             hint="do not store it; report it to the sending agency",
@@ -669,9 +676,7 @@ def _received_referral(
         entry.name: _check_value(entry.name, entry.value, limits) for entry in referral.fields
     }
     return ReceivedReferral(
-        message_id=common.message_id,
-        sender_agency_id=common.sender_agency_id,
-        created_at=common.created_at,
+        **common,
         referral_id=referral_id,
         need=need,
         fields=MappingProxyType(values),
@@ -699,9 +704,7 @@ def _received_status(
     if not update.HasField("status_at"):
         raise InvalidInput("the status update's status_at is missing")
     return ReceivedStatus(
-        message_id=common.message_id,
-        sender_agency_id=common.sender_agency_id,
-        created_at=common.created_at,
+        **common,
         referral_id=_check_uuid(update.referral_id, "referral_id"),
         status=status,
         decline_reason=reason,
@@ -714,9 +717,7 @@ def _received_revocation(common: _Common, revocation: referral_pb.Revocation) ->
     if not revocation.HasField("revoked_at"):
         raise InvalidInput("the revocation's revoked_at is missing")
     return ReceivedRevocation(
-        message_id=common.message_id,
-        sender_agency_id=common.sender_agency_id,
-        created_at=common.created_at,
+        **common,
         referral_id=_check_uuid(revocation.referral_id, "referral_id"),
         consent_id=_check_uuid(revocation.consent_id, "consent_id"),
         revoked_at=to_datetime(revocation.revoked_at, "revoked_at"),
@@ -733,9 +734,7 @@ def _received_purge(
     if any(later <= earlier for earlier, later in itertools.pairwise(names)):
         raise InvalidInput("purged_fields must be ascending without repeats")
     return ReceivedPurgeConfirmation(
-        message_id=common.message_id,
-        sender_agency_id=common.sender_agency_id,
-        created_at=common.created_at,
+        **common,
         referral_id=_check_uuid(confirmation.referral_id, "referral_id"),
         consent_id=_check_uuid(confirmation.consent_id, "consent_id"),
         purged_at=to_datetime(confirmation.purged_at, "purged_at"),
@@ -797,25 +796,3 @@ def _check_id(value: object, name: str, limits: EnvelopeLimits) -> str:
     if not isinstance(value, str) or not value or len(value) > limits.max_id_chars:
         raise InvalidInput(f"{name} must be 1 to {limits.max_id_chars} characters")
     return value
-
-
-def _status(value: object) -> ReferralStatus:
-    if isinstance(value, ReferralStatus):
-        return value
-    if isinstance(value, str) and value in ReferralStatus.__members__.values():
-        return ReferralStatus(value)
-    raise InvalidInput(
-        f"unknown referral status {value!r}",
-        hint=f"one of: {', '.join(s.value for s in ReferralStatus)}",
-    )
-
-
-def _reason(value: object) -> DeclineReason:
-    if isinstance(value, DeclineReason):
-        return value
-    if isinstance(value, str) and value in DeclineReason.__members__.values():
-        return DeclineReason(value)
-    raise InvalidInput(
-        f"unknown decline reason {value!r}",
-        hint=f"one of: {', '.join(r.value for r in DeclineReason)}",
-    )

@@ -316,16 +316,16 @@ def enrol_statement(
     limits = DEFAULT_LIMITS
     message = directory_pb.DirectoryEntry(
         kind=directory_pb.ENTRY_KIND_ENROL,
-        agency_id=_check_id(agency_id, "agency_id", limits),
-        name=_check_text(name, "name", limits.max_name_chars, required=True),
-        region=_check_id(region, "region", limits),
+        agency_id=check_agency_id(agency_id, "agency_id", limits),
+        name=check_text(name, "name", limits.max_name_chars, required=True),
+        region=check_agency_id(region, "region", limits),
         services=_services_to_wire(services),
         signing_key=identity.public.signing_key,
         encryption_key=identity.public.encryption_key,
     )
     message.valid_from.CopyFrom(to_timestamp(now, "now"))
     message.created_at.CopyFrom(to_timestamp(now, "now"))
-    return _sign_blob(
+    return sign_blob(
         identity, crypto.LABEL_KEY_ROTATION, message.SerializeToString(deterministic=True)
     )
 
@@ -350,8 +350,8 @@ def rotate_statement(
         raise InvalidInput("rotate_statement needs the agency's current record")
     if old.public.signing_key != current.identity.signing_key:
         raise InvalidInput(
-            f"the old key {_short(old.public.signing_key)} is not agency {current.agency_id}'s "
-            f"current signing key {_short(current.identity.signing_key)}"
+            f"the old key {short_key(old.public.signing_key)} is not agency {current.agency_id}'s "
+            f"current signing key {short_key(current.identity.signing_key)}"
         )
     if current.revoked:
         raise Refused(f"agency {current.agency_id} was revoked; its keys cannot be rotated")
@@ -359,7 +359,7 @@ def rotate_statement(
     message = directory_pb.DirectoryEntry(
         kind=directory_pb.ENTRY_KIND_ROTATE,
         agency_id=current.agency_id,
-        name=_check_text(
+        name=check_text(
             current.name if name is None else name, "name", limits.max_name_chars, required=True
         ),
         region=current.region,
@@ -371,7 +371,7 @@ def rotate_statement(
     message.valid_from.CopyFrom(to_timestamp(now, "now"))
     message.created_at.CopyFrom(to_timestamp(now, "now"))
     body = message.SerializeToString(deterministic=True)
-    return _sign_blob(old, crypto.LABEL_KEY_ROTATION, body), new.sign(POSSESSION_LABEL, body)
+    return sign_blob(old, crypto.LABEL_KEY_ROTATION, body), new.sign(POSSESSION_LABEL, body)
 
 
 def revoke_statement(
@@ -395,14 +395,14 @@ def revoke_statement(
         region=current.region,
         services=_services_to_wire(current.services),
         previous_signing_key=current.identity.signing_key,
-        reason=_check_text(reason, "reason", limits.max_reason_chars, required=False),
+        reason=check_text(reason, "reason", limits.max_reason_chars, required=False),
     )
     message.valid_from.CopyFrom(to_timestamp(current.valid_from, "valid_from"))
     message.valid_until.CopyFrom(
         to_timestamp(max(require_aware(now, "now"), current.valid_from), "now")
     )
     message.created_at.CopyFrom(to_timestamp(now, "now"))
-    return _sign_blob(
+    return sign_blob(
         broker, crypto.LABEL_KEY_ROTATION, message.SerializeToString(deterministic=True)
     )
 
@@ -440,7 +440,7 @@ def check_statement(
       NotFound      a ROTATE or REVOKE for an agency that never enrolled
     """
     broker_key = _check_key(broker_key, "broker_key")
-    region = _check_id(region, "region", limits)
+    region = check_agency_id(region, "region", limits)
     if not isinstance(possession, bytes):
         raise InvalidInput("the possession signature must be bytes (empty if not a ROTATE)")
     statement = _parse_statement(statement_blob, limits)
@@ -497,7 +497,7 @@ def append(
     entry.statement.CopyFrom(statement)
     entry.logged_at.CopyFrom(to_timestamp(now, "now"))
     body = entry.SerializeToString(deterministic=True)
-    blob = _sign_blob(broker, crypto.LABEL_DIRECTORY_ENTRY, body)
+    blob = sign_blob(broker, crypto.LABEL_DIRECTORY_ENTRY, body)
     return blob, next_chain(prev_chain, leaf_hash(body))
 
 
@@ -511,10 +511,10 @@ def sign_head(
     if size == 0 and chain != GENESIS_CHAIN:
         raise InvalidInput("the head of an empty log must carry chain(0), 32 zero bytes")
     head = directory_pb.LogHead(
-        region=_check_id(region, "region", DEFAULT_LIMITS), size=size, chain=chain
+        region=check_agency_id(region, "region", DEFAULT_LIMITS), size=size, chain=chain
     )
     head.signed_at.CopyFrom(to_timestamp(now, "now"))
-    return _sign_blob(
+    return sign_blob(
         broker, crypto.LABEL_DIRECTORY_HEAD, head.SerializeToString(deterministic=True)
     )
 
@@ -536,7 +536,7 @@ def verify_head(
     an old head (a freeze); callers may compare ``signed_at`` with their clock.
     """
     broker_key = _check_key(broker_key, "broker_key")
-    region = _check_id(region, "region", limits)
+    region = check_agency_id(region, "region", limits)
     try:
         body = _verified_body(
             head_blob, "head", broker_key, crypto.LABEL_DIRECTORY_HEAD, limits.max_head_bytes
@@ -576,7 +576,7 @@ def verify_entry(
     return _verify_entry(
         entry_blob,
         _check_key(broker_key, "broker_key"),
-        _check_id(region, "region", limits),
+        check_agency_id(region, "region", limits),
         limits,
         None,
     )
@@ -613,7 +613,7 @@ def verify_extension(
       InvalidInput           fewer entries than the head commits to (fetch the rest first)
     """
     broker_key = _check_key(broker_key, "broker_key")
-    region = _check_id(region, "region", limits)
+    region = check_agency_id(region, "region", limits)
     known_size, known_chain = _check_known(known_size, known_chain)
     head = verify_head(head_blob, broker_key, region, limits=limits)
     _check_not_behind(head, known_size)
@@ -735,14 +735,14 @@ def _check_authority(
         if statement.signer != _new_identity(statement).signing_key:
             raise BadSignature(
                 f"an ENROL statement must be self-signed by the signing key it enrols; this one "
-                f"is signed by {_short(statement.signer)}"
+                f"is signed by {short_key(statement.signer)}"
             )
     elif kind is EntryKind.ROTATE:
         if statement.signer != statement.previous_signing_key:
             raise KeyChanged(
                 f"a ROTATE statement must be signed by the key it replaces "
-                f"({_short(statement.previous_signing_key or b'')}); this one is signed by "
-                f"{_short(statement.signer)}"
+                f"({short_key(statement.previous_signing_key or b'')}); this one is signed by "
+                f"{short_key(statement.signer)}"
             )
         if not possession:
             raise BadSignature("a ROTATE needs a possession signature by the new signing key")
@@ -755,7 +755,7 @@ def _check_authority(
     elif statement.signer != broker_key:
         raise BadSignature(
             f"a REVOKE statement must be signed by the broker; this one is signed by "
-            f"{_short(statement.signer)}"
+            f"{short_key(statement.signer)}"
         )
     if kind is not EntryKind.ROTATE and possession:
         raise InvalidInput(f"only a ROTATE carries a possession signature, not an {kind.name}")
@@ -772,7 +772,7 @@ def _transition(
             state = "was revoked" if current.revoked else "is already enrolled"
             raise KeyChanged(
                 f"agency {agency_id} {state} (sequence {current.sequence}) with key "
-                f"{_short(current.identity.signing_key)}; an ENROL cannot replace its keys",
+                f"{short_key(current.identity.signing_key)}; an ENROL cannot replace its keys",
                 sequence=sequence,
             )
         return AgencyRecord(
@@ -807,8 +807,8 @@ def _transition(
     if statement.previous_signing_key != pinned:
         raise KeyChanged(
             f"a {kind.name} for agency {agency_id} names previous key "
-            f"{_short(statement.previous_signing_key or b'')}, not its current key "
-            f"{_short(pinned)}",
+            f"{short_key(statement.previous_signing_key or b'')}, not its current key "
+            f"{short_key(pinned)}",
             sequence=sequence,
         )
     if kind is EntryKind.REVOKE:
@@ -858,7 +858,7 @@ def _parse_statement(blob: common_pb.SignedBlob, limits: DirectoryLimits) -> Age
         crypto.verify(signer, crypto.LABEL_KEY_ROTATION, body, blob.signature)
     except BadSignature:
         raise BadSignature(
-            f"the statement's signature does not verify under its signer {_short(signer)}"
+            f"the statement's signature does not verify under its signer {short_key(signer)}"
         ) from None
     message = directory_pb.DirectoryEntry()
     _parse(message, body, "statement")
@@ -872,9 +872,9 @@ def _parse_statement(blob: common_pb.SignedBlob, limits: DirectoryLimits) -> Age
     identity, previous, reason = _statement_keys(message, kind, limits)
     return AgencyStatement(
         kind=kind,
-        agency_id=_check_id(message.agency_id, "agency_id", limits),
-        name=_check_text(message.name, "name", limits.max_name_chars, required=True),
-        region=_check_id(message.region, "region", limits),
+        agency_id=check_agency_id(message.agency_id, "agency_id", limits),
+        name=check_text(message.name, "name", limits.max_name_chars, required=True),
+        region=check_agency_id(message.region, "region", limits),
         services=_services_from_wire(message.services, limits),
         identity=identity,
         previous_signing_key=previous,
@@ -909,7 +909,7 @@ def _statement_keys(
     if kind is EntryKind.REVOKE:
         if message.signing_key or message.encryption_key:
             raise InvalidInput("a REVOKE statement carries no keys")
-        reason = _check_text(message.reason, "reason", limits.max_reason_chars, required=False)
+        reason = check_text(message.reason, "reason", limits.max_reason_chars, required=False)
     else:
         identity = PublicIdentity(
             _check_key(message.signing_key, "signing_key"),
@@ -978,8 +978,8 @@ def _verified_body(
         raise InvalidInput(f"its body must be 1 to {max_bytes} bytes")
     if blob.signer != broker_key:
         raise BadSignature(
-            f"it is signed by key {_short(blob.signer)}, not the pinned broker key "
-            f"{_short(broker_key)}"
+            f"it is signed by key {short_key(blob.signer)}, not the pinned broker key "
+            f"{short_key(broker_key)}"
         )
     try:
         crypto.verify(broker_key, label, blob.body, blob.signature)
@@ -1039,7 +1039,9 @@ def _check_chain(value: bytes, name: str) -> bytes:
     return value
 
 
-def _check_id(value: str, name: str, limits: DirectoryLimits) -> str:
+def check_agency_id(value: str, name: str, limits: DirectoryLimits) -> str:
+    """``value`` if it is a well-formed agency (or case) id under ``limits``; InvalidInput naming
+    ``name`` otherwise. Used wherever an agency id is read from outside."""
     if (
         not isinstance(value, str)
         or not 1 <= len(value) <= limits.max_id_chars
@@ -1052,7 +1054,9 @@ def _check_id(value: str, name: str, limits: DirectoryLimits) -> str:
     return value
 
 
-def _check_text(value: str, name: str, max_chars: int, *, required: bool) -> str:
+def check_text(value: str, name: str, max_chars: int, *, required: bool) -> str:
+    """``value`` if it is display text a person may safely be shown (bounded, no control or
+    format characters such as a right-to-left override); InvalidInput naming ``name``."""
     if not isinstance(value, str) or len(value) > max_chars:
         raise InvalidInput(f"{name} must be text of at most {max_chars} characters")
     if required and not value.strip():
@@ -1094,12 +1098,13 @@ def _services_from_wire(values: Iterable[int], limits: DirectoryLimits) -> tuple
     return tuple(_SERVICE_CODES[value] for value in values if value in _SERVICE_CODES)
 
 
-def _sign_blob(signer: Identity, label: bytes, body: bytes) -> common_pb.SignedBlob:
+def sign_blob(signer: Identity, label: bytes, body: bytes) -> common_pb.SignedBlob:
+    """``body`` as a SignedBlob signed by ``signer`` under ``label`` (common.proto, rule 2)."""
     return common_pb.SignedBlob(
         body=body, signature=signer.sign(label, body), signer=signer.public.signing_key
     )
 
 
-def _short(key: bytes) -> str:
+def short_key(key: bytes) -> str:
     """A short, unambiguous-enough rendering of a public key for error messages."""
     return key[:8].hex() + "…" if key else "(none)"

@@ -118,7 +118,11 @@ def test_consent_accepts_codes_and_expands_categories() -> None:
         ({"consent_id": CONSENT_ID.upper()}, "canonical form"),
         ({"case_id": ""}, "case_id must be"),
         ({"recipient_agency_id": " "}, "recipient_agency_id must be"),
+        # A look-alike of legal-aid-02 (U+2010 HYPHEN): ids are ASCII, as in the directory.
+        ({"recipient_agency_id": "legal\u2010aid-02"}, "recipient_agency_id must be"),
         ({"witnessed_by": ""}, "witnessed_by is required"),
+        # A right-to-left override would make the name display as something else.
+        ({"witnessed_by": "staff:\u202eAna Ortiz"}, "control or formatting characters"),
         ({"purpose": "housing"}, "unknown purpose"),
         ({"method": "telepathy"}, "unknown consent method"),
         ({"survivor_pseudonym": "Mirelka Dovanto"}, "never use a name"),
@@ -294,6 +298,11 @@ def test_receipt_holds_the_consent_and_a_pseudonym_never_the_case() -> None:
     assert b"case-0042" not in blob.body
 
 
+def test_no_receipt_naming_the_sender_as_its_recipient() -> None:
+    with pytest.raises(InvalidInput, match="sending agency as its recipient"):
+        receipt_blob(SENDER, RECIPIENT_ID, make_consent())
+
+
 def test_no_receipt_for_a_revoked_consent() -> None:
     with pytest.raises(ConsentRefused) as caught:
         receipt_blob(SENDER, SENDER_ID, make_consent(revoked_at=NOW))
@@ -453,6 +462,13 @@ def test_receipt_of_a_revoked_agency_is_refused() -> None:
         verify_receipt(blob, record(SENDER, SENDER_ID, revoked=True), SENDER_ID, RECIPIENT_ID, NOW)
 
 
+def test_receipt_of_an_agency_whose_keys_lapsed_is_refused() -> None:
+    blob = receipt_blob(SENDER, SENDER_ID, make_consent())
+    lapsed = dataclasses.replace(record(SENDER, SENDER_ID), valid_until=NOW)
+    with pytest.raises(Refused, match="keys expired"):
+        verify_receipt(blob, lapsed, SENDER_ID, RECIPIENT_ID, NOW)
+
+
 def test_receipt_checked_against_the_wrong_directory_record_is_refused() -> None:
     blob = receipt_blob(SENDER, SENDER_ID, make_consent())
     with pytest.raises(InvalidInput, match="not the sender"):
@@ -476,6 +492,8 @@ def _receipt_body(**changes: object) -> bytes:
     ("body", "words"),
     [
         (b"\xff\xff", "not a ConsentReceipt"),
+        (b"", "1 to 16384 bytes"),
+        (b"\x00" * (16 * 1024 + 1), "1 to 16384 bytes"),  # refused before any work on it
         (_receipt_body(data_categories=["prs_Gender", "prs_Citizenship"]), "ascending"),
         (_receipt_body(data_categories=["prs_Gender", "prs_Gender"]), "ascending"),
         (_receipt_body(data_categories=["prs_*"]), "not HTCDS fields"),

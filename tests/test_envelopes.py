@@ -8,14 +8,13 @@ refuse are crafted by hand with tessera.crypto.seal, as a malicious node would.
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
 from node import htcds
 from node.consent import (
     Consent,
-    ConsentMethod,
     ConsentRefused,
     Refusal,
     commitment,
@@ -25,6 +24,7 @@ from node.consent import (
 from node.envelopes import (
     DeclineReason,
     EnvelopeKind,
+    EnvelopeLimits,
     ReceivedPurgeConfirmation,
     ReceivedReferral,
     ReceivedRevocation,
@@ -45,30 +45,19 @@ from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import referral_pb2 as referral_pb
 
-NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-ALICE_ID, BOB_ID, MALLORY_ID = "shelter-north-01", "legal-aid-02", "clinic-03"
+# The consent record and directory record factories are test_consent's; its agencies are these.
+from tests.test_consent import CONSENT_ID, NOW, make_consent, record
+from tests.test_consent import OTHER_ID as MALLORY_ID
+from tests.test_consent import RECIPIENT_ID as BOB_ID
+from tests.test_consent import SENDER_ID as ALICE_ID
+
 ALICE = crypto.Identity.from_seed(bytes([11]) * 32)
 BOB = crypto.Identity.from_seed(bytes([12]) * 32)
 MALLORY = crypto.Identity.from_seed(bytes([13]) * 32)
-CONSENT_ID = "0b8f9a52-51c4-4f7e-8a43-9d1e6c2f7b10"
 REFERRAL_ID = "5c3e1f0a-7b2d-4e9c-8f61-a4b2c3d4e5f6"
 MESSAGE_ID = "9e8d7c6b-5a49-4838-a271-6f5e4d3c2b1a"
 MESSAGE_2 = "1a2b3c4d-5e6f-4a8b-9c0d-e1f2a3b4c5d6"
 CASE = htcds.synthetic_records(1, seed=3)[0]
-
-
-def record(identity: crypto.Identity, agency_id: str, *, revoked: bool = False) -> AgencyRecord:
-    return AgencyRecord(
-        agency_id=agency_id,
-        name=agency_id.title(),
-        region="north",
-        services=("immigration", "legal_civil"),
-        identity=identity.public,
-        valid_from=NOW - timedelta(days=365),
-        valid_until=None,
-        revoked=revoked,
-        sequence=1,
-    )
 
 
 ALICE_RECORD, BOB_RECORD, MALLORY_RECORD = (
@@ -79,21 +68,8 @@ ALICE_RECORD, BOB_RECORD, MALLORY_RECORD = (
 
 
 def consent(**changes: object) -> Consent:
-    values: dict[str, object] = {
-        "consent_id": CONSENT_ID,
-        "case_id": "case-0042",
-        "recipient_agency_id": BOB_ID,
-        "purpose": NeedCategory.IMMIGRATION,
-        "categories": frozenset({"identity", "demographics"}),
-        "method": ConsentMethod.WRITTEN,
-        "witnessed_by": "staff:Ana Ortiz",
-        "granted_at": NOW - timedelta(days=1),
-        "expires_at": NOW + timedelta(days=30),
-        "revoked_at": None,
-        "survivor_pseudonym": "psn-0c9d8e7f6a5b4c3d",
-    }
-    values.update(changes)
-    return Consent(**values)  # type: ignore[arg-type]
+    # Identity and demographics: names travel (so the tests can look for them), contact does not.
+    return make_consent(**{"categories": frozenset({"identity", "demographics"}), **changes})
 
 
 CONSENT = consent()
@@ -305,6 +281,20 @@ def test_builder_refuses_bad_referrals(
         assert caught.value.reason is reason
 
 
+def test_builder_refuses_a_recipient_the_directory_no_longer_trusts() -> None:
+    # Sealing to keys past their valid_until would hand survivor data to whoever still holds them.
+    lapsed = dataclasses.replace(BOB_RECORD, valid_until=NOW)
+    with pytest.raises(Refused, match="keys expired"):
+        send_referral(recipient=lapsed)
+    with pytest.raises(InvalidInput, match="to itself"):
+        send_referral(recipient=ALICE_RECORD)
+
+
+def test_builder_refuses_an_envelope_over_the_size_limit() -> None:
+    with pytest.raises(InvalidInput, match="a sealed envelope is at most 512"):
+        send_referral(limits=EnvelopeLimits(max_sealed_bytes=512))
+
+
 @pytest.mark.parametrize(
     ("status", "reason", "text", "words"),
     [
@@ -373,6 +363,15 @@ def test_referral_smuggling_a_field_outside_the_receipt_is_refused() -> None:
     assert caught.value.fields == ("prs_MobilePhone",)
     assert "prs_MobilePhone (category 'contact')" in caught.value.message
     assert CASE["prs_MobilePhone"] not in str(caught.value)
+
+
+def test_receipt_naming_another_sender_is_refused() -> None:
+    # Mallory signs a receipt claiming Alice recorded the consent, and sends the referral herself.
+    claimed = receipt_blob(MALLORY, ALICE_ID, consent())
+    message = content(sender_id=MALLORY_ID, referral=referral_message(receipt=claimed))
+    with pytest.raises(ConsentRefused) as caught:
+        bob_opens(hand_sealed(message, signer=MALLORY), sender=MALLORY_RECORD)
+    assert caught.value.reason is Refusal.OTHER_SENDER
 
 
 def test_referral_for_another_need_than_the_receipt_is_refused() -> None:
@@ -462,6 +461,8 @@ def test_envelope_from_a_revoked_agency_is_refused() -> None:
     lapsed = dataclasses.replace(ALICE_RECORD, valid_until=NOW - timedelta(seconds=1))
     with pytest.raises(Refused, match="expired"):
         bob_opens(revocation, sender=lapsed)
+    with pytest.raises(Refused, match="expired"):
+        bob_opens(send_referral(), sender=lapsed)
 
 
 def test_delivery_commitment_must_match_the_receipt() -> None:
@@ -485,11 +486,19 @@ def without_receipt() -> referral_pb.EnvelopeContent:
     return message
 
 
+def with_a_field_twice() -> referral_pb.EnvelopeContent:
+    # A consented field repeated with a second value, hoping the receiver keeps the other one.
+    message = content(referral=referral_message())
+    message.referral.fields.add(name=message.referral.fields[0].name, value="someone else")
+    return message
+
+
 @pytest.mark.parametrize(
     ("message", "words"),
     [
         (content(), "no payload"),
         (without_receipt(), "carries no consent receipt"),
+        (with_a_field_twice(), "given twice"),
         (
             content(referral=referral_message(fields={"prs_Gender": "x", "prs_FirstName": "A"})),
             "column order",
