@@ -16,7 +16,12 @@ _COLUMNS = ["referral_id", "direction", "agency", "need", "state", "decline_reas
 
 
 class Reason(enum.StrEnum):
-    """Why a referral is declined."""
+    """Why a referral is declined.
+
+    The values of ``node.envelopes.DeclineReason``, repeated here because Typer needs the choices
+    when the CLI starts and importing the envelope module (crypto, protobuf) would slow every
+    command down; a test keeps the two equal.
+    """
 
     NO_CAPACITY = "no_capacity"
     NOT_ELIGIBLE = "not_eligible"

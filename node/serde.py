@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -15,7 +16,11 @@ from tessera.timestamps import to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import node_pb2 as node_pb
 
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
+
 _FIELD_ORDER = {name: index for index, name in enumerate(FIELD_NAMES)}
+_V = TypeVar("_V", bound=int)
 
 
 def timestamp(value: dt.datetime | None) -> Timestamp | None:
@@ -23,18 +28,31 @@ def timestamp(value: dt.datetime | None) -> Timestamp | None:
     return None if value is None else to_timestamp(value)
 
 
+def wire_enum(wire: _EnumTypeWrapper[_V], prefix: str, code: str) -> _V:
+    """The wire enum value that names a domain code: ``prefix`` + the code upper-cased
+    (``NEED_CATEGORY_`` and "medical" give NEED_CATEGORY_MEDICAL)."""
+    return wire.Value(f"{prefix}{code.upper()}")
+
+
+def wire_code(wire: _EnumTypeWrapper[Any], prefix: str, value: int) -> str:
+    """The lower-case domain code a wire enum value names, without ``prefix``; "" for a number
+    the wire enum does not define. Callers check the code against their domain enum and refuse
+    anything else (UNSPECIFIED included) in their own words."""
+    try:
+        name = wire.Name(value)
+    except ValueError:
+        return ""
+    return name.removeprefix(prefix).lower()
+
+
 def need_category_pb(category: NeedCategory) -> common_pb.NeedCategory.ValueType:
     """The wire enum value for a need category code."""
-    return common_pb.NeedCategory.Value(f"NEED_CATEGORY_{category.value.upper()}")
+    return wire_enum(common_pb.NeedCategory, "NEED_CATEGORY_", category.value)
 
 
 def need_category(value: int) -> NeedCategory:
     """The need category code for a wire enum value; InvalidInput when unset or unknown."""
-    try:
-        name = common_pb.NeedCategory.Name(value)  # type: ignore[arg-type]
-    except ValueError:
-        name = ""
-    code = name.removeprefix("NEED_CATEGORY_").lower()
+    code = wire_code(common_pb.NeedCategory, "NEED_CATEGORY_", value)
     if code in NeedCategory.__members__.values():
         return NeedCategory(code)
     raise InvalidInput(
@@ -44,16 +62,12 @@ def need_category(value: int) -> NeedCategory:
 
 def need_status_pb(status: NeedStatus) -> common_pb.NeedStatus.ValueType:
     """The wire enum value for a need status code."""
-    return common_pb.NeedStatus.Value(f"NEED_STATUS_{status.value.upper()}")
+    return wire_enum(common_pb.NeedStatus, "NEED_STATUS_", status.value)
 
 
 def need_status(value: int) -> NeedStatus:
     """The need status code for a wire enum value; InvalidInput when unset or unknown."""
-    try:
-        name = common_pb.NeedStatus.Name(value)  # type: ignore[arg-type]
-    except ValueError:
-        name = ""
-    code = name.removeprefix("NEED_STATUS_").lower()
+    code = wire_code(common_pb.NeedStatus, "NEED_STATUS_", value)
     if code in NeedStatus.__members__.values():
         return NeedStatus(code)
     raise InvalidInput(

@@ -36,7 +36,6 @@ from node.store.referrals import (
     ReferralState,
     ReferralStore,
 )
-from node.store.tables import IncomingReferralRow
 from tessera import crypto, directory, rpc
 from tessera.config import KekSource, Settings
 from tessera.errors import InvalidInput, NotFound, Refused
@@ -731,7 +730,7 @@ class NodeServicer(node_grpc.NodeServicer):
         actor = _actor()
 
         def answer() -> IncomingReferral:
-            sender_id = self._incoming_sender(referral_id)
+            sender_id = self._referrals.incoming_sender(referral_id)
             link = directory_sync.load_link(self._settings.home)
             record = self._recipient(sender_id)
             message_id = str(uuid.uuid4())
@@ -783,13 +782,6 @@ class NodeServicer(node_grpc.NodeServicer):
     def _agency_names(self) -> dict[str, str]:
         cache = directory_sync.load_cache(self._settings.home)
         return {agency_id: r.name for agency_id, r in cache.records.items()}
-
-    def _incoming_sender(self, referral_id: str) -> str:
-        with self._store._reading() as session:
-            row = session.get(IncomingReferralRow, referral_id)
-        if row is None:
-            raise NotFound(f"no incoming referral {referral_id}", hint="`tessera referral inbox`")
-        return row.sender_id
 
     def _consent_pb(self, consent: consent_mod.Consent) -> node_pb.Consent:
         link = directory_sync.load_link(self._settings.home)
@@ -927,16 +919,12 @@ def _agency_id(value: str) -> str:
 
 
 def _consent_method(value: int) -> consent_mod.ConsentMethod:
-    name = consent_pb.ConsentMethod.Name(value) if value in _METHODS else ""  # type: ignore[arg-type]
-    code = name.removeprefix("CONSENT_METHOD_").lower()
+    code = serde.wire_code(consent_pb.ConsentMethod, "CONSENT_METHOD_", value)
     if code not in {m.value for m in consent_mod.ConsentMethod}:
         raise InvalidInput(
             "how consent was given is required", hint="verbal, written or electronic"
         )
     return consent_mod.ConsentMethod(code)
-
-
-_METHODS = frozenset(consent_pb.ConsentMethod.values())
 
 
 def _consent_state(
@@ -950,15 +938,11 @@ def _consent_state(
 
 
 def _referral_state_pb(state: ReferralState) -> node_pb.ReferralState.ValueType:
-    return node_pb.ReferralState.Value(f"REFERRAL_STATE_{state.value.upper()}")
+    return serde.wire_enum(node_pb.ReferralState, "REFERRAL_STATE_", state.value)
 
 
 def _referral_state(value: int) -> ReferralState:
-    try:
-        name = node_pb.ReferralState.Name(value)  # type: ignore[arg-type]
-    except ValueError:
-        name = ""
-    code = name.removeprefix("REFERRAL_STATE_").lower()
+    code = serde.wire_code(node_pb.ReferralState, "REFERRAL_STATE_", value)
     if code not in {s.value for s in ReferralState}:
         raise InvalidInput("unknown referral state", hint=", ".join(s.value for s in ReferralState))
     return ReferralState(code)
@@ -967,17 +951,16 @@ def _referral_state(value: int) -> ReferralState:
 def _decline_reason(value: int) -> DeclineReason | None:
     if value == referral_pb.DECLINE_REASON_UNSPECIFIED:
         return None
-    try:
-        name = referral_pb.DeclineReason.Name(value)  # type: ignore[arg-type]
-    except ValueError:
-        raise InvalidInput("unknown decline reason") from None
-    return DeclineReason(name.removeprefix("DECLINE_REASON_").lower())
+    code = serde.wire_code(referral_pb.DeclineReason, "DECLINE_REASON_", value)
+    if not code:
+        raise InvalidInput("unknown decline reason")
+    return DeclineReason(code)
 
 
 def _decline_reason_pb(reason: DeclineReason | None) -> referral_pb.DeclineReason.ValueType:
     if reason is None:
         return referral_pb.DECLINE_REASON_UNSPECIFIED
-    return referral_pb.DeclineReason.Value(f"DECLINE_REASON_{reason.value.upper()}")
+    return serde.wire_enum(referral_pb.DeclineReason, "DECLINE_REASON_", reason.value)
 
 
 def _steps_pb(steps: Any) -> list[node_pb.ReferralStep]:

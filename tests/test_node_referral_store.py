@@ -138,6 +138,9 @@ REFERRAL_TABLES = {
     "need": "id",
 }
 
+# The referral tables and the audit log: what a write that failed must have left untouched.
+WITH_AUDIT = {**REFERRAL_TABLES, "audit_log": "seq"}
+
 
 def referral_rows(node: Node, tables: Mapping[str, str] = REFERRAL_TABLES) -> dict[str, list[Any]]:
     return {
@@ -178,6 +181,10 @@ class Sender:
             revoked_at=None,
             survivor_pseudonym=self.store.survivor_pseudonym(self.case_id, BOB_ID),
         )
+
+    def grant(self, categories: tuple[str, ...] = ("identity", "demographics")) -> Consent:
+        """A new consent for Bob, recorded at this node."""
+        return self.store.grant_consent("staff:maria", self.consent(categories))
 
     def send(
         self,
@@ -418,6 +425,21 @@ def make_receiver(nodes: NodeFactory, db_url: str) -> Receiver:
     return Receiver(node, ReferralStore(node.store))
 
 
+def block_outbox_key(node: Node, key: str) -> None:
+    """Queue an unrelated envelope under ``key``, so the next outbox insert with that
+    idempotency key violates its unique constraint: a write that fails after its other rows."""
+    node.sql(
+        "INSERT INTO outbox (kind, referral_id, recipient_id, idempotency_key, "
+        "consent_commitment, sealed, attempts, last_error, created_at) "
+        "VALUES ('status_update', :r, :to, :k, :b, :b, 0, '', :t)",
+        r=new_id(),
+        to=BOB_ID,
+        k=key,
+        b=b"",
+        t=NOW,
+    )
+
+
 @contextmanager
 def statements(node: Node) -> Iterator[list[str]]:
     """Every SQL statement the node's engine sends while the block runs."""
@@ -501,7 +523,7 @@ def test_record_sent_writes_referral_outbox_need_and_disclosure_together(
     nodes: NodeFactory, db_url: str
 ) -> None:
     alice = make_sender(nodes, db_url)
-    consent = alice.store.grant_consent("staff:maria", alice.consent())
+    consent = alice.grant()
     referral = alice.send(consent)
 
     assert referral.state is ReferralState.QUEUED
@@ -547,20 +569,11 @@ def test_a_failure_midway_through_record_sent_writes_nothing(
     nodes: NodeFactory, db_url: str
 ) -> None:
     alice = make_sender(nodes, db_url)
-    consent = alice.store.grant_consent("staff:maria", alice.consent())
+    consent = alice.grant()
     message_id = new_id()
     # A conflicting outbox row: the last insert of record_sent will violate its unique key.
-    alice.node.sql(
-        "INSERT INTO outbox (kind, referral_id, recipient_id, idempotency_key, "
-        "consent_commitment, sealed, attempts, last_error, created_at) "
-        "VALUES ('status_update', :r, :to, :k, :b, :b, 0, '', :t)",
-        r=new_id(),
-        to=BOB_ID,
-        k=message_id,
-        b=b"",
-        t=NOW,
-    )
-    before = referral_rows(alice.node, {**REFERRAL_TABLES, "audit_log": "seq"})
+    block_outbox_key(alice.node, message_id)
+    before = referral_rows(alice.node, WITH_AUDIT)
 
     with statements(alice.node) as sent, pytest.raises(Conflict, match="nothing was written"):
         alice.send(consent, message_id=message_id)
@@ -568,7 +581,7 @@ def test_a_failure_midway_through_record_sent_writes_nothing(
     inserts = [s.split(" (")[0] for s in sent if s.startswith(("INSERT", "UPDATE"))]
     assert inserts.index("INSERT INTO outgoing_referral") < inserts.index("INSERT INTO outbox")
     assert any(s.startswith("UPDATE need") for s in inserts)
-    assert referral_rows(alice.node, {**REFERRAL_TABLES, "audit_log": "seq"}) == before
+    assert referral_rows(alice.node, WITH_AUDIT) == before
     assert alice.need_status() == NeedStatus.IDENTIFIED.value
 
     alice.node.sql("DELETE FROM outbox")
@@ -581,7 +594,7 @@ def test_a_repeated_idempotency_key_never_makes_a_second_referral(
     nodes: NodeFactory, db_url: str
 ) -> None:
     alice = make_sender(nodes, db_url)
-    consent = alice.store.grant_consent("staff:maria", alice.consent())
+    consent = alice.grant()
     referral_id, key = new_id(), new_id()
     first = alice.send(consent, key=key, referral_id=referral_id)
     # The retry (say after a lost answer) seals afresh with a new message id: nothing new.
@@ -598,7 +611,7 @@ def test_a_repeated_idempotency_key_never_makes_a_second_referral(
     assert count(alice.node, "outgoing_referral") == 1
 
     # Concurrent retries through separate processes' stores: still one referral, no error.
-    other = alice.store.grant_consent("staff:maria", alice.consent())
+    other = alice.grant()
     senders = [
         Sender(alice.node, ReferralStore(alice.node.another_store()), alice.case_id, alice.fields)
         for _ in range(4)
@@ -616,7 +629,7 @@ def test_a_repeated_idempotency_key_never_makes_a_second_referral(
 
 def test_record_sent_refuses_what_the_stored_consent_does_not_cover(nodes: NodeFactory) -> None:
     alice = make_sender(nodes, "")
-    narrow = alice.store.grant_consent("staff:maria", alice.consent(("demographics",)))
+    narrow = alice.grant(("demographics",))
     wide = alice.consent(("identity", "demographics"))
     # The caller's copy of a consent says more than the stored one: the stored one decides.
     forged = Consent(**{**wide.__dict__, "consent_id": narrow.consent_id})
@@ -643,7 +656,7 @@ def test_statuses_move_the_referral_and_the_need_forward_once(
     nodes: NodeFactory, db_url: str
 ) -> None:
     alice = make_sender(nodes, db_url)
-    consent = alice.store.grant_consent("staff:maria", alice.consent())
+    consent = alice.grant()
     referral = alice.send(consent)
     rid = referral.referral_id
 
@@ -701,7 +714,7 @@ def test_a_decline_makes_the_need_unmet_and_its_text_is_shredded_with_the_surviv
     nodes: NodeFactory, db_url: str
 ) -> None:
     alice = make_sender(nodes, db_url)
-    consent = alice.store.grant_consent("staff:maria", alice.consent())
+    consent = alice.grant()
     rid = alice.send(consent).referral_id
     declined = alice.apply(
         alice.status_from_bob(rid, ReferralStatus.DECLINED, DeclineReason.OTHER, DECLINE_TEXT)
@@ -727,7 +740,7 @@ def test_a_revocation_withdraws_queued_envelopes_and_closes_with_a_purge_confirm
     nodes: NodeFactory,
 ) -> None:
     alice = make_sender(nodes, "")
-    consent = alice.store.grant_consent("staff:maria", alice.consent())
+    consent = alice.grant()
     sent = alice.send(consent)
     (sent_item,) = alice.store.pending_outbox()
     alice.store.mark_outbox_sent(sent_item.id, b"receipt")
@@ -808,7 +821,7 @@ def test_a_revocation_withdraws_queued_envelopes_and_closes_with_a_purge_confirm
 
 def test_the_outbox_keeps_an_envelope_until_the_broker_accepts_it(nodes: NodeFactory) -> None:
     alice = make_sender(nodes, "")
-    consent = alice.store.grant_consent("staff:maria", alice.consent())
+    consent = alice.grant()
     referral = alice.send(consent)
     (item,) = alice.store.pending_outbox()
     alice.store.outbox_failed(item.id, "broker unavailable: connection refused")
@@ -902,6 +915,49 @@ def test_a_redelivered_referral_is_stored_once(nodes: NodeFactory, db_url: str) 
             bob.referral(referral_id=referral_id, sender=MALLORY, sender_id=MALLORY_ID), "d-4"
         )
     assert count(bob.node, "incoming_referral") == 1
+    assert bob.node.store.verify_audit().ok
+
+
+def test_a_failure_midway_through_storing_or_purging_writes_nothing_and_is_retried(
+    nodes: NodeFactory, db_url: str
+) -> None:
+    # Exactly once in effect means the message is marked applied only with its effect: a
+    # failed write must leave it unapplied, or the redelivery would be dropped as a repeat.
+    bob = make_receiver(nodes, db_url)
+    received = bob.referral()
+    rid = received.referral_id
+    reply = bob.status(rid, ReferralStatus.DELIVERED)
+    block_outbox_key(bob.node, reply.message_id)
+    before = referral_rows(bob.node, WITH_AUDIT)
+    with statements(bob.node) as seen, pytest.raises(Conflict, match="nothing was written"):
+        bob.store.store_incoming(received, "d-1", reply=reply)
+    assert any(s.startswith("INSERT INTO incoming_referral") for s in seen)
+    assert referral_rows(bob.node, WITH_AUDIT) == before
+    bob.node.sql("DELETE FROM outbox")
+    # Redelivered (same message, same delivery): now stored, once.
+    assert bob.store.store_incoming(received, "d-1", reply=reply).state is (ReferralState.DELIVERED)
+    assert count(bob.node, "incoming_referral") == count(bob.node, "processed_message") == 1
+
+    # The purge on revocation: its confirmation cannot be queued, so nothing is purged, nothing
+    # is marked applied, and no ledger line claims a purge that did not happen.
+    revocation = bob.revocation(received)
+    confirm = bob.confirmer(revocation)
+    confirmation = confirm(())
+    block_outbox_key(bob.node, confirmation.message_id)
+    before = referral_rows(bob.node, WITH_AUDIT)
+    with pytest.raises(Conflict):
+        bob.store.purge_incoming(rid, "system:relay", revocation, confirm=lambda _: confirmation)
+    assert referral_rows(bob.node, WITH_AUDIT) == before
+    assert bob.ciphertext(rid)[:2] != (b"", b"")
+    assert ("referral-purged", rid) not in read_ledger(bob.node.home)
+    bob.node.sql("DELETE FROM outbox WHERE idempotency_key = :k", k=confirmation.message_id)
+    # The same revocation redelivered purges.
+    assert bob.store.purge_incoming(rid, "system:relay", revocation, confirm=confirm) == sorted(
+        CANARY_FIELDS
+    )
+    assert bob.ciphertext(rid)[:2] == (b"", b"")
+    assert ("referral-purged", rid) in read_ledger(bob.node.home)
+    assert actions(bob.node, "referral.purged") == 1
     assert bob.node.store.verify_audit().ok
 
 
@@ -1056,7 +1112,7 @@ def test_an_altered_incoming_referral_fails_loudly(nodes: NodeFactory) -> None:
 
 def test_backup_and_restore_round_trip_the_referral_tables(nodes: NodeFactory, db_url: str) -> None:
     alice = make_sender(nodes, db_url)
-    consent = alice.store.grant_consent("staff:maria", alice.consent())
+    consent = alice.grant()
     sent = alice.send(consent)
     alice.apply(
         alice.status_from_bob(

@@ -381,3 +381,10 @@ def test_the_cli_grants_sends_answers_and_accounts(net: Net) -> None:
     assert "DISCLOSURE_EVENT_REFERRAL_SENT" in {d["event"] for d in json.loads(accounting.stdout)}
     revoked = tessera(harbour_home, "consent", "revoke", consent_id, "--format", "json")
     assert json.loads(revoked.stdout)["state"] == "revoked"
+
+
+def test_the_cli_offers_exactly_the_decline_reasons_the_envelopes_carry() -> None:
+    from cli.referral import Reason
+    from node.envelopes import DeclineReason
+
+    assert [r.value for r in Reason] == [r.value for r in DeclineReason]

@@ -17,17 +17,16 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from node.store.cases import NodeStore
+from node.store.referrals import serialised_writing
 from node.store.tables import (
-    AuditHeadRow,
     BudgetChargeRow,
     BudgetPeriodRow,
     NeedRow,
@@ -99,15 +98,10 @@ class BudgetStore:
     def default_cap(self) -> float:
         return self._default_cap
 
-    @contextmanager
-    def _writing(self) -> Iterator[Session]:
-        try:
-            with self._store._writing() as session:
-                if self._store.engine.dialect.name == "postgresql":
-                    session.exec(select(AuditHeadRow).with_for_update()).first()
-                yield session
-        except IntegrityError:
-            raise Conflict("that charge conflicts with one the ledger already holds") from None
+    def _writing(self) -> AbstractContextManager[Session]:
+        return serialised_writing(
+            self._store, "that charge conflicts with one the ledger already holds"
+        )
 
     def _period_row(self, session: Session, period: str) -> BudgetPeriodRow:
         row = session.exec(

@@ -38,7 +38,7 @@ import datetime as dt
 import enum
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -70,10 +70,12 @@ from node.store.tables import (
     OutgoingReferralRow,
     ProcessedMessageRow,
     ReferralEventRow,
+    as_utc,
     utcnow,
 )
 from tessera import crypto
 from tessera.errors import Conflict, InvalidInput, NotFound, Refused, TamperedCiphertext
+from tessera.timestamps import require_aware
 
 __all__ = [
     "LABEL_PSEUDONYM",
@@ -86,6 +88,7 @@ __all__ = [
     "ReferralState",
     "ReferralStep",
     "ReferralStore",
+    "serialised_writing",
 ]
 
 #: derive_key label of the key behind survivor pseudonyms (a subkey of the record key).
@@ -101,6 +104,27 @@ _MAX_KEY_CHARS: Final = 128
 _MAX_NAME_CHARS: Final = 200
 _MAX_ERROR_CHARS: Final = 500
 _COMMITMENT_BYTES: Final = 32
+
+
+@contextmanager
+def serialised_writing(
+    node_store: NodeStore, conflict: str, hint: str | None = None
+) -> Iterator[Session]:
+    """NodeStore's write transaction, serialised on the audit head on PostgreSQL too, for the
+    stores beside it (this one and ``node.store.budget.BudgetStore``).
+
+    Locking the head first makes the look-ups that make a write idempotent (is this key,
+    message, delivery or charge already here?) exclusive across processes, as SQLite's BEGIN
+    IMMEDIATE does. A constraint violation anyway rolls everything back and is a Conflict with
+    the message ``conflict``.
+    """
+    try:
+        with node_store._writing() as session:
+            if node_store.engine.dialect.name == "postgresql":
+                session.exec(select(AuditHeadRow).with_for_update()).first()
+            yield session
+    except IntegrityError:
+        raise Conflict(conflict, hint=hint) from None
 
 
 # --- domain objects ---------------------------------------------------------------------------
@@ -292,24 +316,12 @@ class ReferralStore:
 
     # --- transactions ------------------------------------------------------------------------
 
-    @contextmanager
-    def _writing(self) -> Iterator[Session]:
-        """NodeStore's write transaction, serialised on the audit head on PostgreSQL too.
-
-        Locking the head first makes the look-ups that make a write idempotent (is this key,
-        message or delivery already here?) exclusive across processes, as SQLite's BEGIN
-        IMMEDIATE does. A constraint violation anyway rolls everything back and is a Conflict.
-        """
-        try:
-            with self._store._writing() as session:
-                if self._store.engine.dialect.name == "postgresql":
-                    session.exec(select(AuditHeadRow).with_for_update()).first()
-                yield session
-        except IntegrityError:
-            raise Conflict(
-                "that change conflicts with a record the node already holds; nothing was written",
-                hint="check the ids and idempotency keys you used",
-            ) from None
+    def _writing(self) -> AbstractContextManager[Session]:
+        return serialised_writing(
+            self._store,
+            "that change conflicts with a record the node already holds; nothing was written",
+            hint="check the ids and idempotency keys you used",
+        )
 
     def _append(
         self,
@@ -418,24 +430,14 @@ class ReferralStore:
         asks the broker to purge the consent's envelopes and sends a Revocation for each
         (:meth:`record_revocation_sent`). Revoking again returns what is still to revoke.
         """
-        now = _aware(now, "now")
+        now = require_aware(now, "now")
         with self._writing() as session:
             row = _consent_row(session, consent_id, for_update=True)
             revoked_now = row.revoked_at is None
             if revoked_now:
-                row.revoked_at = max(now, _utc(row.granted_at))
+                row.revoked_at = max(now, as_utc(row.granted_at))
                 session.add(row)
-                under = select(OutgoingReferralRow.referral_id).where(
-                    OutgoingReferralRow.consent_id == consent_id
-                )
-                withdrawn = session.exec(
-                    select(OutboxRow.id).where(
-                        OutboxRow.kind == OutboxKind.REFERRAL.value,
-                        col(OutboxRow.referral_id).in_(under),
-                    )
-                ).all()
-                if withdrawn:
-                    session.exec(delete(OutboxRow).where(col(OutboxRow.id).in_(withdrawn)))
+                withdrawn = _withdraw_referral_envelopes(session, consent_id)
                 self._append(
                     session,
                     actor,
@@ -445,7 +447,7 @@ class ReferralStore:
                         "consent_id": consent_id,
                         "recipient_id": row.recipient_agency_id,
                         "purpose": row.purpose,
-                        "envelopes_withdrawn": len(withdrawn),
+                        "envelopes_withdrawn": withdrawn,
                     },
                 )
             rows = session.exec(
@@ -499,7 +501,7 @@ class ReferralStore:
 
         A repeated ``idempotency_key`` returns the referral it recorded and adds nothing.
         """
-        now = utcnow() if now is None else _aware(now, "now")
+        now = utcnow() if now is None else require_aware(now, "now")
         _check_uuid(referral_id, "referral_id")
         _check_key(idempotency_key, "idempotency_key")
         envelope = OutgoingEnvelope(recipient_id, message_id, sealed)
@@ -623,7 +625,7 @@ class ReferralStore:
         status = _status(status)
         _check_uuid(message_id, "message_id")
         _check_decline(status, reason, text, ENVELOPE_LIMITS)
-        at = utcnow() if status_at is None else _aware(status_at, "status_at")
+        at = utcnow() if status_at is None else require_aware(status_at, "status_at")
         with self._writing() as session:
             row = _outgoing_row(session, referral_id, for_update=True)
             if row.recipient_id != sender_of_status:
@@ -682,7 +684,7 @@ class ReferralStore:
         """Queue the Revocation of a referral whose consent was revoked; audited
         ``revocation.sent``. The referral becomes ``revoked`` until the recipient confirms the
         purge. A referral already revoked or purged is returned unchanged (nothing queued)."""
-        now = utcnow() if now is None else _aware(now, "now")
+        now = utcnow() if now is None else require_aware(now, "now")
         with self._writing() as session:
             row = _outgoing_row(session, referral_id, for_update=True)
             envelope = OutgoingEnvelope(row.recipient_id, message_id, sealed)
@@ -736,7 +738,7 @@ class ReferralStore:
                 )
                 and row.state != ReferralState.PURGED.value
             ):
-                at = _aware(confirmation.purged_at, "purged_at")
+                at = require_aware(confirmation.purged_at, "purged_at")
                 row.state = ReferralState.PURGED.value
                 row.updated_at = at
                 session.add(row)
@@ -926,6 +928,12 @@ class ReferralStore:
             rows = session.exec(query.offset(offset).limit(limit)).all()
             return self._incoming_list(session, rows)
 
+    def incoming_sender(self, referral_id: str) -> str:
+        """The agency that sent a received referral (whom an answer goes to); NotFound if none
+        came. Nothing is decrypted, so nothing is audited."""
+        with self._store._reading() as session:
+            return _incoming_row(session, referral_id).sender_id
+
     def incoming(self, referral_id: str, actor: str) -> IncomingReferral:
         """One received referral with its decrypted content (None once purged); the read is
         audited ``referral.read``. TamperedCiphertext if its ciphertext or key was altered."""
@@ -1040,11 +1048,7 @@ class ReferralStore:
         sender = revocation.sender_agency_id
         purged_now = False
         with self._writing() as session:
-            row = session.exec(
-                select(IncomingReferralRow)
-                .where(IncomingReferralRow.referral_id == referral_id)
-                .with_for_update()
-            ).first()
+            row = session.get(IncomingReferralRow, referral_id, with_for_update=True)
             if row is not None and (
                 row.sender_id != sender or row.consent_id != revocation.consent_id
             ):
@@ -1130,15 +1134,7 @@ class ReferralStore:
                     if consent is not None and consent.revoked_at is None:
                         consent.revoked_at = _parse_time(when, now)
                         session.add(consent)
-                        under = select(OutgoingReferralRow.referral_id).where(
-                            OutgoingReferralRow.consent_id == consent_id
-                        )
-                        session.exec(
-                            delete(OutboxRow).where(
-                                col(OutboxRow.kind) == OutboxKind.REFERRAL.value,
-                                col(OutboxRow.referral_id).in_(under),
-                            )
-                        )
+                        _withdraw_referral_envelopes(session, consent_id)
                         count += 1
             if count:
                 self._append(session, actor, "referrals.ledger_reapplied", None, {"changes": count})
@@ -1224,7 +1220,7 @@ class ReferralStore:
             )
             for row in rows:
                 steps.setdefault(row.referral_id, []).append(
-                    ReferralStep(ReferralState(row.state), _utc(row.at))
+                    ReferralStep(ReferralState(row.state), as_utc(row.at))
                 )
         return {key: tuple(value) for key, value in steps.items()}
 
@@ -1303,8 +1299,8 @@ class ReferralStore:
                 idempotency_key=row.idempotency_key,
                 consent_commitment=row.consent_commitment,
                 relay_receipt=row.relay_receipt,
-                created_at=_utc(row.created_at),
-                updated_at=_utc(row.updated_at),
+                created_at=as_utc(row.created_at),
+                updated_at=as_utc(row.updated_at),
                 history=history.get(row.referral_id, ()),
             )
             for row in rows
@@ -1365,9 +1361,9 @@ class ReferralStore:
                 need=NeedCategory(row.need) if row.need else None,
                 state=ReferralState(row.state),
                 decline_reason=DeclineReason(row.decline_reason) if row.decline_reason else None,
-                received_at=_utc(row.received_at),
-                updated_at=_utc(row.updated_at),
-                purged_at=_utc(row.purged_at) if row.purged_at else None,
+                received_at=as_utc(row.received_at),
+                updated_at=as_utc(row.updated_at),
+                purged_at=as_utc(row.purged_at) if row.purged_at else None,
                 purged_fields=_purged_names(row),
                 history=history.get(row.referral_id, ()),
             )
@@ -1468,11 +1464,25 @@ def _seen(
     ).first()
 
 
+def _withdraw_referral_envelopes(session: Session, consent_id: str) -> int:
+    """Delete the referral envelopes under a consent that are still in the outbox, so none
+    leaves after its revocation; how many there were."""
+    under = select(OutgoingReferralRow.referral_id).where(
+        OutgoingReferralRow.consent_id == consent_id
+    )
+    withdrawn = session.exec(
+        select(OutboxRow.id).where(
+            OutboxRow.kind == OutboxKind.REFERRAL.value,
+            col(OutboxRow.referral_id).in_(under),
+        )
+    ).all()
+    if withdrawn:
+        session.exec(delete(OutboxRow).where(col(OutboxRow.id).in_(withdrawn)))
+    return len(withdrawn)
+
+
 def _consent_row(session: Session, consent_id: str, for_update: bool = False) -> ConsentRow:
-    query = select(ConsentRow).where(ConsentRow.consent_id == consent_id)
-    if for_update:
-        query = query.with_for_update()
-    row = session.exec(query).first()
+    row = session.get(ConsentRow, consent_id, with_for_update=for_update)
     if row is None:
         raise NotFound(
             f"no consent {consent_id}", hint="`tessera consent list` shows the consents there are"
@@ -1483,10 +1493,7 @@ def _consent_row(session: Session, consent_id: str, for_update: bool = False) ->
 def _outgoing_row(
     session: Session, referral_id: str, for_update: bool = False
 ) -> OutgoingReferralRow:
-    query = select(OutgoingReferralRow).where(OutgoingReferralRow.referral_id == referral_id)
-    if for_update:
-        query = query.with_for_update()
-    row = session.exec(query).first()
+    row = session.get(OutgoingReferralRow, referral_id, with_for_update=for_update)
     if row is None:
         raise NotFound(f"this node sent no referral {referral_id}")
     return row
@@ -1495,10 +1502,7 @@ def _outgoing_row(
 def _incoming_row(
     session: Session, referral_id: str, for_update: bool = False
 ) -> IncomingReferralRow:
-    query = select(IncomingReferralRow).where(IncomingReferralRow.referral_id == referral_id)
-    if for_update:
-        query = query.with_for_update()
-    row = session.exec(query).first()
+    row = session.get(IncomingReferralRow, referral_id, with_for_update=for_update)
     if row is None:
         raise NotFound(
             f"this node received no referral {referral_id}",
@@ -1519,8 +1523,8 @@ def _outbox_item(row: OutboxRow) -> OutboxItem:
         sealed=row.sealed,
         attempts=row.attempts,
         last_error=row.last_error,
-        created_at=_utc(row.created_at),
-        last_attempt_at=_utc(row.last_attempt_at) if row.last_attempt_at else None,
+        created_at=as_utc(row.created_at),
+        last_attempt_at=as_utc(row.last_attempt_at) if row.last_attempt_at else None,
     )
 
 
@@ -1533,9 +1537,9 @@ def _consent(row: ConsentRow) -> Consent:
         categories=frozenset(json.loads(row.categories)),
         method=ConsentMethod(row.method),
         witnessed_by=row.witnessed_by,
-        granted_at=_utc(row.granted_at),
-        expires_at=_utc(row.expires_at),
-        revoked_at=_utc(row.revoked_at) if row.revoked_at else None,
+        granted_at=as_utc(row.granted_at),
+        expires_at=as_utc(row.expires_at),
+        revoked_at=as_utc(row.revoked_at) if row.revoked_at else None,
         survivor_pseudonym=row.survivor_pseudonym,
     )
 
@@ -1565,23 +1569,12 @@ def _status(value: object) -> ReferralStatus:
         ) from None
 
 
-def _aware(value: object, name: str) -> dt.datetime:
-    if not isinstance(value, dt.datetime) or value.utcoffset() is None:
-        raise InvalidInput(f"{name} must be a timezone-aware datetime")
-    return value
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    # SQLite returns naive datetimes; everything Tessera stores is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 def _parse_time(value: str, default: dt.datetime) -> dt.datetime:
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         return default
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return as_utc(parsed)
 
 
 def _b64(data: bytes) -> str:
