@@ -47,7 +47,7 @@ from node.store.cases import NodeStore
 from node.store.referrals import RELAY_ACTOR, OutboxItem, OutgoingEnvelope, ReferralStore
 from tessera import directory, dp, rpc
 from tessera.config import OUTBOX_BATCH, Limits
-from tessera.errors import Conflict, Refused, TesseraError
+from tessera.errors import Conflict, Refused, StorageError, TesseraError, Unavailable
 from tessera.logs import fields
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
@@ -224,8 +224,8 @@ class RelayWorker:
     async def _receive_loop(self) -> None:
         backoff = _MIN_BACKOFF
         while True:
+            call = self._stub().ReceiveBatches(relay_pb.ReceiveRequest(follow=True))
             try:
-                call = self._stub().ReceiveBatches(relay_pb.ReceiveRequest(follow=True))
                 async for batch in call:
                     backoff = _MIN_BACKOFF
                     await self.handle(*batch.deliveries)
@@ -233,6 +233,9 @@ class RelayWorker:
                 raise
             except Exception as exc:  # a dropped stream, the database: reconnect with back-off
                 log.warning("relay.receive_failed", extra=fields(error=str(exc)[:200]))
+            finally:
+                # A stream left open would keep leasing deliveries that nobody reads.
+                call.cancel()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
@@ -244,9 +247,10 @@ class RelayWorker:
         """
         stored: list[str] = []
         queued = False
+        senders = _Senders(self._home, self._keyring, self._link)
         for delivery in deliveries:
             try:
-                queued = await self._take(delivery) or queued
+                queued = await self._take(delivery, senders) or queued
             except Exception:
                 if queued:
                     self.wake()  # replies queued before the failure go out now
@@ -259,10 +263,10 @@ class RelayWorker:
         if queued:
             self.wake()
 
-    async def _take(self, delivery: relay_pb.Delivery) -> bool:
+    async def _take(self, delivery: relay_pb.Delivery, senders: _Senders) -> bool:
         """Open, verify and apply one delivery, or refuse (drop) it; True if a reply was queued."""
         sender_id = delivery.sender_agency_id
-        record = await asyncio.to_thread(self._sender_record, sender_id)
+        record = await asyncio.to_thread(senders.record, sender_id)
         if record is None:
             await self._refuse(delivery, f"agency {sender_id!r} is not in the directory")
             return False
@@ -273,9 +277,12 @@ class RelayWorker:
             return False
         try:
             return await asyncio.to_thread(self._apply, record, opened, delivery)
+        except (StorageError, Unavailable):
+            # The database or the disk failed, not the envelope: no acknowledgement, so the
+            # broker keeps it and offers it again (acknowledging would lose it for good).
+            raise
         except TesseraError as exc:
-            # Not about anything of ours, or not from the agency it concerns: drop it. Any other
-            # failure (the database) propagates: no acknowledgement, redelivered.
+            # Not about anything of ours, or not from the agency it concerns: drop it.
             await self._refuse(delivery, f"{type(exc).__name__}: {exc}")
             return False
 
@@ -283,15 +290,6 @@ class RelayWorker:
         await self._stub().Acknowledge(
             relay_pb.AcknowledgeRequest(delivery_ids=delivery_ids), timeout=_CALL_TIMEOUT
         )
-
-    def _sender_record(self, sender_id: str) -> directory.AgencyRecord | None:
-        cache = directory_sync.load_cache(self._home)
-        record = cache.records.get(sender_id)
-        if record is None:
-            # A transport failure raises here: the delivery stays at the broker for later.
-            cache = directory_sync.sync(self._home, self._keyring.identity, self._link)
-            record = cache.records.get(sender_id)
-        return record
 
     def _open(self, sender: directory.AgencyRecord, delivery: relay_pb.Delivery) -> OpenedEnvelope:
         """Open and verify one delivery (node.envelopes.open_envelope); raises if it fails."""
@@ -512,6 +510,29 @@ class RelayWorker:
         detail = {"round_id": key[0], "attempt": key[1], "reason": reason[:300]}
         log.warning("stats.round_refused", extra=fields(**detail))
         await asyncio.to_thread(self._store.audit, STATS_ACTOR, "stats.round_refused", None, detail)
+
+
+class _Senders:
+    """The pinned directory records of the senders of one streamed batch.
+
+    The directory is synced once per batch, before the first envelope of it is opened: a
+    revocation (a lost laptop) then takes effect for every envelope delivered after it, even one
+    sent before it and kept at the broker, and an agency enrolled a moment ago is known. Once per
+    batch, not per delivery: a sync fetches the whole directory.
+    """
+
+    def __init__(self, home: Path, keyring: Keyring, link: directory_sync.BrokerLink) -> None:
+        self._home = home
+        self._keyring = keyring
+        self._link = link
+        self._cache: directory_sync.DirectoryCache | None = None
+
+    def record(self, sender_id: str) -> directory.AgencyRecord | None:
+        """The sender's pinned record, or None if the directory does not list it."""
+        if self._cache is None:
+            # A transport failure raises here: the batch stays at the broker for later.
+            self._cache = directory_sync.sync(self._home, self._keyring.identity, self._link)
+        return self._cache.records.get(sender_id)
 
 
 def start_worker(
