@@ -15,21 +15,19 @@ import datetime as dt
 from dataclasses import dataclass
 
 from tessera.errors import InvalidInput
+from tessera.timestamps import require_aware
 
 # Sizes fixed by the wire contract (common.proto, relay.proto, directory.proto).
 KEY_BYTES = 32  # Ed25519 verify key, X25519 public key
 DIGEST_BYTES = 32  # tessera.crypto.digest output: chain values, commitments, envelope digests
 
 
-def _check_aware(value: dt.datetime, name: str) -> None:
-    if not isinstance(value, dt.datetime) or value.utcoffset() is None:
-        raise InvalidInput(f"{name} must be a timezone-aware datetime")
-
-
-def _check_bytes(value: bytes, name: str, sizes: tuple[int, ...]) -> None:
+def check_bytes(value: bytes, name: str, sizes: tuple[int, ...]) -> bytes:
+    """``value`` if it is bytes of one of the lengths in ``sizes``; otherwise InvalidInput."""
     if not isinstance(value, bytes) or len(value) not in sizes:
         wanted = " or ".join(str(size) for size in sizes)
         raise InvalidInput(f"{name} must be {wanted} bytes")
+    return value
 
 
 @dataclass(frozen=True)
@@ -50,8 +48,8 @@ class AgencyState:
     sequence: int
 
     def __post_init__(self) -> None:
-        _check_bytes(self.signing_key, "an agency's signing key", (KEY_BYTES,))
-        _check_bytes(self.encryption_key, "an agency's encryption key", (KEY_BYTES,))
+        check_bytes(self.signing_key, "an agency's signing key", (KEY_BYTES,))
+        check_bytes(self.encryption_key, "an agency's encryption key", (KEY_BYTES,))
         if self.sequence < 1:
             raise InvalidInput("an agency's log sequence starts at 1")
 
@@ -74,7 +72,7 @@ class StoredLogEntry:
     def __post_init__(self) -> None:
         if self.sequence < 1:
             raise InvalidInput("a log entry's sequence starts at 1")
-        _check_bytes(self.chain, "a chain value", (DIGEST_BYTES,))
+        check_bytes(self.chain, "a chain value", (DIGEST_BYTES,))
 
 
 @dataclass(frozen=True)
@@ -113,9 +111,9 @@ class AcceptedEnvelope:
     duplicate: bool
 
     def __post_init__(self) -> None:
-        _check_bytes(self.consent_commitment, "a consent commitment", (0, DIGEST_BYTES))
-        _check_bytes(self.envelope_digest, "an envelope digest", (DIGEST_BYTES,))
-        _check_aware(self.received_at, "received_at")
+        check_bytes(self.consent_commitment, "a consent commitment", (0, DIGEST_BYTES))
+        check_bytes(self.envelope_digest, "an envelope digest", (DIGEST_BYTES,))
+        require_aware(self.received_at, "received_at")
         if self.size < 1:
             raise InvalidInput("an accepted envelope is at least one byte")
 
@@ -141,8 +139,8 @@ class StoredEnvelope:
     lease_until: dt.datetime | None
 
     def __post_init__(self) -> None:
-        _check_bytes(self.consent_commitment, "a consent commitment", (0, DIGEST_BYTES))
-        _check_aware(self.received_at, "received_at")
+        check_bytes(self.consent_commitment, "a consent commitment", (0, DIGEST_BYTES))
+        require_aware(self.received_at, "received_at")
         if not self.ciphertext:
             raise InvalidInput("a stored envelope is never empty")
         if self.attempts < 0:

@@ -58,11 +58,8 @@ class GroupCommitter(Generic[Item, Outcome]):
 
     async def submit(self, item: Item) -> Outcome:
         """Write ``item`` in the next batch; returns its outcome once that batch is committed."""
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_retrieve)
-        self._waiting.append((item, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain())
+        future = self._enqueue(item)
+        self._start_writing()
         # Shielded: a caller that is cancelled stops waiting, but its item is written anyway, as
         # part of a batch other callers wait for.
         return await asyncio.shield(future)
@@ -70,17 +67,23 @@ class GroupCommitter(Generic[Item, Outcome]):
     async def submit_many(self, items: Sequence[Item]) -> list[Outcome | BaseException]:
         """Write ``items`` in the next batches (in order, sharing them with other callers);
         returns each item's outcome or error, in order, once every one is committed or failed."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Outcome]] = []
-        for item in items:
-            future: asyncio.Future[Outcome] = loop.create_future()
-            future.add_done_callback(_retrieve)
-            self._waiting.append((item, future))
-            futures.append(future)
-        if futures and (self._writer is None or self._writer.done()):
-            self._writer = asyncio.create_task(self._drain())
+        futures = [self._enqueue(item) for item in items]
+        if futures:
+            self._start_writing()
         # Shielded as in submit: the items are written even if the caller stops waiting.
         return list(await asyncio.shield(asyncio.gather(*futures, return_exceptions=True)))
+
+    def _enqueue(self, item: Item) -> asyncio.Future[Outcome]:
+        """Queue ``item`` for the next batch; the future its outcome will be set on."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)
+        self._waiting.append((item, future))
+        return future
+
+    def _start_writing(self) -> None:
+        """Start the writer task unless one is running (it drains everything queued)."""
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
 
     def _batch_length(self) -> int:
         """How many of the waiting items go into the next batch."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
 
 from tessera import enrolment, rpc
 from tessera.config import Limits
@@ -20,14 +19,11 @@ class OperatorClient(rpc.CredentialClient):
         super().__init__(home, Limits().max_message_bytes)
         self._stub = directory_grpc.DirectoryStub(self.channel)
 
-    def _call(self, method: Any, request: Any) -> Any:
-        return self.call(method, request)
-
     def enrolment_code(self, agency_id: str, days: int) -> str:
         """Issue a one-time token and wrap it, with the broker's address and certificate
         fingerprint, into a code for the agency's administrator."""
         expires = to_timestamp(dt.datetime.now(dt.UTC) + dt.timedelta(days=days))
-        reply = self._call(
+        reply = self.call(
             self._stub.IssueEnrolmentToken,
             directory_pb.IssueEnrolmentTokenRequest(agency_id=agency_id, expires_at=expires),
         )
@@ -41,6 +37,4 @@ class OperatorClient(rpc.CredentialClient):
 
     def revoke(self, agency_id: str, reason: str) -> None:
         """Withdraw an agency from the directory."""
-        self._call(
-            self._stub.Revoke, directory_pb.RevokeRequest(agency_id=agency_id, reason=reason)
-        )
+        self.call(self._stub.Revoke, directory_pb.RevokeRequest(agency_id=agency_id, reason=reason))

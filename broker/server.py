@@ -20,7 +20,7 @@ from broker.store.notify import listen_for_mail
 from broker.store.relay import BrokerStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
-from tessera.credential import RUN_FILE, reachable_address, write_run_file
+from tessera.credential import RUN_FILE
 from tessera.db import database_answers
 from tessera.errors import TesseraError
 from tessera.logs import fields
@@ -91,20 +91,22 @@ async def start_broker(
         await asyncio.to_thread(view.refresh)
 
     window = settings.limits.replay_window_seconds
-    shared_nonces: rpc.SharedNonces | None = None
-    if engine.dialect.name == "postgresql":
-        # Replicas on PostgreSQL share nonces through the database, written by group commit.
-        # Each batch then brings this process's directory view up to date, so a request is
-        # authenticated against every revocation committed (by any replica) before its nonce.
-        def remember(seen: Sequence[tuple[bytes, bytes, dt.datetime]]) -> list[bool | TesseraError]:
-            outcomes = store.remember_nonces(seen, window)
-            view.refresh()
-            return outcomes
 
-        nonces: GroupCommitter[tuple[bytes, bytes, dt.datetime], bool] = GroupCommitter(remember)
+    # Request nonces are kept in the database, written by group commit: replicas on PostgreSQL
+    # share them, and a restarted process (SQLite too) still refuses a request it accepted
+    # before it stopped. Each batch then brings this process's directory view up to date, so a
+    # request is authenticated against every revocation committed (by any replica) before its
+    # nonce; the log's size comes with the batch's own transaction, so the view is read again
+    # only when some process appended to the log.
+    def remember(seen: Sequence[tuple[bytes, bytes, dt.datetime]]) -> list[bool | TesseraError]:
+        outcomes, log_size = store.remember_nonces_and_log_size(seen, window)
+        view.catch_up(log_size)
+        return outcomes
 
-        async def shared_nonces(signer: bytes, nonce: bytes, signed_at: dt.datetime) -> bool:
-            return await nonces.submit((signer, nonce, signed_at))
+    nonces: GroupCommitter[tuple[bytes, bytes, dt.datetime], bool] = GroupCommitter(remember)
+
+    async def shared_nonces(signer: bytes, nonce: bytes, signed_at: dt.datetime) -> bool:
+        return await nonces.submit((signer, nonce, signed_at))
 
     interceptor = rpc.TesseraServerInterceptor(
         access.make_authenticator(
@@ -112,8 +114,6 @@ async def start_broker(
         ),
         crypto.ReplayGuard(window),
         public_methods=access.PUBLIC,
-        # One SQLite broker process has every nonce in its ReplayGuard and is the only writer of
-        # its directory.
         shared_nonces=shared_nonces,
     )
     directory_servicer = DirectoryServicer(settings, store, identity, view)
@@ -132,14 +132,7 @@ async def start_broker(
         interceptor=interceptor,
         max_message_bytes=settings.limits.max_message_bytes,
     )
-    address = reachable_address(settings.listen, server.port)
-    try:
-        exporter = metrics.serve_metrics(settings.metrics_port) if settings.metrics_port else None
-    except Exception:
-        await server.stop(0)
-        engine.dispose()
-        raise
-    write_run_file(settings.home, address)
+    address, exporter = await rpc.announce(server, settings, engine.dispose)
     running = RunningBroker(settings, server, store, identity, address, relay, metrics=exporter)
     running._tasks.append(asyncio.create_task(_housekeeping(running)))
     if engine.dialect.name == "postgresql":

@@ -46,6 +46,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _APPEND_RETRIES = 5
 _POLL_SECONDS = 0.5
 _CLAIM_BATCH = 100  # envelopes leased to a Receive stream at a time
+_REFRESH_PAGE = 10_000  # directory log entries a refresh reads at a time
 
 
 async def run_blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -64,10 +65,17 @@ class DirectoryView:
     processes on one PostgreSQL agree (an append that loses a race is retried on the new head).
     """
 
-    def __init__(self, store: BrokerStore, identity: crypto.Identity, region: str) -> None:
+    def __init__(
+        self,
+        store: BrokerStore,
+        identity: crypto.Identity,
+        region: str,
+        page: int = _REFRESH_PAGE,
+    ) -> None:
         self._store = store
         self._identity = identity
         self._region = region
+        self._page = page  # log entries read and verified at a time
         self._lock = threading.Lock()
         self.size = 0
         self.chain = directory.GENESIS_CHAIN
@@ -75,22 +83,44 @@ class DirectoryView:
         self._by_signing_key: dict[bytes, directory.AgencyRecord] = {}
 
     def refresh(self) -> None:
-        """Read and verify entries appended since the view's size (by any broker process)."""
+        """Read and verify entries appended since the view's size (by any broker process).
+
+        Reads a page of entries at a time until the log's end, however far behind the view is.
+        With nothing new it costs one indexed read that returns no rows.
+        """
         with self._lock:
-            entries = self._store.log_entries(self.size, 10_000)
-            if not entries:
-                return
-            blobs = [self.blob(e) for e in entries]
-            size = entries[-1].sequence
-            head = directory.sign_head(
-                self._identity, self._region, size, entries[-1].chain, utc_now()
-            )
-            _verified, verified_entries = directory.verify_extension(
-                self._identity.public.signing_key, self._region, self.size, self.chain, blobs, head
-            )
-            self.records = directory.apply_to_pins(self.records, verified_entries)
-            self._by_signing_key = {r.identity.signing_key: r for r in self.records.values()}
-            self.size, self.chain = size, entries[-1].chain
+            while True:
+                entries = self._store.log_entries(self.size, self._page)
+                if not entries:
+                    return
+                blobs = [self.blob(e) for e in entries]
+                size = entries[-1].sequence
+                head = directory.sign_head(
+                    self._identity, self._region, size, entries[-1].chain, utc_now()
+                )
+                _verified, verified_entries = directory.verify_extension(
+                    self._identity.public.signing_key,
+                    self._region,
+                    self.size,
+                    self.chain,
+                    blobs,
+                    head,
+                )
+                self.records = directory.apply_to_pins(self.records, verified_entries)
+                self._by_signing_key = {r.identity.signing_key: r for r in self.records.values()}
+                self.size, self.chain = size, entries[-1].chain
+                if len(entries) < self._page:
+                    return
+
+    def catch_up(self, log_size: int | None) -> None:
+        """Refresh only if the log has more than the view's entries; ``log_size`` is the log's
+        size read by the caller (None: unknown, so refresh).
+
+        For callers that learn the size for free inside a transaction of their own (the nonce
+        batches on PostgreSQL): a view already that large is not read again.
+        """
+        if log_size is None or log_size > self.size:
+            self.refresh()
 
     def agency_by_signing_key(self, signing_key: bytes) -> directory.AgencyRecord | None:
         """The agency whose current (or, if revoked, last) signing key this is, as of the view.

@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -32,7 +32,6 @@ from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import stats_pb2 as stats_pb
 from tessera.v1 import stats_pb2_grpc as stats_grpc
 
-T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 ALPHA = 0.05
@@ -192,10 +191,7 @@ class StatsServicer(stats_grpc.StatsServicer):
         if key is not None:
             existing = await run_blocking(self._store.round_by_key, key)
             if existing is not None:
-                first = await run_blocking(self._store.attempt_body, existing.round_id, 1)
-                if first is None:  # pragma: no cover - stored with the round
-                    raise NotFound(f"round {existing.round_id} has no first attempt")
-                return stats_pb.OpenRoundResponse(round=self._blob(*first))
+                return await self._opened(existing.round_id)
         spec = (
             spec_from_proto(request.table)
             if request.HasField("table")
@@ -260,9 +256,14 @@ class StatsServicer(stats_grpc.StatsServicer):
                 participants=participants,
             )
         )
-        first = await run_blocking(self._store.attempt_body, stored.round_id, 1)
+        return await self._opened(stored.round_id)
+
+    async def _opened(self, round_id: str) -> stats_pb.OpenRoundResponse:
+        """OpenRound's answer: the round's first attempt as signed, also for a repeated open
+        whose round was restarted since."""
+        first = await run_blocking(self._store.attempt_body, round_id, 1)
         if first is None:  # pragma: no cover - stored with the round
-            raise NotFound(f"round {stored.round_id} has no first attempt")
+            raise NotFound(f"round {round_id} has no first attempt")
         return stats_pb.OpenRoundResponse(round=self._blob(*first))
 
     async def GetRound(  # noqa: N802 - the proto's method name
@@ -287,7 +288,7 @@ class StatsServicer(stats_grpc.StatsServicer):
         )
         return stats_pb.ListRoundsResponse(
             rounds=[self._status(s) for s in page],
-            next_page_token=str(following) if following is not None else "",
+            next_page_token=_next_token(following),
         )
 
     async def SubmitShare(  # noqa: N802 - the proto's method name
@@ -420,11 +421,16 @@ class StatsServicer(stats_grpc.StatsServicer):
         )
         return stats_pb.ListReleasesResponse(
             releases=[self._release_blob(r) for r in page],
-            next_page_token=str(following) if following is not None else "",
+            next_page_token=_next_token(following),
         )
 
     def _release_blob(self, stored: StoredRelease) -> common_pb.SignedBlob:
         return self._blob(stored.body, stored.signature)
+
+
+def _next_token(following: int | None) -> str:
+    """The page token that continues a listing after ``following`` ("" at the end)."""
+    return str(following) if following is not None else ""
 
 
 def _token(token: str) -> int | None:
@@ -445,9 +451,6 @@ class StatsClient(rpc.CredentialClient):
     def __init__(self, home: Path) -> None:
         super().__init__(home, Limits().max_message_bytes)
         self.stub = stats_grpc.StatsStub(self.channel)
-
-    def _call(self, method: Any, request: Any) -> Any:
-        return self.call(method, request)
 
     def open_round(
         self,
@@ -478,12 +481,12 @@ class StatsClient(rpc.CredentialClient):
             timeout = Duration()
             timeout.FromTimedelta(attempt_timeout)
             request.attempt_timeout.CopyFrom(timeout)
-        reply: stats_pb.OpenRoundResponse = self._call(self.stub.OpenRound, request)
+        reply: stats_pb.OpenRoundResponse = self.call(self.stub.OpenRound, request)
         return reply.round
 
     def round(self, round_id: str) -> stats_pb.RoundStatus:
         """One round and its progress."""
-        reply: stats_pb.GetRoundResponse = self._call(
+        reply: stats_pb.GetRoundResponse = self.call(
             self.stub.GetRound, stats_pb.GetRoundRequest(round_id=round_id)
         )
         return reply.round
@@ -492,7 +495,7 @@ class StatsClient(rpc.CredentialClient):
         self, round_id: str, attempt: int, drop: Sequence[str] = (), reason: str = ""
     ) -> stats_pb.RoundStatus:
         """Abandon ``attempt`` and open the next one without the ``drop`` participants."""
-        reply: stats_pb.RestartRoundResponse = self._call(
+        reply: stats_pb.RestartRoundResponse = self.call(
             self.stub.RestartRound,
             stats_pb.RestartRoundRequest(
                 round_id=round_id, attempt=attempt, drop_participants=list(drop), reason=reason
@@ -507,5 +510,5 @@ class StatsClient(rpc.CredentialClient):
             if release_id
             else stats_pb.GetReleaseRequest(round_id=round_id)
         )
-        reply: stats_pb.GetReleaseResponse = self._call(self.stub.GetRelease, request)
+        reply: stats_pb.GetReleaseResponse = self.call(self.stub.GetRelease, request)
         return reply.release

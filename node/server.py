@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node import access, directory_sync
+from node.backup import finish_interrupted_restore
 from node.keyring import Keyring, open_keyring
 from node.relay_worker import RelayWorker, start_worker
 from node.service import NodeServicer
@@ -23,7 +24,7 @@ from node.store.database import open_database
 from node.store.referrals import ReferralStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
-from tessera.credential import RUN_FILE, reachable_address, write_run_file
+from tessera.credential import RUN_FILE
 from tessera.db import database_answers
 from tessera.logs import fields
 from tessera.v1 import node_pb2 as node_pb
@@ -85,6 +86,8 @@ async def start_node(
     """
     keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
     engine = await asyncio.to_thread(open_database, settings.effective_database_url)
+    # A restore killed halfway is finished before anything reads a case (node.backup).
+    await asyncio.to_thread(finish_interrupted_restore, settings.home, engine, keyring)
     store = NodeStore(engine, keyring, settings.home)
 
     def refused(actor: str, method: str, reason: str) -> None:
@@ -106,14 +109,7 @@ async def start_node(
         interceptor=interceptor,
         max_message_bytes=settings.limits.max_message_bytes,
     )
-    address = reachable_address(settings.listen, server.port)
-    try:
-        exporter = metrics.serve_metrics(settings.metrics_port) if settings.metrics_port else None
-    except Exception:
-        await server.stop(0)
-        engine.dispose()
-        raise
-    write_run_file(settings.home, address)
+    address, exporter = await rpc.announce(server, settings, engine.dispose)
     running = RunningNode(settings, server, store, keyring, address, metrics=exporter)
     await asyncio.to_thread(_database_ok, store)  # the gauges are current from the first scrape
     running._health_task = asyncio.create_task(

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
+from tessera import metrics
 from tessera.errors import ConfigError
 
 
@@ -68,10 +69,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def database_answers(engine: Engine) -> bool:
     """Whether the database answers a trivial query now; keeps the ``database_up`` gauge."""
-    from sqlalchemy import text
-
-    from tessera import metrics
-
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))

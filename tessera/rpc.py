@@ -30,7 +30,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tessera import crypto, errors, metrics
+from tessera import credential, crypto, errors, metrics
+from tessera.config import Settings
 from tessera.errors import ErrorKind, TesseraError
 from tessera.logs import fields
 from tessera.tls import SERVER_NAME
@@ -299,11 +300,12 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
             metadata = tuple(context.invocation_metadata() or ())
             signature = crypto.RequestSignature.from_metadata(metadata)
             crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
-            signed_at = datetime.datetime.fromtimestamp(signature.timestamp_ms / 1000, datetime.UTC)
-            if self._shared_nonces is not None and not await self._shared_nonces(
-                signature.signer, signature.nonce, signed_at
-            ):
-                raise errors.ReplayedRequest("this request was already accepted (a replay)")
+            if self._shared_nonces is not None:
+                signed_at = datetime.datetime.fromtimestamp(
+                    signature.timestamp_ms / 1000, datetime.UTC
+                )
+                if not await self._shared_nonces(signature.signer, signature.nonce, signed_at):
+                    raise errors.ReplayedRequest("this request was already accepted (a replay)")
         except TesseraError as exc:
             metrics.AUTH_FAILURES.labels(reason=type(exc).__name__).inc()
             if self._on_refused is not None:
@@ -421,6 +423,27 @@ async def start_server(
     for name in (*service_names, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server=server, port=port, health=health_servicer)
+
+
+async def announce(
+    server: RunningServer, settings: Settings, close_storage: Callable[[], None]
+) -> tuple[str, metrics.MetricsServer | None]:
+    """Make a started server known: serve its Prometheus metrics (when ``settings.metrics_port``
+    is set) and write the run file naming the address clients reach it at.
+
+    Returns (address, metrics exporter or None). If the exporter cannot start (its port is
+    taken), the server is stopped and ``close_storage()`` called before the error propagates,
+    so a start that fails leaves nothing listening and nothing open.
+    """
+    address = credential.reachable_address(settings.listen, server.port)
+    try:
+        exporter = metrics.serve_metrics(settings.metrics_port) if settings.metrics_port else None
+    except Exception:
+        await server.stop(0)
+        close_storage()
+        raise
+    credential.write_run_file(settings.home, address)
+    return address, exporter
 
 
 async def watch_health(
@@ -562,8 +585,6 @@ class CredentialClient:
     """
 
     def __init__(self, home: Path, limits_bytes: int = 64 * 1024 * 1024) -> None:
-        from tessera import credential
-
         held = credential.read(home)
         self.address = credential.resolve_address(home, held)
         self.certificate = held.node_certificate

@@ -10,12 +10,18 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 
+from broker import identity as broker_identity
+from broker.domain import StoredLogEntry
 from broker.operator_client import OperatorClient
+from broker.service import DirectoryView
+from broker.store import BrokerStore
+from broker.store.database import open_database
 from node import directory_sync
 from node.keyring import open_keyring
 from tessera import config, crypto, enrolment, rpc
@@ -25,6 +31,7 @@ from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
 from tests.support import (
     PASSPHRASE,
+    Agency,
     BackgroundBroker,
     disk_bytes,
     enrol,
@@ -45,6 +52,43 @@ def broker(tmp_path: Path) -> Iterator[BackgroundBroker]:
         yield running
     finally:
         running.stop()
+
+
+def receive_status(
+    broker: BackgroundBroker, agency: Agency, signer: crypto.Identity
+) -> grpc.StatusCode:
+    """The status a Receive signed by ``signer`` gets from ``broker`` (over ``agency``'s
+    pinned certificate)."""
+    channel = rpc.open_channel(
+        broker.address, agency.link.certificate, signer, Limits().max_message_bytes
+    )
+    try:
+        list(relay_grpc.RelayStub(channel).Receive(relay_pb.ReceiveRequest(), timeout=5))
+    except grpc.RpcError as exc:
+        return exc.code()
+    finally:
+        channel.close()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def replicas(postgres_url: str, tmp_path: Path) -> Iterator[tuple[BackgroundBroker, ...]]:
+    """Two broker processes of one region on one PostgreSQL database (same identity, their
+    own ports), as behind a load balancer."""
+    first = make_broker(tmp_path / "broker-a", database_url=postgres_url)
+    second_home = tmp_path / "broker-b"
+    shutil.copytree(first.home, second_home, ignore=shutil.ignore_patterns("run", "tessera.db*"))
+    broker_a = BackgroundBroker(first)
+    try:
+        broker_b = BackgroundBroker(config.load(second_home, {}))
+    except BaseException:
+        broker_a.stop()
+        raise
+    try:
+        yield broker_a, broker_b
+    finally:
+        broker_b.stop()
+        broker_a.stop()
 
 
 def test_enrolment_pins_keys_and_the_code_is_single_use(
@@ -127,13 +171,7 @@ def test_requests_from_strangers_replays_and_revoked_agencies_are_refused(
     shelter = enrol(broker, tmp_path, "harbour-shelter")
     clinic = enrol(broker, tmp_path, "lantern-clinic")
     stranger = crypto.Identity.generate()
-    channel = rpc.open_channel(
-        broker.address, shelter.link.certificate, stranger, Limits().max_message_bytes
-    )
-    with pytest.raises(grpc.RpcError) as info:
-        list(relay_grpc.RelayStub(channel).Receive(relay_pb.ReceiveRequest(), timeout=5))
-    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    channel.close()
+    assert receive_status(broker, shelter, stranger) == grpc.StatusCode.UNAUTHENTICATED
 
     plain = rpc.open_channel(
         broker.address, shelter.link.certificate, None, Limits().max_message_bytes
@@ -192,62 +230,46 @@ def test_an_agency_key_swapped_in_the_database_does_not_let_a_stranger_in(
             (stranger.public.signing_key, "harbour-shelter"),
         ).rowcount
     assert changed == 1
-    channel = rpc.open_channel(
-        broker.address, shelter.link.certificate, stranger, Limits().max_message_bytes
-    )
-    with pytest.raises(grpc.RpcError) as info:
-        list(relay_grpc.RelayStub(channel).Receive(relay_pb.ReceiveRequest(), timeout=5))
-    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    channel.close()
+    assert receive_status(broker, shelter, stranger) == grpc.StatusCode.UNAUTHENTICATED
     # The real agency is still served.
     assert receive(shelter) == []
 
 
 @pytest.mark.postgres
 def test_broker_processes_on_one_database_see_enrolments_and_revocations_at_once(
-    postgres_url: str, tmp_path: Path
+    replicas: tuple[BackgroundBroker, BackgroundBroker], tmp_path: Path
 ) -> None:
     # Each broker process authenticates from its own in-memory view of the directory. An agency
     # enrolled through one process is served by another at once, and one revoked through one
     # process is refused by the other on its very next request.
-    first = make_broker(tmp_path / "broker-a", database_url=postgres_url)
-    second_home = tmp_path / "broker-b"
-    shutil.copytree(first.home, second_home, ignore=shutil.ignore_patterns("run", "tessera.db*"))
-    broker_a = BackgroundBroker(first)
-    broker_b = BackgroundBroker(config.load(second_home, {}))
-    try:
-        assert broker_a.address != broker_b.address
-        shelter = enrol(broker_a, tmp_path, "harbour-shelter")
-        clinic = enrol(broker_a, tmp_path, "lantern-clinic")
-        via_b = rpc.open_channel(
-            broker_b.address, shelter.link.certificate, shelter.identity, Limits().max_message_bytes
-        )
-        stub_b = relay_grpc.RelayStub(via_b)
-        request = relay_pb.SendRequest(
-            recipient_agency_id="lantern-clinic", idempotency_key="k1", sealed_envelope=b"\x01" * 64
-        )
-        assert not stub_b.Send(request, timeout=10).duplicate  # enrolled through A, served by B
+    broker_a, broker_b = replicas
+    assert broker_a.address != broker_b.address
+    shelter = enrol(broker_a, tmp_path, "harbour-shelter")
+    clinic = enrol(broker_a, tmp_path, "lantern-clinic")
+    via_b = rpc.open_channel(
+        broker_b.address, shelter.link.certificate, shelter.identity, Limits().max_message_bytes
+    )
+    stub_b = relay_grpc.RelayStub(via_b)
+    request = relay_pb.SendRequest(
+        recipient_agency_id="lantern-clinic", idempotency_key="k1", sealed_envelope=b"\x01" * 64
+    )
+    assert not stub_b.Send(request, timeout=10).duplicate  # enrolled through A, served by B
 
-        with OperatorClient(broker_a.settings.home) as operator:
-            operator.revoke("harbour-shelter", "laptop lost")
-        request.idempotency_key = "k2"
-        with pytest.raises(grpc.RpcError) as info:
-            stub_b.Send(request, timeout=10)
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "revoked" in (info.value.details() or "")
-        # Broker B keeps serving everyone else: the clinic receives what was sent before.
-        clinic_b = rpc.open_channel(
-            broker_b.address, clinic.link.certificate, clinic.identity, Limits().max_message_bytes
-        )
-        deliveries = list(
-            relay_grpc.RelayStub(clinic_b).Receive(relay_pb.ReceiveRequest(), timeout=10)
-        )
-        assert [d.sender_agency_id for d in deliveries] == ["harbour-shelter"]
-        via_b.close()
-        clinic_b.close()
-    finally:
-        broker_b.stop()
-        broker_a.stop()
+    with OperatorClient(broker_a.settings.home) as operator:
+        operator.revoke("harbour-shelter", "laptop lost")
+    request.idempotency_key = "k2"
+    with pytest.raises(grpc.RpcError) as info:
+        stub_b.Send(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in (info.value.details() or "")
+    # Broker B keeps serving everyone else: the clinic receives what was sent before.
+    clinic_b = rpc.open_channel(
+        broker_b.address, clinic.link.certificate, clinic.identity, Limits().max_message_bytes
+    )
+    deliveries = list(relay_grpc.RelayStub(clinic_b).Receive(relay_pb.ReceiveRequest(), timeout=10))
+    assert [d.sender_agency_id for d in deliveries] == ["harbour-shelter"]
+    via_b.close()
+    clinic_b.close()
 
 
 def test_a_directory_entry_altered_in_the_database_is_detected_by_nodes(
@@ -337,42 +359,144 @@ def test_asyncio_clients_sign_unary_and_streaming_calls(
     assert [d.sender_agency_id for d in delivered] == ["harbour-shelter"]
 
 
-def test_a_long_mailbox_streams_in_order_and_a_capped_stream_leases_no_more_than_it_hands_out(
+@pytest.mark.postgres
+def test_a_request_replayed_to_another_broker_process_is_refused(
+    replicas: tuple[BackgroundBroker, BackgroundBroker], tmp_path: Path
+) -> None:
+    # Each process has its own in-memory ReplayGuard; only the nonces they share through the
+    # database stop a request captured on its way to one process from being played to another,
+    # whether after it or at the same moment.
+    shelter = enrol(replicas[0], tmp_path, "harbour-shelter")
+    clinic = enrol(replicas[0], tmp_path, "lantern-clinic")
+    channels = [
+        rpc.open_channel(broker.address, shelter.link.certificate, None, Limits().max_message_bytes)
+        for broker in replicas
+    ]
+    stubs = [relay_grpc.RelayStub(channel) for channel in channels]
+
+    def signed(key: str) -> tuple[relay_pb.SendRequest, list[tuple[str, str]]]:
+        request = relay_pb.SendRequest(
+            recipient_agency_id="lantern-clinic", idempotency_key=key, sealed_envelope=b"\x01" * 64
+        )
+        signature = crypto.sign_request(
+            shelter.identity, "/tessera.v1.Relay/Send", request.SerializeToString()
+        )
+        return request, signature.to_metadata()
+
+    def status(
+        stub: relay_grpc.RelayStub, request: relay_pb.SendRequest, metadata: list[tuple[str, str]]
+    ) -> grpc.StatusCode:
+        try:
+            stub.Send(request, metadata=metadata, timeout=10)
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()
+            return code
+        return grpc.StatusCode.OK
+
+    try:
+        request, metadata = signed("after")
+        assert status(stubs[0], request, metadata) == grpc.StatusCode.OK
+        assert status(stubs[1], request, metadata) == grpc.StatusCode.UNAUTHENTICATED
+        request, metadata = signed("at-once")
+        with ThreadPoolExecutor(2) as pool:
+            raced = list(pool.map(lambda stub: status(stub, request, metadata), stubs))
+    finally:
+        for channel in channels:
+            channel.close()
+    assert sorted(code.name for code in raced) == ["OK", "UNAUTHENTICATED"]
+    assert sorted(d.sealed_envelope for d in receive(clinic)) == [b"\x01" * 64] * 2
+
+
+class CountingStore(BrokerStore):
+    """The real store, counting its reads of the directory log."""
+
+    reads = 0
+
+    def log_entries(self, since: int, limit: int) -> list[StoredLogEntry]:
+        self.reads += 1
+        return super().log_entries(since, limit)
+
+
+def test_the_directory_view_reads_a_long_log_in_pages_and_only_when_it_grew(
     broker: BackgroundBroker, tmp_path: Path
 ) -> None:
-    # The broker leases the next batch while streaming the current one; a stream capped by
-    # max_deliveries must still lease only what it hands out, or the rest would be held back
-    # until their lease ran out.
-    shelter = enrol(broker, tmp_path, "harbour-shelter")
-    clinic = enrol(broker, tmp_path, "lantern-clinic")
-    channel, stub = shelter.relay()
-    keys = [f"bulk-{i:03d}" for i in range(250)]
-    for start in range(0, len(keys), 125):
-        reply = stub.SendBatch(
-            relay_pb.SendBatchRequest(
-                envelopes=[
-                    relay_pb.SendRequest(
-                        recipient_agency_id="lantern-clinic",
-                        idempotency_key=key,
-                        consent_commitment=crypto.digest(
-                            crypto.LABEL_CONSENT_COMMITMENT, key.encode()
-                        ),
-                        sealed_envelope=key.encode(),
-                    )
-                    for key in keys[start : start + 125]
-                ]
-            ),
-            timeout=10,
-        )
-        assert all(r.HasField("accepted") for r in reply.results)
-    channel.close()
-    channel, stub = clinic.relay()
+    # A view far behind the log (a broker process started on a large directory) must verify
+    # all of it, not its first page only; and one already current must not read it again.
+    for agency_id in ("harbour-shelter", "lantern-clinic", "riverside-legal"):
+        enrol(broker, tmp_path, agency_id)
+    with OperatorClient(broker.settings.home) as operator:
+        operator.revoke("lantern-clinic", "laptop lost")
+    engine = open_database(broker.settings.effective_database_url)
     try:
-        capped = list(stub.Receive(relay_pb.ReceiveRequest(max_deliveries=150), timeout=10))
-        rest = list(stub.Receive(relay_pb.ReceiveRequest(follow=False), timeout=10))
+        store = CountingStore(engine)
+        identity = broker_identity.load_identity(broker.settings.home)
+        paged = DirectoryView(store, identity, "north", page=2)
+        paged.refresh()
+        assert store.reads == 3  # entries 1-2, 3-4, then nothing more
+        whole = DirectoryView(BrokerStore(engine), identity, "north")
+        whole.refresh()
+        assert (paged.size, paged.chain, paged.records) == (4, whole.chain, whole.records)
+        assert paged.records["lantern-clinic"].revoked
+        shelter_key = whole.records["harbour-shelter"].identity.signing_key
+        assert paged.agency_by_signing_key(shelter_key) == whole.records["harbour-shelter"]
+
+        paged.catch_up(4)  # the size a nonce batch read: nothing new, no read
+        assert store.reads == 3
+        enrol(broker, tmp_path, "willow-aid")
+        paged.catch_up(5)
+        assert store.reads == 4 and "willow-aid" in paged.records  # one short page
+        paged.catch_up(None)  # size unknown: read
+        assert store.reads == 5
     finally:
-        channel.close()
-    assert [bytes(d.sealed_envelope).decode() for d in capped] == keys[:150]
-    # Not leased by the capped stream: offered at once, each for the first time.
-    assert [bytes(d.sealed_envelope).decode() for d in rest] == keys[150:]
-    assert {d.attempt for d in capped + rest} == {1}
+        engine.dispose()
+
+
+def test_a_request_accepted_before_a_restart_is_refused_after_it(tmp_path: Path) -> None:
+    # The replay window outlives the process: a captured request replayed to the restarted
+    # broker (one process on SQLite) within its window is refused, and nothing is stored twice.
+    settings = make_broker(tmp_path / "broker")
+    broker = BackgroundBroker(settings)
+    restarted: BackgroundBroker | None = None
+    try:
+        shelter = enrol(broker, tmp_path, "harbour-shelter")
+        clinic = enrol(broker, tmp_path, "lantern-clinic")
+        request = relay_pb.SendRequest(
+            recipient_agency_id="lantern-clinic",
+            idempotency_key="captured",
+            sealed_envelope=seal(shelter, clinic, b"once"),
+        )
+        signature = crypto.sign_request(
+            shelter.identity, "/tessera.v1.Relay/Send", request.SerializeToString()
+        )
+
+        def send_signed(running: BackgroundBroker) -> relay_pb.SendResponse:
+            channel = rpc.open_channel(
+                running.address, shelter.link.certificate, None, Limits().max_message_bytes
+            )
+            try:
+                reply: relay_pb.SendResponse = relay_grpc.RelayStub(channel).Send(
+                    request, metadata=signature.to_metadata(), timeout=10
+                )
+                return reply
+            finally:
+                channel.close()
+
+        assert not send_signed(broker).duplicate
+        broker.stop()
+        restarted = BackgroundBroker(settings)
+        with pytest.raises(grpc.RpcError) as info:
+            send_signed(restarted)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "replay" in str(info.value.details())
+        channel = rpc.open_channel(
+            restarted.address, clinic.link.certificate, clinic.identity, Limits().max_message_bytes
+        )
+        try:
+            waiting = list(
+                relay_grpc.RelayStub(channel).Receive(relay_pb.ReceiveRequest(), timeout=10)
+            )
+        finally:
+            channel.close()
+        assert len(waiting) == 1  # stored once
+    finally:
+        (restarted or broker).stop()

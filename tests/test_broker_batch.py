@@ -29,7 +29,7 @@ from broker.store import BrokerStore
 from broker.store.database import open_database
 from tessera import crypto, rpc
 from tessera.config import Limits
-from tessera.errors import Conflict, Exhausted, InvalidInput, NotFound
+from tessera.errors import Conflict, Exhausted, InvalidInput, NotFound, Refused
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
 from tests.nodefixtures import pg_dump_data
@@ -274,6 +274,62 @@ def test_a_revoked_sender_is_refused_and_a_revoked_recipient_refuses_its_envelop
     assert len(receive(legal)) == 1
 
 
+def purge(agency: Agency, commitment: bytes) -> relay_pb.PurgeConsentResponse:
+    channel, stub = agency.relay()
+    try:
+        reply: relay_pb.PurgeConsentResponse = stub.PurgeConsent(
+            relay_pb.PurgeConsentRequest(consent_commitment=commitment), timeout=10
+        )
+        return reply
+    finally:
+        channel.close()
+
+
+def test_a_purged_consent_refuses_its_envelopes_and_only_its_sender_can_purge_it(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    # DESIGN.md section 6: the broker refuses to deliver, and purges, envelopes whose consent
+    # was revoked, and refuses every later one under it, a retry of an accepted one included.
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    revoked = crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, b"revoked consent")
+    kept = crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, b"kept consent")
+    delivered = crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, b"delivered consent")
+    pending = [envelope(shelter, clinic, f"ref-{i}", commitment=revoked) for i in range(2)]
+    send_batch(shelter, envelope(shelter, clinic, "early", commitment=delivered))
+    assert len(receive(clinic)) == 1  # delivered and acknowledged before the revocation
+    send_batch(shelter, *pending, envelope(shelter, clinic, "other", commitment=kept))
+
+    # Another agency naming the same commitment purges nothing of the sender's.
+    by_another = purge(clinic, revoked)
+    assert (by_another.purged, by_another.already_delivered) == (0, 0)
+    assert purge(shelter, revoked).purged == 2
+    assert purge(shelter, revoked).purged == 0  # again: harmless
+    assert purge(shelter, delivered).already_delivered == 1
+    with pytest.raises(grpc.RpcError) as info:
+        purge(shelter, revoked[:31])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    later = envelope(shelter, clinic, "later", commitment=revoked)
+    reply = send_batch(
+        shelter, pending[0], later, envelope(shelter, clinic, "more", commitment=kept)
+    )
+    assert isinstance(refusal(reply.results[0]), Refused)  # the retry of an accepted envelope
+    assert isinstance(refusal(reply.results[1]), Refused)
+    assert reply.results[2].HasField("accepted")
+    channel, stub = shelter.relay()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Send(envelope(shelter, clinic, "single", commitment=revoked), timeout=10)
+    finally:
+        channel.close()
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert sorted(opened(clinic, shelter, receive(clinic))) == [
+        f"{MARKER} more".encode(),
+        f"{MARKER} other".encode(),
+    ]
+
+
 def test_receive_batches_hands_out_what_receive_would_several_to_a_message(
     tmp_path: Path,
 ) -> None:
@@ -407,6 +463,27 @@ def test_a_stream_that_ends_early_hands_back_what_it_leased_ahead(tmp_path: Path
     # 50, never claimed, are free at once, each for its first offer.
     assert [e.ciphertext.decode() for e in rest] == [f"k{i:03d}" for i in range(100, 250)]
     assert {e.attempts for e in rest} == {1}
+
+
+def test_a_long_mailbox_streams_in_order_and_a_capped_stream_leases_no_more_than_it_hands_out(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    # The broker leases the next batch while streaming the current one; a stream capped by
+    # max_deliveries must still lease only what it hands out, or the rest would be held back
+    # until their lease ran out.
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    keys = fill(shelter, 250)
+    channel, stub = clinic.relay()
+    try:
+        capped = list(stub.Receive(relay_pb.ReceiveRequest(max_deliveries=150), timeout=10))
+        rest = list(stub.Receive(relay_pb.ReceiveRequest(follow=False), timeout=10))
+    finally:
+        channel.close()
+    assert [bytes(d.sealed_envelope).decode() for d in capped] == keys[:150]
+    # Not leased by the capped stream: offered at once, each for the first time.
+    assert [bytes(d.sealed_envelope).decode() for d in rest] == keys[150:]
+    assert {d.attempt for d in capped + rest} == {1}
 
 
 def test_receive_batches_honours_a_cap_across_its_leases(

@@ -8,6 +8,7 @@ chain that verifies. Real SQLite files and PostgreSQL databases throughout.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import signal
@@ -22,9 +23,10 @@ from node import backup, htcds
 from node.backup import create_backup, read_backup, restore_backup
 from node.domain import StaffRole
 from node.htcds import NeedCategory, NeedStatus
+from node.server import start_node
 from node.store.cases import LEDGER_FILE, NewCase, _key_context
 from node.store.database import open_database
-from tessera import crypto
+from tessera import config, crypto
 from tessera.errors import (
     ConfigError,
     InvalidInput,
@@ -207,8 +209,12 @@ def test_a_restore_killed_after_replacing_the_tables_never_brings_an_erased_surv
     assert (node.home / backup.RESTORE_PENDING_FILE).exists()
 
     # The node starting again finishes the restore before anything reads a case.
+    async def start_and_stop() -> None:
+        running = await start_node(config.load(node.home, {}), PASSPHRASE)
+        await running.stop(0)
+
+    asyncio.run(start_and_stop())
     restarted = nodes.open(node.home, node.url)
-    assert backup.finish_interrupted_restore(node.home, restarted.engine, restarted.keyring) == 1
     with pytest.raises(NotFound):
         restarted.store.get_case("maria", erased)
     assert node.sql("SELECT count(*) FROM case_record WHERE case_id = :c", c=erased) == [(0,)]

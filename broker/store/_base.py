@@ -22,6 +22,7 @@ from sqlmodel import Session, SQLModel
 from broker.store.tables import ID_CHARS
 from tessera import crypto
 from tessera.errors import InvalidInput, StorageError, TesseraError, Unavailable
+from tessera.timestamps import require_aware
 
 # Domain separation for the advisory-lock keys derived from a (sender, commitment) pair.
 _LABEL_CONSENT_LOCK = b"tessera/v1/broker/consent-lock"
@@ -177,19 +178,9 @@ def check_id(value: str, name: str) -> str:
     return value
 
 
-def check_bytes(value: bytes, name: str, sizes: tuple[int, ...]) -> bytes:
-    """Bytes of one of the lengths in ``sizes``."""
-    if not isinstance(value, bytes) or len(value) not in sizes:
-        wanted = " or ".join(str(size) for size in sizes)
-        raise InvalidInput(f"{name} must be {wanted} bytes")
-    return value
-
-
 def check_time(value: dt.datetime, name: str) -> dt.datetime:
     """A timezone-aware instant (stored in UTC; a naive one would be ambiguous)."""
-    if not isinstance(value, dt.datetime) or value.utcoffset() is None:
-        raise InvalidInput(f"{name} must be a timezone-aware datetime")
-    return value.astimezone(dt.UTC)
+    return require_aware(value, name).astimezone(dt.UTC)
 
 
 def check_count(value: int, name: str, *, minimum: int = 0) -> int:

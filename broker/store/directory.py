@@ -23,8 +23,8 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from broker.domain import AgencyState, StoredLogEntry
-from broker.store._base import StoreBase, check_bytes, check_count, check_id, check_time
+from broker.domain import AgencyState, StoredLogEntry, check_bytes
+from broker.store._base import StoreBase, check_count, check_id, check_time
 from broker.store.tables import AgencyRow, EnrolmentTokenRow, LogEntryRow
 from tessera import crypto
 from tessera.directory import GENESIS_CHAIN
@@ -187,7 +187,7 @@ class DirectoryStore(StoreBase):
         check_bytes(encryption_key, "an encryption key", (_KEY_BYTES,))
         sequence = expected_size + 1
         with self._writing("append to the directory log") as session:
-            size = _log_size(session)
+            size = self._log_size(session)
             if size != expected_size:
                 raise Conflict(
                     f"the directory log is at size {size}, not {expected_size}",
@@ -292,6 +292,11 @@ class DirectoryStore(StoreBase):
             raise NotFound(f"the directory log has fewer than {to_size} entries")
         return bodies
 
+    @staticmethod
+    def _log_size(session: Session) -> int:
+        """The log's size as this transaction sees it."""
+        return int(session.exec(select(func.coalesce(func.max(LogEntryRow.sequence), 0))).one())
+
     # --- agencies' current state ------------------------------------------------------------
 
     def agency(self, agency_id: str) -> AgencyState | None:
@@ -323,7 +328,3 @@ class DirectoryStore(StoreBase):
             query = query.where(col(AgencyRow.region) == check_id(region, "a region"))
         with self._reading("read the directory") as session:
             return [_agency(row) for row in session.exec(query)]
-
-
-def _log_size(session: Session) -> int:
-    return int(session.exec(select(func.coalesce(func.max(LogEntryRow.sequence), 0))).one())

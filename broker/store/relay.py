@@ -29,8 +29,14 @@ from sqlalchemy import delete, func, text, tuple_, update
 from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
-from broker.domain import AcceptedEnvelope, EnvelopePut, PurgeResult, StoredEnvelope
-from broker.store._base import check_bytes, check_count, check_id, check_time
+from broker.domain import (
+    AcceptedEnvelope,
+    EnvelopePut,
+    PurgeResult,
+    StoredEnvelope,
+    check_bytes,
+)
+from broker.store._base import check_count, check_id, check_time
 from broker.store.directory import DirectoryStore
 from broker.store.notify import MAIL_CHANNEL
 from broker.store.tables import (
@@ -54,20 +60,6 @@ _NOTIFY_MAIL = text(
 ).bindparams(channel=MAIL_CHANNEL)
 # Request nonces are 16 random bytes (common.proto, convention 4); allow some room, no more.
 MAX_NONCE_BYTES = 64
-
-
-def _envelope(row: EnvelopeRow) -> StoredEnvelope:
-    return StoredEnvelope(
-        envelope_id=row.envelope_id,
-        sender_id=row.sender_id,
-        recipient_id=row.recipient_id,
-        consent_commitment=bytes(row.consent_commitment),
-        ciphertext=bytes(row.ciphertext),
-        received_at=row.received_at,
-        attempts=row.attempts,
-        lease_owner=row.lease_owner,
-        lease_until=row.lease_until,
-    )
 
 
 def _accepted(row: ReceiptRow, *, duplicate: bool) -> AcceptedEnvelope:
@@ -125,6 +117,12 @@ def _check_owner(owner: str) -> str:
     if not isinstance(owner, str) or not owner or len(owner) > OWNER_CHARS:
         raise InvalidInput(f"a lease owner must be 1 to {OWNER_CHARS} characters")
     return owner
+
+
+def _envelope_ids(envelope_ids: Iterable[str]) -> list[str]:
+    """The distinct ids that could name an envelope (uuid text), sorted; anything else is
+    dropped, since no envelope has it."""
+    return sorted({i for i in envelope_ids if isinstance(i, str) and 0 < len(i) <= 36})
 
 
 def _check_seconds(value: float, name: str) -> dt.timedelta:
@@ -399,7 +397,7 @@ class BrokerStore(DirectoryStore):
         returned). ``now`` (default: the current time) is recorded on the envelopes' receipts.
         """
         check_id(recipient_id, "a recipient id")
-        wanted = sorted({i for i in envelope_ids if isinstance(i, str) and 0 < len(i) <= 36})
+        wanted = _envelope_ids(envelope_ids)
         when = check_time(now, "now") if now is not None else dt.datetime.now(dt.UTC)
         if not wanted:
             return []
@@ -444,7 +442,7 @@ class BrokerStore(DirectoryStore):
         their leases end and their attempt counts go back down, as if never claimed. Envelopes
         no longer leased to ``owner`` are left alone. Returns how many were released."""
         _check_owner(owner)
-        wanted = sorted({i for i in envelope_ids if isinstance(i, str) and 0 < len(i) <= 36})
+        wanted = _envelope_ids(envelope_ids)
         if not wanted:
             return 0
         with self._writing("release unsent leases") as session:
@@ -577,6 +575,29 @@ class BrokerStore(DirectoryStore):
         before, False for a replay (of an earlier request, or of one earlier in ``seen``), or
         InvalidInput for a malformed one.
         """
+        outcomes, _log_size = self._remember_nonces(seen, window_seconds, read_log_size=False)
+        return outcomes
+
+    def remember_nonces_and_log_size(
+        self, seen: Sequence[tuple[bytes, bytes, dt.datetime]], window_seconds: float
+    ) -> tuple[list[bool | TesseraError], int | None]:
+        """:meth:`remember_nonces`, plus the directory log's size read in the same transaction
+        once the nonces are written (None if no nonce was well-formed, so nothing was written).
+
+        Each statement sees what was committed before it began, so that size covers every log
+        entry (a revocation, say) committed by any broker process before these nonces were
+        accepted. Reading it here costs no connection or transaction of its own, which matters
+        because the broker on PostgreSQL does it for every batch of requests it authenticates.
+        """
+        return self._remember_nonces(seen, window_seconds, read_log_size=True)
+
+    def _remember_nonces(
+        self,
+        seen: Sequence[tuple[bytes, bytes, dt.datetime]],
+        window_seconds: float,
+        *,
+        read_log_size: bool,
+    ) -> tuple[list[bool | TesseraError], int | None]:
         window = _check_seconds(window_seconds, "the replay window")
         outcomes: list[bool | TesseraError] = []
         rows: dict[tuple[bytes, bytes], dict[str, object]] = {}
@@ -595,7 +616,7 @@ class BrokerStore(DirectoryStore):
                 {"signer": signer, "nonce": nonce, "seen_at": when, "expires_at": when + window},
             )
         if not rows:
-            return outcomes
+            return outcomes, None
         with self._writing("remember the request nonces") as session:
             stored = {
                 (bytes(row[0]), bytes(row[1]))
@@ -606,12 +627,13 @@ class BrokerStore(DirectoryStore):
                     list(rows.values()),
                 )
             }
+            log_size = self._log_size(session) if read_log_size else None
         # Only the first occurrence of a stored nonce is fresh; every other one is a replay.
         for index, (signer, nonce, _seen_at) in enumerate(seen):
             if outcomes[index] is False and (signer, nonce) in stored:
                 outcomes[index] = True
                 stored.discard((signer, nonce))
-        return outcomes
+        return outcomes, log_size
 
     def prune_nonces(self, now: dt.datetime) -> int:
         """Forget nonces whose replay window has ended; returns how many."""

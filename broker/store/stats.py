@@ -18,10 +18,12 @@ import datetime as dt
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from broker.store._base import StoreBase, check_count, check_id, check_time
 from broker.store.tables import (
@@ -201,7 +203,6 @@ class StatsStore(StoreBase):
         self, *, state: int, participant: str, period: str, limit: int, before: int | None
     ) -> tuple[list[StoredRound], int | None]:
         """Rounds newest first, filtered (0 / "" mean any); (page, token for the next page)."""
-        limit = max(1, min(limit, MAX_PAGE))
         with self._reading("list rounds") as session:
             query = select(StatsRoundRow)
             if state:
@@ -216,14 +217,8 @@ class StatsStore(StoreBase):
                     .where(StatsParticipantRow.attempt == StatsRoundRow.attempt)
                 )
                 query = query.where(listed.exists())
-            if before is not None:
-                query = query.where(col(StatsRoundRow.seq) < before)
-            rows = session.exec(
-                query.order_by(col(StatsRoundRow.seq).desc()).limit(limit + 1)
-            ).all()
-            page = [self._stored(session, row) for row in rows[:limit]]
-            following = rows[limit - 1].seq if len(rows) > limit else None
-            return page, following
+            rows, following = _newest_first(session, query, col(StatsRoundRow.seq), limit, before)
+            return [self._stored(session, row) for row in rows], following
 
     @staticmethod
     def _stored(session: Session, row: StatsRoundRow) -> StoredRound:
@@ -405,21 +400,33 @@ class StatsStore(StoreBase):
         self, *, period: str, table: str, limit: int, before: int | None
     ) -> tuple[list[StoredRelease], int | None]:
         """Releases newest first, filtered ("" means any); (page, token for the next page)."""
-        limit = max(1, min(limit, MAX_PAGE))
         with self._reading("list releases") as session:
             query = select(StatsReleaseRow)
             if period:
                 query = query.where(StatsReleaseRow.period == period)
             if table:
                 query = query.where(StatsReleaseRow.table_name == table)
-            if before is not None:
-                query = query.where(col(StatsReleaseRow.seq) < before)
-            rows = session.exec(
-                query.order_by(col(StatsReleaseRow.seq).desc()).limit(limit + 1)
-            ).all()
-            following = rows[limit - 1].seq if len(rows) > limit else None
-            return [_release(r) for r in rows[:limit]], following
+            rows, following = _newest_first(session, query, col(StatsReleaseRow.seq), limit, before)
+            return [_release(r) for r in rows], following
 
 
 def _release(row: StatsReleaseRow) -> StoredRelease:
     return StoredRelease(row.release_id, row.round_id, bytes(row.body), bytes(row.signature))
+
+
+Row = TypeVar("Row", StatsRoundRow, StatsReleaseRow)
+
+
+def _newest_first(
+    session: Session, query: SelectOfScalar[Row], seq: Any, limit: int, before: int | None
+) -> tuple[list[Row], int | None]:
+    """One page of ``query``'s rows, newest (highest ``seq``) first, below the token ``before``;
+    (rows, token for the next page, None on the last page). ``limit`` is kept within 1 to
+    MAX_PAGE."""
+    limit = max(1, min(limit, MAX_PAGE))
+    if before is not None:
+        query = query.where(seq < before)
+    # One row more than the page: whether it exists says if another page follows.
+    rows = list(session.exec(query.order_by(seq.desc()).limit(limit + 1)).all())
+    following = rows[limit - 1].seq if len(rows) > limit else None
+    return rows[:limit], following
