@@ -6,12 +6,14 @@ envelope, a reused or forged enrolment code, a directory entry altered in the br
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,9 +26,11 @@ from broker.store import BrokerStore
 from broker.store.database import open_database
 from node import directory_sync
 from node.keyring import open_keyring
-from tessera import config, crypto, enrolment, rpc
+from tessera import config, crypto, directory, enrolment, rpc
 from tessera.config import Limits
 from tessera.errors import ConfigError, CryptoError, InvalidInput, TesseraError
+from tessera.v1 import directory_pb2 as directory_pb
+from tessera.v1 import directory_pb2_grpc as directory_grpc
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
 from tests.support import (
@@ -500,3 +504,42 @@ def test_a_request_accepted_before_a_restart_is_refused_after_it(tmp_path: Path)
         assert len(waiting) == 1  # stored once
     finally:
         (restarted or broker).stop()
+
+
+def test_keys_rotate_only_by_their_agency_and_the_old_key_is_refused_afterwards(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    shelter = enrol(broker, tmp_path, "harbour-shelter")
+    clinic = enrol(broker, tmp_path, "lantern-clinic")
+    current = directory_sync.sync(clinic.home, clinic.identity, clinic.link)
+    new_keys = crypto.Identity.generate()
+    statement, possession = directory.rotate_statement(
+        shelter.identity, new_keys, current.records["harbour-shelter"], dt.datetime.now(dt.UTC)
+    )
+    rotate = directory_pb.RotateKeysRequest(statement=statement, possession_signature=possession)
+
+    def directory_stub(identity: crypto.Identity) -> tuple[grpc.Channel, Any]:
+        channel = rpc.open_channel(
+            broker.address, clinic.link.certificate, identity, Limits().max_message_bytes
+        )
+        return channel, directory_grpc.DirectoryStub(channel)
+
+    # Another agency cannot put the shelter's rotation through, even a genuine one.
+    channel, stub = directory_stub(clinic.identity)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RotateKeys(rotate, timeout=10)
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    channel, stub = directory_stub(shelter.identity)
+    stub.RotateKeys(rotate, timeout=10)
+    channel.close()
+    # The old key no longer authenticates anyone; the new one speaks for the shelter.
+    with pytest.raises(grpc.RpcError) as info:
+        receive(shelter)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    rotated = Agency(shelter.home, shelter.agency_id, new_keys, shelter.link)
+    assert receive(rotated) == []
+    # Other nodes follow the rotation (signed by the old key): the new key is pinned, no alarm.
+    after = directory_sync.sync(clinic.home, clinic.identity, clinic.link)
+    assert after.records["harbour-shelter"].identity == new_keys.public
