@@ -37,6 +37,8 @@ _ROLES: dict[str, frozenset[str]] = {
     "/tessera.v1.Stats/OpenRound": _COORDINATE,
     "/tessera.v1.Stats/RestartRound": _COORDINATE,
     "/tessera.v1.Stats/SubmitShare": frozenset({AGENCY}),
+    "/tessera.v1.Stats/DeclineRound": frozenset({AGENCY}),
+    "/tessera.v1.Stats/CancelRound": _COORDINATE,
     "/tessera.v1.Stats/GetRound": _READ_DIRECTORY,
     "/tessera.v1.Stats/ListRounds": _READ_DIRECTORY,
     "/tessera.v1.Stats/GetRelease": _READ_DIRECTORY,

@@ -73,6 +73,8 @@ SERVICES: dict[str, dict[str, bool]] = {
         "RestartRound": False,
         "GetRelease": False,
         "ListReleases": False,
+        "DeclineRound": False,
+        "CancelRound": False,
     },
     "tessera.v1.Node": {
         "GetStatus": False,

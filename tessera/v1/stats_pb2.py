@@ -27,57 +27,69 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tessera.v1 import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/stats.proto\x12\ntessera.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tessera/v1/common.proto\".\n\x0eTableDimension\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"e\n\tTableSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ndimensions\x18\x02 \x03(\x0b\x32\x1a.tessera.v1.TableDimension\x12\x1a\n\x12\x63ontribution_bound\x18\x03 \x01(\r\"\xbf\x02\n\x05Round\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12$\n\x05table\x18\x03 \x01(\x0b\x32\x15.tessera.v1.TableSpec\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x0e\n\x06period\x18\x05 \x01(\t\x12\x14\n\x0cparticipants\x18\x06 \x03(\t\x12\x11\n\tthreshold\x18\x07 \x01(\r\x12#\n\x04mode\x18\x08 \x01(\x0e\x32\x15.tessera.v1.RoundMode\x12\x0f\n\x07\x65psilon\x18\t \x01(\x01\x12-\n\topened_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\topened_by\x18\x0c \x01(\x0c\"\x84\x02\n\x10OpenRoundRequest\x12$\n\x05table\x18\x01 \x01(\x0b\x32\x15.tessera.v1.TableSpec\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06period\x18\x03 \x01(\t\x12\x14\n\x0cparticipants\x18\x04 \x03(\t\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12#\n\x04mode\x18\x06 \x01(\x0e\x32\x15.tessera.v1.RoundMode\x12\x0f\n\x07\x65psilon\x18\x07 \x01(\x01\x12\x32\n\x0f\x61ttempt_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\":\n\x11OpenRoundResponse\x12%\n\x05round\x18\x01 \x01(\x0b\x32\x16.tessera.v1.SignedBlob\"\x82\x01\n\x0bRoundStatus\x12%\n\x05round\x18\x01 \x01(\x0b\x32\x16.tessera.v1.SignedBlob\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.tessera.v1.RoundState\x12\x11\n\tsubmitted\x18\x03 \x03(\t\x12\x12\n\nrelease_id\x18\x04 \x01(\t\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\":\n\x10GetRoundResponse\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.tessera.v1.RoundStatus\"\x86\x01\n\x11ListRoundsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.tessera.v1.RoundState\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x0e\n\x06period\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"V\n\x12ListRoundsResponse\x12\'\n\x06rounds\x18\x01 \x03(\x0b\x32\x17.tessera.v1.RoundStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x12SubmitShareRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tagency_id\x18\x03 \x01(\t\x12\x14\n\x0cround_digest\x18\x04 \x01(\x0c\x12\x14\n\x0cmasked_cells\x18\x05 \x03(\x06\"N\n\x13SubmitShareResponse\x12\x11\n\tsubmitted\x18\x01 \x01(\r\x12\x10\n\x08\x65xpected\x18\x02 \x01(\r\x12\x12\n\nrelease_id\x18\x03 \x01(\t\"c\n\x13RestartRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x19\n\x11\x64rop_participants\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\">\n\x14RestartRoundResponse\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.tessera.v1.RoundStatus\"P\n\x0cReleasedCell\x12\x13\n\x0b\x63oordinates\x18\x01 \x03(\t\x12\r\n\x05value\x18\x02 \x01(\x12\x12\r\n\x05lower\x18\x03 \x01(\x01\x12\r\n\x05upper\x18\x04 \x01(\x01\"\x8b\x03\n\x07Release\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x14\n\x0cround_digest\x18\x04 \x01(\x0c\x12$\n\x05table\x18\x05 \x01(\x0b\x32\x15.tessera.v1.TableSpec\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x0e\n\x06period\x18\x07 \x01(\t\x12#\n\x04mode\x18\x08 \x01(\x0e\x32\x15.tessera.v1.RoundMode\x12\'\n\x05\x63\x65lls\x18\t \x03(\x0b\x32\x18.tessera.v1.ReleasedCell\x12\x0f\n\x07\x65psilon\x18\n \x01(\x01\x12\r\n\x05\x61lpha\x18\x0b \x01(\x01\x12\x14\n\x0cparticipants\x18\x0c \x01(\r\x12\x11\n\tmechanism\x18\r \x01(\t\x12\x13\n\x0bnoise_scale\x18\x0e \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x0f \x01(\x01\x12/\n\x0breleased_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x11GetReleaseRequest\x12\x14\n\nrelease_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08round_id\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"=\n\x12GetReleaseResponse\x12\'\n\x07release\x18\x01 \x01(\x0b\x32\x16.tessera.v1.SignedBlob\"[\n\x13ListReleasesRequest\x12\x0e\n\x06period\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x14ListReleasesResponse\x12(\n\x08releases\x18\x01 \x03(\x0b\x32\x16.tessera.v1.SignedBlob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*[\n\tRoundMode\x12\x1a\n\x16ROUND_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUND_MODE_PRIVATE\x10\x01\x12\x1a\n\x16ROUND_MODE_LOCAL_NOISE\x10\x02*t\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x18\n\x14ROUND_STATE_RELEASED\x10\x02\x12\x19\n\x15ROUND_STATE_ABANDONED\x10\x03\x32\xa8\x04\n\x05Stats\x12H\n\tOpenRound\x12\x1c.tessera.v1.OpenRoundRequest\x1a\x1d.tessera.v1.OpenRoundResponse\x12\x45\n\x08GetRound\x12\x1b.tessera.v1.GetRoundRequest\x1a\x1c.tessera.v1.GetRoundResponse\x12K\n\nListRounds\x12\x1d.tessera.v1.ListRoundsRequest\x1a\x1e.tessera.v1.ListRoundsResponse\x12N\n\x0bSubmitShare\x12\x1e.tessera.v1.SubmitShareRequest\x1a\x1f.tessera.v1.SubmitShareResponse\x12Q\n\x0cRestartRound\x12\x1f.tessera.v1.RestartRoundRequest\x1a .tessera.v1.RestartRoundResponse\x12K\n\nGetRelease\x12\x1d.tessera.v1.GetReleaseRequest\x1a\x1e.tessera.v1.GetReleaseResponse\x12Q\n\x0cListReleases\x12\x1f.tessera.v1.ListReleasesRequest\x1a .tessera.v1.ListReleasesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/stats.proto\x12\ntessera.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tessera/v1/common.proto\"6\n\x15\x43ontributionHistogram\x12\x0c\n\x04\x62ins\x18\x01 \x01(\r\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\".\n\x0eTableDimension\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"e\n\tTableSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ndimensions\x18\x02 \x03(\x0b\x32\x1a.tessera.v1.TableDimension\x12\x1a\n\x12\x63ontribution_bound\x18\x03 \x01(\r\"\x8a\x03\n\x05Round\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12$\n\x05table\x18\x03 \x01(\x0b\x32\x15.tessera.v1.TableSpec\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x0e\n\x06period\x18\x05 \x01(\t\x12\x14\n\x0cparticipants\x18\x06 \x03(\t\x12\x11\n\tthreshold\x18\x07 \x01(\r\x12#\n\x04mode\x18\x08 \x01(\x0e\x32\x15.tessera.v1.RoundMode\x12\x0f\n\x07\x65psilon\x18\t \x01(\x01\x12-\n\topened_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\topened_by\x18\x0c \x01(\x0c\x12\x34\n\thistogram\x18\r \x01(\x0b\x32!.tessera.v1.ContributionHistogram\x12\x13\n\x0b\x62ound_basis\x18\x0e \x01(\t\"\x84\x02\n\x10OpenRoundRequest\x12$\n\x05table\x18\x01 \x01(\x0b\x32\x15.tessera.v1.TableSpec\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06period\x18\x03 \x01(\t\x12\x14\n\x0cparticipants\x18\x04 \x03(\t\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12#\n\x04mode\x18\x06 \x01(\x0e\x32\x15.tessera.v1.RoundMode\x12\x0f\n\x07\x65psilon\x18\x07 \x01(\x01\x12\x32\n\x0f\x61ttempt_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\":\n\x11OpenRoundResponse\x12%\n\x05round\x18\x01 \x01(\x0b\x32\x16.tessera.v1.SignedBlob\"\xc5\x01\n\x0bRoundStatus\x12%\n\x05round\x18\x01 \x01(\x0b\x32\x16.tessera.v1.SignedBlob\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.tessera.v1.RoundState\x12\x11\n\tsubmitted\x18\x03 \x03(\t\x12\x12\n\nrelease_id\x18\x04 \x01(\t\x12*\n\x08\x64\x65\x63lines\x18\x05 \x03(\x0b\x32\x18.tessera.v1.RoundDecline\x12\x15\n\rcancel_reason\x18\x06 \x01(\t\"b\n\x0cRoundDecline\x12\x11\n\tagency_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0b\x64\x65\x63lined_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x13\x44\x65\x63lineRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tagency_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\">\n\x14\x44\x65\x63lineRoundResponse\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.tessera.v1.RoundStatus\"6\n\x12\x43\x61ncelRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x13\x43\x61ncelRoundResponse\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.tessera.v1.RoundStatus\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\":\n\x10GetRoundResponse\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.tessera.v1.RoundStatus\"\x86\x01\n\x11ListRoundsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.tessera.v1.RoundState\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x0e\n\x06period\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"V\n\x12ListRoundsResponse\x12\'\n\x06rounds\x18\x01 \x03(\x0b\x32\x17.tessera.v1.RoundStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x12SubmitShareRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tagency_id\x18\x03 \x01(\t\x12\x14\n\x0cround_digest\x18\x04 \x01(\x0c\x12\x14\n\x0cmasked_cells\x18\x05 \x03(\x06\"N\n\x13SubmitShareResponse\x12\x11\n\tsubmitted\x18\x01 \x01(\r\x12\x10\n\x08\x65xpected\x18\x02 \x01(\r\x12\x12\n\nrelease_id\x18\x03 \x01(\t\"c\n\x13RestartRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x19\n\x11\x64rop_participants\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\">\n\x14RestartRoundResponse\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.tessera.v1.RoundStatus\"P\n\x0cReleasedCell\x12\x13\n\x0b\x63oordinates\x18\x01 \x03(\t\x12\r\n\x05value\x18\x02 \x01(\x12\x12\r\n\x05lower\x18\x03 \x01(\x01\x12\r\n\x05upper\x18\x04 \x01(\x01\"\x8d\x04\n\x07Release\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x14\n\x0cround_digest\x18\x04 \x01(\x0c\x12$\n\x05table\x18\x05 \x01(\x0b\x32\x15.tessera.v1.TableSpec\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x0e\n\x06period\x18\x07 \x01(\t\x12#\n\x04mode\x18\x08 \x01(\x0e\x32\x15.tessera.v1.RoundMode\x12\'\n\x05\x63\x65lls\x18\t \x03(\x0b\x32\x18.tessera.v1.ReleasedCell\x12\x0f\n\x07\x65psilon\x18\n \x01(\x01\x12\r\n\x05\x61lpha\x18\x0b \x01(\x01\x12\x14\n\x0cparticipants\x18\x0c \x01(\r\x12\x11\n\tmechanism\x18\r \x01(\t\x12\x13\n\x0bnoise_scale\x18\x0e \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x0f \x01(\x01\x12/\n\x0breleased_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\rcontributions\x18\x11 \x03(\x0b\x32\x18.tessera.v1.ReleasedCell\x12\x1e\n\x16\x63ontributions_accuracy\x18\x12 \x01(\x01\x12\x18\n\x10\x64ropped_fraction\x18\x13 \x01(\x01\x12\x15\n\rtable_epsilon\x18\x14 \x01(\x01\"D\n\x11GetReleaseRequest\x12\x14\n\nrelease_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08round_id\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"=\n\x12GetReleaseResponse\x12\'\n\x07release\x18\x01 \x01(\x0b\x32\x16.tessera.v1.SignedBlob\"[\n\x13ListReleasesRequest\x12\x0e\n\x06period\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x14ListReleasesResponse\x12(\n\x08releases\x18\x01 \x03(\x0b\x32\x16.tessera.v1.SignedBlob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*[\n\tRoundMode\x12\x1a\n\x16ROUND_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUND_MODE_PRIVATE\x10\x01\x12\x1a\n\x16ROUND_MODE_LOCAL_NOISE\x10\x02*t\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x18\n\x14ROUND_STATE_RELEASED\x10\x02\x12\x19\n\x15ROUND_STATE_ABANDONED\x10\x03\x32\xcb\x05\n\x05Stats\x12H\n\tOpenRound\x12\x1c.tessera.v1.OpenRoundRequest\x1a\x1d.tessera.v1.OpenRoundResponse\x12\x45\n\x08GetRound\x12\x1b.tessera.v1.GetRoundRequest\x1a\x1c.tessera.v1.GetRoundResponse\x12K\n\nListRounds\x12\x1d.tessera.v1.ListRoundsRequest\x1a\x1e.tessera.v1.ListRoundsResponse\x12N\n\x0bSubmitShare\x12\x1e.tessera.v1.SubmitShareRequest\x1a\x1f.tessera.v1.SubmitShareResponse\x12Q\n\x0cRestartRound\x12\x1f.tessera.v1.RestartRoundRequest\x1a .tessera.v1.RestartRoundResponse\x12K\n\nGetRelease\x12\x1d.tessera.v1.GetReleaseRequest\x1a\x1e.tessera.v1.GetReleaseResponse\x12Q\n\x0cListReleases\x12\x1f.tessera.v1.ListReleasesRequest\x1a .tessera.v1.ListReleasesResponse\x12Q\n\x0c\x44\x65\x63lineRound\x12\x1f.tessera.v1.DeclineRoundRequest\x1a .tessera.v1.DeclineRoundResponse\x12N\n\x0b\x43\x61ncelRound\x12\x1e.tessera.v1.CancelRoundRequest\x1a\x1f.tessera.v1.CancelRoundResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.stats_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUNDMODE']._serialized_start=2541
-  _globals['_ROUNDMODE']._serialized_end=2632
-  _globals['_ROUNDSTATE']._serialized_start=2634
-  _globals['_ROUNDSTATE']._serialized_end=2750
-  _globals['_TABLEDIMENSION']._serialized_start=128
-  _globals['_TABLEDIMENSION']._serialized_end=174
-  _globals['_TABLESPEC']._serialized_start=176
-  _globals['_TABLESPEC']._serialized_end=277
-  _globals['_ROUND']._serialized_start=280
-  _globals['_ROUND']._serialized_end=599
-  _globals['_OPENROUNDREQUEST']._serialized_start=602
-  _globals['_OPENROUNDREQUEST']._serialized_end=862
-  _globals['_OPENROUNDRESPONSE']._serialized_start=864
-  _globals['_OPENROUNDRESPONSE']._serialized_end=922
-  _globals['_ROUNDSTATUS']._serialized_start=925
-  _globals['_ROUNDSTATUS']._serialized_end=1055
-  _globals['_GETROUNDREQUEST']._serialized_start=1057
-  _globals['_GETROUNDREQUEST']._serialized_end=1092
-  _globals['_GETROUNDRESPONSE']._serialized_start=1094
-  _globals['_GETROUNDRESPONSE']._serialized_end=1152
-  _globals['_LISTROUNDSREQUEST']._serialized_start=1155
-  _globals['_LISTROUNDSREQUEST']._serialized_end=1289
-  _globals['_LISTROUNDSRESPONSE']._serialized_start=1291
-  _globals['_LISTROUNDSRESPONSE']._serialized_end=1377
-  _globals['_SUBMITSHAREREQUEST']._serialized_start=1379
-  _globals['_SUBMITSHAREREQUEST']._serialized_end=1497
-  _globals['_SUBMITSHARERESPONSE']._serialized_start=1499
-  _globals['_SUBMITSHARERESPONSE']._serialized_end=1577
-  _globals['_RESTARTROUNDREQUEST']._serialized_start=1579
-  _globals['_RESTARTROUNDREQUEST']._serialized_end=1678
-  _globals['_RESTARTROUNDRESPONSE']._serialized_start=1680
-  _globals['_RESTARTROUNDRESPONSE']._serialized_end=1742
-  _globals['_RELEASEDCELL']._serialized_start=1744
-  _globals['_RELEASEDCELL']._serialized_end=1824
-  _globals['_RELEASE']._serialized_start=1827
-  _globals['_RELEASE']._serialized_end=2222
-  _globals['_GETRELEASEREQUEST']._serialized_start=2224
-  _globals['_GETRELEASEREQUEST']._serialized_end=2292
-  _globals['_GETRELEASERESPONSE']._serialized_start=2294
-  _globals['_GETRELEASERESPONSE']._serialized_end=2355
-  _globals['_LISTRELEASESREQUEST']._serialized_start=2357
-  _globals['_LISTRELEASESREQUEST']._serialized_end=2448
-  _globals['_LISTRELEASESRESPONSE']._serialized_start=2450
-  _globals['_LISTRELEASESRESPONSE']._serialized_end=2539
-  _globals['_STATS']._serialized_start=2753
-  _globals['_STATS']._serialized_end=3305
+  _globals['_ROUNDMODE']._serialized_start=3245
+  _globals['_ROUNDMODE']._serialized_end=3336
+  _globals['_ROUNDSTATE']._serialized_start=3338
+  _globals['_ROUNDSTATE']._serialized_end=3454
+  _globals['_CONTRIBUTIONHISTOGRAM']._serialized_start=128
+  _globals['_CONTRIBUTIONHISTOGRAM']._serialized_end=182
+  _globals['_TABLEDIMENSION']._serialized_start=184
+  _globals['_TABLEDIMENSION']._serialized_end=230
+  _globals['_TABLESPEC']._serialized_start=232
+  _globals['_TABLESPEC']._serialized_end=333
+  _globals['_ROUND']._serialized_start=336
+  _globals['_ROUND']._serialized_end=730
+  _globals['_OPENROUNDREQUEST']._serialized_start=733
+  _globals['_OPENROUNDREQUEST']._serialized_end=993
+  _globals['_OPENROUNDRESPONSE']._serialized_start=995
+  _globals['_OPENROUNDRESPONSE']._serialized_end=1053
+  _globals['_ROUNDSTATUS']._serialized_start=1056
+  _globals['_ROUNDSTATUS']._serialized_end=1253
+  _globals['_ROUNDDECLINE']._serialized_start=1255
+  _globals['_ROUNDDECLINE']._serialized_end=1353
+  _globals['_DECLINEROUNDREQUEST']._serialized_start=1355
+  _globals['_DECLINEROUNDREQUEST']._serialized_end=1446
+  _globals['_DECLINEROUNDRESPONSE']._serialized_start=1448
+  _globals['_DECLINEROUNDRESPONSE']._serialized_end=1510
+  _globals['_CANCELROUNDREQUEST']._serialized_start=1512
+  _globals['_CANCELROUNDREQUEST']._serialized_end=1566
+  _globals['_CANCELROUNDRESPONSE']._serialized_start=1568
+  _globals['_CANCELROUNDRESPONSE']._serialized_end=1629
+  _globals['_GETROUNDREQUEST']._serialized_start=1631
+  _globals['_GETROUNDREQUEST']._serialized_end=1666
+  _globals['_GETROUNDRESPONSE']._serialized_start=1668
+  _globals['_GETROUNDRESPONSE']._serialized_end=1726
+  _globals['_LISTROUNDSREQUEST']._serialized_start=1729
+  _globals['_LISTROUNDSREQUEST']._serialized_end=1863
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=1865
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=1951
+  _globals['_SUBMITSHAREREQUEST']._serialized_start=1953
+  _globals['_SUBMITSHAREREQUEST']._serialized_end=2071
+  _globals['_SUBMITSHARERESPONSE']._serialized_start=2073
+  _globals['_SUBMITSHARERESPONSE']._serialized_end=2151
+  _globals['_RESTARTROUNDREQUEST']._serialized_start=2153
+  _globals['_RESTARTROUNDREQUEST']._serialized_end=2252
+  _globals['_RESTARTROUNDRESPONSE']._serialized_start=2254
+  _globals['_RESTARTROUNDRESPONSE']._serialized_end=2316
+  _globals['_RELEASEDCELL']._serialized_start=2318
+  _globals['_RELEASEDCELL']._serialized_end=2398
+  _globals['_RELEASE']._serialized_start=2401
+  _globals['_RELEASE']._serialized_end=2926
+  _globals['_GETRELEASEREQUEST']._serialized_start=2928
+  _globals['_GETRELEASEREQUEST']._serialized_end=2996
+  _globals['_GETRELEASERESPONSE']._serialized_start=2998
+  _globals['_GETRELEASERESPONSE']._serialized_end=3059
+  _globals['_LISTRELEASESREQUEST']._serialized_start=3061
+  _globals['_LISTRELEASESREQUEST']._serialized_end=3152
+  _globals['_LISTRELEASESRESPONSE']._serialized_start=3154
+  _globals['_LISTRELEASESRESPONSE']._serialized_end=3243
+  _globals['_STATS']._serialized_start=3457
+  _globals['_STATS']._serialized_end=4172
 # @@protoc_insertion_point(module_scope)

@@ -86,7 +86,7 @@ class _RoundStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundState
     ROUND_STATE_RELEASED: _RoundState.ValueType  # 2
     """Every participant submitted; the release exists."""
     ROUND_STATE_ABANDONED: _RoundState.ValueType  # 3
-    """Given up: it can no longer reach its threshold. No release will be made."""
+    """Given up (cancelled by a coordinator): no release will be made."""
 
 class RoundState(_RoundState, metaclass=_RoundStateEnumTypeWrapper):
     """Where a round stands."""
@@ -98,8 +98,41 @@ ROUND_STATE_OPEN: RoundState.ValueType  # 1
 ROUND_STATE_RELEASED: RoundState.ValueType  # 2
 """Every participant submitted; the release exists."""
 ROUND_STATE_ABANDONED: RoundState.ValueType  # 3
-"""Given up: it can no longer reach its threshold. No release will be made."""
+"""Given up (cancelled by a coordinator): no release will be made."""
 Global___RoundState: _TypeAlias = RoundState  # noqa: Y015
+
+@_typing.final
+class ContributionHistogram(_message.Message):
+    """The histogram released beside a table that shows how many cells each survivor's record fell
+    in before bounding: how many contributions the bound dropped, and what bound the next round
+    needs (docs/privacy.md, "The contribution bound").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BINS_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    bins: _builtins.int
+    """Bins "1" .. "bins": a survivor with m > 0 cells in the table counts once, in bin
+    min(m, bins). Seen by: the broker, coordinators, participating nodes.
+    """
+    epsilon: _builtins.float
+    """The part of the round's epsilon spent on the histogram (L1 sensitivity 1); the table gets
+    the rest. Seen by: the broker, coordinators, participating nodes.
+    """
+    def __init__(
+        self,
+        *,
+        bins: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "epsilon", b"epsilon"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContributionHistogram: _TypeAlias = ContributionHistogram  # noqa: Y015
 
 @_typing.final
 class TableDimension(_message.Message):
@@ -192,6 +225,8 @@ class Round(_message.Message):
     OPENED_AT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     OPENED_BY_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_FIELD_NUMBER: _builtins.int
+    BOUND_BASIS_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
     """Identifier of the round (a UUID); the same across attempts. Seen by: the broker,
     coordinators, participating nodes.
@@ -225,6 +260,11 @@ class Round(_message.Message):
     """Ed25519 public key of the coordinator or operator who opened the round. Seen by: the broker,
     coordinators, participating nodes.
     """
+    bound_basis: _builtins.str
+    """Where the table's contribution bound came from: "requested", "default", or
+    "release:<release id>" when it was sized from that release's histogram. Seen by: the
+    broker, coordinators, participating nodes.
+    """
     @_builtins.property
     def table(self) -> Global___TableSpec:
         """The table to compute. Seen by: the broker, coordinators, participating nodes."""
@@ -246,6 +286,13 @@ class Round(_message.Message):
         Seen by: the broker, coordinators, participating nodes.
         """
 
+    @_builtins.property
+    def histogram(self) -> Global___ContributionHistogram:
+        """The contribution histogram submitted after the table's cells (each share's vector is the
+        table's cells, then the histogram's bins); unset means none. Seen by: the broker,
+        coordinators, participating nodes.
+        """
+
     def __init__(
         self,
         *,
@@ -261,10 +308,12 @@ class Round(_message.Message):
         opened_at: _timestamp_pb2.Timestamp | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         opened_by: _builtins.bytes = ...,
+        histogram: Global___ContributionHistogram | None = ...,
+        bound_basis: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "opened_at", b"opened_at", "table", b"table"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "histogram", b"histogram", "opened_at", b"opened_at", "table", b"table"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline", b"deadline", "epsilon", b"epsilon", "mode", b"mode", "opened_at", b"opened_at", "opened_by", b"opened_by", "participants", b"participants", "period", b"period", "region", b"region", "round_id", b"round_id", "table", b"table", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bound_basis", b"bound_basis", "deadline", b"deadline", "epsilon", b"epsilon", "histogram", b"histogram", "mode", b"mode", "opened_at", b"opened_at", "opened_by", b"opened_by", "participants", b"participants", "period", b"period", "region", b"region", "round_id", b"round_id", "table", b"table", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -292,8 +341,9 @@ class OpenRoundRequest(_message.Message):
     period: _builtins.str
     """The period, as "YYYY-MM". Seen by: the caller, the broker, participating nodes."""
     threshold: _builtins.int
-    """The least number of participants whose shares give the full noise. Seen by: the caller, the
-    broker, participating nodes.
+    """The least number of participants whose shares give the full noise; 0 means the broker's
+    default for the number of participants (docs/privacy.md, "The threshold"). Seen by: the
+    caller, the broker, participating nodes.
     """
     mode: Global___RoundMode.ValueType
     """How noise is added. Seen by: the caller, the broker, participating nodes."""
@@ -305,7 +355,10 @@ class OpenRoundRequest(_message.Message):
     """
     @_builtins.property
     def table(self) -> Global___TableSpec:
-        """The table to compute. Seen by: the caller, the broker, participating nodes."""
+        """The table to compute; a contribution_bound of 0 asks the broker to size it from the newest
+        release of the same table (its histogram), else the default. Seen by: the caller, the
+        broker, participating nodes.
+        """
 
     @_builtins.property
     def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -376,10 +429,16 @@ class RoundStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     SUBMITTED_FIELD_NUMBER: _builtins.int
     RELEASE_ID_FIELD_NUMBER: _builtins.int
+    DECLINES_FIELD_NUMBER: _builtins.int
+    CANCEL_REASON_FIELD_NUMBER: _builtins.int
     state: Global___RoundState.ValueType
     """Where the round stands. Seen by: the broker, coordinators, participating nodes."""
     release_id: _builtins.str
     """RELEASED only: the release's id. Seen by: the broker, coordinators, participating nodes."""
+    cancel_reason: _builtins.str
+    """ABANDONED only: why the round was cancelled. Seen by: the broker, coordinators,
+    participating nodes.
+    """
     @_builtins.property
     def round(self) -> _common_pb2.SignedBlob:
         """The current (latest) attempt, signed by the broker (body: Round). Seen by: the broker,
@@ -392,6 +451,12 @@ class RoundStatus(_message.Message):
         coordinators, participating nodes.
         """
 
+    @_builtins.property
+    def declines(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundDecline]:
+        """Participants that declined the current attempt, with their reasons, ascending by agency.
+        Seen by: the broker, coordinators, participating nodes.
+        """
+
     def __init__(
         self,
         *,
@@ -399,14 +464,162 @@ class RoundStatus(_message.Message):
         state: Global___RoundState.ValueType = ...,
         submitted: _abc.Iterable[_builtins.str] | None = ...,
         release_id: _builtins.str = ...,
+        declines: _abc.Iterable[Global___RoundDecline] | None = ...,
+        cancel_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["release_id", b"release_id", "round", b"round", "state", b"state", "submitted", b"submitted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "declines", b"declines", "release_id", b"release_id", "round", b"round", "state", b"state", "submitted", b"submitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoundStatus: _TypeAlias = RoundStatus  # noqa: Y015
+
+@_typing.final
+class RoundDecline(_message.Message):
+    """One participant's refusal of an attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENCY_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECLINED_AT_FIELD_NUMBER: _builtins.int
+    agency_id: _builtins.str
+    """The agency that declined. Seen by: the broker, coordinators, participating nodes."""
+    reason: _builtins.str
+    """Its reason, at most 300 characters, never survivor data. Seen by: the broker,
+    coordinators, participating nodes.
+    """
+    @_builtins.property
+    def declined_at(self) -> _timestamp_pb2.Timestamp:
+        """When it declined. Seen by: the broker, coordinators, participating nodes."""
+
+    def __init__(
+        self,
+        *,
+        agency_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        declined_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["declined_at", b"declined_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency_id", b"agency_id", "declined_at", b"declined_at", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundDecline: _TypeAlias = RoundDecline  # noqa: Y015
+
+@_typing.final
+class DeclineRoundRequest(_message.Message):
+    """A participant declines the current attempt of a round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    AGENCY_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    """The round. Seen by: the declining node, the broker."""
+    attempt: _builtins.int
+    """The attempt declined; must be the current one. Seen by: the declining node, the broker."""
+    agency_id: _builtins.str
+    """The declining agency; must be the request signer's agency and a participant that has not
+    submitted. Seen by: the declining node, the broker.
+    """
+    reason: _builtins.str
+    """Why, at most 300 characters. Seen by: the declining node, the broker, coordinators."""
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        agency_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency_id", b"agency_id", "attempt", b"attempt", "reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineRoundRequest: _TypeAlias = DeclineRoundRequest  # noqa: Y015
+
+@_typing.final
+class DeclineRoundResponse(_message.Message):
+    """The broker's answer to a decline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def round(self) -> Global___RoundStatus:
+        """The round as it now stands. Seen by: the declining node, the broker."""
+
+    def __init__(
+        self,
+        *,
+        round: Global___RoundStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineRoundResponse: _TypeAlias = DeclineRoundResponse  # noqa: Y015
+
+@_typing.final
+class CancelRoundRequest(_message.Message):
+    """Cancels an open round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    """The round. Seen by: the caller, the broker."""
+    reason: _builtins.str
+    """Why, for the round's history (at most 300 characters); never survivor data. Seen by: the
+    caller, the broker, coordinators, participating nodes.
+    """
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRoundRequest: _TypeAlias = CancelRoundRequest  # noqa: Y015
+
+@_typing.final
+class CancelRoundResponse(_message.Message):
+    """The cancelled round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def round(self) -> Global___RoundStatus:
+        """The round, now ABANDONED. Seen by: the caller, the broker."""
+
+    def __init__(
+        self,
+        *,
+        round: Global___RoundStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRoundResponse: _TypeAlias = CancelRoundResponse  # noqa: Y015
 
 @_typing.final
 class GetRoundRequest(_message.Message):
@@ -743,6 +956,10 @@ class Release(_message.Message):
     NOISE_SCALE_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     RELEASED_AT_FIELD_NUMBER: _builtins.int
+    CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    CONTRIBUTIONS_ACCURACY_FIELD_NUMBER: _builtins.int
+    DROPPED_FRACTION_FIELD_NUMBER: _builtins.int
+    TABLE_EPSILON_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     """Identifier of the release. Seen by: anyone the release is given to."""
     round_id: _builtins.str
@@ -779,6 +996,17 @@ class Release(_message.Message):
     """
     accuracy: _builtins.float
     """Half-width of every cell's confidence interval. Seen by: anyone the release is given to."""
+    contributions_accuracy: _builtins.float
+    """Half-width of every histogram bin's interval. Seen by: anyone the release is given to."""
+    dropped_fraction: _builtins.float
+    """The estimated share of contributions the bound dropped, from the histogram (post-processing:
+    sum over bins m > bound of (m - bound) times the bin, over the sum of m times the bin, bins
+    clamped at 0). Seen by: anyone the release is given to.
+    """
+    table_epsilon: _builtins.float
+    """The part of epsilon spent on the table's cells (the rest went to the histogram). Seen by:
+    anyone the release is given to.
+    """
     @_builtins.property
     def table(self) -> Global___TableSpec:
         """The table. Seen by: anyone the release is given to."""
@@ -790,6 +1018,12 @@ class Release(_message.Message):
     @_builtins.property
     def released_at(self) -> _timestamp_pb2.Timestamp:
         """When the release was made. Seen by: anyone the release is given to."""
+
+    @_builtins.property
+    def contributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleasedCell]:
+        """The round's contribution histogram as released (coordinates ["1"] .. [bins]), each bin with
+        its interval; empty if the round had none. Seen by: anyone the release is given to.
+        """
 
     def __init__(
         self,
@@ -810,10 +1044,14 @@ class Release(_message.Message):
         noise_scale: _builtins.float = ...,
         accuracy: _builtins.float = ...,
         released_at: _timestamp_pb2.Timestamp | None = ...,
+        contributions: _abc.Iterable[Global___ReleasedCell] | None = ...,
+        contributions_accuracy: _builtins.float = ...,
+        dropped_fraction: _builtins.float = ...,
+        table_epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["released_at", b"released_at", "table", b"table"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "alpha", b"alpha", "attempt", b"attempt", "cells", b"cells", "epsilon", b"epsilon", "mechanism", b"mechanism", "mode", b"mode", "noise_scale", b"noise_scale", "participants", b"participants", "period", b"period", "region", b"region", "release_id", b"release_id", "released_at", b"released_at", "round_digest", b"round_digest", "round_id", b"round_id", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "alpha", b"alpha", "attempt", b"attempt", "cells", b"cells", "contributions", b"contributions", "contributions_accuracy", b"contributions_accuracy", "dropped_fraction", b"dropped_fraction", "epsilon", b"epsilon", "mechanism", b"mechanism", "mode", b"mode", "noise_scale", b"noise_scale", "participants", b"participants", "period", b"period", "region", b"region", "release_id", b"release_id", "released_at", b"released_at", "round_digest", b"round_digest", "round_id", b"round_id", "table", b"table", "table_epsilon", b"table_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

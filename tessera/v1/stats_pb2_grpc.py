@@ -74,6 +74,16 @@ class StatsStub:
                 request_serializer=tessera_dot_v1_dot_stats__pb2.ListReleasesRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_stats__pb2.ListReleasesResponse.FromString,
                 _registered_method=True)
+        self.DeclineRound = channel.unary_unary(
+                '/tessera.v1.Stats/DeclineRound',
+                request_serializer=tessera_dot_v1_dot_stats__pb2.DeclineRoundRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_stats__pb2.DeclineRoundResponse.FromString,
+                _registered_method=True)
+        self.CancelRound = channel.unary_unary(
+                '/tessera.v1.Stats/CancelRound',
+                request_serializer=tessera_dot_v1_dot_stats__pb2.CancelRoundRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_stats__pb2.CancelRoundResponse.FromString,
+                _registered_method=True)
 
 
 class StatsServicer:
@@ -135,6 +145,21 @@ class StatsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineRound(self, request, context):
+        """A participant says it will not submit to the current attempt, and why (its own policy:
+        threshold, budget, unverified participants). The coordinator sees the reason in GetRound.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRound(self, request, context):
+        """Gives up an open round: no release will be made; submitted shares are discarded unread.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StatsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +197,16 @@ def add_StatsServicer_to_server(servicer, server):
                     servicer.ListReleases,
                     request_deserializer=tessera_dot_v1_dot_stats__pb2.ListReleasesRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_stats__pb2.ListReleasesResponse.SerializeToString,
+            ),
+            'DeclineRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineRound,
+                    request_deserializer=tessera_dot_v1_dot_stats__pb2.DeclineRoundRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_stats__pb2.DeclineRoundResponse.SerializeToString,
+            ),
+            'CancelRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRound,
+                    request_deserializer=tessera_dot_v1_dot_stats__pb2.CancelRoundRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_stats__pb2.CancelRoundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -368,6 +403,60 @@ class Stats:
             '/tessera.v1.Stats/ListReleases',
             tessera_dot_v1_dot_stats__pb2.ListReleasesRequest.SerializeToString,
             tessera_dot_v1_dot_stats__pb2.ListReleasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Stats/DeclineRound',
+            tessera_dot_v1_dot_stats__pb2.DeclineRoundRequest.SerializeToString,
+            tessera_dot_v1_dot_stats__pb2.DeclineRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Stats/CancelRound',
+            tessera_dot_v1_dot_stats__pb2.CancelRoundRequest.SerializeToString,
+            tessera_dot_v1_dot_stats__pb2.CancelRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,

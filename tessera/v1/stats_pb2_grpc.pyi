@@ -75,6 +75,12 @@ class StatsStub:
     """Returns one broker-signed release."""
     ListReleases: _grpc.UnaryUnaryMultiCallable[_stats_pb2.ListReleasesRequest, _stats_pb2.ListReleasesResponse]
     """Lists broker-signed releases, newest first."""
+    DeclineRound: _grpc.UnaryUnaryMultiCallable[_stats_pb2.DeclineRoundRequest, _stats_pb2.DeclineRoundResponse]
+    """A participant says it will not submit to the current attempt, and why (its own policy:
+    threshold, budget, unverified participants). The coordinator sees the reason in GetRound.
+    """
+    CancelRound: _grpc.UnaryUnaryMultiCallable[_stats_pb2.CancelRoundRequest, _stats_pb2.CancelRoundResponse]
+    """Gives up an open round: no release will be made; submitted shares are discarded unread."""
 
 @_typing.type_check_only
 class StatsAsyncStub(StatsStub):
@@ -104,6 +110,12 @@ class StatsAsyncStub(StatsStub):
     """Returns one broker-signed release."""
     ListReleases: _aio.UnaryUnaryMultiCallable[_stats_pb2.ListReleasesRequest, _stats_pb2.ListReleasesResponse]  # type: ignore[assignment]
     """Lists broker-signed releases, newest first."""
+    DeclineRound: _aio.UnaryUnaryMultiCallable[_stats_pb2.DeclineRoundRequest, _stats_pb2.DeclineRoundResponse]  # type: ignore[assignment]
+    """A participant says it will not submit to the current attempt, and why (its own policy:
+    threshold, budget, unverified participants). The coordinator sees the reason in GetRound.
+    """
+    CancelRound: _aio.UnaryUnaryMultiCallable[_stats_pb2.CancelRoundRequest, _stats_pb2.CancelRoundResponse]  # type: ignore[assignment]
+    """Gives up an open round: no release will be made; submitted shares are discarded unread."""
 
 class StatsServicer(metaclass=_abc_1.ABCMeta):
     """Statistics rounds and releases on the broker. Every request is signed (common.proto,
@@ -172,5 +184,23 @@ class StatsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_stats_pb2.ListReleasesResponse, _abc.Awaitable[_stats_pb2.ListReleasesResponse]]:
         """Lists broker-signed releases, newest first."""
+
+    @_abc_1.abstractmethod
+    def DeclineRound(
+        self,
+        request: _stats_pb2.DeclineRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stats_pb2.DeclineRoundResponse, _abc.Awaitable[_stats_pb2.DeclineRoundResponse]]:
+        """A participant says it will not submit to the current attempt, and why (its own policy:
+        threshold, budget, unverified participants). The coordinator sees the reason in GetRound.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelRound(
+        self,
+        request: _stats_pb2.CancelRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stats_pb2.CancelRoundResponse, _abc.Awaitable[_stats_pb2.CancelRoundResponse]]:
+        """Gives up an open round: no release will be made; submitted shares are discarded unread."""
 
 def add_StatsServicer_to_server(servicer: StatsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
