@@ -67,6 +67,13 @@ def spec_to_proto(spec: dp.TableSpec) -> stats_pb.TableSpec:
     )
 
 
+def round_noise_of(body: stats_pb.Round, spec: dp.TableSpec) -> dp.RoundNoise:
+    """The noise scales of a signed round: its table, then its histogram if it has one."""
+    if not body.HasField("histogram"):
+        return dp.round_noise(spec, body.epsilon)
+    return dp.round_noise(spec, body.epsilon, int(body.histogram.bins), body.histogram.epsilon)
+
+
 def round_digest(body: bytes) -> bytes:
     """digest(LABEL_ROUND, body of a signed Round): what a share names to be counted."""
     return crypto.digest(crypto.LABEL_ROUND, body)
@@ -88,18 +95,21 @@ def build_release(
     """Sum the shares of one attempt and sign the Release: (release_id, body, signature).
 
     Private rounds: the total noise is the sum of n shares of threshold t. Local-noise rounds:
-    every node added the full noise, so the total is n shares of threshold 1. Either way the
-    interval is :func:`tessera.dp.sum_accuracy` for the actual n, and ε is OpenDP's map for the
-    discrete Laplace of scale s = sensitivity / ε_round.
+    every node added the full noise, so the total is n shares of threshold 1. Either way each
+    part's interval is :func:`tessera.dp.sum_accuracy` for the actual n at that part's scale
+    (:func:`tessera.dp.round_noise`), and ε is the sum of OpenDP's maps for the table's and the
+    histogram's discrete Laplace. The dropped share and the suggested bound are post-processing
+    of the histogram (:func:`tessera.dp.bound_report`), its bins read at a Bonferroni-corrected
+    level so an empty bin rarely counts.
     """
     body = stats_pb.Round.FromString(round_body)
     spec = spec_from_proto(body.table)
-    sensitivity = dp.l1_sensitivity(spec)
-    scale = dp.scale_for(body.epsilon, sensitivity)
+    noise = round_noise_of(body, spec)
     n = len(vectors)
     threshold = 1 if body.mode == stats_pb.ROUND_MODE_LOCAL_NOISE else int(body.threshold)
     totals = dp.unmask_sum(vectors)
-    cells = dp.release_cells(totals, spec, n, threshold, scale, ALPHA)
+    cells = dp.release_cells(totals[: spec.size], spec, n, threshold, noise.table_scale, ALPHA)
+    epsilon, table_epsilon = dp.round_epsilon(noise, spec)
     release = stats_pb.Release(
         release_id=str(uuid.uuid4()),
         round_id=body.round_id,
@@ -113,16 +123,32 @@ def build_release(
             stats_pb.ReleasedCell(coordinates=list(c), value=v, lower=lo, upper=hi)
             for c, v, lo, hi in cells
         ],
-        epsilon=dp.epsilon_for(scale, sensitivity),
+        epsilon=epsilon,
+        table_epsilon=table_epsilon,
         alpha=ALPHA,
         participants=n,
-        mechanism=dp.describe_mechanism(n, threshold, scale),
+        mechanism=dp.describe_mechanism(n, threshold, noise.table_scale),
         # The total noise has sqrt(n / t) times the standard deviation of the discrete Laplace
         # of scale s (n = t: exactly that distribution).
-        noise_scale=scale * math.sqrt(n / threshold),
-        accuracy=dp.sum_accuracy(n, threshold, scale, ALPHA),
+        noise_scale=noise.table_scale * math.sqrt(n / threshold),
+        accuracy=dp.sum_accuracy(n, threshold, noise.table_scale, ALPHA),
         released_at=to_timestamp(now),
     )
+    if noise.histogram_bins:
+        histogram = totals[spec.size :]
+        scale = noise.histogram_scale
+        accuracy = dp.sum_accuracy(n, threshold, scale, ALPHA)
+        significance = dp.sum_accuracy(n, threshold, scale, ALPHA / noise.histogram_bins)
+        dropped, suggested = dp.bound_report(histogram, significance, spec.contribution_bound)
+        release.contributions.extend(
+            stats_pb.ReleasedCell(
+                coordinates=[str(m)], value=v, lower=v - accuracy, upper=v + accuracy
+            )
+            for m, v in enumerate(histogram, start=1)
+        )
+        release.contributions_accuracy = accuracy
+        release.dropped_fraction = dropped
+        release.suggested_bound = suggested
     signed = release.SerializeToString()
     return release.release_id, signed, identity.sign(crypto.LABEL_RELEASE, signed)
 
@@ -192,11 +218,7 @@ class StatsServicer(stats_grpc.StatsServicer):
             existing = await run_blocking(self._store.round_by_key, key)
             if existing is not None:
                 return await self._opened(existing.round_id)
-        spec = (
-            spec_from_proto(request.table)
-            if request.HasField("table")
-            else dp.default_needs_table()
-        )
+        spec, bound_basis = await self._table(request)
         if request.region != self._settings.region:
             raise InvalidInput(f"this broker serves region {self._settings.region!r}")
         period = check_period(request.period)
@@ -213,18 +235,23 @@ class StatsServicer(stats_grpc.StatsServicer):
             raise InvalidInput("the attempt timeout must be between 1 second and 90 days")
         await run_blocking(self._view.refresh)
         participants = self._participants(list(request.participants))
-        if not 2 <= request.threshold <= len(participants):
+        if len(participants) < 2:
+            raise InvalidInput("a round needs at least 2 participants")
+        threshold = int(request.threshold) or dp.default_threshold(len(participants))
+        if not 2 <= threshold <= len(participants):
             raise InvalidInput(
                 f"the threshold must be at least 2 and at most the {len(participants)} participants"
             )
-        # The accuracy must be computable for this scale before anyone spends budget on it.
-        local = request.mode == stats_pb.ROUND_MODE_LOCAL_NOISE
-        dp.sum_accuracy(
-            len(participants),
-            1 if local else int(request.threshold),
-            dp.scale_for(request.epsilon, dp.l1_sensitivity(spec)),
-            ALPHA,
+        histogram = stats_pb.ContributionHistogram(
+            bins=dp.histogram_bins(spec), epsilon=request.epsilon * dp.HISTOGRAM_SHARE
         )
+        noise = dp.round_noise(spec, request.epsilon, histogram.bins, histogram.epsilon)
+        if noise.cells > MAX_CELLS:
+            raise InvalidInput(f"a round has at most {MAX_CELLS} cells; this one has {noise.cells}")
+        # The accuracy must be computable for these scales before anyone spends budget on it.
+        local = request.mode == stats_pb.ROUND_MODE_LOCAL_NOISE
+        for scale in (noise.table_scale, noise.histogram_scale):
+            dp.sum_accuracy(len(participants), 1 if local else threshold, scale, ALPHA)
         now = utc_now()
         round_id = str(uuid.uuid4())
         body = stats_pb.Round(
@@ -234,12 +261,14 @@ class StatsServicer(stats_grpc.StatsServicer):
             region=request.region,
             period=period,
             participants=participants,
-            threshold=request.threshold,
+            threshold=threshold,
             mode=request.mode,
             epsilon=request.epsilon,
             opened_at=to_timestamp(now),
             deadline=to_timestamp(now + timeout),
             opened_by=caller.signer,
+            histogram=histogram,
+            bound_basis=bound_basis,
         )
         raw, signature = self._sign_round(body)
         stored, _created = await run_blocking(
@@ -257,6 +286,28 @@ class StatsServicer(stats_grpc.StatsServicer):
             )
         )
         return await self._opened(stored.round_id)
+
+    async def _table(self, request: stats_pb.OpenRoundRequest) -> tuple[dp.TableSpec, str]:
+        """The round's table and where its bound came from: as requested, else sized from the
+        newest release of the same table (its suggested bound), else :data:`dp.DEFAULT_BOUND`."""
+        asked = request.table if request.HasField("table") else None
+        if asked is not None and asked.contribution_bound:
+            return spec_from_proto(asked), "requested"
+        name = asked.name if asked is not None else dp.default_needs_table().name
+        page, _ = await run_blocking(
+            lambda: self._store.list_releases(period="", table=name, limit=1, before=None)
+        )
+        bound, basis = dp.DEFAULT_BOUND, "default"
+        if page:
+            newest = stats_pb.Release.FromString(page[0].body)
+            if newest.suggested_bound:
+                bound, basis = int(newest.suggested_bound), f"release:{newest.release_id}"
+        if asked is None:
+            return dp.default_needs_table(bound), basis
+        sized = stats_pb.TableSpec()
+        sized.CopyFrom(asked)
+        sized.contribution_bound = bound
+        return spec_from_proto(sized), basis
 
     async def _opened(self, round_id: str) -> stats_pb.OpenRoundResponse:
         """OpenRound's answer: the round's first attempt as signed, also for a repeated open
@@ -316,10 +367,10 @@ class StatsServicer(stats_grpc.StatsServicer):
                 "round_digest does not match the signed round of this attempt",
                 hint="compute digest(LABEL_ROUND, body) of the round you verified",
             )
-        size = spec_from_proto(body.table).size
+        size = round_noise_of(body, spec_from_proto(body.table)).cells
         if len(request.masked_cells) != size:
             raise InvalidInput(
-                f"the table has {size} cells; the share has {len(request.masked_cells)}"
+                f"the round's vector has {size} cells; the share has {len(request.masked_cells)}"
             )
         now = utc_now()
         if stored.state == STATE_OPEN and now > stored.deadline:

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from node import directory_sync, stats
+from node import directory_sync
 from node.envelopes import (
     OpenedEnvelope,
     ReceivedPurgeConfirmation,
@@ -42,17 +42,16 @@ from node.envelopes import (
     status_envelope,
 )
 from node.keyring import Keyring
-from node.store.budget import STATS_ACTOR, BudgetStore
+from node.rounds import ROUND_POLL, RoundTaker
+from node.store.budget import BudgetStore
 from node.store.cases import NodeStore
 from node.store.referrals import RELAY_ACTOR, OutboxItem, OutgoingEnvelope, ReferralStore
-from tessera import directory, dp, rpc
-from tessera.config import OUTBOX_BATCH, Limits
-from tessera.errors import Conflict, Refused, StorageError, TesseraError, Unavailable
+from tessera import directory, rpc
+from tessera.config import OUTBOX_BATCH, Limits, StatsPolicy
+from tessera.errors import StorageError, TesseraError, Unavailable
 from tessera.logs import fields
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
-from tessera.v1 import stats_pb2 as stats_pb
-from tessera.v1 import stats_pb2_grpc as stats_grpc
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ _MIN_BACKOFF = 0.2
 _MAX_BACKOFF = 10.0
 _CALL_TIMEOUT = 15.0
 _PUSH_BYTES = 4 * 1024 * 1024  # envelope bytes in one SendBatch call (one call, one deadline)
-_ROUND_POLL = 5.0
 
 
 def _now() -> dt.datetime:
@@ -79,16 +77,14 @@ class RelayWorker:
         home: Path,
         link: directory_sync.BrokerLink,
         limits: Limits | None = None,
+        policy: StatsPolicy | None = None,
+        round_poll: float = ROUND_POLL,
         budget: BudgetStore | None = None,
-        round_poll: float = _ROUND_POLL,
     ) -> None:
         self._store = store
-        self._budget = budget or BudgetStore(store)
+        # Statistics rounds ride on the same broker channel (node.rounds).
+        self.rounds = RoundTaker(store, keyring, home, link, policy, budget)
         self._round_poll = round_poll
-        # (round id, attempt) -> (digest, cells) charged and built but not yet accepted.
-        self._pending_shares: dict[tuple[str, int], tuple[bytes, list[int]]] = {}
-        # (round id, attempt) already refused and audited by this process.
-        self._refused: set[tuple[str, int]] = set()
         self._referrals = referrals
         self._keyring = keyring
         self._link = link
@@ -110,10 +106,11 @@ class RelayWorker:
             self._keyring.identity,
             self._limits.max_message_bytes,
         )
+        self.rounds.attach(self._channel)
         self._tasks = [
             asyncio.create_task(self._push_loop(), name="relay-outbox"),
             asyncio.create_task(self._receive_loop(), name="relay-receiver"),
-            asyncio.create_task(self._rounds_loop(), name="stats-rounds"),
+            asyncio.create_task(self.rounds.run(self._round_poll), name="stats-rounds"),
         ]
 
     def wake(self) -> None:
@@ -389,128 +386,6 @@ class RelayWorker:
         log.warning("relay.envelope_refused", extra=fields(**detail))
         await asyncio.to_thread(self._store.audit, RELAY_ACTOR, "envelope.refused", None, detail)
 
-    # --- statistics rounds -------------------------------------------------------------------
-
-    def _stats_stub(self) -> Any:
-        """The Stats stub on the asyncio channel (awaitable calls; typed Any)."""
-        assert self._channel is not None
-        return stats_grpc.StatsStub(self._channel)
-
-    async def _rounds_loop(self) -> None:
-        while True:
-            try:
-                await self.rounds_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the broker (say without Stats yet), the database
-                log.warning("stats.rounds_failed", extra=fields(error=str(exc)[:200]))
-            await asyncio.sleep(self._round_poll)
-
-    async def rounds_once(self) -> int:
-        """Take part in every open round listing this agency; the number of shares submitted."""
-        request = stats_pb.ListRoundsRequest(
-            state=stats_pb.ROUND_STATE_OPEN, participant=self.agency_id
-        )
-        submitted = 0
-        while True:
-            reply = await self._stats_stub().ListRounds(request, timeout=_CALL_TIMEOUT)
-            for status in reply.rounds:
-                if self.agency_id in status.submitted:
-                    continue
-                if await self._take_part(status):
-                    submitted += 1
-            if not reply.next_page_token:
-                return submitted
-            request.page_token = reply.next_page_token
-
-    async def _take_part(self, status: stats_pb.RoundStatus) -> bool:
-        head = stats_pb.Round()
-        with contextlib.suppress(Exception):
-            head.ParseFromString(bytes(status.round.body))  # only to name it; checked below
-        key = (head.round_id, int(head.attempt))
-        if key in self._refused:
-            return False
-        pending = self._pending_shares.get(key)
-        if pending is None:
-            try:
-                prepared = await asyncio.to_thread(self._prepare, status.round)
-            except Refused as exc:
-                await self._refuse_round(key, str(exc))
-                return False
-            if prepared is None:  # already charged by an earlier run: never submitted twice
-                return False
-            pending = prepared
-            self._pending_shares[key] = pending
-        digest, cells = pending
-        request = stats_pb.SubmitShareRequest(
-            round_id=key[0],
-            attempt=key[1],
-            agency_id=self.agency_id,
-            round_digest=digest,
-            masked_cells=cells,
-        )
-        try:
-            await self._stats_stub().SubmitShare(request, timeout=_CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise  # retried with the same cells at the next poll
-            self._pending_shares.pop(key, None)
-            error = rpc.error_from_rpc(exc, f"the broker at {self._link.address}")
-            await self._refuse_round(key, f"the broker refused the share: {error}")
-            return False
-        self._pending_shares.pop(key, None)
-        await asyncio.to_thread(
-            self._store.audit,
-            STATS_ACTOR,
-            "stats.share_submitted",
-            None,
-            {"round_id": key[0], "attempt": key[1]},
-        )
-        return True
-
-    def _prepare(self, blob: Any) -> tuple[bytes, list[int]] | None:
-        """Check, charge, build (in that order); None if this attempt was charged before."""
-        cache = directory_sync.load_cache(self._home)
-        head = stats_pb.Round()
-        with contextlib.suppress(Exception):
-            head.ParseFromString(bytes(blob.body))
-        if any(p != self.agency_id and p not in cache.records for p in head.participants):
-            cache = directory_sync.sync(self._home, self._keyring.identity, self._link)
-        if head.round_id and head.attempt < self._budget.highest_attempt(head.round_id):
-            raise Refused("an attempt later than this one was already submitted to")
-        if head.round_id and self._budget.charged(head.round_id, int(head.attempt)):
-            return None
-        period = head.period if head.period else "0000-01"
-        try:
-            remaining = self._budget.remaining(period)
-        except TesseraError:
-            remaining = 0.0
-        accepted = stats.check_round(blob, self._link, cache, remaining, _now())
-        round_ = accepted.round
-        try:
-            self._budget.charge(
-                STATS_ACTOR,
-                round_.period,
-                round_.round_id,
-                int(round_.attempt),
-                accepted.spec.name,
-                round_.epsilon,
-            )
-        except Conflict:
-            return None
-        needs = [stats.NeedFact(*row) for row in self._budget.need_rows()]
-        counts = stats.local_table(needs, accepted.spec, round_.period)
-        cells = stats.build_share(
-            self._keyring.identity, accepted, counts, cache, self.agency_id, dp.new_rng()
-        )
-        return accepted.digest, cells
-
-    async def _refuse_round(self, key: tuple[str, int], reason: str) -> None:
-        self._refused.add(key)
-        detail = {"round_id": key[0], "attempt": key[1], "reason": reason[:300]}
-        log.warning("stats.round_refused", extra=fields(**detail))
-        await asyncio.to_thread(self._store.audit, STATS_ACTOR, "stats.round_refused", None, detail)
-
 
 class _Senders:
     """The pinned directory records of the senders of one streamed batch.
@@ -536,13 +411,18 @@ class _Senders:
 
 
 def start_worker(
-    store: NodeStore, referrals: ReferralStore, keyring: Keyring, home: Path, limits: Limits
+    store: NodeStore,
+    referrals: ReferralStore,
+    keyring: Keyring,
+    home: Path,
+    limits: Limits,
+    policy: StatsPolicy | None = None,
 ) -> RelayWorker | None:
     """A started worker if the node is enrolled (``broker.json`` exists), else None."""
     if not (home / directory_sync.LINK_FILE).exists():
         return None
     link = directory_sync.load_link(home)
-    worker = RelayWorker(store, referrals, keyring, home, link, limits)
+    worker = RelayWorker(store, referrals, keyring, home, link, limits, policy)
     worker.start()
     return worker
 

@@ -117,7 +117,9 @@ async def start_node(
     )
 
     def start_relay() -> bool:
-        running.relay = start_worker(store, referrals, keyring, settings.home, settings.limits)
+        running.relay = start_worker(
+            store, referrals, keyring, settings.home, settings.limits, settings.stats
+        )
         if running.relay is None:
             return False
         servicer.wake_relay = running.relay.wake

@@ -847,7 +847,7 @@ class NodeServicer(node_grpc.NodeServicer):
     async def BudgetStatus(
         self, request: node_pb.BudgetStatusRequest, context: Context
     ) -> node_pb.BudgetStatusResponse:
-        budget = BudgetStore(self._store)
+        budget = BudgetStore(self._store, default_cap=self._settings.stats.budget_cap)
         if request.period:
             periods = [await _run(budget.period, request.period)]
         else:

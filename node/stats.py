@@ -5,25 +5,29 @@ directory, the remaining budget); the relay worker does the I/O and the budget s
 
 - :func:`local_table`: the node's table for a period from its need rows: a need counts in a
   period when its last update (``need.updated_at``) falls in that month; each survivor (case)
-  contributes at most ``contribution_bound`` cells, once each (``tessera.dp.bounded_counts``).
+  contributes at most ``contribution_bound`` cells, once each, kept at random if more
+  (``tessera.dp.bounded_counts``); then, if the round asks for it, the contribution histogram
+  (``tessera.dp.contribution_histogram``: how many survivors fall in 1, 2, ... cells).
 - :func:`check_round`: a node submits only to a round it accepts: signed by the pinned broker
   key (label ``tessera/v1/round``), for our region and a well-formed period, listing us, with
-  participants in ascending byte order, a known table, an open deadline, ε within our remaining
-  budget, and (private mode) a threshold no larger than the participants our administrator
-  verified out of band plus ourselves. Every refusal is a :class:`~tessera.errors.Refused` with
-  the reason.
+  participants in ascending byte order, a known table, a histogram of the expected shape, an
+  open deadline, ε within our remaining budget, and (private mode) a threshold at least our
+  configured minimum and no larger than the participants we count: ourselves, those our
+  administrator verified out of band, and those our configuration trusts. Every refusal is a
+  :class:`~tessera.errors.Refused` with the reason.
 - :func:`build_share`: the cells submitted (recipe below).
 
-Share recipe, per cell in cell order (row-major, last dimension fastest), scale
-s = l1_sensitivity / ε = contribution_bound / ε:
+Share recipe, per entry of the vector (the table's cells in cell order, row-major, last
+dimension fastest, then the histogram's bins), scale s from ``dp.round_noise``: the table's
+s = contribution_bound / (ε - ε_h), the histogram's 1 / ε_h:
 
 - PRIVATE: v = count + noise, noise = NegBin(1/t, p) - NegBin(1/t, p) with p = exp(-1/s)
-  (``dp.noise_share``); submitted = (v + net_mask) mod 2^64, where net_mask =
+  (``dp.round_noise_share``); submitted = (v + net_mask) mod 2^64, where net_mask =
   ``dp.pair_masks(identity, own position, participants with their pinned keys, round_id,
   attempt, cells)``: for each other participant k, ``crypto.pairwise_mask`` with
   R = f"{round_id}/{attempt}", added if our position < k, subtracted otherwise.
 - LOCAL_NOISE: submitted = (count + full discrete Laplace of scale s) mod 2^64
-  (``dp.local_noise``), unmasked.
+  (``dp.round_noise_share`` at threshold 1), unmasked.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Final
 from node import directory_sync
 from node.store.budget import check_period
 from tessera import crypto, dp
+from tessera.config import StatsPolicy
 from tessera.errors import BadSignature, InvalidInput, Refused
 from tessera.timestamps import to_datetime
 from tessera.v1 import common_pb2 as common_pb
@@ -77,6 +82,7 @@ class AcceptedRound:
     body: bytes
     digest: bytes
     spec: dp.TableSpec
+    noise: dp.RoundNoise
 
 
 def period_of(moment: dt.datetime) -> str:
@@ -110,8 +116,11 @@ def spec_to_pb(spec: dp.TableSpec) -> stats_pb.TableSpec:
     )
 
 
-def local_table(needs: Iterable[NeedFact], spec: dp.TableSpec, period: str) -> list[int]:
-    """The node's counts for ``period``, each survivor's contribution bounded (dp.bounded_counts).
+def local_table(
+    needs: Iterable[NeedFact], spec: dp.TableSpec, period: str, rng: dp.Rng, bins: int = 0
+) -> list[int]:
+    """The node's vector for ``period``: the bounded counts (dp.bounded_counts, ``rng`` choosing
+    what a record over the bound keeps), then ``bins`` histogram bins if asked.
 
     A need belongs to the period its last update falls in. A need whose category or status is
     not a value of the table's dimensions is not counted.
@@ -129,7 +138,11 @@ def local_table(needs: Iterable[NeedFact], spec: dp.TableSpec, period: str) -> l
         coordinates = tuple(values[name] for name in names)
         if all(value in allowed[name] for name, value in zip(names, coordinates, strict=True)):
             per_case[need.case_id].append(coordinates)
-    return dp.bounded_counts(per_case.values(), spec)
+    records = list(per_case.values())
+    counts = dp.bounded_counts(records, spec, rng)
+    if bins:
+        counts += dp.contribution_histogram(records, spec, bins)
+    return counts
 
 
 def round_digest(body: bytes) -> bytes:
@@ -138,16 +151,19 @@ def round_digest(body: bytes) -> bytes:
 
 
 def verified_participants(
-    round_: stats_pb.Round, own_id: str, cache: directory_sync.DirectoryCache
+    round_: stats_pb.Round,
+    own_id: str,
+    cache: directory_sync.DirectoryCache,
+    trusted: Sequence[str] = (),
 ) -> list[str]:
     """The round's participants that count toward our threshold: ourselves, and every other
-    participant our administrator verified out of band whose pinned record is not revoked."""
+    participant our administrator verified out of band or our configuration trusts
+    (``[stats] trusted_agencies``), whose pinned record is not revoked."""
     counted = []
     for agency in round_.participants:
         record = cache.records.get(agency)
-        if agency == own_id or (
-            agency in cache.verified and record is not None and not record.revoked
-        ):
+        vouched = agency in cache.verified or agency in trusted
+        if agency == own_id or (vouched and record is not None and not record.revoked):
             counted.append(agency)
     return counted
 
@@ -194,9 +210,28 @@ def _check_shape(round_: stats_pb.Round, link: directory_sync.BrokerLink) -> dp.
         spec = spec_from_pb(round_.table)
     except InvalidInput as exc:
         raise Refused(f"the round's table is not acceptable: {exc}") from None
-    if spec.size > crypto.MAX_MASK_CELLS:
-        raise Refused("the round's table has too many cells")
     return spec
+
+
+def _check_noise(round_: stats_pb.Round, spec: dp.TableSpec) -> dp.RoundNoise:
+    """The round's noise scales, once ε and the histogram are of a shape this node accepts."""
+    epsilon = round_.epsilon
+    if not math.isfinite(epsilon) or epsilon <= 0:
+        raise Refused("the round's epsilon must be a positive finite number")
+    bins, histogram_epsilon = 0, 0.0
+    if round_.HasField("histogram"):
+        bins, histogram_epsilon = int(round_.histogram.bins), round_.histogram.epsilon
+        if bins != dp.histogram_bins(spec):
+            raise Refused(
+                f"the round's histogram has {bins} bins; this table's has {dp.histogram_bins(spec)}"
+            )
+    try:
+        noise = dp.round_noise(spec, epsilon, bins, histogram_epsilon)
+    except InvalidInput as exc:
+        raise Refused(f"the round's noise is not acceptable: {exc}") from None
+    if noise.cells > crypto.MAX_MASK_CELLS:
+        raise Refused("the round's table has too many cells")
+    return noise
 
 
 def check_round(
@@ -205,25 +240,28 @@ def check_round(
     cache: directory_sync.DirectoryCache,
     remaining_budget: float,
     now: dt.datetime,
-    min_participants: int = 1,
+    policy: StatsPolicy | None = None,
 ) -> AcceptedRound:
     """Accept a broker-signed round, or raise Refused saying why (module docstring)."""
+    policy = policy or StatsPolicy()
     round_ = _signed_round(blob, link)
     spec = _check_shape(round_, link)
-    counted = verified_participants(round_, link.agency_id, cache)
-    if round_.mode == stats_pb.ROUND_MODE_PRIVATE and round_.threshold > len(counted):
+    noise = _check_noise(round_, spec)
+    counted = verified_participants(round_, link.agency_id, cache, policy.trusted_agencies)
+    private = round_.mode == stats_pb.ROUND_MODE_PRIVATE
+    if private and round_.threshold < policy.min_threshold:
+        raise Refused(
+            f"the round's threshold {round_.threshold} is below this node's minimum"
+            f" {policy.min_threshold}",
+            hint="ask the coordinator for a round with a higher threshold",
+        )
+    if private and round_.threshold > len(counted):
         raise Refused(
             f"the round's threshold {round_.threshold} is above the {len(counted)} participants"
-            " this node counts (itself and agencies its administrator verified)",
+            " this node counts (itself, agencies its administrator verified, and trusted ones)",
             hint="verify the other agencies' fingerprints with `tessera agency verify`",
         )
-    if len(counted) < min_participants:
-        raise Refused(
-            f"only {len(counted)} verified participants; this node requires {min_participants}"
-        )
     epsilon = round_.epsilon
-    if not math.isfinite(epsilon) or epsilon <= 0:
-        raise Refused("the round's epsilon must be a positive finite number")
     if epsilon > remaining_budget + 1e-9:
         raise Refused(
             f"epsilon {epsilon:g} is above the {remaining_budget:g} left of this node's"
@@ -236,7 +274,7 @@ def check_round(
         if agency != link.agency_id and (record is None or record.revoked):
             raise Refused(f"participant {agency!r} has no valid pinned directory record")
     body = bytes(blob.body)
-    return AcceptedRound(round_, body, round_digest(body), spec)
+    return AcceptedRound(round_, body, round_digest(body), spec, noise)
 
 
 def build_share(
@@ -248,15 +286,14 @@ def build_share(
     rng: dp.Rng,
 ) -> list[int]:
     """The masked cells to submit (module docstring: the recipe)."""
-    round_, spec = accepted.round, accepted.spec
-    if len(counts) != spec.size:
-        raise InvalidInput(f"{spec.name!r} has {spec.size} cells, got {len(counts)}")
-    scale = dp.scale_for(round_.epsilon, dp.l1_sensitivity(spec))
+    round_, noise = accepted.round, accepted.noise
+    if len(counts) != noise.cells:
+        raise InvalidInput(f"the round's vector has {noise.cells} entries, got {len(counts)}")
     if round_.mode == stats_pb.ROUND_MODE_LOCAL_NOISE:
-        noise = dp.local_noise(spec.size, scale, rng)
-        return dp.mask_share([c + n for c, n in zip(counts, noise, strict=True)])
-    noise = dp.noise_share(spec.size, scale, int(round_.threshold), rng)
-    values = [c + n for c, n in zip(counts, noise, strict=True)]
+        local = dp.round_noise_share(noise, 1, rng)
+        return dp.mask_share([c + n for c, n in zip(counts, local, strict=True)])
+    share = dp.round_noise_share(noise, int(round_.threshold), rng)
+    values = [c + n for c, n in zip(counts, share, strict=True)]
     keyed: list[tuple[str, crypto.PublicIdentity]] = []
     for agency in round_.participants:
         if agency == own_id:
@@ -269,6 +306,6 @@ def build_share(
         keyed,
         round_.round_id,
         int(round_.attempt),
-        spec.size,
+        noise.cells,
     )
     return dp.mask_share(values, [net])

@@ -78,6 +78,28 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class StatsPolicy:
+    """A node's own rules for statistics rounds (``[stats]`` in tessera.toml): the node, not the
+    broker, decides what it takes part in (DESIGN.md section 7; docs/privacy.md)."""
+
+    # The least threshold of a private round this node submits to, whatever the broker asks.
+    min_threshold: int = 2
+    # Agencies that count toward a round's threshold besides those verified with `agency verify`.
+    trusted_agencies: tuple[str, ...] = ()
+    # ε this node may spend per period ("YYYY-MM"), over every round of that period.
+    budget_cap: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_threshold, int) or self.min_threshold < 1:
+            raise ValueError("stats.min_threshold must be a positive integer")
+        if not all(isinstance(a, str) and a for a in self.trusted_agencies):
+            raise ValueError("stats.trusted_agencies must be a list of agency ids")
+        cap = self.budget_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 1e6:
+            raise ValueError("stats.budget_cap must be a positive number")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a node or broker process needs to know, resolved against its home."""
 
@@ -96,6 +118,7 @@ class Settings:
     tls_key: Path | None = None
     metrics_port: int = 0
     limits: Limits = field(default_factory=Limits)
+    stats: StatsPolicy = field(default_factory=StatsPolicy)
 
     @property
     def effective_database_url(self) -> str:
@@ -150,14 +173,42 @@ def load(home: Path, environ: Mapping[str, str]) -> Settings:
         raise ConfigError(f"cannot read {path}: {exc}", hint="fix or restore the file") from exc
     values: dict[str, Any] = dict(raw.get("tessera", {}))
     limits_raw: dict[str, Any] = dict(raw.get("limits", {}))
+    stats_raw: dict[str, Any] = dict(raw.get("stats", {}))
     for env_name, key in _ENV_OVERRIDES.items():
         if environ.get(env_name):
             values[key] = environ[env_name]
-    return _build(home, path, values, limits_raw)
+    return _build(home, path, values, limits_raw, stats_raw)
 
 
-def _build(home: Path, path: Path, values: dict[str, Any], limits_raw: dict[str, Any]) -> Settings:
-    known = {f.name for f in dataclasses.fields(Settings)} - {"home", "limits"}
+def _stats_policy(path: Path, raw: dict[str, Any]) -> StatsPolicy:
+    known = {f.name for f in dataclasses.fields(StatsPolicy)}
+    if set(raw) - known:
+        bad = ", ".join(sorted(set(raw) - known))
+        raise ConfigError(
+            f"{path}: unknown [stats] setting(s) {bad}", hint="see docs/configuration.md"
+        )
+    if "trusted_agencies" in raw:
+        if not isinstance(raw["trusted_agencies"], list):
+            raise ConfigError(f"{path}: stats.trusted_agencies must be a list of agency ids")
+        raw["trusted_agencies"] = tuple(raw["trusted_agencies"])
+    cap = raw.get("budget_cap")
+    if isinstance(cap, int) and not isinstance(cap, bool):
+        raw["budget_cap"] = float(cap)
+    try:
+        return StatsPolicy(**raw)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}", hint="see docs/configuration.md") from exc
+
+
+def _build(
+    home: Path,
+    path: Path,
+    values: dict[str, Any],
+    limits_raw: dict[str, Any],
+    stats_raw: dict[str, Any] | None = None,
+) -> Settings:
+    policy = _stats_policy(path, dict(stats_raw or {}))
+    known = {f.name for f in dataclasses.fields(Settings)} - {"home", "limits", "stats"}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(
@@ -180,7 +231,7 @@ def _build(home: Path, path: Path, values: dict[str, Any], limits_raw: dict[str,
             values["argon2"] = Argon2Profile(values["argon2"])
         if "metrics_port" in values:
             values["metrics_port"] = int(values["metrics_port"])
-        return Settings(home=home, limits=Limits(**limits_raw), **values)
+        return Settings(home=home, limits=Limits(**limits_raw), stats=policy, **values)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: {exc}", hint="see docs/configuration.md") from exc
 
@@ -192,7 +243,7 @@ def write(settings: Settings) -> Path:
         "[tessera]",
     ]
     for f in dataclasses.fields(Settings):
-        if f.name in {"home", "limits"}:
+        if f.name in {"home", "limits", "stats"}:
             continue
         value = getattr(settings, f.name)
         if value is None or value == "":
@@ -200,6 +251,20 @@ def write(settings: Settings) -> Path:
         if isinstance(value, Path):
             value = str(value)
         lines.append(f"{f.name} = {_toml_value(value)}")
+    if settings.role is Role.NODE:
+        policy = settings.stats
+        trusted = ", ".join(_toml_value(a) for a in policy.trusted_agencies)
+        lines += [
+            "",
+            "# This node's own rules for statistics rounds (docs/privacy.md).",
+            "[stats]",
+            "# A private round whose threshold is below this is refused, whatever the broker asks.",
+            f"min_threshold = {policy.min_threshold}",
+            "# Agencies counted toward a round's threshold besides those verified out of band.",
+            f"trusted_agencies = [{trusted}]",
+            "# Privacy budget (epsilon) this node spends per month, over every round.",
+            f"budget_cap = {policy.budget_cap!r}",
+        ]
     path = settings.home / CONFIG_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -40,20 +40,29 @@ import numpy as np
 
 from tessera.crypto import Identity, PublicIdentity, pairwise_mask
 from tessera.errors import InvalidInput, Refused
+from tessera.needs import NEED_CATEGORIES, NEED_STATUSES
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 __all__ = [
+    "DEFAULT_BOUND",
+    "HISTOGRAM_SHARE",
+    "MAX_ERROR_RATIO",
     "MODULUS",
     "Rng",
+    "RoundNoise",
     "TableSpec",
+    "bound_report",
     "bounded_counts",
     "central_accuracy",
     "clamp_nonnegative",
+    "contribution_histogram",
     "default_needs_table",
+    "default_threshold",
     "describe_mechanism",
     "epsilon_for",
+    "histogram_bins",
     "l1_sensitivity",
     "local_noise",
     "mask_share",
@@ -62,7 +71,11 @@ __all__ = [
     "noise_variance",
     "pair_masks",
     "release_cells",
+    "round_epsilon",
+    "round_noise",
+    "round_noise_share",
     "scale_for",
+    "split_epsilon",
     "sum_accuracy",
     "sum_over",
     "tail_probability",
@@ -92,7 +105,8 @@ class TableSpec:
     """A table: named axes whose Cartesian product, row-major (last axis fastest), is the cells.
 
     ``contribution_bound`` is the most cells one survivor's record may add 1 to; it is the table's
-    L1 sensitivity and every node enforces it in code (:func:`bounded_counts`).
+    L1 sensitivity and every node enforces it in code (:func:`bounded_counts`, dropping at
+    random).
     """
 
     name: str
@@ -137,14 +151,24 @@ class TableSpec:
         return position
 
 
-def default_needs_table(contribution_bound: int = 1) -> TableSpec:
-    """Needs by category and status, in the enum orders of :mod:`node.htcds`.
+#: The contribution bound of a round with no histogram to size it from (the first round of a
+#: table in a region). A survivor rarely has more than six aftercare needs open at once; the
+#: release's histogram then sizes the next round's bound to the data (:func:`bound_report`).
+DEFAULT_BOUND: Final = 6
+#: The part of a round's ε spent on its contribution histogram; the table gets the rest.
+HISTOGRAM_SHARE: Final = 0.2
+#: The most a private round's error may exceed the central mechanism's by default (docs/privacy.md).
+MAX_ERROR_RATIO: Final = 1.2
+#: Largest share of contributions a suggested bound may drop (by the histogram's estimate).
+MAX_DROPPED_FRACTION: Final = 0.01
 
-    The vocabulary is imported here, not at module level, so the broker and the shared library do
-    not load the node's data model just to import this module.
+
+def default_needs_table(contribution_bound: int = DEFAULT_BOUND) -> TableSpec:
+    """Needs by category and status, in the enum orders of :mod:`tessera.needs`.
+
+    A survivor has one status per category, so their record falls in at most one cell per
+    category; the bound caps how many categories count.
     """
-    from node.htcds import NEED_CATEGORIES, NEED_STATUSES
-
     return TableSpec(
         name="needs_by_category_status",
         dimensions=(
@@ -155,31 +179,114 @@ def default_needs_table(contribution_bound: int = 1) -> TableSpec:
     )
 
 
+def histogram_bins(spec: TableSpec) -> int:
+    """Bins of a table's contribution histogram: the most cells one record can fall in.
+
+    For a table whose first dimension is ``need_category`` that is the number of categories (one
+    status per category); otherwise every cell, capped at 32 (the last bin counts the rest).
+    """
+    if spec.dimensions[0][0] == "need_category":
+        return len(spec.dimensions[0][1])
+    return min(spec.size, 32)
+
+
+def default_threshold(participants: int) -> int:
+    """The threshold a round gets unless asked otherwise: the least t ≥ 2 whose error is at most
+    :data:`MAX_ERROR_RATIO` times the central mechanism's.
+
+    The total noise of n shares of threshold t has √(n/t) times the central standard deviation,
+    so t = ⌈n / 1.2²⌉ = ⌈25n / 36⌉, computed in integers. It tolerates n - t participants
+    colluding with the broker or dropping out (docs/privacy.md, "The threshold").
+    """
+    n = _check_count(participants)
+    return min(n, max(2, (25 * n + 35) // 36))
+
+
+def split_epsilon(epsilon: float, with_histogram: bool) -> tuple[float, float]:
+    """(ε of the table, ε of the histogram): the histogram takes :data:`HISTOGRAM_SHARE`."""
+    epsilon = _check_positive("epsilon", epsilon)
+    if not with_histogram:
+        return epsilon, 0.0
+    histogram = epsilon * HISTOGRAM_SHARE
+    return epsilon - histogram, histogram
+
+
 def l1_sensitivity(spec: TableSpec) -> int:
     """The table's L1 sensitivity: its contribution bound.
 
     Adding or removing one survivor's record at one agency changes at most ``contribution_bound``
     cells, each by exactly 1, because :func:`bounded_counts` counts a survivor at most once per cell
-    and in at most that many cells. So the L1 distance between neighbouring tables is at most the
-    bound.
+    and in at most that many cells (whichever it keeps). So the L1 distance between neighbouring
+    tables is at most the bound.
     """
     return spec.contribution_bound
 
 
-def bounded_counts(records: Iterable[Iterable[Sequence[str]]], spec: TableSpec) -> list[int]:
+def _record_cells(record: Iterable[Sequence[str]], spec: TableSpec) -> list[int]:
+    """A record's distinct cell positions, ascending."""
+    return sorted({spec.index(coordinates) for coordinates in record})
+
+
+def bounded_counts(
+    records: Iterable[Iterable[Sequence[str]]], spec: TableSpec, rng: Rng
+) -> list[int]:
     """Count cells with each survivor's contribution bounded (the sensitivity's premise).
 
     ``records`` yields, per survivor, the coordinates of the cells their record falls in. Each
     survivor counts at most once per cell (duplicates collapse) and in at most
-    ``contribution_bound`` cells: if more, the first ones in cell order are kept, so the result does
-    not depend on the order records list their needs.
+    ``contribution_bound`` cells: if more, that many are kept **uniformly at random** (``rng``), so
+    no category is dropped more often than another and the loss shows evenly, never as a silent
+    hole in the last categories. The histogram (:func:`contribution_histogram`) measures it.
     """
     counts = [0] * spec.size
+    bound = spec.contribution_bound
     for record in records:
-        cells = sorted({spec.index(coordinates) for coordinates in record})
-        for position in cells[: spec.contribution_bound]:
+        cells = _record_cells(record, spec)
+        if len(cells) > bound:
+            chosen = rng.choice(len(cells), size=bound, replace=False)
+            cells = [cells[int(i)] for i in chosen]
+        for position in cells:
             counts[position] += 1
     return counts
+
+
+def contribution_histogram(
+    records: Iterable[Iterable[Sequence[str]]], spec: TableSpec, bins: int
+) -> list[int]:
+    """How many survivors fall in m cells, for m = 1 .. bins (the last bin counts m ≥ bins).
+
+    Each survivor with a record in the table adds 1 to exactly one bin, so the L1 sensitivity is 1
+    (adding or removing one record), whatever the table's bound.
+    """
+    histogram = [0] * bins
+    for record in records:
+        cells = len(_record_cells(record, spec))
+        if cells:
+            histogram[min(cells, bins) - 1] += 1
+    return histogram
+
+
+def bound_report(histogram: Sequence[int], significance: float, bound: int) -> tuple[float, int]:
+    """(estimated share of contributions ``bound`` dropped, least bound dropping at most 1%).
+
+    Post-processing of a released histogram: it costs no privacy. A bin counts only when its noisy
+    value exceeds ``significance`` (a half-width at a Bonferroni-corrected level, so an empty bin
+    rarely looks full and sends the bound up, which would cost accuracy but no truth). With bin m
+    holding h_m survivors, the bound k drops Σ_{m>k} (m - k) h_m of Σ m h_m contributions. With
+    no significant bin: (0, 0), no suggestion.
+    """
+    kept = [value if value > significance else 0 for value in histogram]
+    total = sum(m * h for m, h in enumerate(kept, start=1))
+    if total == 0:
+        return 0.0, 0
+
+    def dropped(k: int) -> int:
+        return sum((m - k) * h for m, h in enumerate(kept, start=1) if m > k)
+
+    suggested = next(
+        k for k in range(1, len(kept) + 1) if dropped(k) <= MAX_DROPPED_FRACTION * total
+    )
+    return dropped(bound) / total, suggested
 
 
 # --- calibration (OpenDP) -----------------------------------------------------------------------
@@ -248,6 +355,62 @@ def central_accuracy(scale: float, alpha: float) -> float:
     return float(
         discrete_laplacian_scale_to_accuracy(_check_positive("scale", scale), _check_alpha(alpha))
     )
+
+
+@dataclass(frozen=True)
+class RoundNoise:
+    """The noise scales of a round's vector: the table's cells, then the histogram's bins.
+
+    The table (L1 sensitivity = its bound k) gets ε_t = ε - ε_h, so scale k / ε_t; the histogram
+    (L1 sensitivity 1) gets ε_h, so scale 1 / ε_h. By sequential composition the round's ε is the
+    sum of the two parts' ε, each from OpenDP's privacy map (:func:`round_epsilon`).
+    """
+
+    table_cells: int
+    table_scale: float
+    histogram_bins: int
+    histogram_scale: float
+
+    @property
+    def cells(self) -> int:
+        """The length of a share's vector."""
+        return self.table_cells + self.histogram_bins
+
+
+def round_noise(
+    spec: TableSpec, epsilon: float, histogram_bins: int = 0, histogram_epsilon: float = 0.0
+) -> RoundNoise:
+    """The scales for a round of ``spec`` at total ``epsilon`` (see :class:`RoundNoise`)."""
+    epsilon = _check_positive("epsilon", epsilon)
+    if histogram_bins == 0:
+        return RoundNoise(spec.size, scale_for(epsilon, l1_sensitivity(spec)), 0, 0.0)
+    if not isinstance(histogram_bins, int) or not 0 < histogram_bins <= spec.size:
+        raise InvalidInput("the histogram needs between 1 and the table's cells bins")
+    histogram_epsilon = _check_positive("the histogram's epsilon", histogram_epsilon)
+    if histogram_epsilon >= epsilon:
+        raise InvalidInput("the histogram's epsilon must be below the round's")
+    return RoundNoise(
+        spec.size,
+        scale_for(epsilon - histogram_epsilon, l1_sensitivity(spec)),
+        histogram_bins,
+        scale_for(histogram_epsilon, 1),
+    )
+
+
+def round_epsilon(noise: RoundNoise, spec: TableSpec) -> tuple[float, float]:
+    """(ε of the whole round, ε of the table), each part's ε from OpenDP's privacy map."""
+    table = epsilon_for(noise.table_scale, l1_sensitivity(spec))
+    if noise.histogram_bins == 0:
+        return table, table
+    return table + epsilon_for(noise.histogram_scale, 1), table
+
+
+def round_noise_share(noise: RoundNoise, threshold: int, rng: Rng) -> list[int]:
+    """One participant's noise share for the whole vector: each part at its own scale."""
+    share = noise_share(noise.table_cells, noise.table_scale, threshold, rng)
+    if noise.histogram_bins:
+        share += noise_share(noise.histogram_bins, noise.histogram_scale, threshold, rng)
+    return share
 
 
 # --- noise --------------------------------------------------------------------------------------

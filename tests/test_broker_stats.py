@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.stats import StatsClient, round_digest, spec_from_proto
+from broker.stats import StatsClient, round_digest, round_noise_of, spec_from_proto
 from node import directory_sync
 from tessera import crypto, dp, rpc
 from tessera.config import Limits
@@ -75,16 +75,21 @@ def build_share(
     *,
     noise: bool = True,
 ) -> stats_pb.SubmitShareRequest:
-    """A node's share: counts + noise share + net pairwise mask, mod 2**64."""
+    """A node's share: counts + noise share + net pairwise mask, mod 2**64.
+
+    ``counts`` are the table's cells; the histogram's bins (if the round has one) follow them, as
+    zero counts here unless ``counts`` already carries them.
+    """
     body = verified_round(agency, blob)
     spec = spec_from_proto(body.table)
+    scales = round_noise_of(body, spec)
+    counts = list(counts) + [0] * (scales.cells - len(counts))
     records = directory_sync.sync(agency.home, agency.identity, agency.link).records
     participants = [(a, records[a].identity) for a in body.participants]
-    scale = dp.scale_for(body.epsilon, dp.l1_sensitivity(spec))
     if not noise:
         values = list(counts)
     elif body.mode == stats_pb.ROUND_MODE_LOCAL_NOISE:
-        noisy = dp.local_noise(spec.size, scale, dp.new_rng())
+        noisy = dp.round_noise_share(scales, 1, dp.new_rng())
         return stats_pb.SubmitShareRequest(
             round_id=body.round_id,
             attempt=body.attempt,
@@ -93,7 +98,7 @@ def build_share(
             masked_cells=dp.mask_share([c + e for c, e in zip(counts, noisy, strict=True)]),
         )
     else:
-        shares = dp.noise_share(spec.size, scale, body.threshold, dp.new_rng())
+        shares = dp.round_noise_share(scales, body.threshold, dp.new_rng())
         values = [c + e for c, e in zip(counts, shares, strict=True)]
     mask = dp.pair_masks(
         agency.identity,
@@ -101,7 +106,7 @@ def build_share(
         participants,
         body.round_id,
         body.attempt,
-        spec.size,
+        scales.cells,
     )
     return stats_pb.SubmitShareRequest(
         round_id=body.round_id,
@@ -172,10 +177,19 @@ def test_masked_shares_sum_to_the_exact_total_and_the_release_is_served_unchange
     assert [tuple(c.coordinates) for c in release.cells] == spec.cells
     assert release.participants == 3 and release.attempt == 1
     assert release.round_digest == round_digest(blob.body)
+    # ε = 1 is split: 0.8 for the table (bound 6: scale 6 / 0.8 = 7.5), 0.2 for the histogram
+    # (sensitivity 1: scale 5); OpenDP's maps of both add up to the round's ε.
+    assert body.bound_basis == "default" and spec.contribution_bound == dp.DEFAULT_BOUND
+    assert body.histogram.bins == 18 and body.histogram.epsilon == pytest.approx(0.2)
     assert release.epsilon == pytest.approx(1.0)
-    assert release.accuracy == dp.sum_accuracy(3, 2, 1.0, 0.05)
+    assert release.table_epsilon == pytest.approx(0.8)
+    assert release.accuracy == dp.sum_accuracy(3, 2, 6 / 0.8, 0.05)
     assert all(c.upper - c.value == release.accuracy == c.value - c.lower for c in release.cells)
     assert "threshold 2" in release.mechanism
+    # The histogram was all zeros (these shares carry none): nothing dropped, nothing suggested.
+    assert [c.value for c in release.contributions] == [0] * 18
+    assert release.contributions_accuracy == dp.sum_accuracy(3, 2, 5.0, 0.05)
+    assert (release.dropped_fraction, release.suggested_bound) == (0.0, 0)
     with coordinator(broker) as client:
         status = client.round(body.round_id)
         listed_releases = client.stub.ListReleases(
@@ -328,7 +342,7 @@ def test_local_noise_round_reports_the_local_mechanism(
     release = stats_pb.Release.FromString(reply.release.body)
     assert release.mode == stats_pb.ROUND_MODE_LOCAL_NOISE
     assert "local noise" in release.mechanism
-    assert release.accuracy == dp.sum_accuracy(3, 1, 1.0, 0.05)
+    assert release.accuracy == dp.sum_accuracy(3, 1, 1 / 0.8, 0.05)
     for cell, truth in zip(release.cells, [30, 60, 90, 120], strict=True):
         assert abs(cell.value - truth) <= 4 * release.accuracy
 
@@ -369,3 +383,38 @@ def test_store_refuses_cells_out_of_range() -> None:
     for bad in ([-1], [dp.MODULUS]):
         with pytest.raises(TesseraError):
             pack_cells(bad)
+
+
+def test_the_histogram_sizes_the_next_bound_and_the_threshold_defaults_to_the_ratio(
+    broker: BackgroundBroker, agencies: list[Agency]
+) -> None:
+    """A release's histogram (here noiseless shares, so exact) gives the dropped share and the
+    bound the next round of the table gets when the coordinator leaves the bound to the broker."""
+    with coordinator(broker) as client:
+        blob = client.open_round("north", PERIOD, 0, 1.0)  # threshold 0: the default
+    body = verified_round(agencies[0], blob)
+    assert body.threshold == dp.default_threshold(3) == 3
+    spec = spec_from_proto(body.table)
+    # Each agency: 100 survivors in 1 cell, 100 in 2, 60 in 8 (over the bound of 6).
+    histogram = [100, 100, 0, 0, 0, 0, 0, 60] + [0] * 10
+    table = [0] * spec.size
+    release_id = ""
+    for agency in agencies:
+        share = build_share(agency, blob, table + histogram, noise=False)
+        release_id = submit(agency, share).release_id
+    reply = call(agencies[0], "GetRelease", stats_pb.GetReleaseRequest(release_id=release_id))
+    assert isinstance(reply, stats_pb.GetReleaseResponse)
+    release = stats_pb.Release.FromString(reply.release.body)
+    assert [c.value for c in release.contributions] == [3 * h for h in histogram]
+    # Bound 6 drops 2 of the 8 cells of 180 survivors: 360 of 300 + 600 + 1440 contributions.
+    assert release.dropped_fraction == pytest.approx(360 / 2340)
+    assert release.suggested_bound == 8
+    with coordinator(broker) as client:
+        sized = verified_round(agencies[0], client.open_round("north", "2026-11", 0, 1.0))
+        asked = verified_round(
+            agencies[0], client.open_round("north", "2026-11", 2, 1.0, table=SMALL)
+        )
+    assert sized.table.contribution_bound == 8
+    assert sized.bound_basis == f"release:{release.release_id}"
+    assert (asked.table.contribution_bound, asked.bound_basis) == (1, "requested")
+    assert asked.histogram.bins == 2

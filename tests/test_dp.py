@@ -242,16 +242,66 @@ def test_default_needs_table_layout() -> None:
         spec.index(("safe_housing", "nonsense"))
 
 
-def test_bounded_counts_caps_each_survivor() -> None:
+def test_bounded_counts_caps_each_survivor_and_drops_at_random() -> None:
     spec = dp.default_needs_table(contribution_bound=2)
     greedy = [("medical", "unmet"), ("safe_housing", "met"), ("legal_civil", "referred")]
     records = [greedy, [("medical", "unmet"), ("medical", "unmet")], [], [("medical", "unmet")]]
-    counts = dp.bounded_counts(records, spec)
-    assert sum(counts) == 2 + 1 + 0 + 1
-    assert counts[spec.index(("medical", "unmet"))] == 3
-    assert counts[spec.index(("safe_housing", "met"))] == 1
-    assert counts[spec.index(("legal_civil", "referred"))] == 0  # over the bound, last in order
-    assert dp.bounded_counts([list(reversed(greedy))], spec) == dp.bounded_counts([greedy], spec)
+    counts = dp.bounded_counts(records, spec, np.random.default_rng(1))
+    assert sum(counts) == 2 + 1 + 0 + 1  # the greedy record keeps 2 of its 3 cells
+    assert all(c in (0, 1, 2, 3) for c in counts)
+    # Which two cells it keeps is uniform: over many draws each of the three is kept 2/3 of the
+    # time (category order no longer decides; the old rule always dropped legal_civil).
+    rng = np.random.default_rng(2)
+    kept = np.zeros(spec.size)
+    draws = 3000
+    for _ in range(draws):
+        kept += dp.bounded_counts([greedy], spec, rng)
+    for cell in greedy:
+        share = kept[spec.index(cell)] / draws
+        assert abs(share - 2 / 3) < 5 * math.sqrt(2 / 9 / draws), (cell, share)
+
+
+def test_contribution_histogram_counts_each_survivor_once() -> None:
+    spec = dp.default_needs_table(contribution_bound=1)
+    bins = dp.histogram_bins(spec)
+    assert bins == 18  # one status per category: at most 18 cells per record
+    records = [
+        [("medical", "unmet")],
+        [("medical", "unmet"), ("medical", "unmet")],  # duplicates collapse: one cell
+        [("medical", "unmet"), ("safe_housing", "met"), ("legal_civil", "referred")],
+        [],
+    ]
+    assert dp.contribution_histogram(records, spec, bins) == [2, 0, 1] + [0] * 15
+    # Adding or removing one record moves exactly one bin by one (L1 sensitivity 1).
+    assert sum(dp.contribution_histogram(records[2:3], spec, bins)) == 1
+    # The last bin counts every larger record.
+    assert dp.contribution_histogram(records[2:3], spec, 2) == [0, 1]
+
+
+def test_bound_report_sizes_the_bound_from_significant_bins() -> None:
+    # 100 survivors each with 1..6 cells, noiseless: bound 6 drops nothing, 5 drops 100 of 2100.
+    histogram = [100] * 6 + [0] * 12
+    assert dp.bound_report(histogram, 10.0, 6) == (0.0, 6)
+    dropped, suggested = dp.bound_report(histogram, 10.0, 5)
+    assert dropped == pytest.approx(100 / 2100) and suggested == 6
+    # Noise in empty bins below the significance line does not push the bound up.
+    noisy = [103, 95, 99, 101, 98, 104, 9, -4, 7, 0, 3, -8, 5, 9, 2, -1, 6, 8]
+    assert dp.bound_report(noisy, 10.0, 6)[1] == 6
+    # A small tail under 1% of contributions is left to the bound.
+    tail = [1000, 1000, 0, 5]  # bound 2 drops 10 of 3020 contributions
+    assert dp.bound_report(tail, 3.0, 2) == (pytest.approx(10 / 3020), 2)
+    larger = [300, 300, 0, 0, 0, 0, 0, 0, 5]  # bound 2 would drop 35 of 945: 8 drops 5
+    assert dp.bound_report(larger, 3.0, 2)[1] == 8
+    assert dp.bound_report([0] * 18, 3.0, 6) == (0.0, 0)
+
+
+def test_default_threshold_keeps_the_error_within_the_ratio() -> None:
+    for n in range(2, 400):
+        t = dp.default_threshold(n)
+        assert 2 <= t <= n
+        assert math.sqrt(n / t) <= dp.MAX_ERROR_RATIO + 1e-12
+        # and it is the least such threshold (more would tolerate fewer colluders)
+        assert t == 2 or math.sqrt(n / (t - 1)) > dp.MAX_ERROR_RATIO
 
 
 def test_release_and_post_processing() -> None:

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 
 from node import directory_sync, stats
-from node.relay_worker import RelayWorker
+from node.rounds import RoundTaker
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase
-from node.store.referrals import ReferralStore
-from tessera import crypto, dp
+from tessera import config, crypto, dp
 from tessera.directory import AgencyRecord
 from tessera.errors import Conflict, NotFound, Refused
 from tessera.v1 import common_pb2 as common_pb
@@ -139,9 +138,10 @@ def test_budget_refuses_past_the_cap_and_counts_every_attempt(
     budget.charge("t", PERIOD, str(uuid.uuid4()), 1, "needs", 0.2)
     assert budget.remaining(PERIOD) == pytest.approx(0.0)
     assert budget.remaining("2026-11") == 1.0
-    # A raised cap allows more; every charge is in the audit log.
-    budget.set_cap("admin", PERIOD, 1.5)
-    budget.charge("t", PERIOD, str(uuid.uuid4()), 1, "needs", 0.5)
+    # A cap raised in the node's configuration allows more; every charge is in the audit log.
+    raised = BudgetStore(node.store, default_cap=1.5)
+    assert raised.remaining(PERIOD) == pytest.approx(0.5)
+    raised.charge("t", PERIOD, str(uuid.uuid4()), 1, "needs", 0.5)
     actions = [e.action for e in node.store.audit_entries()]
     assert actions.count("budget.charged") == 4
     assert node.store.verify_audit().ok
@@ -205,13 +205,17 @@ def test_local_table_bounds_each_survivor_and_keeps_to_the_period() -> None:
         stats.NeedFact("case-2", "medical", "unmet", october),
         stats.NeedFact("case-3", "medical", "unmet", november),  # another period
     ]
-    counts = stats.local_table(needs, spec, PERIOD)
+    rng = np.random.default_rng(3)
+    counts = stats.local_table(needs, spec, PERIOD, rng)
     assert sum(counts) == 3  # case-1 counts in 2 cells at most, case-2 in 1
-    assert counts[spec.index(("medical", "unmet"))] == 2
-    # Whatever the order, the same cells are kept (the first in cell order).
-    assert stats.local_table(list(reversed(needs)), spec, PERIOD) == counts
-    one = stats.local_table(needs, dp.default_needs_table(1), PERIOD)
+    assert counts[spec.index(("medical", "unmet"))] >= 1
+    one = stats.local_table(needs, dp.default_needs_table(1), PERIOD, rng)
     assert sum(one) == 2
+    # With the histogram: the table, then one bin per survivor (case-1 in 3 cells, case-2 in 1,
+    # case-3 is another period), before bounding.
+    vector = stats.local_table(needs, spec, PERIOD, rng, bins=18)
+    assert len(vector) == spec.size + 18
+    assert vector[spec.size :] == [1, 0, 1] + [0] * 15
 
 
 def test_local_table_reads_the_node_store(nodes: NodeFactory) -> None:
@@ -232,7 +236,9 @@ def test_local_table_reads_the_node_store(nodes: NodeFactory) -> None:
     assert len(rows) == 2
     spec = dp.default_needs_table(1)
     period = stats.period_of(rows[0][3])
-    counts = stats.local_table([stats.NeedFact(*r) for r in rows], spec, period)
+    counts = stats.local_table(
+        [stats.NeedFact(*r) for r in rows], spec, period, np.random.default_rng(4)
+    )
     assert sum(counts) == 1
 
 
@@ -342,12 +348,11 @@ def test_local_noise_share_is_counts_plus_full_noise(world: World) -> None:
 # --- the worker's check, charge, build ------------------------------------------------------
 
 
-def _worker(nodes: NodeFactory, world: World, agency: str, tmp_path: Path) -> RelayWorker:
+def _worker(nodes: NodeFactory, world: World, agency: str, tmp_path: Path) -> RoundTaker:
     node = nodes.make(name=agency)
     directory_sync.save_cache(node.home, world.caches[agency])
-    return RelayWorker(
+    return RoundTaker(
         node.store,
-        ReferralStore(node.store),
         node.keyring,
         node.home,
         world.links[agency],
@@ -368,20 +373,20 @@ def test_worker_charges_before_building_and_never_twice(
 
     round_id = str(uuid.uuid4())
     first = make_round(world.ids, round_id=round_id, epsilon=0.6)
-    prepared = worker._prepare(first)
+    prepared = worker.prepare(first)
     assert prepared is not None
     digest, cells = prepared
     assert digest == crypto.digest(crypto.LABEL_ROUND, bytes(first.body))
     assert len(cells) == dp.default_needs_table().size
-    assert worker._prepare(first) is None  # charged already: never built or submitted again
+    assert worker.prepare(first) is None  # charged already: never built or submitted again
     # The restarted attempt would be charged again, but 0.6 + 0.6 passes the cap.
     with pytest.raises(Refused, match=r"above the 0\.4 left"):
-        worker._prepare(make_round(world.ids, round_id=round_id, attempt=2, epsilon=0.6))
+        worker.prepare(make_round(world.ids, round_id=round_id, attempt=2, epsilon=0.6))
     second = make_round(world.ids, round_id=round_id, attempt=2, epsilon=0.4)
-    assert worker._prepare(second) is not None
+    assert worker.prepare(second) is not None
     with pytest.raises(Refused, match="later than this one"):
-        worker._prepare(make_round(world.ids, round_id=round_id, attempt=1, epsilon=0.1))
-    ledger = worker._budget.period(PERIOD)
+        worker.prepare(make_round(world.ids, round_id=round_id, attempt=1, epsilon=0.1))
+    ledger = worker.budget.period(PERIOD)
     assert [(c.attempt, c.epsilon) for c in ledger.charges] == [(1, 0.6), (2, 0.4)]
 
 
@@ -392,12 +397,12 @@ def test_worker_audits_a_refused_round_once_with_the_reason(
 
     worker = _worker(nodes, world, "agency-a", tmp_path)
     status = stats_pb.RoundStatus(round=make_round(world.ids, region="elsewhere"))
-    assert asyncio.run(worker._take_part(status)) is False
-    assert asyncio.run(worker._take_part(status)) is False
+    assert asyncio.run(worker.take_part(status)) is False
+    assert asyncio.run(worker.take_part(status)) is False
     refused = worker._store.audit_entries(actions=("stats.round_refused",))
     assert len(refused) == 1
     assert "region 'elsewhere', not ours" in refused[0].detail["reason"]
-    assert worker._budget.period(PERIOD).charges == ()
+    assert worker.budget.period(PERIOD).charges == ()
 
 
 # --- what staff and coordinators see ----------------------------------------------------------
@@ -411,14 +416,21 @@ def test_budget_status_rpc_reports_the_ledger(nodes: NodeFactory) -> None:
 
     node = nodes.make()
     BudgetStore(node.store).charge("t", PERIOD, "r-1", 1, "needs", 0.25)
-    servicer = NodeServicer(None, node.store, node.keyring)  # type: ignore[arg-type]
+    # The administrator set the cap in the node's tessera.toml: it is what the ledger shows.
+    home_toml = node.home / config.CONFIG_FILE
+    home_toml.write_text(
+        home_toml.read_text().replace("budget_cap = 1.0", "budget_cap = 2.5"), encoding="utf-8"
+    )
+    settings = config.load(node.home, {})
+    assert settings.stats.budget_cap == 2.5
+    servicer = NodeServicer(settings, node.store, node.keyring)
     reply = asyncio.run(
         servicer.BudgetStatus(node_pb.BudgetStatusRequest(), None)  # type: ignore[arg-type]
     )
     periods = {p.period: p for p in reply.periods}
     assert PERIOD in periods and stats.period_of(dt.datetime.now(dt.UTC)) in periods
     october = periods[PERIOD]
-    assert (october.cap, october.spent, october.remaining) == (1.0, 0.25, 0.75)
+    assert (october.cap, october.spent, october.remaining) == (2.5, 0.25, 2.25)
     assert [(c.round_id, c.attempt, c.epsilon) for c in october.charges] == [("r-1", 1, 0.25)]
 
 

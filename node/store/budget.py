@@ -1,12 +1,14 @@
 """The node's privacy budget ledger (DESIGN.md section 7: "each node is the guardian of its own
 privacy budget").
 
-One row per period ("YYYY-MM") holds the cap; one row per contribution holds the round, the
-attempt, the table, ε and when it was charged. :meth:`BudgetStore.charge` runs in ONE transaction
-with the audit entry: it locks the period, refuses a charge that would take the period past its
-cap, refuses a second charge for the same (round, attempt), and only then records the charge. The
-caller charges BEFORE it submits a share, so every share the broker ever sees was counted; a
-restarted round's new attempt is a new (round, attempt) and is charged again.
+The cap is the node's configuration (``[stats] budget_cap``, the same for every period); one
+row per period ("YYYY-MM") records the cap in force at its last charge, and one row per
+contribution holds the round, the attempt, the table, ε and when it was charged.
+:meth:`BudgetStore.charge` runs in ONE transaction with the audit entry: it locks the period,
+refuses a charge that would take the period past its cap, refuses a second charge for the same
+(round, attempt), and only then records the charge. The caller charges BEFORE it submits a
+share, so every share the broker ever sees was counted; a restarted round's new attempt is a
+new (round, attempt) and is charged again.
 
 :class:`BudgetStore` is a companion of :class:`~node.store.cases.NodeStore`, like
 ``node.store.referrals.ReferralStore``: same engine, write lock, transaction and audit log.
@@ -113,20 +115,6 @@ class BudgetStore:
             session.flush()
         return row
 
-    def set_cap(self, actor: str, period: str, cap: float) -> BudgetPeriod:
-        """Set a period's cap (audited). A cap below what is already spent only stops new
-        charges; nothing already charged is undone."""
-        period, cap = check_period(period), _check_epsilon("the budget cap", cap)
-        with self._writing() as session:
-            row = self._period_row(session, period)
-            old = row.cap
-            row.cap = cap
-            session.add(row)
-            self._store._audit.append(
-                session, actor, "budget.cap_set", None, {"period": period, "cap": cap, "was": old}
-            )
-        return self.period(period)
-
     def charge(
         self, actor: str, period: str, round_id: str, attempt: int, table: str, epsilon: float
     ) -> BudgetPeriod:
@@ -152,12 +140,16 @@ class BudgetStore:
                     select(BudgetChargeRow.epsilon).where(BudgetChargeRow.period == period)
                 ).all()
             )
-            if spent + epsilon > row.cap + _SLACK:
+            cap = self._default_cap
+            if spent + epsilon > cap + _SLACK:
                 raise Refused(
-                    f"the privacy budget of {period} would be exceeded: cap {row.cap:g}, spent"
+                    f"the privacy budget of {period} would be exceeded: cap {cap:g}, spent"
                     f" {spent:g}, asked {epsilon:g}",
-                    hint="an administrator may raise the cap, or wait for the next period",
+                    hint="an administrator may raise [stats] budget_cap in tessera.toml, or wait"
+                    " for the next period",
                 )
+            row.cap = cap
+            session.add(row)
             session.add(
                 BudgetChargeRow(
                     period=period,
@@ -186,7 +178,7 @@ class BudgetStore:
                     "table": table,
                     "epsilon": epsilon,
                     "spent": spent + epsilon,
-                    "cap": row.cap,
+                    "cap": cap,
                 },
             )
         return self.period(period)
@@ -249,20 +241,15 @@ class BudgetStore:
         return max(attempts, default=0)
 
     def period(self, period: str) -> BudgetPeriod:
-        """One period's ledger (the default cap and no charges if nothing was recorded)."""
+        """One period's ledger under the configured cap (no charges if nothing was recorded)."""
         period = check_period(period)
         with self._store._reading() as session:
-            row = session.get(BudgetPeriodRow, period)
             charges = session.exec(
                 select(BudgetChargeRow)
                 .where(BudgetChargeRow.period == period)
                 .order_by(col(BudgetChargeRow.charged_at), col(BudgetChargeRow.id))
             ).all()
-        return BudgetPeriod(
-            period,
-            row.cap if row is not None else self._default_cap,
-            tuple(_charge(c) for c in charges),
-        )
+        return BudgetPeriod(period, self._default_cap, tuple(_charge(c) for c in charges))
 
     def periods(self, include: str | None = None) -> list[BudgetPeriod]:
         """Every period with a ledger row, plus ``include`` (say the current one), oldest first."""

@@ -960,6 +960,7 @@ class Release(_message.Message):
     CONTRIBUTIONS_ACCURACY_FIELD_NUMBER: _builtins.int
     DROPPED_FRACTION_FIELD_NUMBER: _builtins.int
     TABLE_EPSILON_FIELD_NUMBER: _builtins.int
+    SUGGESTED_BOUND_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     """Identifier of the release. Seen by: anyone the release is given to."""
     round_id: _builtins.str
@@ -1007,6 +1008,12 @@ class Release(_message.Message):
     """The part of epsilon spent on the table's cells (the rest went to the histogram). Seen by:
     anyone the release is given to.
     """
+    suggested_bound: _builtins.int
+    """The contribution bound the histogram supports for the next round of this table: the least
+    bound that would have dropped at most 1% of the contributions its significant bins show (0
+    if the round had no histogram). OpenRound with contribution_bound 0 uses the newest one.
+    Seen by: anyone the release is given to.
+    """
     @_builtins.property
     def table(self) -> Global___TableSpec:
         """The table. Seen by: anyone the release is given to."""
@@ -1048,10 +1055,11 @@ class Release(_message.Message):
         contributions_accuracy: _builtins.float = ...,
         dropped_fraction: _builtins.float = ...,
         table_epsilon: _builtins.float = ...,
+        suggested_bound: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["released_at", b"released_at", "table", b"table"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "alpha", b"alpha", "attempt", b"attempt", "cells", b"cells", "contributions", b"contributions", "contributions_accuracy", b"contributions_accuracy", "dropped_fraction", b"dropped_fraction", "epsilon", b"epsilon", "mechanism", b"mechanism", "mode", b"mode", "noise_scale", b"noise_scale", "participants", b"participants", "period", b"period", "region", b"region", "release_id", b"release_id", "released_at", b"released_at", "round_digest", b"round_digest", "round_id", b"round_id", "table", b"table", "table_epsilon", b"table_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "alpha", b"alpha", "attempt", b"attempt", "cells", b"cells", "contributions", b"contributions", "contributions_accuracy", b"contributions_accuracy", "dropped_fraction", b"dropped_fraction", "epsilon", b"epsilon", "mechanism", b"mechanism", "mode", b"mode", "noise_scale", b"noise_scale", "participants", b"participants", "period", b"period", "region", b"region", "release_id", b"release_id", "released_at", b"released_at", "round_digest", b"round_digest", "round_id", b"round_id", "suggested_bound", b"suggested_bound", "table", b"table", "table_epsilon", b"table_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
