@@ -266,14 +266,19 @@ def contribution_histogram(
     return histogram
 
 
-def bound_report(histogram: Sequence[int], significance: float, bound: int) -> tuple[float, int]:
-    """(estimated share of contributions ``bound`` dropped, least bound dropping at most 1%).
+def bound_report(
+    histogram: Sequence[int], significance: float, bound: int, floor: int = DEFAULT_BOUND
+) -> tuple[float, int]:
+    """(estimated share of contributions ``bound`` dropped, the bound for the next round).
 
     Post-processing of a released histogram: it costs no privacy. A bin counts only when its noisy
     value exceeds ``significance`` (a half-width at a Bonferroni-corrected level, so an empty bin
-    rarely looks full and sends the bound up, which would cost accuracy but no truth). With bin m
-    holding h_m survivors, the bound k drops Σ_{m>k} (m - k) h_m of Σ m h_m contributions. With
-    no significant bin: (0, 0), no suggestion.
+    rarely looks full). With bin m holding h_m survivors, the bound k drops Σ_{m>k} (m - k) h_m of
+    Σ m h_m contributions. The next bound is the least k dropping at most 1% of them, but never
+    below ``floor``: a noisy histogram of a small region cannot tell an empty bin from a thin one,
+    and a bound too low biases every cell while one too high only widens the intervals. So the
+    histogram raises the bound where records hold more cells, and a coordinator who wants a
+    smaller one asks for it and sees what it drops. With no significant bin: (0, 0).
     """
     kept = [value if value > significance else 0 for value in histogram]
     total = sum(m * h for m, h in enumerate(kept, start=1))
@@ -283,10 +288,8 @@ def bound_report(histogram: Sequence[int], significance: float, bound: int) -> t
     def dropped(k: int) -> int:
         return sum((m - k) * h for m, h in enumerate(kept, start=1) if m > k)
 
-    suggested = next(
-        k for k in range(1, len(kept) + 1) if dropped(k) <= MAX_DROPPED_FRACTION * total
-    )
-    return dropped(bound) / total, suggested
+    least = next(k for k in range(1, len(kept) + 1) if dropped(k) <= MAX_DROPPED_FRACTION * total)
+    return dropped(bound) / total, max(least, min(floor, len(kept)))
 
 
 # --- calibration (OpenDP) -----------------------------------------------------------------------

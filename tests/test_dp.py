@@ -289,9 +289,12 @@ def test_bound_report_sizes_the_bound_from_significant_bins() -> None:
     assert dp.bound_report(noisy, 10.0, 6)[1] == 6
     # A small tail under 1% of contributions is left to the bound.
     tail = [1000, 1000, 0, 5]  # bound 2 drops 10 of 3020 contributions
-    assert dp.bound_report(tail, 3.0, 2) == (pytest.approx(10 / 3020), 2)
+    assert dp.bound_report(tail, 3.0, 2, floor=1) == (pytest.approx(10 / 3020), 2)
     larger = [300, 300, 0, 0, 0, 0, 0, 0, 5]  # bound 2 would drop 35 of 945: 8 drops 5
-    assert dp.bound_report(larger, 3.0, 2)[1] == 8
+    assert dp.bound_report(larger, 3.0, 2, floor=1)[1] == 8
+    # The histogram raises the bound but never lowers it below the floor (the default).
+    assert dp.bound_report(tail + [0] * 14, 3.0, 6) == (0.0, dp.DEFAULT_BOUND)
+    assert dp.bound_report(tail, 3.0, 4) == (0.0, 4)  # no bound above the histogram's bins
     assert dp.bound_report([0] * 18, 3.0, 6) == (0.0, 0)
 
 
