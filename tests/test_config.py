@@ -74,3 +74,35 @@ def test_home_resolution_order(tmp_path: Path) -> None:
         tmp_path / "a"
     )
     assert config.resolve_home(None, {"TESSERA_HOME": str(tmp_path / "b")}) == tmp_path / "b"
+
+
+def test_a_nodes_stats_policy_is_written_at_init_and_read_back(tmp_path: Path) -> None:
+    settings = config.Settings(home=tmp_path, role=config.Role.NODE, name="Harbour Shelter")
+    text = config.write(settings).read_text(encoding="utf-8")
+    assert "[stats]" in text and "min_threshold = 2" in text and "budget_cap = 1.0" in text
+    assert config.load(tmp_path, {}).stats == config.StatsPolicy()
+    edited = text.replace("min_threshold = 2", "min_threshold = 4")
+    edited = edited.replace("trusted_agencies = []", 'trusted_agencies = ["lantern-clinic"]')
+    edited = edited.replace("budget_cap = 1.0", "budget_cap = 3")
+    (tmp_path / config.CONFIG_FILE).write_text(edited, encoding="utf-8")
+    policy = config.load(tmp_path, {}).stats
+    assert policy == config.StatsPolicy(4, ("lantern-clinic",), 3.0)
+
+
+@pytest.mark.parametrize(
+    ("stats", "needle"),
+    [
+        ("min_threshold = 0", "min_threshold must be a positive integer"),
+        ('trusted_agencies = "lantern-clinic"', "must be a list of agency ids"),
+        ("budget_cap = -1", "budget_cap must be a positive number"),
+        ("budget_cap = true", "budget_cap must be a positive number"),
+        ("min_thresold = 3", "unknown [stats] setting(s) min_thresold"),
+    ],
+)
+def test_a_bad_stats_policy_names_the_problem(tmp_path: Path, stats: str, needle: str) -> None:
+    (tmp_path / config.CONFIG_FILE).write_text(
+        f'[tessera]\nrole = "node"\nname = "n"\n\n[stats]\n{stats}\n', encoding="utf-8"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(tmp_path, {})
+    assert needle in caught.value.message

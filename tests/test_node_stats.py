@@ -23,6 +23,7 @@ from node.rounds import RoundTaker
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase
 from tessera import config, crypto, dp
+from tessera.config import StatsPolicy
 from tessera.directory import AgencyRecord
 from tessera.errors import Conflict, NotFound, Refused
 from tessera.v1 import common_pb2 as common_pb
@@ -245,8 +246,14 @@ def test_local_table_reads_the_node_store(nodes: NodeFactory) -> None:
 # --- round checks ---------------------------------------------------------------------------
 
 
-def _check(world: World, agency: str, blob: common_pb.SignedBlob, remaining: float = 1.0) -> None:
-    stats.check_round(blob, world.links[agency], world.caches[agency], remaining, NOW)
+def _check(
+    world: World,
+    agency: str,
+    blob: common_pb.SignedBlob,
+    remaining: float = 1.0,
+    policy: StatsPolicy | None = None,
+) -> None:
+    stats.check_round(blob, world.links[agency], world.caches[agency], remaining, NOW, policy)
 
 
 def test_an_acceptable_round_is_accepted(world: World) -> None:
@@ -294,6 +301,43 @@ def test_threshold_counts_only_verified_agencies(world: World) -> None:
     )
     with pytest.raises(Refused, match="threshold 2 is above the 1 participants"):
         _check(world, "agency-a", make_round(world.ids, threshold=2))
+
+
+def test_the_nodes_own_minimum_threshold_wins_over_the_brokers(world: World) -> None:
+    strict = StatsPolicy(min_threshold=3)
+    _check(world, "agency-a", make_round(world.ids, threshold=3), policy=strict)
+    with pytest.raises(Refused, match="threshold 2 is below this node's minimum 3"):
+        _check(world, "agency-a", make_round(world.ids, threshold=2), policy=strict)
+    # A local-noise round adds the full noise at every node: no threshold to defend.
+    local = make_round(world.ids, threshold=2, mode=stats_pb.ROUND_MODE_LOCAL_NOISE)
+    _check(world, "agency-a", local, policy=strict)
+
+
+def test_trusted_agencies_in_the_configuration_count_toward_the_threshold(world: World) -> None:
+    world.caches["agency-a"].verified = set()  # nobody verified by phone
+    with pytest.raises(Refused, match="threshold 2 is above the 1 participants"):
+        _check(world, "agency-a", make_round(world.ids, threshold=2))
+    trusting = StatsPolicy(trusted_agencies=("agency-b", "agency-c"))
+    _check(world, "agency-a", make_round(world.ids, threshold=3), policy=trusting)
+    # Trust in the configuration does not outlive a revocation in the directory.
+    world.caches["agency-a"].records["agency-c"] = _record(
+        "agency-c", world.identities["agency-c"], revoked=True
+    )
+    with pytest.raises(Refused, match="threshold 3 is above the 2 participants"):
+        _check(world, "agency-a", make_round(world.ids, threshold=3), policy=trusting)
+
+
+def test_a_round_whose_histogram_does_not_fit_the_table_is_refused(world: World) -> None:
+    blob = make_round(world.ids)
+    body = stats_pb.Round.FromString(blob.body)
+    for bins, epsilon, reason in ((5, 0.1, "has 5 bins"), (18, 0.5, "below the round's")):
+        body.histogram.CopyFrom(stats_pb.ContributionHistogram(bins=bins, epsilon=epsilon))
+        raw = body.SerializeToString()
+        signed = common_pb.SignedBlob(
+            body=raw, signature=BROKER.sign(crypto.LABEL_ROUND, raw), signer=blob.signer
+        )
+        with pytest.raises(Refused, match=reason):
+            _check(world, "agency-a", signed)
 
 
 # --- shares ---------------------------------------------------------------------------------
