@@ -9,7 +9,8 @@ same run and against the same broker:
 
 * **Plain** (the baseline): a LOCAL_NOISE round whose nodes submit their raw counts, without noise
   and without masks, through the same SubmitShare path; the cost of an unmasked sum.
-* **Private**: a PRIVATE round (default needs table, threshold max(2, N // 2), ε = 1); each node
+* **Private**: a PRIVATE round (default needs table and bound, the broker's default threshold
+  ``dp.default_threshold``, ε = 1: the table's cells get 0.8 of it); each node
   builds its share as docs/statistics.md says: verify the broker's signature on the round, parse
   it, counts + ``dp.noise_share``, net mask ``dp.pair_masks`` against the N - 1 other participants
   (their public identities), ``dp.mask_share``.
@@ -60,6 +61,7 @@ import numpy as np
 
 from bench.common import Figure
 from bench.relay import ServerProcess, broker_process, make_broker_home
+from broker.stats import round_noise_of
 from node.stats import round_digest, spec_from_pb
 from tessera import credential, crypto, directory, dp, rpc
 from tessera.config import Limits
@@ -215,14 +217,16 @@ def build_share(
     round_ = stats_pb.Round.FromString(body)
     spec = spec_from_pb(round_.table)
     digest = round_digest(body)
+    scales = round_noise_of(round_, spec)
+    # The histogram's bins follow the table's cells; the synthetic data has none to count.
+    counts = list(counts) + [0] * (scales.cells - len(counts))
     if kind == PLAIN:
         return round_, digest, dp.mask_share(counts)
-    scale = dp.scale_for(round_.epsilon, dp.l1_sensitivity(spec))
     rng = dp.new_rng()
     if kind == LOCAL:
-        noise = dp.local_noise(spec.size, scale, rng)
+        noise = dp.round_noise_share(scales, 1, rng)
         return round_, digest, dp.mask_share([c + n for c, n in zip(counts, noise, strict=True)])
-    noise = dp.noise_share(spec.size, scale, int(round_.threshold), rng)
+    noise = dp.round_noise_share(scales, int(round_.threshold), rng)
     values = [c + n for c, n in zip(counts, noise, strict=True)]
     participants = list(round_.participants)
     position = participants.index(own.agency_id)
@@ -235,7 +239,7 @@ def build_share(
         keyed,
         round_.round_id,
         int(round_.attempt),
-        spec.size,
+        scales.cells,
     )
     return round_, digest, dp.mask_share(values, [mask])
 
@@ -294,7 +298,6 @@ async def run_round(setup: Setup, kind: str, n: int) -> RoundResult:
     """Open one round of ``kind`` with the first ``n`` agencies, submit every share, fetch the
     release; measured throughout."""
     nodes = setup.nodes[:n]
-    threshold = max(2, n // 2)
     mode = stats_pb.ROUND_MODE_PRIVATE if kind == PRIVATE else stats_pb.ROUND_MODE_LOCAL_NOISE
     period = dt.datetime.now(dt.UTC).strftime("%Y-%m")
     build_cpu = [0.0] * n
@@ -306,7 +309,7 @@ async def run_round(setup: Setup, kind: str, n: int) -> RoundResult:
             region=REGION,
             period=period,
             participants=[node.agency_id for node in nodes],
-            threshold=threshold,
+            threshold=0,  # the broker's default for n participants (dp.default_threshold)
             mode=mode,
             epsilon=EPSILON,
             idempotency_key=str(uuid.uuid4()),
@@ -314,6 +317,8 @@ async def run_round(setup: Setup, kind: str, n: int) -> RoundResult:
         timeout=CALL_TIMEOUT,
     )
     blob = opened.round
+    opened_round = stats_pb.Round.FromString(bytes(blob.body))
+    threshold = int(opened_round.threshold)
     release_ids: list[str] = []
 
     async def submit(index: int) -> None:
@@ -360,7 +365,7 @@ async def run_round(setup: Setup, kind: str, n: int) -> RoundResult:
         sum(column) for column in zip(*(setup.counts[x.agency_id] for x in nodes), strict=True)
     ]
     released = [int(cell.value) for cell in release.cells]
-    spec = dp.default_needs_table()
+    table_scale = round_noise_of(opened_round, spec_from_pb(opened_round.table)).table_scale
     return RoundResult(
         kind,
         n,
@@ -372,7 +377,7 @@ async def run_round(setup: Setup, kind: str, n: int) -> RoundResult:
         released,
         truth,
         float(release.accuracy),
-        dp.scale_for(EPSILON, dp.l1_sensitivity(spec)),
+        table_scale,
     )
 
 
@@ -402,6 +407,7 @@ class Summary:
     broker_cpu: float  # s per round
     wall: float  # s per round
     rmse: float  # pooled over every run's cells
+    rmse_se: float  # its standard error, relative (delta method over the squared errors)
     accuracy: float
     cells: int  # how many cells the RMSE pools
 
@@ -420,6 +426,9 @@ class Summary:
             broker_cpu=min(run.broker_cpu for run in runs),
             wall=min(run.wall for run in runs),
             rmse=math.sqrt(statistics.fmean(errors)),
+            rmse_se=statistics.stdev(errors) / (2 * statistics.fmean(errors) * len(errors) ** 0.5)
+            if len(errors) > 1 and any(errors)
+            else 0.0,
             accuracy=runs[0].accuracy,
             cells=len(errors),
         )
@@ -476,7 +485,8 @@ async def _measure(folder: Path, sizes: Sequence[int], runs: int) -> Measured:
             },
         )
         _say(
-            f"table {spec.name} ({spec.size} cells), ε = {EPSILON}, threshold max(2, N // 2), "
+            f"table {spec.name} ({spec.size} cells), ε = {EPSILON}, the default threshold "
+            f"(⌈25N/36⌉: {', '.join(str(dp.default_threshold(n)) for n in sizes)}), "
             f"{IN_FLIGHT} submissions in flight, {os.cpu_count()} CPU cores shared by the "
             "broker and all simulated nodes"
         )
@@ -603,7 +613,10 @@ def _error_figures(m: Measured) -> list[Figure]:
         "Error = root mean square over the released cells (pooled over every run) of released - "
         "true total; baseline = the central discrete Laplace's standard deviation at the same "
         "scale. Theory: √(N/t) for a private round, √N for local noise. Half-width = the "
-        "release's 95 % interval against OpenDP's central_accuracy."
+        "release's 95 % interval against OpenDP's central_accuracy. Exact sd = √(variance of "
+        "the sum of N shares of threshold t) from the formula tests/test_dp.py checks against "
+        "samples. Target with default settings: at most "
+        f"{dp.MAX_ERROR_RATIO}x central; the measured error carries sampling noise of a few %."
     )
     figures = []
     for n in m.sizes:
@@ -611,14 +624,26 @@ def _error_figures(m: Measured) -> list[Figure]:
         central_sd = math.sqrt(dp.noise_variance(1, 1, private.scale))
         central_accuracy = dp.central_accuracy(private.scale, 0.05)
         theory = math.sqrt(n / private.threshold)
+        exact_sd = math.sqrt(dp.noise_variance(n, private.threshold, private.scale))
+        ratio = private.rmse / central_sd
         _say(
-            f"N={n}: private error {private.rmse:.2f} = {private.rmse / central_sd:.2f}x central "
-            f"(theory √(N/t) = {theory:.2f}, {private.cells} cells); 95% half-width "
+            f"N={n}, t={private.threshold}: private error {private.rmse:.2f} = "
+            f"{ratio:.2f}x central ± {2 * ratio * private.rmse_se:.2f} (2 standard errors; "
+            f"exact √(N/t) = {theory:.3f}, {private.cells} cells); 95% half-width "
             f"{private.accuracy:g} vs central {central_accuracy:.2f}; local-noise error "
             f"{local.rmse:.2f} = {local.rmse / central_sd:.2f}x central (theory √N = "
             f"{math.sqrt(n):.2f}), half-width {local.accuracy:g}"
         )
         figures += [
+            Figure(
+                f"stats N={n}",
+                "private noise sd (exact)",
+                exact_sd,
+                "central DP sd",
+                central_sd,
+                "count",
+                note=note,
+            ),
             Figure(
                 f"stats N={n}",
                 f"private error (theory {theory:.2f}x)",
