@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,7 @@ def run_demo(directory: Path, cases: int, _cli: CliContext, keep_serving: bool =
         try:
             _verify_fingerprints(clients)
             _walk_through(clients, homes, directory, cases)
-            _statistics_round(broker_home, directory)
+            _statistics_round(broker_home, directory, clients)
             console.print(
                 "  metrics while the servers run: "
                 + ", ".join(f"curl -s 127.0.0.1:{port}/metrics" for port in metrics.values())
@@ -316,7 +317,7 @@ def _node_operations(
     )
 
 
-def _statistics_round(broker_home: Path, directory: Path) -> None:
+def _statistics_round(broker_home: Path, directory: Path, clients: dict[str, NodeClient]) -> None:
     from broker.stats import StatsClient
     from cli.stats import png_chart, release_rows, terminal_chart
     from tessera.v1 import stats_pb2 as stats_pb
@@ -328,10 +329,16 @@ def _statistics_round(broker_home: Path, directory: Path) -> None:
         "the broker learns only the noisy total"
     )
     with StatsClient(broker_home) as stats:
+        # Threshold 0 and no table: the broker's defaults (docs/privacy.md).
         blob = stats.open_round(
-            REGION, period, threshold=2, epsilon=1.0, participants=[a.agency_id for a in AGENCIES]
+            REGION, period, threshold=0, epsilon=1.0, participants=[a.agency_id for a in AGENCIES]
         )
-        round_id = stats_pb.Round.FromString(blob.body).round_id
+        opened = stats_pb.Round.FromString(blob.body)
+        round_id = opened.round_id
+        console.print(
+            f"  threshold {opened.threshold} of {len(opened.participants)} agencies; each survivor"
+            f" counts in at most {opened.table.contribution_bound} cells ({opened.bound_basis})"
+        )
         _wait_for(lambda: stats.round(round_id).release_id, "the nodes' shares", timeout=60)
         release = stats_pb.Release.FromString(stats.release(round_id=round_id).body)
     console.print(
@@ -339,12 +346,36 @@ def _statistics_round(broker_home: Path, directory: Path) -> None:
         f"(OpenDP's privacy map), {release.participants} agencies, each count "
         f"±{release.accuracy:g} at {1 - release.alpha:.0%}"
     )
+    _compare_with_truth(release, clients)
     rows = release_rows(release)
     console.print("  unmet needs by category (noisy count, [95% interval]):")
     console.print(terminal_chart(rows), markup=False, highlight=False)
     chart = directory / f"unmet-needs-{period}.png"
     png_chart(rows, f"unmet needs, {REGION} {period}", chart)
     console.print(f"  chart written to {chart}")
+
+
+def _compare_with_truth(release: Any, clients: dict[str, NodeClient]) -> None:
+    """What only a demo can show: the release against the counts every node holds."""
+    held: Counter[tuple[str, str]] = Counter()
+    for client in clients.values():
+        # Every need in the demo was recorded during this run, so in the release's period.
+        for case in client.list_cases(None, None, None, False, 100_000):
+            held.update((need["category"], need["status"]) for need in case["needs"])
+    truth = [held[(c.coordinates[0], c.coordinates[1])] for c in release.cells]
+    covered = sum(c.lower <= t <= c.upper for c, t in zip(release.cells, truth, strict=True))
+    unmet = [
+        (c, t) for c, t in zip(release.cells, truth, strict=True) if c.coordinates[1] == "unmet"
+    ]
+    console.print(
+        f"  the nodes hold {sum(t for _, t in unmet)} unmet needs; the release's unmet cells add"
+        f" up to {sum(c.value for c, _ in unmet)} (each cell ±{release.accuracy:g})"
+    )
+    console.print(
+        f"  {covered} of {len(truth)} cells' 95% intervals contain the count the nodes hold"
+        f" ({covered / len(truth):.0%}); the bound dropped an estimated"
+        f" {release.dropped_fraction:.1%} of contributions"
+    )
 
 
 def _free_port() -> int:
@@ -363,7 +394,8 @@ def _record_needs(clients: dict[str, NodeClient], imported: dict[str, list[str]]
     statuses = list(htcds.NeedStatus)
     for agency_id, client in clients.items():
         for case_id in imported[agency_id]:
-            for category in rng.sample(categories, 2):
+            # One to six needs a survivor, as agencies see them.
+            for category in rng.sample(categories, rng.randint(1, 6)):
                 client.set_need(case_id, category, rng.choice(statuses))
 
 
