@@ -1,9 +1,11 @@
 """``tessera stats``: privacy budgets, statistics rounds and releases (DESIGN.md section 7).
 
-``budget`` asks the caller's node (node staff); ``round open``, ``round status``, ``show`` and
-``chart`` talk to the broker's Stats service with the coordinator's or operator's credential in
-``--home`` (``credential.json``, as the operator's client does for the Directory). Every round and
-release the broker returns is checked against the broker's signing key before it is shown.
+``budget`` asks the caller's node (node staff); ``round open``, ``round status``, ``show``,
+``chart`` and ``trend`` talk to the broker's Stats service with the coordinator's or operator's
+credential in ``--home`` (``credential.json``, as the operator's client does for the Directory).
+Every round and release the broker returns is checked against the broker's signing key before it
+is shown. What a release looks like as JSON, CSV, a table or a chart is :mod:`cli.stats_render`'s
+business; the commands here fetch, choose and print.
 """
 
 from __future__ import annotations
@@ -18,6 +20,30 @@ import typer
 
 from cli import context
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+from cli.stats_render import (
+    CATEGORY_DIMENSION,
+    NO_RELEASE,
+    STATUS_DIMENSION,
+    find_cell,
+    interval_level,
+    mode_name,
+    month_range,
+    newest_release,
+    number,
+    parse_period,
+    png_chart,
+    release_csv,
+    release_json,
+    release_rows,
+    terminal_chart,
+    trend_csv,
+    trend_document,
+    trend_json,
+    trend_png,
+)
+
+# The chart helpers stay importable from here (the demo draws its chart with them).
+__all__ = ["StatsClient", "app", "png_chart", "release_rows", "terminal_chart"]
 
 app = typer.Typer(no_args_is_help=True)
 round_app = typer.Typer(no_args_is_help=True)
@@ -25,7 +51,6 @@ app.add_typer(round_app, name="round", help="Open statistics rounds and follow t
 
 _TABLES = ("needs",)
 _STATES = {0: "unspecified", 1: "open", 2: "released", 3: "abandoned"}
-_MODES = {0: "unspecified", 1: "private", 2: "local_noise"}
 
 
 class StatsClient:
@@ -139,63 +164,10 @@ def _round_dict(round_: Any, state: str, submitted: list[str], release_id: str) 
         "participants": list(round_.participants),
         "submitted": submitted,
         "threshold": round_.threshold,
-        "mode": _MODES.get(round_.mode, "?"),
+        "mode": mode_name(round_.mode),
         "epsilon": round_.epsilon,
         "release_id": release_id,
     }
-
-
-def release_rows(release: Any) -> list[dict[str, Any]]:
-    """One row per released cell: coordinates, value and its error bar [lower, upper]."""
-    names = [d.name for d in release.table.dimensions]
-    rows = []
-    for cell in release.cells:
-        row: dict[str, Any] = dict(zip(names, cell.coordinates, strict=False))
-        row.update({"value": cell.value, "lower": cell.lower, "upper": cell.upper})
-        rows.append(row)
-    return rows
-
-
-def terminal_chart(rows: list[dict[str, Any]], width: int = 40) -> str:
-    """Unmet needs per category as text bars, with the error bar shown as [lower, upper]."""
-    unmet = [r for r in rows if r.get("need_status", "unmet") == "unmet"]
-    if not unmet:
-        return "no unmet-need cells in this release\n"
-    top = max(1.0, *(r["upper"] for r in unmet))
-    label = max(len(str(r.get("need_category", "?"))) for r in unmet)
-    lines = []
-    for r in unmet:
-        value = max(0, int(r["value"]))  # clamping at zero is free post-processing
-        bar = "#" * round(width * value / top)
-        lines.append(
-            f"{r.get('need_category', '?'):<{label}} {bar:<{width}} {value}"
-            f"  [{r['lower']:g}, {r['upper']:g}]"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def png_chart(rows: list[dict[str, Any]], title: str, out: Path) -> None:
-    """A PNG bar chart of unmet needs per category with their error bars (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    from matplotlib import pyplot
-
-    unmet = [r for r in rows if r.get("need_status", "unmet") == "unmet"]
-    labels = [str(r.get("need_category", "?")) for r in unmet]
-    values = [max(0, int(r["value"])) for r in unmet]  # clamping at zero is free
-    # Clamping moved some values up to zero: the interval is clamped the same way, so its arms
-    # never point the wrong way (matplotlib refuses negative error arms).
-    below = [max(0.0, v - max(0.0, r["lower"])) for v, r in zip(values, unmet, strict=True)]
-    above = [max(0.0, r["upper"] - v) for v, r in zip(values, unmet, strict=True)]
-    figure, axes = pyplot.subplots(figsize=(10, 5))
-    axes.bar(labels, values, yerr=[below, above], capsize=3, color="#4a7ab5")
-    axes.set_title(title)
-    axes.set_ylabel("survivors (noisy count, 95% interval)")
-    axes.tick_params(axis="x", labelrotation=60)
-    figure.tight_layout()
-    figure.savefig(out, format="png", dpi=100)
-    pyplot.close(figure)
 
 
 @app.command("budget")
@@ -285,14 +257,31 @@ def _latest_release(client: StatsClient, region: str, period: str) -> Any:
     from tessera.errors import NotFound
 
     region = region or client.info().region
-    for release in client.releases(period):
-        if release.region == region:
-            return release
-    raise NotFound(
-        f"no release for region {region!r} and period {period}",
-        hint=f"ask a coordinator to run `tessera stats round open --period {period}"
-        " --epsilon 0.5 --participants ...`",
-    )
+    release = newest_release(client.releases(period), region)
+    if release is None:
+        raise NotFound(
+            f"no release for region {region!r} and period {period}",
+            hint=f"ask a coordinator to run `tessera stats round open --period {period}"
+            " --epsilon 0.5 --participants ...`",
+        )
+    return release
+
+
+def _emit(text: str, out: Path | None) -> None:
+    """Print ``text``, or write exactly its UTF-8 bytes to ``out`` (and say so on stderr)."""
+    from tessera.files import atomic_write
+
+    if out is None:
+        sys.stdout.write(text)
+        return
+    data = text.encode("utf-8")
+    atomic_write(out, data)
+    sys.stderr.write(f"written to {out} ({len(data)} bytes)\n")
+
+
+OUT_OPTION: Any = typer.Option(
+    "--out", help="Write the json or csv to this file instead of standard output (same bytes)."
+)
 
 
 @app.command("show")
@@ -301,21 +290,40 @@ def show(
     period: Annotated[str, typer.Option(help="The month, YYYY-MM.")],
     region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
     fmt: OutputFormat = FORMAT_OPTION,
+    out: Annotated[Path | None, OUT_OPTION] = None,
 ) -> None:
     """Print the newest release for a region and period, each cell with its error bar.
 
+    json is the whole release (every field, cells with coordinates by dimension name); csv is
+    one row per cell. Both are the numbers as released (a noisy count may be negative).
+
     \b
     Example:
-      tessera stats show --period 2026-10 --format csv
+      tessera stats show --period 2026-10 --format csv --out needs-2026-10.csv
     """
+    from tessera.errors import InvalidInput
+
+    parse_period(period, "--period")
+    if out is not None and fmt is OutputFormat.TABLE:
+        raise InvalidInput(
+            "--out writes a file for scripts, not a table", hint="add --format csv or --format json"
+        )
     with StatsClient(context.get(ctx).home) as client:
         release = _latest_release(client, region, period)
-    rows = release_rows(release)
-    title = (
+    if fmt is OutputFormat.JSON:
+        _emit(release_json(release), out)
+    elif fmt is OutputFormat.CSV:
+        _emit(release_csv(release), out)
+    else:
+        render(release_rows(release), fmt, title=_title(release))
+
+
+def _title(release: Any) -> str:
+    return (
         f"{release.table.name} {release.region} {release.period}: ε={release.epsilon:g},"
-        f" {release.participants} agencies, ±{release.accuracy:g} at {1 - release.alpha:.0%}"
+        f" {release.participants} agencies, ±{release.accuracy:g}"
+        f" at {interval_level(release.alpha):.0%} (release {release.release_id})"
     )
-    render(rows, fmt, title=title)
 
 
 @app.command("chart")
@@ -327,18 +335,100 @@ def chart(
 ) -> None:
     """Chart unmet needs by category with error bars: in the terminal, and as a PNG with --out.
 
+    Negative noisy counts and interval ends are drawn as 0 (marked *); `stats show` prints the
+    released numbers.
+
     \b
     Example:
       tessera stats chart --period 2026-10 --out unmet-2026-10.png
     """
     from tessera.timestamps import to_datetime
 
+    parse_period(period, "--period")
     with StatsClient(context.get(ctx).home) as client:
         release = _latest_release(client, region, period)
     stamp = to_datetime(release.released_at) if release.HasField("released_at") else None
     title = f"unmet needs, {release.region} {release.period} (released {stamp})"
+    rows = release_rows(release)
     if out is not None:
-        png_chart(release_rows(release), title, out)
+        png_chart(rows, title, out, level=interval_level(release.alpha))
         sys.stdout.write(f"chart written to {out}\n")
     sys.stdout.write(f"{title}\n")
-    sys.stdout.write(terminal_chart(release_rows(release)))
+    sys.stdout.write(terminal_chart(rows))
+
+
+@app.command("trend")
+def trend(
+    ctx: typer.Context,
+    category: Annotated[str, typer.Option(help="The need category, e.g. medical.")],
+    first: Annotated[str, typer.Option("--from", help="The first month, YYYY-MM.")],
+    last: Annotated[str, typer.Option("--to", help="The last month, YYYY-MM (36 at most).")],
+    status: Annotated[str, typer.Option(help="The need status.")] = "unmet",
+    region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
+    fmt: OutputFormat = FORMAT_OPTION,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also draw the trend to this PNG file.")
+    ] = None,
+) -> None:
+    """One cell month by month: the newest verified release of each month, its value and interval.
+
+    A month without a release (of a table with this cell) shows "no release", never 0.
+
+    \b
+    Example:
+      tessera stats trend --category medical --from 2026-01 --to 2026-10 --out medical.png
+    """
+    from tessera.errors import InvalidInput
+
+    months = month_range(first, last)
+    wanted = {CATEGORY_DIMENSION: category, STATUS_DIMENSION: status}
+    chosen: list[tuple[str, Any]] = []
+    seen: dict[str, set[str]] = {CATEGORY_DIMENSION: set(), STATUS_DIMENSION: set()}
+
+    def has_cell(release: Any) -> bool:
+        return find_cell(release, wanted) is not None
+
+    with StatsClient(context.get(ctx).home) as client:
+        region = region or client.info().region
+        for month in months:
+            listed = [r for r in client.releases(month) if r.region == region]
+            for release in listed:
+                for dimension in release.table.dimensions:
+                    seen.get(dimension.name, set()).update(dimension.values)
+            chosen.append((month, newest_release(listed, region, has_cell)))
+    if all(release is None for _month, release in chosen):
+        for name, value in wanted.items():
+            if seen[name] and value not in seen[name]:
+                raise InvalidInput(
+                    f"no release in {first} to {last} has {name} {value!r}",
+                    hint=f"choose one of {', '.join(sorted(seen[name]))}",
+                )
+    document = trend_document(region, category, status, chosen)
+    if out is not None:
+        trend_png(document, out)
+        sys.stderr.write(f"chart written to {out}\n")
+    if fmt is OutputFormat.JSON:
+        sys.stdout.write(trend_json(document))
+    elif fmt is OutputFormat.CSV:
+        sys.stdout.write(trend_csv(document))
+    else:
+        render(
+            [_trend_row(m) for m in document["months"]],
+            fmt,
+            columns=["period", "value", "interval", "level", "epsilon", "participants", "release"],
+            title=f"{status} {category}, {region}, {months[0]} to {months[-1]}",
+        )
+
+
+def _trend_row(month: dict[str, Any]) -> dict[str, Any]:
+    if month["state"] == NO_RELEASE:
+        return {"period": month["period"], "value": NO_RELEASE}
+    return {
+        "period": month["period"],
+        "value": number(month["value"]),
+        "interval": f"[{number(month['lower'])}, {number(month['upper'])}]",
+        "level": f"{month['interval_level']:.0%}",
+        "epsilon": f"{month['epsilon']:g}",
+        "participants": month["participants"],
+        "release": month["release_id"],
+    }

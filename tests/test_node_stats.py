@@ -497,7 +497,7 @@ def test_release_rows_and_charts(tmp_path: Path) -> None:
     }
     text = terminal_chart(rows)
     assert "medical" in text and "[4, 10]" in text
-    assert len(text.splitlines()) == len(spec.dimensions[0][1])
+    assert len(text.splitlines()) == len(spec.dimensions[0][1]) + 1  # and the clamping note
     png = tmp_path / "unmet.png"
     png_chart(rows, "unmet needs", png)
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -574,7 +574,7 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
             app, ["--home", broker_home, "stats", "show", "--period", period, "--format", "json"]
         )
         assert shown.exit_code == 0, shown.output
-        cells = json.loads(shown.output)
+        cells = json.loads(shown.stdout)["cells"]
         assert cells[spec.index(("medical", "unmet"))]["value"] == medical.value
         charted = runner.invoke(app, ["--home", broker_home, "stats", "chart", "--period", period])
         assert charted.exit_code == 0 and "medical" in charted.output, charted.output
