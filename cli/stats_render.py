@@ -81,6 +81,7 @@ def release_document(release: stats_pb.Release) -> dict[str, Any]:
         ],
         "mode": mode_name(release.mode),
         "epsilon": release.epsilon,
+        "table_epsilon": release.table_epsilon,
         "alpha": release.alpha,
         "interval_level": interval_level(release.alpha),
         "participants": release.participants,
@@ -88,7 +89,22 @@ def release_document(release: stats_pb.Release) -> dict[str, Any]:
         "noise_scale": release.noise_scale,
         "accuracy": release.accuracy,
         "released_at": released_at(release),
+        "contribution_bound": release.table.contribution_bound,
+        "dropped_fraction": release.dropped_fraction,
+        "suggested_bound": release.suggested_bound,
         "cells": [cell_document(cell, names, release.release_id) for cell in release.cells],
+        "contributions": {
+            "accuracy": release.contributions_accuracy,
+            "bins": [
+                {
+                    "cells": int(c.coordinates[0]),
+                    "value": c.value,
+                    "lower": c.lower,
+                    "upper": c.upper,
+                }
+                for c in release.contributions
+            ],
+        },
     }
 
 

@@ -43,6 +43,7 @@ DOCUMENT_KEYS = [
     "dimensions",
     "mode",
     "epsilon",
+    "table_epsilon",
     "alpha",
     "interval_level",
     "participants",
@@ -50,7 +51,11 @@ DOCUMENT_KEYS = [
     "noise_scale",
     "accuracy",
     "released_at",
+    "contribution_bound",
+    "dropped_fraction",
+    "suggested_bound",
     "cells",
+    "contributions",
 ]
 CSV_COLUMNS = [
     "release_id",
@@ -139,6 +144,16 @@ def test_show_json_is_the_whole_signed_release(world: World) -> None:
     assert document["mode"] == "private"
     assert document["epsilon"] == release.epsilon == pytest.approx(1.0)
     assert document["alpha"] == release.alpha == 0.05
+    assert document["table_epsilon"] == release.table_epsilon == pytest.approx(0.8)
+    assert document["contribution_bound"] == 1
+    assert (document["dropped_fraction"], document["suggested_bound"]) == (
+        release.dropped_fraction,
+        release.suggested_bound,
+    )
+    bins = document["contributions"]["bins"]
+    assert [b["cells"] for b in bins] == [1, 2]  # SMALL has two categories: two bins
+    assert [b["value"] for b in bins] == [c.value for c in release.contributions]
+    assert document["contributions"]["accuracy"] == release.contributions_accuracy
     assert document["interval_level"] == 0.95
     assert document["participants"] == release.participants == 3
     assert document["mechanism"] == release.mechanism and "threshold 2" in release.mechanism
@@ -390,8 +405,9 @@ def test_chart_of_a_real_release_below_zero(world: World, tmp_path: Path) -> Non
     }
     assert drawn["safe_housing"] == ["0", "[0,", "0]", "*"]  # released -90 in [-93, -87]
     medical = release.cells[MEDICAL_UNMET]
-    assert (medical.value, medical.lower, medical.upper) == (3, 0.0, 6.0)
-    assert drawn["medical"] == ["3", "[0,", "6]"]  # nothing to clamp, so no *
+    assert medical.value == 3 and medical.lower < 0 < medical.upper
+    # The lower end is raised to 0, the value is not: clamped, so marked *.
+    assert drawn["medical"] == ["3", "[0,", f"{medical.upper:g}]", "*"]
     assert stats_render.CLAMP_NOTE in charted
     shown = json.loads(ok(run(broker, "show", "--period", "2026-07", "-f", "json")).stdout_bytes)
     assert shown["cells"][0]["value"] == -90 and shown["cells"][MEDICAL_UNMET]["upper"] == (
