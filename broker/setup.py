@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,13 @@ def init_broker(spec: BrokerInit) -> Settings:
     open_database(settings.effective_database_url).dispose()
     operator = crypto.Identity.generate()
     broker_identity.add_operator(
-        home, Operator(spec.operator_name, BrokerRole.OPERATOR, operator.public.signing_key)
+        home,
+        Operator(
+            spec.operator_name,
+            BrokerRole.OPERATOR,
+            operator.public.signing_key,
+            added_at=dt.datetime.now(dt.UTC).replace(microsecond=0),
+        ),
     )
     credential.write(
         home,

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cli import context
+from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
 
 app = typer.Typer(no_args_is_help=True)
+coordinator_app = typer.Typer(
+    no_args_is_help=True, help="Issue, list and withdraw regional coordinators' credentials."
+)
+app.add_typer(coordinator_app, name="coordinator")
 
 
 @app.command("init")
@@ -99,3 +105,78 @@ def revoke(
     with OperatorClient(context.get(ctx).home) as client:
         client.revoke(agency, reason)
     typer.echo(f"Revoked {agency}; its key is refused from now on.")
+
+
+@coordinator_app.command("add")
+def coordinator_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The coordinator's name, e.g. north-coordinator.")],
+    out_home: Annotated[
+        Path,
+        typer.Option(
+            help="New folder for the coordinator's credential (their --home).", file_okay=False
+        ),
+    ],
+    address: Annotated[
+        str,
+        typer.Option(
+            help="host:port the coordinator reaches the broker at (default: where it runs now)."
+        ),
+    ] = "",
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Issue a coordinator credential: a new key pair in OUT_HOME, its public key listed here.
+
+    The coordinator then opens rounds and reads releases with `tessera --home OUT_HOME stats ...`.
+
+    \b
+    Example:
+      tessera broker coordinator add north-coordinator --out-home /media/usb/north-coordinator
+    """
+    from broker.coordinators import add_coordinator, person_row
+    from tessera import config
+
+    cli = context.get(ctx)
+    issued = add_coordinator(config.load(cli.home, cli.environ), name, out_home, address)
+    render_one(
+        {**person_row(issued.operator), "home": str(issued.home), "broker": issued.broker_address},
+        fmt,
+        title="coordinator added",
+    )
+    if fmt is OutputFormat.TABLE:
+        typer.echo(f"They can now use the broker with: tessera --home {issued.home} stats ...")
+
+
+@coordinator_app.command("list")
+def coordinator_list(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
+    """List everyone in the broker's operators.json: operators and coordinators.
+
+    \b
+    Example:
+      tessera broker coordinator list --format json
+    """
+    from broker.coordinators import list_people, person_row
+    from tessera import config
+
+    cli = context.get(ctx)
+    rows = [person_row(o) for o in list_people(config.load(cli.home, cli.environ))]
+    render(rows, fmt, columns=["name", "role", "signing_key", "added_at"], title="operators.json")
+
+
+@coordinator_app.command("remove")
+def coordinator_remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The coordinator to withdraw.")],
+) -> None:
+    """Withdraw a coordinator: the broker refuses their credential from the next request on.
+
+    \b
+    Example:
+      tessera broker coordinator remove north-coordinator
+    """
+    from broker.coordinators import remove_coordinator
+    from tessera import config
+
+    cli = context.get(ctx)
+    removed = remove_coordinator(config.load(cli.home, cli.environ), name)
+    typer.echo(f"Removed coordinator {removed.name}; their credential is refused from now on.")

@@ -89,13 +89,18 @@ def read(home: Path) -> Credential:
 def resolve_address(home: Path, credential: Credential) -> str:
     """Where the node listens: the address a running node recorded in this home, else the
     credential's."""
+    return recorded_address(home) or credential.node_address
+
+
+def recorded_address(home: Path) -> str | None:
+    """The address a server running from ``home`` recorded in its run file, if there is one."""
     run_file = home / RUN_FILE
     if run_file.exists():
         try:
             return str(json.loads(run_file.read_text())["address"])
         except (OSError, ValueError, KeyError):
             pass
-    return credential.node_address
+    return None
 
 
 def reachable_address(listen: str, port: int) -> str:
