@@ -384,3 +384,34 @@ def test_pair_masks_refuse_bad_participant_lists() -> None:
         dp.pair_masks(identities[0], 0, list(reversed(listed)), "r", 1, 4)
     with pytest.raises(InvalidInput):
         dp.pair_masks(identities[0], 1, listed, "r", 1, 4)
+
+
+def _gaussian_sigma(sensitivity_l2: float, epsilon: float, delta: float) -> float:
+    """OpenDP: the least Gaussian scale whose zCDP, converted to (ε, δ), meets the target."""
+    import opendp.prelude as odp
+    from opendp.mod import binary_search_param
+
+    odp.enable_features("contrib")
+    domain = odp.vector_domain(odp.atom_domain(T=float, nan=False))
+    metric = odp.l2_distance(T=float)
+
+    def measurement(scale: float) -> object:
+        gaussian = odp.m.make_gaussian(domain, metric, scale=scale)
+        return odp.c.make_fix_delta(odp.c.make_zCDP_to_approxDP(gaussian), delta)
+
+    return float(binary_search_param(measurement, d_in=sensitivity_l2, d_out=(epsilon, delta)))
+
+
+def test_l1_noise_beats_an_l2_design_at_the_default_bound() -> None:
+    """docs/privacy.md's choice, computed: with bound k a record moves k cells by 1, so L1 = k
+    and L2 = √k. At the table's ε (0.8 of a round of ε = 1) the discrete Laplace of scale k / ε
+    has less noise than the Gaussian that OpenDP calibrates to (ε, δ = 1e-6) for L2 = √k while
+    k ≤ 9; from k = 10 the Gaussian would win. The default bound is 6."""
+    epsilon, delta = 0.8, 1e-6
+
+    def laplace_sd(k: int) -> float:
+        return math.sqrt(dp.noise_variance(1, 1, dp.scale_for(epsilon, k)))
+
+    ratios = {k: laplace_sd(k) / _gaussian_sigma(math.sqrt(k), epsilon, delta) for k in (6, 9, 10)}
+    assert ratios[dp.DEFAULT_BOUND] < 0.8  # about 0.78: 22% less noise
+    assert ratios[9] < 1 < ratios[10] + 0.01  # the crossover
