@@ -62,7 +62,7 @@ import numpy as np
 from bench.common import Figure
 from bench.relay import ServerProcess, broker_process, make_broker_home
 from broker.stats import round_noise_of
-from node.stats import round_digest, spec_from_pb
+from node.stats import round_digest, spec_from_pb, spec_to_pb
 from tessera import credential, crypto, directory, dp, rpc
 from tessera.config import Limits
 from tessera.v1 import common_pb2 as common_pb
@@ -313,6 +313,9 @@ async def run_round(setup: Setup, kind: str, n: int) -> RoundResult:
             mode=mode,
             epsilon=EPSILON,
             idempotency_key=str(uuid.uuid4()),
+            # The default bound, asked for: every round compares at the same sensitivity (left to
+            # the broker, a histogram bin that noise lifts would raise the next round's bound).
+            table=spec_to_pb(dp.default_needs_table(dp.DEFAULT_BOUND)),
         ),
         timeout=CALL_TIMEOUT,
     )
