@@ -166,6 +166,8 @@ def _round_dict(round_: Any, state: str, submitted: list[str], release_id: str) 
         "threshold": round_.threshold,
         "mode": mode_name(round_.mode),
         "epsilon": round_.epsilon,
+        "contribution_bound": round_.table.contribution_bound,
+        "bound_basis": round_.bound_basis,
         "release_id": release_id,
     }
 
@@ -209,11 +211,23 @@ def open_round(
     participants: Annotated[
         str, typer.Option(help="Comma-separated agency ids; empty means every enrolled agency.")
     ] = "",
-    threshold: Annotated[int, typer.Option(help="Least participants giving the full noise.")] = 2,
+    threshold: Annotated[
+        int,
+        typer.Option(
+            help="Least participants giving the full noise; 0: the broker's default, the least"
+            " keeping the error within 1.2x of central (docs/privacy.md)."
+        ),
+    ] = 0,
     local_noise: Annotated[
         bool, typer.Option("--local-noise", help="Each node adds the full noise (baseline).")
     ] = False,
-    bound: Annotated[int, typer.Option(help="Most cells one survivor may add to.")] = 1,
+    bound: Annotated[
+        int,
+        typer.Option(
+            help="Most cells one survivor may add to; 0: sized by the broker from the newest"
+            " release's histogram, else 6."
+        ),
+    ] = 0,
     region: Annotated[str, typer.Option(help="Default: the broker's region.")] = "",
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
@@ -222,7 +236,7 @@ def open_round(
     \b
     Example:
       tessera stats round open --period 2026-10 --epsilon 0.5 \\
-        --participants harbour-shelter,lighthouse-clinic,northside-legal --threshold 2
+        --participants harbour-shelter,lighthouse-clinic,northside-legal
     """
     from node import stats
     from tessera import dp
@@ -230,7 +244,10 @@ def open_round(
 
     if table not in _TABLES:
         raise InvalidInput(f"unknown table {table!r}", hint=f"choose one of {', '.join(_TABLES)}")
-    spec = stats.spec_to_pb(dp.default_needs_table(bound))
+    if bound < 0 or threshold < 0:
+        raise InvalidInput("--bound and --threshold take 0 (the broker's choice) or more")
+    spec = stats.spec_to_pb(dp.default_needs_table())
+    spec.contribution_bound = bound  # 0 asks the broker to size it
     chosen = [p.strip() for p in participants.split(",") if p.strip()]
     with StatsClient(context.get(ctx).home) as client:
         opened = client.open_round(spec, region, period, chosen, threshold, epsilon, local_noise)
