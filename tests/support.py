@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -181,3 +184,19 @@ def enrolled_node(
         code = operator.enrolment_code(agency_id, 1)
     directory_sync.enrol(home, identity, code, settings.name, list(services))
     return settings
+
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
+    """``probe()`` once it returns something truthy; AssertionError naming ``what`` after
+    ``timeout`` seconds (servers work in the background: wait on what they store, not sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
