@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli import context
+from cli import context, stats_rounds
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
 from cli.stats_render import (
     CATEGORY_DIMENSION,
@@ -127,15 +127,65 @@ class StatsClient:
         return _round_dict(round_, "open", [], "")
 
     def round_status(self, round_id: str) -> dict[str, Any]:
-        from tessera import crypto
         from tessera.v1 import stats_pb2 as stats_pb
 
         reply = self._call(self._stub.GetRound, stats_pb.GetRoundRequest(round_id=round_id))
-        status = reply.round
+        return self.status_dict(reply.round)
+
+    def status_dict(self, status: Any) -> dict[str, Any]:
+        """A RoundStatus for the CLI, its signed Round verified: the round, who submitted, who
+        declined (agency, reason, when) and, once abandoned, why it was cancelled."""
+        from tessera import crypto
+        from tessera.timestamps import to_datetime
+        from tessera.v1 import stats_pb2 as stats_pb
+
         round_ = self._open_blob(status.round, crypto.LABEL_ROUND, stats_pb.Round())
+        declines = [
+            {
+                "agency_id": d.agency_id,
+                "reason": d.reason,
+                "declined_at": to_datetime(d.declined_at).isoformat(),
+            }
+            for d in status.declines
+        ]
         return _round_dict(
-            round_, _STATES.get(status.state, "?"), list(status.submitted), status.release_id
+            round_,
+            _STATES.get(status.state, "?"),
+            list(status.submitted),
+            status.release_id,
+            declines=declines,
+            cancel_reason=status.cancel_reason,
         )
+
+    def restart(self, round_id: str, attempt: int, drop: list[str], reason: str) -> dict[str, Any]:
+        """Abandon ``attempt`` (it must still be the current one) and open the next without
+        ``drop``; the new attempt, verified."""
+        from tessera.v1 import stats_pb2 as stats_pb
+
+        request = stats_pb.RestartRoundRequest(
+            round_id=round_id, attempt=attempt, drop_participants=drop, reason=reason
+        )
+        return self.status_dict(self._call(self._stub.RestartRound, request).round)
+
+    def cancel(self, round_id: str, reason: str) -> dict[str, Any]:
+        """Give up an open round; it as it now stands (abandoned), verified."""
+        from tessera.v1 import stats_pb2 as stats_pb
+
+        request = stats_pb.CancelRoundRequest(round_id=round_id, reason=reason)
+        return self.status_dict(self._call(self._stub.CancelRound, request).round)
+
+    def rounds(self, state: int, period: str) -> list[dict[str, Any]]:
+        """Every round in ``state`` (0: any) and ``period`` ("": any), newest first, verified."""
+        from tessera.v1 import stats_pb2 as stats_pb
+
+        out: list[dict[str, Any]] = []
+        request = stats_pb.ListRoundsRequest(state=state, period=period)  # type: ignore[arg-type]
+        while True:
+            reply = self._call(self._stub.ListRounds, request)
+            out.extend(self.status_dict(status) for status in reply.rounds)
+            if not reply.next_page_token:
+                return out
+            request.page_token = reply.next_page_token
 
     def releases(self, period: str) -> list[Any]:
         """Broker-signed releases for the period, newest first, verified and parsed."""
@@ -153,7 +203,15 @@ class StatsClient:
             request.page_token = reply.next_page_token
 
 
-def _round_dict(round_: Any, state: str, submitted: list[str], release_id: str) -> dict[str, Any]:
+def _round_dict(
+    round_: Any,
+    state: str,
+    submitted: list[str],
+    release_id: str,
+    *,
+    declines: list[dict[str, Any]] | None = None,
+    cancel_reason: str = "",
+) -> dict[str, Any]:
     return {
         "round_id": round_.round_id,
         "attempt": round_.attempt,
@@ -169,7 +227,7 @@ def _round_dict(round_: Any, state: str, submitted: list[str], release_id: str) 
         "contribution_bound": round_.table.contribution_bound,
         "bound_basis": round_.bound_basis,
         "release_id": release_id,
-    }
+    } | ({} if declines is None else {"declines": declines, "cancel_reason": cancel_reason})
 
 
 @app.command("budget")
@@ -260,14 +318,18 @@ def round_status(
     round_id: Annotated[str, typer.Argument(help="The round's id.")],
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Show a round's current attempt and who has submitted.
+    """Show a round's current attempt, who has submitted, who declined and why, and the reason
+    it was cancelled if it was.
 
     \b
     Example:
       tessera stats round status 0f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a
     """
     with StatsClient(context.get(ctx).home) as client:
-        render_one(client.round_status(round_id), fmt, title="round")
+        stats_rounds.show_round(client.round_status(round_id), fmt, title="round")
+
+
+stats_rounds.register(round_app)  # round restart, cancel, list
 
 
 def _latest_release(client: StatsClient, region: str, period: str) -> Any:
