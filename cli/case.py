@@ -391,7 +391,7 @@ def _row_line(outcome: Any) -> str:
     """One line of an import's report: what was done with the row, and why."""
     matched = ", ".join(f"case {c}" for c in outcome.matched_cases)
     if outcome.matched_row:
-        matched += f" (added from row {outcome.matched_row})"
+        matched += f", added from row {outcome.matched_row}"
     text = _ROW_LINES[outcome.action.value].format(
         case=outcome.case_id,
         changed=", ".join(outcome.changed_fields),
