@@ -41,6 +41,9 @@ from node.domain import DuplicatePolicy, MatchRule, RowAction, RowOutcome
 #: HTCDS v2.0 has no case identifier field).
 CASE_ID_COLUMN = "tessera_case_id"
 
+#: The field whose two different values make two people (rule 2a's veto).
+BIRTHDATE = "prs_Birthdate"
+
 # Strongest first: when a row matches a case in several ways, the report names the first.
 _STRENGTH = {rule: rank for rank, rule in enumerate(MatchRule)}
 
@@ -177,7 +180,13 @@ class _Targets:
 
     def matching(self, row: IncomingRow) -> list[tuple[Target, MatchRule]]:
         found = []
+        born = row.identity.birthdate
         for target in self._by_name.get(row.identity.name or "", ()):
+            recorded = target.fields.get(BIRTHDATE)
+            if born and recorded and born != recorded:
+                # Rule 2a's veto holds against the case as a whole, not only against each
+                # record matched to it: a sparse row matched earlier cannot let it through.
+                continue
             rules = [
                 rule
                 for identity, fields in target.records

@@ -389,6 +389,16 @@ def test_the_matching_rule(nodes: NodeFactory, db_url: str) -> None:
     assert verdict(_person(prs_HomePhone="+1-202-555-0142")) == (skipped, MatchRule.NAME_AND_PHONE)
     # Same name, different birthdates: two people, even with the same shared phone.
     assert verdict(_person(prs_Birthdate="1990-01-01", prs_MobilePhone="+1-202-555-0142")) == added
+    # A row matched to the case earlier in the same file cannot carry a different birthdate in:
+    # the second row shares the first one's email, but its birthdate is not the case's.
+    sparse = _person(prs_Email="mirelka@example.org")
+    two = [(2, sparse), (3, {**sparse, "prs_Birthdate": "1985-03-03"})]
+    outcome = imports.import_cases(node.store, "admin", two, DuplicatePolicy.SKIP).rows
+    assert [(o.action, o.matched_cases) for o in outcome] == [
+        (RowAction.SKIPPED, (case_id,)),
+        (RowAction.ADDED, ()),
+    ]
+    node.store.erase_case("admin", outcome[1].case_id)
     # A name alone with something new, or an email or a phone without the name: not enough.
     assert verdict(_person(prs_Gender="Feminine")) == added
     assert verdict({"prs_FirstName": "Ana", "prs_Email": "mirelka@example.org"}) == added

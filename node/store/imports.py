@@ -27,6 +27,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from node.dedup import (
+    BIRTHDATE,
     CASE_ID_COLUMN,
     Identity,
     IncomingRow,
@@ -75,7 +76,7 @@ def identity(store: NodeStore, fields: Mapping[str, str]) -> Identity:
         name=next(iter(digests["name"]), None),
         emails=frozenset(digests["email"]),
         phones=frozenset(digests["phone"]),
-        birthdate=fields.get("prs_Birthdate") or None,
+        birthdate=fields.get(BIRTHDATE) or None,
     )
 
 
