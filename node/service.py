@@ -24,9 +24,11 @@ import grpc.aio
 import tessera
 from node import backup, directory_sync, envelopes, htcds, serde, stats
 from node import consent as consent_mod
-from node.domain import CaseState, StaffRole
+from node.dedup import CASE_ID_COLUMN
+from node.domain import CaseState, DuplicatePolicy, StaffRole
 from node.envelopes import DeclineReason, ReferralStatus
 from node.keyring import KekSpec, Keyring, rotate
+from node.store import imports
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase, NodeStore
 from node.store.referrals import (
@@ -233,9 +235,13 @@ class NodeServicer(node_grpc.NodeServicer):
         self, request: node_pb.EraseCaseRequest, context: Context
     ) -> node_pb.EraseCaseResponse:
         case_id = _case_id(request.case_id)
+        # Found before the erasure takes the case's identifiers with it; named, never erased.
+        others = await _run(imports.same_survivor_cases, self._store, case_id)
         await _run(self._store.erase_case, _actor(), case_id)
         return node_pb.EraseCaseResponse(
-            case_id=case_id, erased_at=serde.timestamp(dt.datetime.now(dt.UTC))
+            case_id=case_id,
+            erased_at=serde.timestamp(dt.datetime.now(dt.UTC)),
+            same_survivor_case_ids=others,
         )
 
     async def SetNeed(
@@ -263,6 +269,7 @@ class NodeServicer(node_grpc.NodeServicer):
         )
         if suffix is None:
             raise InvalidInput("the file format is required", hint="csv or xlsx")
+        policy = serde.duplicate_policy(request.on_duplicate)
         events: asyncio.Queue[node_pb.ImportCasesEvent | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -270,7 +277,9 @@ class NodeServicer(node_grpc.NodeServicer):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         actor = _actor()
-        job = asyncio.ensure_future(asyncio.to_thread(self._import, actor, request, suffix, emit))
+        job = asyncio.ensure_future(
+            asyncio.to_thread(self._import, actor, request, suffix, policy, emit)
+        )
         job.add_done_callback(lambda _f: emit(None))
         while (event := await events.get()) is not None:
             yield event
@@ -282,6 +291,7 @@ class NodeServicer(node_grpc.NodeServicer):
         actor: str,
         request: node_pb.ImportCasesRequest,
         suffix: str,
+        policy: DuplicatePolicy,
         emit: Callable[[node_pb.ImportCasesEvent | None], None],
     ) -> node_pb.ImportResult:
         def progress(checked: int = 0, written: int = 0, total: int = 0) -> None:
@@ -306,17 +316,21 @@ class NodeServicer(node_grpc.NodeServicer):
         if report.bad and not request.skip_bad_rows:
             return node_pb.ImportResult(imported=0, rejected=len(report.bad), problems=problems)
         progress(report.rows, 0, report.rows)
-        cases = [NewCase(fields=values) for _n, values in report.good]
-        ids = self._store.create_cases(
+        outcome = imports.import_cases(
+            self._store,
             actor,
-            cases,
-            action="cases.import",
+            report.good,
+            policy,
             detail={"file": request.file_name[:200], "rejected": len(report.bad)},
             on_progress=lambda written: progress(report.rows, written, report.rows),
             idempotency_key=request.idempotency_key[:128],
         )
         return node_pb.ImportResult(
-            imported=len(ids), rejected=len(report.bad), problems=problems, case_ids=ids
+            imported=len(outcome.case_ids),
+            rejected=len(report.bad),
+            problems=problems,
+            case_ids=outcome.case_ids,
+            rows=[serde.row_outcome_pb(o) for o in outcome.rows],
         )
 
     async def ExportCases(
@@ -334,11 +348,11 @@ class NodeServicer(node_grpc.NodeServicer):
 
         def produce() -> tuple[bytes, int]:
             records = [
-                {**case.fields, "tessera_case_id": case.case_id}
+                {**case.fields, CASE_ID_COLUMN: case.case_id}
                 for case in self._store.export_cases(actor, state)
             ]
             with self._scratch_file(b"", suffix) as path:
-                write(path, records, ("tessera_case_id",))
+                write(path, records, (CASE_ID_COLUMN,))
                 return path.read_bytes(), len(records)
 
         content, total = await _run(produce)
