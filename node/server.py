@@ -85,7 +85,7 @@ async def start_node(
     relay worker once the link is there.
     """
     keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
-    engine = await asyncio.to_thread(open_database, settings.effective_database_url)
+    engine = await asyncio.to_thread(open_database, settings.effective_database_url, keyring)
     # A restore killed halfway is finished before anything reads a case (node.backup).
     await asyncio.to_thread(finish_interrupted_restore, settings.home, engine, keyring)
     store = NodeStore(engine, keyring, settings.home)

@@ -59,7 +59,7 @@ def init_node(spec: NodeInit, passphrase: str | None) -> Settings:
     kek_spec = keyring.new_kek_spec(spec.kek_source, spec.argon2, spec.key_file)
     ring = keyring.create(home, kek_spec, passphrase)
     tls.create_self_signed(settings.cert_path, settings.key_path, spec.name)
-    engine = open_database(settings.effective_database_url)
+    engine = open_database(settings.effective_database_url, ring)
     try:
         admin = crypto.Identity.generate()
         NodeStore(engine, ring, home).add_staff(
