@@ -18,7 +18,7 @@ from node.client import NodeClient
 from node.htcds import NeedCategory
 from node.store.tables import IncomingReferralRow, OutboxRow
 from tessera.errors import Refused
-from tests.support import BackgroundBroker, BackgroundNode, enrolled_node, make_broker
+from tests.support import BackgroundBroker, BackgroundNode, enrolled_node, make_broker, unlock
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ class Net:
     nodes: dict[str, BackgroundNode]
 
     def client(self, agency_id: str) -> NodeClient:
-        return NodeClient(self.nodes[agency_id].settings.home)
+        return NodeClient(self.nodes[agency_id].settings.home, unlock=unlock)
 
 
 @pytest.fixture(scope="module")

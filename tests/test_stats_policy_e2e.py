@@ -23,7 +23,14 @@ from tessera import dp
 from tessera.config import StatsPolicy
 from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import stats_pb2 as stats_pb
-from tests.support import PASSPHRASE, BackgroundBroker, BackgroundNode, enrolled_node, make_broker
+from tests.support import (
+    PASSPHRASE,
+    BackgroundBroker,
+    BackgroundNode,
+    enrolled_node,
+    make_broker,
+    unlock,
+)
 
 T = TypeVar("T")
 IDS = ["node-a", "node-b", "node-c"]
@@ -55,7 +62,7 @@ def test_a_node_refuses_a_threshold_below_its_own_and_the_coordinator_sees_why(
         strict = dataclasses.replace(settings[0], stats=StatsPolicy(min_threshold=3))
         running = [BackgroundNode(s) for s in (strict, *settings[1:])]
         for s in settings:
-            with NodeClient(s.home) as client:
+            with NodeClient(s.home, unlock=unlock) as client:
                 client.create_case(
                     {"prs_FirstName": "X"}, "", [(NeedCategory.MEDICAL, NeedStatus.UNMET)]
                 )
@@ -84,10 +91,10 @@ def test_a_node_refuses_a_threshold_below_its_own_and_the_coordinator_sees_why(
         assert release.participants == 2 and release.attempt == 2
         assert release.table.contribution_bound == dp.DEFAULT_BOUND
         # The refusing node spent nothing and audited why; the others paid for both attempts.
-        with NodeClient(settings[0].home) as client:
+        with NodeClient(settings[0].home, unlock=unlock) as client:
             (ledger,) = client.budget(period)
         assert ledger["spent"] == 0.0 and ledger["charges"] == []
-        with NodeClient(settings[1].home) as client:
+        with NodeClient(settings[1].home, unlock=unlock) as client:
             (ledger,) = client.budget(period)
         assert ledger["spent"] == 2.0
         assert [c["attempt"] for c in ledger["charges"]] == [1, 2]
