@@ -158,7 +158,7 @@ def rotate_kek(
       tessera node rotate-kek --key-file /media/usb/harbour-shelter.key
     """
     from node.keyring import KEYRING_FILE
-    from tessera import credential
+    from tessera import credential, passphrases
 
     cli = context.get(ctx)
     new_pass = None
@@ -166,8 +166,11 @@ def rotate_kek(
         new_pass = cli.new_passphrase("new node passphrase")
     new_key_file = key_file.resolve() if key_file else None
     with cli.node_client() as client:
-        count = client.rotate_kek(new_pass, new_key_file)
         held = client.credential
+        if new_pass is not None:
+            # As the credential re-lock below will check it: refused before anything changes.
+            passphrases.require_strong(new_pass, context=(held.name,), what="node passphrase")
+        count = client.rotate_kek(new_pass, new_key_file)
     typer.echo(f"Key-encryption key replaced; {count} keys re-wrapped, no record re-encrypted.")
     if (cli.home / KEYRING_FILE).exists():
         # In the node's home the administrator's credential follows the node's KEK.
