@@ -47,9 +47,7 @@ def _parse_fields(pairs: list[str] | None, from_json: Path | None) -> dict[str, 
 
 
 def _client(ctx: typer.Context) -> Any:
-    from node.client import NodeClient
-
-    return NodeClient(context.get(ctx).home)
+    return context.get(ctx).node_client()
 
 
 def _show(case: dict[str, Any], fmt: OutputFormat) -> None:

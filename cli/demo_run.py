@@ -291,6 +291,7 @@ def _node_operations(
             node_address=shelter.address,
             node_certificate=(homes["harbour-shelter"] / "tls" / "server.crt").read_bytes(),
         ),
+        credential.KeyFileLock(directory / "caseworker.key"),
     )
     with NodeClient(directory / "caseworker") as ana:
         try:

@@ -242,9 +242,7 @@ def budget(
     Example:
       tessera stats budget --period 2026-10
     """
-    from node.client import NodeClient
-
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         periods = client.budget(period)
     if fmt is OutputFormat.JSON:
         sys.stdout.write(json.dumps(periods, indent=2, default=str) + "\n")

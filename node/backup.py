@@ -38,6 +38,7 @@ from node import keyring as keyring_mod
 from node.keyring import Keyring
 from node.store.budget import BudgetStore
 from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
+from node.store.needs import seal_clear_rows
 from node.store.referrals import ReferralStore
 from node.store.tables import (
     AuditHeadRow,
@@ -209,11 +210,31 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
         for table in _TABLES:
             sa_table = _table(table)
             rows = [_decode_row(table, r) for r in snapshot.get(sa_table.name, [])]
+            if table is NeedRow and rows and "ciphertext" not in rows[0]:
+                rows = _seal_clear_needs(rows, snapshot, keyring)
             if rows:
                 conn.execute(insert(sa_table), rows)
         if conn.dialect.name == "postgresql":
             _advance_sequences(conn)
     return _reapply(home, engine, keyring)
+
+
+def _seal_clear_needs(
+    rows: list[dict[str, Any]], snapshot: dict[str, Any], keyring: Keyring
+) -> list[dict[str, Any]]:
+    # A backup taken before need records were sealed (schema 0004) holds them in clear: seal
+    # them under each survivor's key on the way in, as the upgrade did (node.store.needs).
+    from node.store.cases import _key_context
+
+    wrapped = {
+        r["case_id"]: base64.b64decode(r["wrapped_key"]["b64"])
+        for r in snapshot.get("case_record", [])
+    }
+
+    def data_key_of(case_id: str) -> crypto.DataKey:
+        return crypto.unwrap_key(keyring.record_key, wrapped[case_id], _key_context(case_id))
+
+    return seal_clear_rows(rows, data_key_of)
 
 
 def finish_interrupted_restore(home: Path, engine: Engine, keyring: Keyring) -> int | None:

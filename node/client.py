@@ -35,8 +35,11 @@ _FORMATS = {"csv": node_pb.FILE_FORMAT_CSV, "xlsx": node_pb.FILE_FORMAT_XLSX}
 class NodeClient:
     """A staff member's connection to their node."""
 
-    def __init__(self, home: Path, limits: Limits | None = None) -> None:
-        self._credential = credential.read(home)
+    def __init__(
+        self, home: Path, limits: Limits | None = None, unlock: credential.Unlock | None = None
+    ) -> None:
+        # ``unlock()`` gives the credential's passphrase, asked only if it is locked by one.
+        self._credential = credential.read(home, unlock)
         self._limits = limits or Limits()
         self.address = credential.resolve_address(home, self._credential)
         self._channel = rpc.open_channel(
@@ -46,6 +49,11 @@ class NodeClient:
             self._limits.max_message_bytes,
         )
         self._stub = node_grpc.NodeStub(self._channel)
+
+    @property
+    def credential(self) -> credential.Credential:
+        """The staff credential this client signs with (unlocked)."""
+        return self._credential
 
     def close(self) -> None:
         """Close the channel."""

@@ -24,7 +24,7 @@ from node.store.database import open_database
 from node.store.referrals import ReferralStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
-from tessera.credential import RUN_FILE
+from tessera.credential import RUN_FILE, RunLock, hold_serving_lock
 from tessera.db import database_answers
 from tessera.logs import fields
 from tessera.v1 import node_pb2 as node_pb
@@ -49,6 +49,7 @@ class RunningNode:
     relay: RelayWorker | None = None
     metrics: metrics.MetricsServer | None = None
     _enrolment_task: asyncio.Task[None] | None = None
+    run_lock: RunLock | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving and relaying, close the database, forget the run file."""
@@ -69,6 +70,9 @@ class RunningNode:
             self.metrics = None
         self.store.engine.dispose()
         (self.settings.home / RUN_FILE).unlink(missing_ok=True)
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
 
 async def start_node(
@@ -84,8 +88,23 @@ async def start_node(
     not yet enrolled looks for its broker link every ``enrolment_poll`` seconds and starts its
     relay worker once the link is there.
     """
+    # Held for as long as this node serves (the kernel drops it if the process dies): it tells
+    # `node restore` whether a node really serves here, and keeps one from starting mid-restore.
+    run_lock = hold_serving_lock(settings.home)
+    try:
+        running = await _start(settings, passphrase, health_interval, enrolment_poll)
+    except BaseException:
+        run_lock.release()
+        raise
+    running.run_lock = run_lock
+    return running
+
+
+async def _start(
+    settings: Settings, passphrase: str | None, health_interval: float, enrolment_poll: float
+) -> RunningNode:
     keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
-    engine = await asyncio.to_thread(open_database, settings.effective_database_url)
+    engine = await asyncio.to_thread(open_database, settings.effective_database_url, keyring)
     # A restore killed halfway is finished before anything reads a case (node.backup).
     await asyncio.to_thread(finish_interrupted_restore, settings.home, engine, keyring)
     store = NodeStore(engine, keyring, settings.home)

@@ -422,8 +422,6 @@ class NodeServicer(node_grpc.NodeServicer):
 
         which = request.WhichOneof("new_key")
         if which == "new_passphrase":
-            if len(request.new_passphrase) < 8:
-                raise InvalidInput("the new passphrase is shorter than 8 characters")
             spec: KekSpec = new_kek_spec(KekSource.PASSPHRASE, self._settings.argon2, None)
             secret: str | None = request.new_passphrase
         elif which == "new_key_file":
@@ -433,7 +431,9 @@ class NodeServicer(node_grpc.NodeServicer):
             secret = None
         else:
             raise InvalidInput("give a new passphrase or a new key file")
-        await _run(rotate, self._settings.home, self._keyring, spec, secret)
+        # A weak new passphrase is refused there (tessera.passphrases), before anything changes.
+        words = (self._settings.name, self._settings.region)
+        await _run(rotate, self._settings.home, self._keyring, spec, secret, words)
         await _run(
             self._store.audit, _actor(), "keys.rotate_kek", None, {"source": spec.source.value}
         )

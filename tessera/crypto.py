@@ -69,6 +69,7 @@ LABEL_ROUND = b"tessera/v1/round"  # broker-signed aggregation round announcemen
 LABEL_RELEASE = b"tessera/v1/release"  # broker-signed statistics releases (section 7)
 LABEL_AUDIT = b"tessera/v1/audit"  # hash chain of the disclosure log (section 6)
 LABEL_BLIND_INDEX = b"tessera/v1/blind-index"  # derive_key label for the blind-index key
+LABEL_NEED_INDEX = b"tessera/v1/need-index"  # derive_key label: a case's own need-row key
 
 # Internal labels: never needed by callers.
 _LABEL_SEED_SIGNING = b"tessera/v1/seed/ed25519"

@@ -584,8 +584,13 @@ class CredentialClient:
     manager exist once.
     """
 
-    def __init__(self, home: Path, limits_bytes: int = 64 * 1024 * 1024) -> None:
-        held = credential.read(home)
+    def __init__(
+        self,
+        home: Path,
+        limits_bytes: int = 64 * 1024 * 1024,
+        unlock: credential.Unlock | None = None,
+    ) -> None:
+        held = credential.read(home, unlock)
         self.address = credential.resolve_address(home, held)
         self.certificate = held.node_certificate
         self.channel = open_channel(

@@ -21,6 +21,13 @@ from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
 
 PASSPHRASE = "a long test passphrase"
+CASEWORKER_PASSPHRASE = "ledger orchid tramline quiet"
+
+
+def unlock() -> str:
+    """The passphrase that opens the administrator's credential in a node home made here (the
+    node's own, as ``node init`` locks it)."""
+    return PASSPHRASE
 
 
 def make_node(home: Path, name: str = "Harbour Shelter", database_url: str = "") -> Settings:

@@ -23,6 +23,7 @@ from tests.support import (
     BackgroundNode,
     enrolled_node,
     make_broker,
+    unlock,
     wait_for,
 )
 
@@ -46,7 +47,7 @@ class Net:
     nodes: dict[str, BackgroundNode]
 
     def client(self, agency_id: str) -> NodeClient:
-        return NodeClient(self.nodes[agency_id].settings.home)
+        return NodeClient(self.nodes[agency_id].settings.home, unlock=unlock)
 
 
 @pytest.fixture(scope="module")

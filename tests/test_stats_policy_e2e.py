@@ -28,6 +28,7 @@ from tests.support import (
     enrolled_node,
     make_broker,
     wait_for,
+    unlock,
 )
 
 T = TypeVar("T")
@@ -50,7 +51,7 @@ def test_a_node_refuses_a_threshold_below_its_own_and_the_coordinator_sees_why(
         strict = dataclasses.replace(settings[0], stats=StatsPolicy(min_threshold=3))
         running = [BackgroundNode(s) for s in (strict, *settings[1:])]
         for s in settings:
-            with NodeClient(s.home) as client:
+            with NodeClient(s.home, unlock=unlock) as client:
                 client.create_case(
                     {"prs_FirstName": "X"}, "", [(NeedCategory.MEDICAL, NeedStatus.UNMET)]
                 )
@@ -83,10 +84,10 @@ def test_a_node_refuses_a_threshold_below_its_own_and_the_coordinator_sees_why(
         assert release.participants == 2 and release.attempt == 2
         assert release.table.contribution_bound == dp.DEFAULT_BOUND
         # The refusing node spent nothing and audited why; the others paid for both attempts.
-        with NodeClient(settings[0].home) as client:
+        with NodeClient(settings[0].home, unlock=unlock) as client:
             (ledger,) = client.budget(period)
         assert ledger["spent"] == 0.0 and ledger["charges"] == []
-        with NodeClient(settings[1].home) as client:
+        with NodeClient(settings[1].home, unlock=unlock) as client:
             (ledger,) = client.budget(period)
         assert ledger["spent"] == 1.0  # 0.5 for each attempt: a restart is a second noisy view
         assert [c["attempt"] for c in ledger["charges"]] == [1, 2]
