@@ -27,8 +27,8 @@ from tests.support import (
     BackgroundNode,
     enrolled_node,
     make_broker,
-    wait_for,
     unlock,
+    wait_for,
 )
 
 T = TypeVar("T")
