@@ -37,7 +37,7 @@ from tests.nodefixtures import (
     flip_byte,
     nodes_fixture,  # noqa: F401  (fixture)
 )
-from tests.support import BackgroundNode, make_node
+from tests.support import BackgroundNode, make_node, unlock
 from tests.test_node_cli import tessera
 
 TEMPLATE = Path(__file__).parent / "data" / "htcds_v2_template.xlsx"
@@ -54,7 +54,7 @@ def node(tmp_path: Path, db_url: str) -> Iterator[BackgroundNode]:
 
 @pytest.fixture
 def admin(node: BackgroundNode) -> Iterator[NodeClient]:
-    with NodeClient(node.settings.home) as client:
+    with NodeClient(node.settings.home, unlock=unlock) as client:
         yield client
 
 
