@@ -3,9 +3,9 @@
 A coordinator's tools for a round that is not going to finish as opened (DESIGN.md section 7,
 docs/statistics.md "The round lifecycle"): see who declined and why (``round status``), restart
 the current attempt without the participants that declined or never submitted, or give the round
-up. They talk to the broker's Stats service through :class:`cli.stats.StatsClient`, which checks
-the broker's signature on every round before it is shown. :func:`register` adds the commands to
-``tessera stats round``.
+up. They talk to the broker's Stats service through :class:`cli.stats_client.StatsClient`, which
+checks the broker's signature on every round before it is shown. :func:`register` adds the
+commands to ``tessera stats round``.
 
 Decline and cancel reasons come from other parties (any participating agency, any coordinator),
 so tables show them as plain text: never interpreted as terminal markup.
@@ -147,7 +147,7 @@ def restart(
       tessera stats round restart 0f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a --drop-declined \\
         --reason "cedar-aid declined: budget spent"
     """
-    from cli.stats import StatsClient
+    from cli.stats_client import StatsClient
 
     named = [a.strip() for a in drop.split(",") if a.strip()]
     with StatsClient(context.get(ctx).home) as client:
@@ -180,7 +180,7 @@ def cancel(
       tessera stats round cancel 0f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a \\
         --reason "too few agencies this month" --yes
     """
-    from cli.stats import StatsClient
+    from cli.stats_client import StatsClient
 
     if not yes and not typer.confirm(f"Cancel round {round_id}? No release will be made."):
         raise typer.Exit(1)
@@ -202,7 +202,7 @@ def list_rounds(
       tessera stats round list --state open --period 2026-10
     """
     from broker.stats import check_period
-    from cli.stats import StatsClient
+    from cli.stats_client import StatsClient
 
     if period:
         check_period(period)
