@@ -155,7 +155,7 @@ def current_caller() -> Caller:
 
 class _Raw(NamedTuple):
     body: bytes
-    message: Any  # the parsed request, or None when the bytes did not parse
+    parse: Callable[[bytes], Any] | None  # the method's deserializer, run only once admitted
 
 
 class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
@@ -212,11 +212,11 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         needs_auth = self._authenticator is not None and method not in self._public_methods
         original_deserializer = handler.request_deserializer
 
+        # Keep the bytes; parse only once the signature over them verifies, so an unsigned or
+        # forged request costs no protobuf parsing (and a request's signature covers exactly
+        # the bytes received).
         def keep_raw(body: bytes) -> _Raw:
-            try:
-                return _Raw(body, original_deserializer(body) if original_deserializer else body)
-            except DecodeError:
-                return _Raw(body, None)
+            return _Raw(body, original_deserializer)
 
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
@@ -237,8 +237,8 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = "OK"
             try:
-                await self._admit(method, context, raw, needs_auth)
-                return await inner(raw.message, context)
+                message = await self._admit(method, context, raw, needs_auth)
+                return await inner(message, context)
             except TesseraError as exc:
                 code = status_code(exc.kind).name
                 await _abort(context, exc, method)
@@ -261,8 +261,8 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = "OK"
             try:
-                await self._admit(method, context, raw, needs_auth)
-                result = inner(raw.message, context)
+                message = await self._admit(method, context, raw, needs_auth)
+                result = inner(message, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
@@ -288,18 +288,28 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         context: grpc.aio.ServicerContext[Any, Any],
         raw: _Raw,
         needs_auth: bool,
-    ) -> None:
-        if raw.message is None:
+    ) -> Any:
+        """Authenticate the request's bytes, then parse them: the request message."""
+        if needs_auth and self._authenticator is not None:
+            await self._authenticate(method, context, raw.body)
+        if raw.parse is None:
+            return raw.body
+        try:
+            return raw.parse(raw.body)
+        except DecodeError:
             raise errors.InvalidInput(
                 f"the request to {method} is not a valid protobuf message",
                 hint="check that client and server run the same Tessera version",
-            )
-        if not needs_auth or self._authenticator is None:
-            return
+            ) from None
+
+    async def _authenticate(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], body: bytes
+    ) -> None:
+        assert self._authenticator is not None
         try:
             metadata = tuple(context.invocation_metadata() or ())
             signature = crypto.RequestSignature.from_metadata(metadata)
-            crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
+            crypto.verify_request(signature.signer, method, body, signature, self._guard)
             if self._shared_nonces is not None:
                 signed_at = datetime.datetime.fromtimestamp(
                     signature.timestamp_ms / 1000, datetime.UTC

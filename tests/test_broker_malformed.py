@@ -126,3 +126,35 @@ def test_a_broker_log_rolled_back_behind_a_node_raises_the_rollback_alarm(tmp_pa
             directory_sync.sync(shelter.home, shelter.identity, link)
     finally:
         restored.stop()
+
+
+def _raw_call(agency: Agency, method: str, body: bytes, *, signed: bool) -> grpc.RpcError:
+    """Send ``body`` as it is (no protobuf on the client side), signed by ``agency`` or not."""
+    channel = rpc.open_channel(
+        agency.link.address, agency.link.certificate, None, Limits().max_message_bytes
+    )
+    try:
+        call = channel.unary_unary(
+            method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        metadata = crypto.sign_request(agency.identity, method, body).to_metadata()
+        with pytest.raises(grpc.RpcError) as caught:
+            call(body, timeout=20, metadata=metadata if signed else None)
+        return caught.value
+    finally:
+        channel.close()
+
+
+def test_the_signature_is_checked_before_the_body_is_parsed(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    """Bytes that are no protobuf at all: unsigned, the broker answers UNAUTHENTICATED (it never
+    parsed them); signed by an enrolled agency, INVALID_ARGUMENT naming the method."""
+    agency = enrol(broker, tmp_path, "harbour-shelter")
+    method = "/tessera.v1.Relay/SendBatch"
+    garbage = b"\xff" * (8 * 1024 * 1024)  # 8 MiB of an invalid wire type
+    unsigned = _raw_call(agency, method, garbage, signed=False)
+    assert unsigned.code() == grpc.StatusCode.UNAUTHENTICATED, unsigned.details()
+    signed = _raw_call(agency, method, garbage, signed=True)
+    assert signed.code() == grpc.StatusCode.INVALID_ARGUMENT, signed.details()
+    assert "not a valid protobuf message" in (signed.details() or "")
