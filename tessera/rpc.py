@@ -407,12 +407,18 @@ async def start_server(
     key_pem: bytes,
     interceptor: TesseraServerInterceptor,
     max_message_bytes: int,
+    max_request_bytes: int | None = None,
 ) -> RunningServer:
-    """Start a TLS gRPC server with health checking, reflection and Tessera's interceptor."""
+    """Start a TLS gRPC server with health checking, reflection and Tessera's interceptor.
+
+    ``max_request_bytes`` (default ``max_message_bytes``) caps what one request may hold: gRPC
+    refuses a larger one from its length prefix (RESOURCE_EXHAUSTED) before buffering it, so a
+    flood of large unsigned requests cannot take the server's memory.
+    """
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_request_bytes or max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )

@@ -158,3 +158,15 @@ def test_the_signature_is_checked_before_the_body_is_parsed(
     signed = _raw_call(agency, method, garbage, signed=True)
     assert signed.code() == grpc.StatusCode.INVALID_ARGUMENT, signed.details()
     assert "not a valid protobuf message" in (signed.details() or "")
+
+
+def test_a_request_over_the_brokers_request_limit_is_refused_before_it_is_read(
+    broker: BackgroundBroker, tmp_path: Path
+) -> None:
+    """The broker takes requests of at most ``max_request_bytes`` (16 MiB): a larger one, even
+    unsigned, is refused from its length prefix; the broker then serves the next call."""
+    agency = enrol(broker, tmp_path, "harbour-shelter")
+    limit = Limits().max_request_bytes
+    refused = _raw_call(agency, "/tessera.v1.Relay/SendBatch", b"\xff" * (limit + 1), signed=False)
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+    assert _call(agency, "GetHead", directory_pb.GetHeadRequest()).head.body
