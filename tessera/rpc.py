@@ -340,9 +340,19 @@ async def _abort(
     )
     trailing = [(ERROR_KIND_KEY, exc.kind.name)]
     if exc.hint:
-        trailing.append((ERROR_HINT_KEY, exc.hint))
+        trailing.append((ERROR_HINT_KEY, _bounded(exc.hint, _MAX_HINT_CHARS)))
     context.set_trailing_metadata(tuple(trailing))
-    await context.abort(status_code(exc.kind), exc.message)
+    await context.abort(status_code(exc.kind), _bounded(exc.message, _MAX_MESSAGE_CHARS))
+
+
+# A status travels in HTTP/2 headers (8 KiB by default): an error longer than these is cut, with
+# a mark, so the caller always gets its status rather than a broken stream.
+_MAX_MESSAGE_CHARS = 2000
+_MAX_HINT_CHARS = 1000
+
+
+def _bounded(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:

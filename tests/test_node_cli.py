@@ -203,3 +203,19 @@ def test_staff_credential_for_a_caseworker(served: Path, tmp_path: Path) -> None
     assert tessera(served, "node", "staff", "remove", "Ana Ruiz").returncode == 0
     gone = tessera(ana, "node", "status", **as_ana)
     assert gone.returncode == 4
+
+
+def test_a_header_of_thousands_of_unknown_columns_is_refused_clearly(
+    served: Path, tmp_path: Path
+) -> None:
+    """Over the wire: the refusal names the first columns and counts the rest (it used to be too
+    long for a gRPC status), and nothing is imported."""
+    wide = tmp_path / "wide.csv"
+    header = ["prs_FirstName", *(f"column_{i}_" + "x" * 40 for i in range(4000))]
+    wide.write_text(",".join(header) + "\nAna" + "," * 4000 + "\n", encoding="utf-8")
+    refused = tessera(served, "case", "import", str(wide))
+    assert refused.returncode == 7, refused.stderr
+    assert "4000 column(s) that are not HTCDS v2.0 fields" in refused.stderr
+    assert "and 3990 more" in refused.stderr
+    listed = json.loads(tessera(served, "case", "list", "-f", "json").stdout)
+    assert listed == []
