@@ -328,12 +328,18 @@ def _flock(home: Path, operation: int) -> int | None:
 
 
 def hold_serving_lock(home: Path) -> RunLock:
-    """Take the run lock shared, for a node about to serve from ``home``; Conflict while a
-    restore holds it."""
-    fd = _flock(home, fcntl.LOCK_SH)
+    """Take the run lock exclusive, for a node about to serve from ``home``: one process serves a
+    home at a time. Conflict while another node serves it or a restore runs."""
+    fd = _flock(home, fcntl.LOCK_EX)
     if fd is None:
+        pid = _recorded_pid(home / RUN_FILE)
+        if pid is not None:
+            raise Conflict(
+                f"a node is already serving from {home} (pid {pid})",
+                hint="one process serves a home; stop the other `tessera node serve` first",
+            )
         raise Conflict(
-            f"a restore is running in {home}",
+            f"a restore is running in {home}, or another node is starting from it",
             hint="wait for `tessera node restore` to finish, then start the node",
         )
     return RunLock(fd)

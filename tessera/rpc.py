@@ -430,6 +430,9 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", max_request_bytes or max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # Never share a port with another process (gRPC turns SO_REUSEPORT on by default):
+            # a second server on a taken port fails to start instead of splitting the calls.
+            ("grpc.so_reuseport", 0),
         ],
     )
     for add in add_services:
@@ -439,7 +442,10 @@ async def start_server(
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
-    port = server.add_secure_port(listen, credentials)
+    try:
+        port = server.add_secure_port(listen, credentials)
+    except RuntimeError:  # grpc.aio raises where the sync server returned 0
+        port = 0
     if port == 0:
         raise errors.ConfigError(
             f"cannot listen on {listen}",

@@ -10,6 +10,7 @@ node that really serves still does. Real `tessera` subprocesses and a real node 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tessera import config, credential, crypto
-from tessera.errors import Conflict
+from tessera.errors import ConfigError, Conflict
 from tests.test_node_cli import PASSPHRASE, _env, tessera
 
 ANA = "ledger orchid tramline quiet"
@@ -264,3 +265,34 @@ def test_no_node_starts_while_a_restore_holds_the_home(home: Path) -> None:
     finally:
         _stop(process)
     credential.lock_stopped_home(home).release()  # a graceful stop releases it too
+
+
+def test_a_home_is_served_by_one_process_only(home: Path) -> None:
+    """A second `node serve` of a home that is serving is refused, naming the first, and the
+    first keeps serving (gRPC's port sharing is off, so it could not split the calls either)."""
+    first = _serve(home)
+    try:
+        second = tessera(home, "node", "serve")
+        assert second.returncode == 9, second.stderr
+        assert f"a node is already serving from {home} (pid {first.pid})" in second.stderr
+        assert tessera(home, "node", "status").returncode == 0
+    finally:
+        _stop(first)
+
+
+def test_two_servers_cannot_share_a_port(tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.support import BackgroundBroker, make_broker
+
+    broker = BackgroundBroker(make_broker(tmp_path / "one"))
+    try:
+        port = broker.address.rsplit(":", 1)[1]
+        other = make_broker(tmp_path / "two")
+        taken = dataclasses.replace(other, listen=f"127.0.0.1:{port}")
+        from broker.server import start_broker
+
+        with pytest.raises(ConfigError, match="cannot listen"):
+            asyncio.run(start_broker(taken))
+    finally:
+        broker.stop()
