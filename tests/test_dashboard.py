@@ -292,3 +292,21 @@ def test_tls_with_the_brokers_material_or_a_self_signed_certificate(
         assert get(running.url, "/", tls=made)[0] == 200
         with pytest.raises(ssl.SSLCertVerificationError):
             get(running.url, "/", tls=region.home / "tls" / "server.crt")
+
+
+def test_no_release_yet_and_a_broker_gone_are_pages_saying_so(tmp_path: Path) -> None:
+    running = BackgroundBroker(make_broker(tmp_path / "broker"))
+    stopped = False
+    try:
+        with cli_dashboard(running.settings.home) as dashboard:
+            status, _headers, page = get(dashboard.url, "/")
+            assert status == 200 and b"No release yet" in page
+            running.stop()
+            stopped = True
+            status, headers, page = get(dashboard.url, "/")
+            assert status == 503 and headers["Cache-Control"] == "no-store"
+            assert b"cannot reach the server" in page and b"What to do" in page
+            assert b"Traceback" not in page
+    finally:
+        if not stopped:
+            running.stop()
