@@ -127,6 +127,7 @@ def _serve_until_interrupted(homes: dict[str, Path], directory: Path) -> None:
         f"  tessera --home {directory / 'broker'} stats show --period "
         f"{dt.datetime.now(dt.UTC):%Y-%m}"
     )
+    console.print(f"  tessera --home {directory / 'broker'} stats dashboard   # in a browser")
     stop = threading.Event()
     # Ctrl-C (SIGINT) or a service manager's SIGTERM: stop the region gracefully either way.
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from cli import context, stats_rounds
+from cli.dashboard import command as dashboard_command
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
 from cli.stats_client import StatsClient
 from cli.stats_render import (
@@ -330,3 +331,6 @@ def _trend_row(month: dict[str, Any]) -> dict[str, Any]:
         "participants": month["participants"],
         "release": month["release_id"],
     }
+
+
+dashboard_command.register(app)  # stats dashboard (cli/dashboard/)

@@ -10,7 +10,7 @@ from typing import Any
 
 from cli.stats_render import mode_name
 
-__all__ = ["StatsClient"]
+__all__ = ["StatsClient", "open_signed"]
 
 _STATES = {0: "unspecified", 1: "open", 2: "released", 3: "abandoned"}
 
@@ -49,17 +49,13 @@ class StatsClient:
             )
         return self._info
 
+    def broker_key(self) -> bytes:
+        """The broker's signing key, as the broker states it over the pinned TLS channel."""
+        return bytes(self.info().signing_key)
+
     def _open_blob(self, blob: Any, label: bytes, message: Any) -> Any:
         """Verify a broker-signed blob against the broker's key and parse its body."""
-        from tessera import crypto
-        from tessera.errors import Refused
-
-        key = bytes(self.info().signing_key)
-        if bytes(blob.signer) != key:
-            raise Refused("the broker returned a blob not signed by its own key")
-        crypto.verify(key, label, bytes(blob.body), bytes(blob.signature))
-        message.ParseFromString(bytes(blob.body))
-        return message
+        return open_signed(blob, self.broker_key(), label, message)
 
     def open_round(
         self,
@@ -154,15 +150,39 @@ class StatsClient:
         from tessera import crypto
         from tessera.v1 import stats_pb2 as stats_pb
 
+        return [
+            self._open_blob(blob, crypto.LABEL_RELEASE, stats_pb.Release())
+            for blob in self.signed_releases(period)
+        ]
+
+    def signed_releases(self, period: str, limit: int | None = None) -> list[Any]:
+        """The broker's signed release blobs for the period ("": every period), newest first,
+        at most ``limit`` of them, NOT verified: each must go through :func:`open_signed`."""
+        from tessera.v1 import stats_pb2 as stats_pb
+
         out: list[Any] = []
         request = stats_pb.ListReleasesRequest(period=period)
-        while True:
+        while limit is None or len(out) < limit:
             reply = self._call(self._stub.ListReleases, request)
-            for blob in reply.releases:
-                out.append(self._open_blob(blob, crypto.LABEL_RELEASE, stats_pb.Release()))
+            out.extend(reply.releases)
             if not reply.next_page_token:
-                return out
+                break
             request.page_token = reply.next_page_token
+        return out if limit is None else out[:limit]
+
+
+def open_signed(blob: Any, key: bytes, label: bytes, message: Any) -> Any:
+    """Check that ``blob`` is signed by ``key`` under ``label`` and parse its body into
+    ``message``: Refused if another key signed it, BadSignature if the signature does not
+    verify. No I/O; every round and release shown is opened here."""
+    from tessera import crypto
+    from tessera.errors import Refused
+
+    if bytes(blob.signer) != key:
+        raise Refused("the broker returned a blob not signed by its own key")
+    crypto.verify(key, label, bytes(blob.body), bytes(blob.signature))
+    message.ParseFromString(bytes(blob.body))
+    return message
 
 
 def _round_dict(
