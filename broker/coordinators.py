@@ -76,6 +76,7 @@ def add_coordinator(
         credential.Credential(
             name=name, identity=issued, node_address=reach, node_certificate=certificate
         ),
+        lock=None,
     )
     operator = Operator(
         name=name,

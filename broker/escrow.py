@@ -76,11 +76,12 @@ class EscrowServicer(escrow_grpc.EscrowServicer):
             raise InvalidInput(f"a sealed position is exactly {escrow.SEALED_BYTES} bytes")
         now = utc_now()
 
-        def sign(number: int, previous: bytes) -> common_pb.SignedBlob:
-            return escrow.sign_checkpoint(self._identity, agency_id, number, sealed, previous, now)
+        def sign(number: int, previous: bytes) -> tuple[bytes, bytes]:
+            blob = escrow.sign_checkpoint(self._identity, agency_id, number, sealed, previous, now)
+            return bytes(blob.body), bytes(blob.signature)
 
-        blob = await run_blocking(self._store.checkpoint, agency_id, now, sign)
-        return escrow_pb.CheckpointResponse(checkpoint=blob)
+        body, signature = await run_blocking(self._store.checkpoint, agency_id, now, sign)
+        return escrow_pb.CheckpointResponse(checkpoint=self._blob(body, signature))
 
     async def LatestCheckpoint(  # noqa: N802 - the proto's method name
         self, request: escrow_pb.LatestCheckpointRequest, context: Context
@@ -89,11 +90,11 @@ class EscrowServicer(escrow_grpc.EscrowServicer):
         latest = await run_blocking(self._store.latest_checkpoint, agency_id)
         if latest is None:
             return escrow_pb.LatestCheckpointResponse()
-        body, signature = latest
-        return escrow_pb.LatestCheckpointResponse(
-            checkpoint=common_pb.SignedBlob(
-                body=body, signature=signature, signer=self._identity.public.signing_key
-            )
+        return escrow_pb.LatestCheckpointResponse(checkpoint=self._blob(*latest))
+
+    def _blob(self, body: bytes, signature: bytes) -> common_pb.SignedBlob:
+        return common_pb.SignedBlob(
+            body=body, signature=signature, signer=self._identity.public.signing_key
         )
 
 

@@ -137,6 +137,7 @@ async def start_broker(
         key_pem=tls.read_pem(settings.key_path),
         interceptor=interceptor,
         max_message_bytes=settings.limits.max_message_bytes,
+        max_request_bytes=settings.limits.max_request_bytes,
     )
     address, exporter = await rpc.announce(server, settings, engine.dispose)
     running = RunningBroker(settings, server, store, identity, address, relay, metrics=exporter)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 import tessera
 from broker.domain import AcceptedEnvelope, EnvelopePut, StoredEnvelope, StoredLogEntry
@@ -182,7 +183,13 @@ class DirectoryView:
         raise Conflict("the directory is busy", hint="retry in a moment")
 
     def _current_for(self, statement: common_pb.SignedBlob) -> directory.AgencyRecord | None:
-        body = directory_pb.DirectoryEntry.FromString(statement.body)
+        try:
+            body = directory_pb.DirectoryEntry.FromString(statement.body)
+        except DecodeError:
+            raise InvalidInput(
+                "the statement's body is not a DirectoryEntry",
+                hint="build the statement with the node's `rotate-keys` (tessera.directory)",
+            ) from None
         return self.records.get(body.agency_id)
 
 
@@ -282,6 +289,12 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
         self, request: directory_pb.GetEntriesRequest, context: Context
     ) -> directory_pb.GetEntriesResponse:
         await run_blocking(self._view.refresh)
+        if request.since > self._view.size:
+            raise InvalidInput(
+                f"since {request.since} is past the end of the log ({self._view.size} entries)",
+                hint="ask GetHead for the log's size; a pinned log longer than the broker's is"
+                " an alarm (docs/directory.md)",
+            )
         limit = min(request.limit or 1000, 1000)
         entries = await run_blocking(self._store.log_entries, request.since, limit)
         head = self._view.head(entries[-1] if entries else None)
@@ -294,6 +307,12 @@ class DirectoryServicer(directory_grpc.DirectoryServicer):
     ) -> directory_pb.GetConsistencyResponse:
         await run_blocking(self._view.refresh)
         to_size = request.to_size or self._view.size
+        if not request.from_size <= to_size <= self._view.size:
+            raise InvalidInput(
+                f"sizes {request.from_size}..{to_size} are not within the log's"
+                f" {self._view.size} entries, in order",
+                hint="ask for from_size <= to_size <= the size GetHead reports",
+            )
         bodies = await run_blocking(self._store.leaf_bodies, request.from_size, to_size)
         last = await run_blocking(self._store.log_entry, to_size) if to_size else None
         head = self._view.head(last)

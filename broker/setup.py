@@ -65,6 +65,7 @@ def init_broker(spec: BrokerInit) -> Settings:
             node_address=spec.listen,
             node_certificate=settings.cert_path.read_bytes(),
         ),
+        lock=None,  # the broker keeps no passphrase; its home is the operator's (issue 14)
     )
     config.write(settings)
     return settings

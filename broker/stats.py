@@ -23,7 +23,13 @@ from google.protobuf.duration_pb2 import Duration
 from sqlalchemy import Engine
 
 from broker.service import DirectoryView, run_blocking, utc_now
-from broker.store.stats import STATE_OPEN, StatsStore, StoredRelease, StoredRound
+from broker.store.stats import (
+    STATE_OPEN,
+    StatsStore,
+    StoredRelease,
+    StoredRound,
+    check_reason,
+)
 from tessera import crypto, dp, rpc
 from tessera.config import Limits, Settings
 from tessera.errors import InvalidInput, NotFound, PermissionDenied, Refused
@@ -183,6 +189,13 @@ class StatsServicer(stats_grpc.StatsServicer):
             state=stored.state,  # type: ignore[arg-type]
             submitted=list(stored.submitted),
             release_id=stored.release_id or "",
+            declines=[
+                stats_pb.RoundDecline(
+                    agency_id=d.agency_id, reason=d.reason, declined_at=to_timestamp(d.declined_at)
+                )
+                for d in stored.declines
+            ],
+            cancel_reason=stored.cancel_reason or "",
         )
 
     def _sign_round(self, body: stats_pb.Round) -> tuple[bytes, bytes]:
@@ -478,6 +491,37 @@ class StatsServicer(stats_grpc.StatsServicer):
     def _release_blob(self, stored: StoredRelease) -> common_pb.SignedBlob:
         return self._blob(stored.body, stored.signature)
 
+    async def DeclineRound(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.DeclineRoundRequest, context: Context
+    ) -> stats_pb.DeclineRoundResponse:
+        """A participant will not submit to the current attempt; the store checks (again, under
+        the round's lock) that it is a participant of that attempt, open, and not submitted."""
+        caller = rpc.current_caller()
+        if request.agency_id != caller.principal:
+            raise PermissionDenied("an agency declines only for itself")
+        reason = check_reason(request.reason)
+        declined = await run_blocking(
+            lambda: self._store.decline(
+                round_id=request.round_id,
+                attempt=request.attempt,
+                agency_id=request.agency_id,
+                reason=reason,
+                now=utc_now(),
+            )
+        )
+        return stats_pb.DeclineRoundResponse(round=self._status(declined))
+
+    async def CancelRound(  # noqa: N802 - the proto's method name
+        self, request: stats_pb.CancelRoundRequest, context: Context
+    ) -> stats_pb.CancelRoundResponse:
+        """Give up an open round: no release; its shares are deleted unread. Idempotent for an
+        abandoned round; a released one is refused."""
+        reason = check_reason(request.reason)
+        cancelled = await run_blocking(
+            lambda: self._store.cancel(round_id=request.round_id, reason=reason, now=utc_now())
+        )
+        return stats_pb.CancelRoundResponse(round=self._status(cancelled))
+
 
 def _next_token(following: int | None) -> str:
     """The page token that continues a listing after ``following`` ("" at the end)."""
@@ -563,3 +607,41 @@ class StatsClient(rpc.CredentialClient):
         )
         reply: stats_pb.GetReleaseResponse = self.call(self.stub.GetRelease, request)
         return reply.release
+
+    def cancel(self, round_id: str, reason: str) -> stats_pb.RoundStatus:
+        """Give up an open round (no release; its shares are discarded unread)."""
+        reply: stats_pb.CancelRoundResponse = self.call(
+            self.stub.CancelRound, stats_pb.CancelRoundRequest(round_id=round_id, reason=reason)
+        )
+        return reply.round
+
+    def decline(
+        self, round_id: str, attempt: int, agency_id: str, reason: str
+    ) -> stats_pb.RoundStatus:
+        """Decline ``attempt`` as ``agency_id``. Only that agency's own key may (a node sends it on
+        its own broker channel); the broker refuses a coordinator's or operator's
+        credential (PERMISSION_DENIED)."""
+        reply: stats_pb.DeclineRoundResponse = self.call(
+            self.stub.DeclineRound,
+            stats_pb.DeclineRoundRequest(
+                round_id=round_id, attempt=attempt, agency_id=agency_id, reason=reason
+            ),
+        )
+        return reply.round
+
+    def rounds(
+        self, *, state: int = 0, participant: str = "", period: str = ""
+    ) -> list[stats_pb.RoundStatus]:
+        """Every round matching the filters (0 / "" mean any), newest first, all pages."""
+        out: list[stats_pb.RoundStatus] = []
+        request = stats_pb.ListRoundsRequest(
+            state=state,  # type: ignore[arg-type]
+            participant=participant,
+            period=period,
+        )
+        while True:
+            reply: stats_pb.ListRoundsResponse = self.call(self.stub.ListRounds, request)
+            out.extend(reply.rounds)
+            if not reply.next_page_token:
+                return out
+            request.page_token = reply.next_page_token

@@ -24,9 +24,7 @@ def list_agencies(
     Example:
       tessera agency list --revoked
     """
-    from node.client import NodeClient
-
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         rows = client.agencies(include_revoked=revoked)
     render(
         rows,
@@ -54,10 +52,9 @@ def verify(
     Example:
       tessera agency verify lighthouse-clinic --fingerprint K7QX-M2RD-4FHN-ZP3A-W6TB-C8JE-5VYL-9GSU
     """
-    from node.client import NodeClient
     from tessera.errors import NotFound
 
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         if fingerprint is None:
             match = [a for a in client.agencies(True) if a["agency_id"] == agency_id]
             if not match:

@@ -6,6 +6,7 @@ Survivor data typed on a command line lands in shell history; prefer ``--from-js
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
@@ -46,9 +47,7 @@ def _parse_fields(pairs: list[str] | None, from_json: Path | None) -> dict[str, 
 
 
 def _client(ctx: typer.Context) -> Any:
-    from node.client import NodeClient
-
-    return NodeClient(context.get(ctx).home)
+    return context.get(ctx).node_client()
 
 
 def _show(case: dict[str, Any], fmt: OutputFormat) -> None:
@@ -238,8 +237,13 @@ def erase(
     if not yes and not typer.confirm(f"Erase case {case_id} for ever?"):
         raise typer.Exit(1)
     with _client(ctx) as client:
-        client.erase_case(case_id, reason)
+        erased = client.erase_case(case_id, reason)
     typer.echo(f"Erased {case_id}: its data key is destroyed.")
+    if erased["same_survivor"]:
+        typer.echo(
+            f"Other cases with the same identifiers: {', '.join(erased['same_survivor'])}; "
+            "erase them too if they are the same survivor."
+        )
 
 
 @app.command("need")
@@ -269,6 +273,14 @@ def need(
     typer.echo(f"{case_id}: {category} is {status}.")
 
 
+class OnDuplicate(enum.StrEnum):
+    """``--on-duplicate``: node.domain.DuplicatePolicy, without importing it for ``--help``."""
+
+    SKIP = "skip"
+    UPDATE = "update"
+    NEW = "new"
+
+
 @app.command("import")
 def import_cases(
     ctx: typer.Context,
@@ -279,15 +291,33 @@ def import_cases(
     rejects: Annotated[
         Path | None, typer.Option(help="Write refused rows here (CSV) with their errors.")
     ] = None,
+    on_duplicate: Annotated[
+        OnDuplicate,
+        typer.Option(
+            "--on-duplicate",
+            help="A row that is the same survivor as a case the node has (or as a row above "
+            "it): skip it, update the case with its values, or add it as a new case anyway.",
+        ),
+    ] = OnDuplicate.SKIP,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Write what was done with each row here (CSV; ids, no survivor data)."),
+    ] = None,
 ) -> None:
     """Import cases from an HTCDS spreadsheet. By default a file with any bad row imports nothing.
+
+    Each row is matched to the node's cases (by the tessera_case_id column of an export, else by
+    name plus birthdate, email or phone) and to the rows above it; a match is skipped unless
+    --on-duplicate says otherwise. Every row's outcome is printed.
 
     \b
     Example:
       tessera case import intake.xlsx --skip-bad-rows --rejects intake-rejects.csv
+      tessera case import cases-export.csv --on-duplicate update
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from node.domain import DuplicatePolicy
     from tessera.errors import InvalidInput
 
     with (
@@ -308,7 +338,9 @@ def import_cases(
             else:
                 bar.update(task, completed=checked, total=total or None)
 
-        result = client.import_cases(file, skip_bad_rows, progress)
+        result = client.import_cases(
+            file, skip_bad_rows, progress, DuplicatePolicy(on_duplicate.value)
+        )
     for row, field_name, reason in result["problems"][:50]:
         typer.echo(f"row {row}, {field_name or 'row'}: {reason}", err=True)
     if len(result["problems"]) > 50:
@@ -316,15 +348,106 @@ def import_cases(
     if rejects is not None and result["rejected"]:
         from node import htcds
 
-        report = htcds.validate_file(file)
-        htcds.write_rejects(rejects, report.header, report.rejects())
+        validated = htcds.validate_file(file)
+        htcds.write_rejects(rejects, validated.header, validated.rejects())
         typer.echo(f"Refused rows written to {rejects}", err=True)
-    typer.echo(f"Imported {result['imported']} case(s); {result['rejected']} row(s) refused.")
+    for outcome in result["rows"]:
+        typer.echo(_row_line(outcome))
+    if report is not None:
+        _write_report(report, result["rows"])
+        typer.echo(f"What was done with each row written to {report}", err=True)
+    summary = f"Imported {result['imported']} case(s); {result['rejected']} row(s) refused."
+    typer.echo(f"{summary} {_matched_summary(result['rows'])}".rstrip())
     if result["rejected"] and not skip_bad_rows:
         raise InvalidInput(
             f"{file.name} has {result['rejected']} bad row(s), so nothing was imported",
             hint="fix the rows listed above, or pass --skip-bad-rows (with --rejects FILE)",
         )
+
+
+_MATCHED_BY = {
+    "case_id": "same tessera_case_id",
+    "name_and_birthdate": "same name and birthdate",
+    "name_and_email": "same name and email",
+    "name_and_phone": "same name and phone",
+    "name_nothing_new": "same name, and nothing in the row is new",
+}
+
+
+_ROW_LINES = {
+    "added": "added case {case}",
+    "updated": "updated case {case} ({changed}; {why})",
+    "unchanged": "unchanged: case {case} already holds every value ({why})",
+    "skipped": "skipped: duplicate of {matched} ({why})",
+    "added_despite_match": "added case {case}, new despite match with {matched} ({why})",
+    "erased": "skipped: case {case} was erased here and is not imported again",
+    "not_updated": "not updated: {note} ({matched}; {why})",
+}
+
+
+def _row_line(outcome: Any) -> str:
+    """One line of an import's report: what was done with the row, and why."""
+    matched = ", ".join(f"case {c}" for c in outcome.matched_cases)
+    if outcome.matched_row:
+        matched += f", added from row {outcome.matched_row}"
+    text = _ROW_LINES[outcome.action.value].format(
+        case=outcome.case_id,
+        changed=", ".join(outcome.changed_fields),
+        why=_MATCHED_BY.get(outcome.match.value if outcome.match else "", ""),
+        matched=matched,
+        note=outcome.note,
+    )
+    return f"row {outcome.row}: {text}"
+
+
+def _matched_summary(rows: list[Any]) -> str:
+    words = {
+        "skipped": "skipped as duplicates",
+        "updated": "updated a case",
+        "unchanged": "matched a case that already held them",
+        "added_despite_match": "added despite a match",
+        "erased": "named erased cases",
+        "not_updated": "not updated",
+    }
+    counts = {key: sum(1 for r in rows if r.action.value == key) for key in words}
+    parts = [f"{n} {words[key]}" for key, n in counts.items() if n]
+    return f"Rows matched: {', '.join(parts)}." if parts else ""
+
+
+def _write_report(path: Path, rows: list[Any]) -> None:
+    import csv
+    import io
+
+    from tessera.files import atomic_write
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(
+        [
+            "row",
+            "action",
+            "case_id",
+            "match",
+            "matched_case_ids",
+            "matched_row",
+            "changed_fields",
+            "note",
+        ]
+    )
+    for o in rows:
+        writer.writerow(
+            [
+                o.row,
+                o.action.value,
+                o.case_id,
+                o.match.value if o.match else "",
+                ";".join(o.matched_cases),
+                o.matched_row or "",
+                ";".join(o.changed_fields),
+                o.note,
+            ]
+        )
+    atomic_write(path, text.getvalue().encode("utf-8"))
 
 
 @app.command("export")

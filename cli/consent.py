@@ -24,9 +24,7 @@ class Method(enum.StrEnum):
 
 
 def _client(ctx: typer.Context) -> Any:
-    from node.client import NodeClient
-
-    return NodeClient(context.get(ctx).home)
+    return context.get(ctx).node_client()
 
 
 def _shown(consent: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,11 @@
 
 ``--home DIR`` (or ``TESSERA_HOME``) selects the node's or broker's directory, as ``GNUPGHOME``
 does for gpg. Secrets never come from the command line: a passphrase comes from
-``TESSERA_PASSPHRASE`` when set, else from a prompt on a terminal.
+``TESSERA_PASSPHRASE`` when set, else from a prompt on a terminal. That one variable is the
+passphrase *of the home*: in a node's home it opens the node and the administrator's credential
+there (both locked by it); in a staff member's home it opens their credential. A *new* passphrase
+(``node rotate-kek``, ``node staff add``, ``node credential protect``) comes from
+``TESSERA_NEW_PASSPHRASE`` or a prompt asked twice.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from tessera.errors import ConfigError
+
+if TYPE_CHECKING:
+    from node.client import NodeClient
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,35 @@ class CliContext:
         if not first:
             raise ConfigError("an empty passphrase is not allowed", hint="choose a passphrase")
         return first
+
+    def new_passphrase(self, purpose: str) -> str:
+        """``TESSERA_NEW_PASSPHRASE`` if set; else a hidden prompt, asked twice."""
+        value = self.environ.get("TESSERA_NEW_PASSPHRASE")
+        if value:
+            return value
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                f"a {purpose} is needed and there is no terminal to ask on",
+                hint="set TESSERA_NEW_PASSPHRASE for non-interactive use",
+            )
+        return CliContext(None, {}).passphrase(confirm=True, purpose=purpose)
+
+    def credential_passphrase(self) -> str:
+        """The passphrase of the staff credential in the home (asked only if it has one)."""
+        return self.passphrase(purpose=f"passphrase of the credential in {self.home}")
+
+    def node_client(self) -> NodeClient:
+        """A client signing with the credential in the home; warns if that credential holds
+        its secret key in clear (written before credentials were locked)."""
+        from node.client import NodeClient
+
+        client = NodeClient(self.home, unlock=self.credential_passphrase)
+        if not client.credential.protected:
+            sys.stderr.write(
+                f"warning: the staff credential in {self.home} holds its secret key in clear; "
+                "lock it with `tessera node credential protect`\n"
+            )
+        return client
 
 
 def get(ctx: typer.Context) -> CliContext:

@@ -127,6 +127,7 @@ def _serve_until_interrupted(homes: dict[str, Path], directory: Path) -> None:
         f"  tessera --home {directory / 'broker'} stats show --period "
         f"{dt.datetime.now(dt.UTC):%Y-%m}"
     )
+    console.print(f"  tessera --home {directory / 'broker'} stats dashboard   # in a browser")
     stop = threading.Event()
     # Ctrl-C (SIGINT) or a service manager's SIGTERM: stop the region gracefully either way.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -291,6 +292,7 @@ def _node_operations(
             node_address=shelter.address,
             node_certificate=(homes["harbour-shelter"] / "tls" / "server.crt").read_bytes(),
         ),
+        credential.KeyFileLock(directory / "caseworker.key"),
     )
     with NodeClient(directory / "caseworker") as ana:
         try:

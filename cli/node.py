@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli import context
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
 
+if TYPE_CHECKING:
+    from tessera import credential as credential_mod
+
 app = typer.Typer(no_args_is_help=True)
 staff_app = typer.Typer(no_args_is_help=True, help="Manage who may use this node.")
 audit_app = typer.Typer(no_args_is_help=True, help="Check and read the node's audit log.")
 app.add_typer(staff_app, name="staff")
+credential_app = typer.Typer(no_args_is_help=True, help="Look after your own staff credential.")
 app.add_typer(audit_app, name="audit")
+app.add_typer(credential_app, name="credential")
 
 
 @app.command("init")
@@ -133,9 +138,7 @@ def status(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
     Example:
       tessera node status --format json
     """
-    from node.client import NodeClient
-
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         render_one(client.status(), fmt, title="node")
 
 
@@ -146,23 +149,47 @@ def rotate_kek(
 ) -> None:
     """Protect the node with a new passphrase (TESSERA_NEW_PASSPHRASE or prompt) or key file.
 
-    Only the keyring is re-wrapped; no record is re-encrypted. Admin only.
+    Only the keyring is re-wrapped; no record is re-encrypted. Admin only. A new passphrase
+    must be strong (zxcvbn's top score; exit 7 otherwise). Run in the node's own home, the
+    administrator's credential there is re-locked with the new passphrase or key file too.
 
     \b
     Example:
       tessera node rotate-kek --key-file /media/usb/harbour-shelter.key
     """
-    from node.client import NodeClient
+    from node.keyring import KEYRING_FILE
+    from tessera import credential, passphrases
 
     cli = context.get(ctx)
     new_pass = None
     if key_file is None:
-        new_pass = cli.environ.get("TESSERA_NEW_PASSPHRASE") or context.CliContext(
-            None, {}
-        ).passphrase(confirm=True, purpose="new node passphrase")
-    with NodeClient(cli.home) as client:
-        count = client.rotate_kek(new_pass, key_file.resolve() if key_file else None)
+        new_pass = cli.new_passphrase("new node passphrase")
+    new_key_file = key_file.resolve() if key_file else None
+    with cli.node_client() as client:
+        held = client.credential
+        if new_pass is not None:
+            # As the credential re-lock below will check it: refused before anything changes.
+            passphrases.require_strong(new_pass, context=(held.name,), what="node passphrase")
+        count = client.rotate_kek(new_pass, new_key_file)
     typer.echo(f"Key-encryption key replaced; {count} keys re-wrapped, no record re-encrypted.")
+    if (cli.home / KEYRING_FILE).exists():
+        # In the node's home the administrator's credential follows the node's KEK.
+        credential.write(cli.home, held, _node_lock(cli, new_pass, new_key_file), replace=True)
+        typer.echo(f"The credential in {cli.home} is now locked the same way.")
+
+
+def _node_lock(
+    cli: context.CliContext, passphrase: str | None, key_file: Path | None
+) -> credential_mod.Lock:
+    from node.keyring import argon2_params
+    from tessera import credential
+    from tessera.config import Argon2Profile
+
+    if key_file is not None:
+        return credential.KeyFileLock(key_file)
+    assert passphrase is not None
+    profile = Argon2Profile(cli.environ.get("TESSERA_ARGON2", Argon2Profile.PRODUCTION.value))
+    return credential.PassphraseLock(passphrase, argon2_params(profile))
 
 
 @app.command("backup")
@@ -179,9 +206,7 @@ def backup(
     Example:
       tessera node backup --destination /srv/backups/harbour-shelter
     """
-    from node.client import NodeClient
-
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         made = client.backup(destination.resolve() if destination else None)
     render_one(made, fmt, title="backup")
 
@@ -197,28 +222,35 @@ def restore(
     enrolled node also needs its broker: the restore first fetches the node's escrowed erasures
     and audit checkpoint, and restores nothing if it cannot. The audit log is kept (the restore
     is one more entry in it).
+    Refused (exit 9) while a node serves from this home; a run file left by a node that crashed
+    is recognised as stale and removed.
 
     \b
     Example:
       tessera node restore /srv/backups/tessera-backup-20261020T020000000000Z.tbk
     """
     from node import backup as backup_mod
+    from node import keyring as keyring_mod
     from node.store.database import open_database
     from tessera import config
-    from tessera.credential import RUN_FILE
-    from tessera.errors import Conflict
+    from tessera.credential import lock_stopped_home
 
     cli = context.get(ctx)
     settings = config.load(cli.home, cli.environ)
-    if (settings.home / RUN_FILE).exists():
-        raise Conflict("the node seems to be running", hint="stop `tessera node serve` first")
-    document = backup_mod.peek_keyring(backup_file)
-    passphrase = cli.passphrase() if document.get("kek_source") == "passphrase" else None
-    engine = open_database(settings.effective_database_url)
-    try:
-        again = backup_mod.restore_backup(settings.home, engine, backup_file, passphrase)
-    finally:
-        engine.dispose()
+    # Held until the restore is done: no node serves now, and none can start halfway through.
+    with lock_stopped_home(settings.home) as lock:
+        if lock.stale_run_file:
+            typer.echo("A run file left by a node that stopped without cleaning up was removed.")
+        document = backup_mod.peek_keyring(backup_file)
+        passphrase = cli.passphrase() if document.get("kek_source") == "passphrase" else None
+        # The backup's keyring is this node's: it lets an upgrade seal what an older version
+        # stored in clear (node.store.database).
+        keyring = keyring_mod.open_document(document, passphrase)
+        engine = open_database(settings.effective_database_url, keyring)
+        try:
+            again = backup_mod.restore_backup(settings.home, engine, backup_file, passphrase)
+        finally:
+            engine.dispose()
     typer.echo(f"Restored {backup_file.name}; {again} erased survivor(s) erased again.")
 
 
@@ -230,34 +262,45 @@ def staff_add(
         Path, typer.Option(help="Folder to create the person's credential in (their --home).")
     ],
     role: Annotated[str, typer.Option(help="admin or caseworker.")] = "caseworker",
+    key_file: Annotated[
+        Path | None,
+        typer.Option(help="Lock the credential with this key file (created if missing)."),
+    ] = None,
 ) -> None:
     """Issue a staff credential: a new key pair in OUT_HOME; only its public key goes to the node.
+
+    Its secret key is locked by a passphrase, from TESSERA_NEW_PASSPHRASE or asked twice (let
+    the person type it), or by a key file. The passphrase must be strong (exit 7 otherwise); the
+    person then opens the credential with TESSERA_PASSPHRASE or at the prompt.
 
     \b
     Example:
       tessera node staff add "Ana Ruiz" --role caseworker --out-home /media/usb/ana
     """
-    from node.client import NodeClient
     from node.domain import StaffRole
-    from tessera import credential, crypto
+    from tessera import credential, crypto, passphrases
     from tessera.errors import InvalidInput
 
     if role not in {r.value for r in StaffRole}:
         raise InvalidInput(f"unknown role {role!r}", hint="admin or caseworker")
-    home = context.get(ctx).home
-    mine = credential.read(home)
+    cli = context.get(ctx)
+    new_pass = None
+    if key_file is None:
+        new_pass = cli.new_passphrase(f"passphrase for {name}'s credential")
+        # Checked here too, so a weak one leaves nothing registered at the node.
+        passphrases.require_strong(new_pass, context=(name,), what="credential passphrase")
+    lock = _node_lock(cli, new_pass, key_file.resolve() if key_file else None)
     identity = crypto.Identity.generate()
-    with NodeClient(home) as client:
+    with cli.node_client() as client:
         member = client.add_staff(name, StaffRole(role), identity.public.signing_key)
         address = client.address
+        certificate = client.credential.node_certificate
     credential.write(
         out_home.resolve(),
         credential.Credential(
-            name=name,
-            identity=identity,
-            node_address=address,
-            node_certificate=mine.node_certificate,
+            name=name, identity=identity, node_address=address, node_certificate=certificate
         ),
+        lock,
     )
     typer.echo(
         f"{member['name']} ({member['role']}) can now use the node with --home {out_home.resolve()}"
@@ -272,9 +315,7 @@ def staff_remove(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> 
     Example:
       tessera node staff remove "Ana Ruiz"
     """
-    from node.client import NodeClient
-
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         member = client.remove_staff(name)
     typer.echo(f"Removed {member['name']}.")
 
@@ -291,11 +332,37 @@ def staff_list(
     Example:
       tessera node staff list --removed
     """
-    from node.client import NodeClient
-
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         rows = client.list_staff(include_removed=removed)
     render(rows, fmt, columns=["name", "role", "added_at", "removed_at", "staff_id"])
+
+
+@credential_app.command("protect")
+def credential_protect(
+    ctx: typer.Context,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(help="Lock it with this key file (created if missing) instead."),
+    ] = None,
+) -> None:
+    """Lock the staff credential in --home with a new passphrase or a key file.
+
+    Locks a credential that holds its secret key in clear, or changes the passphrase of one
+    that is locked (its current passphrase from TESSERA_PASSPHRASE or a prompt; the new one from
+    TESSERA_NEW_PASSPHRASE or asked twice). Works offline: the node is not contacted.
+
+    \b
+    Example:
+      TESSERA_HOME=/media/usb/ana tessera node credential protect
+    """
+    from tessera import credential
+
+    cli = context.get(ctx)
+    held = credential.read(cli.home, cli.credential_passphrase)
+    new_pass = None if key_file else cli.new_passphrase("new credential passphrase")
+    lock = _node_lock(cli, new_pass, key_file.resolve() if key_file else None)
+    credential.write(cli.home, held, lock, replace=True)
+    typer.echo(f"The credential of {held.name} in {cli.home} is locked.")
 
 
 @audit_app.command("verify")
@@ -306,10 +373,9 @@ def audit_verify(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
     Example:
       tessera node audit verify --format json
     """
-    from node.client import NodeClient
     from tessera.errors import CryptoError
 
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         report = client.verify_audit()
     render_one(report, fmt, title="audit log")
     if fmt is OutputFormat.TABLE:
@@ -349,7 +415,6 @@ def audit_show(
     """
     import datetime as dt
 
-    from node.client import NodeClient
     from tessera.errors import InvalidInput
 
     moment = None
@@ -359,7 +424,7 @@ def audit_show(
         except ValueError:
             raise InvalidInput(f"{since!r} is not a date or time", hint="YYYY-MM-DD") from None
         moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         rows = client.audit_entries(case, actor, moment, action or [], limit)
     render(
         rows,

@@ -45,12 +45,14 @@ def render(
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, show_lines=False)
+    # Cells are data, never markup: a reason or a name holding "[/bold]" prints as it is.
+    table = Table(title=Text(title) if title else None, show_lines=False)
     for col in cols:
-        table.add_column(col)
+        table.add_column(Text(col))
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in cols))
+        table.add_row(*(Text(_cell(row.get(c))) for c in cols))
     Console().print(table)
 
 

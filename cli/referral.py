@@ -31,9 +31,7 @@ class Reason(enum.StrEnum):
 
 
 def _client(ctx: typer.Context) -> Any:
-    from node.client import NodeClient
-
-    return NodeClient(context.get(ctx).home)
+    return context.get(ctx).node_client()
 
 
 @app.command("send")

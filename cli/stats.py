@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cli import context
+from cli import context, stats_rounds
+from cli.dashboard import command as dashboard_command
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+from cli.stats_client import StatsClient
 from cli.stats_render import (
     CATEGORY_DIMENSION,
     NO_RELEASE,
     STATUS_DIMENSION,
     find_cell,
     interval_level,
-    mode_name,
     month_range,
     newest_release,
     number,
@@ -50,126 +50,6 @@ round_app = typer.Typer(no_args_is_help=True)
 app.add_typer(round_app, name="round", help="Open statistics rounds and follow them.")
 
 _TABLES = ("needs",)
-_STATES = {0: "unspecified", 1: "open", 2: "released", 3: "abandoned"}
-
-
-class StatsClient:
-    """The coordinator's view for the CLI: the broker's Stats client plus checks of the broker's
-    signature on every round and release it shows. Imports happen here, not at module load,
-    so ``tessera --help`` stays fast."""
-
-    def __init__(self, home: Path) -> None:
-        from broker.stats import StatsClient as BrokerStatsClient
-        from tessera.v1 import directory_pb2_grpc as directory_grpc
-
-        self._base = BrokerStatsClient(home)
-        self.address = self._base.address
-        self._stub = self._base.stub
-        self._directory = directory_grpc.DirectoryStub(self._base.channel)
-        self._info: Any = None
-
-    def __enter__(self) -> StatsClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._base.close()
-
-    def _call(self, method: Any, request: Any) -> Any:
-        return self._base.call(method, request)
-
-    def info(self) -> Any:
-        """The broker's region and signing key (over the TLS channel pinned by the credential)."""
-        from tessera.v1 import directory_pb2 as directory_pb
-
-        if self._info is None:
-            self._info = self._call(
-                self._directory.GetBrokerInfo, directory_pb.GetBrokerInfoRequest()
-            )
-        return self._info
-
-    def _open_blob(self, blob: Any, label: bytes, message: Any) -> Any:
-        """Verify a broker-signed blob against the broker's key and parse its body."""
-        from tessera import crypto
-        from tessera.errors import Refused
-
-        key = bytes(self.info().signing_key)
-        if bytes(blob.signer) != key:
-            raise Refused("the broker returned a blob not signed by its own key")
-        crypto.verify(key, label, bytes(blob.body), bytes(blob.signature))
-        message.ParseFromString(bytes(blob.body))
-        return message
-
-    def open_round(
-        self,
-        table: Any,
-        region: str,
-        period: str,
-        participants: list[str],
-        threshold: int,
-        epsilon: float,
-        local_noise: bool,
-    ) -> dict[str, Any]:
-        from tessera import crypto
-        from tessera.v1 import stats_pb2 as stats_pb
-
-        request = stats_pb.OpenRoundRequest(
-            table=table,
-            region=region or self.info().region,
-            period=period,
-            participants=sorted(participants, key=str.encode),
-            threshold=threshold,
-            mode=stats_pb.ROUND_MODE_LOCAL_NOISE if local_noise else stats_pb.ROUND_MODE_PRIVATE,
-            epsilon=epsilon,
-            idempotency_key=str(uuid.uuid4()),
-        )
-        reply = self._call(self._stub.OpenRound, request)
-        round_ = self._open_blob(reply.round, crypto.LABEL_ROUND, stats_pb.Round())
-        return _round_dict(round_, "open", [], "")
-
-    def round_status(self, round_id: str) -> dict[str, Any]:
-        from tessera import crypto
-        from tessera.v1 import stats_pb2 as stats_pb
-
-        reply = self._call(self._stub.GetRound, stats_pb.GetRoundRequest(round_id=round_id))
-        status = reply.round
-        round_ = self._open_blob(status.round, crypto.LABEL_ROUND, stats_pb.Round())
-        return _round_dict(
-            round_, _STATES.get(status.state, "?"), list(status.submitted), status.release_id
-        )
-
-    def releases(self, period: str) -> list[Any]:
-        """Broker-signed releases for the period, newest first, verified and parsed."""
-        from tessera import crypto
-        from tessera.v1 import stats_pb2 as stats_pb
-
-        out: list[Any] = []
-        request = stats_pb.ListReleasesRequest(period=period)
-        while True:
-            reply = self._call(self._stub.ListReleases, request)
-            for blob in reply.releases:
-                out.append(self._open_blob(blob, crypto.LABEL_RELEASE, stats_pb.Release()))
-            if not reply.next_page_token:
-                return out
-            request.page_token = reply.next_page_token
-
-
-def _round_dict(round_: Any, state: str, submitted: list[str], release_id: str) -> dict[str, Any]:
-    return {
-        "round_id": round_.round_id,
-        "attempt": round_.attempt,
-        "state": state,
-        "table": round_.table.name,
-        "region": round_.region,
-        "period": round_.period,
-        "participants": list(round_.participants),
-        "submitted": submitted,
-        "threshold": round_.threshold,
-        "mode": mode_name(round_.mode),
-        "epsilon": round_.epsilon,
-        "contribution_bound": round_.table.contribution_bound,
-        "bound_basis": round_.bound_basis,
-        "release_id": release_id,
-    }
 
 
 @app.command("budget")
@@ -184,9 +64,7 @@ def budget(
     Example:
       tessera stats budget --period 2026-10
     """
-    from node.client import NodeClient
-
-    with NodeClient(context.get(ctx).home) as client:
+    with context.get(ctx).node_client() as client:
         periods = client.budget(period)
     if fmt is OutputFormat.JSON:
         sys.stdout.write(json.dumps(periods, indent=2, default=str) + "\n")
@@ -260,14 +138,18 @@ def round_status(
     round_id: Annotated[str, typer.Argument(help="The round's id.")],
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
-    """Show a round's current attempt and who has submitted.
+    """Show a round's current attempt, who has submitted, who declined and why, and the reason
+    it was cancelled if it was.
 
     \b
     Example:
       tessera stats round status 0f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a
     """
     with StatsClient(context.get(ctx).home) as client:
-        render_one(client.round_status(round_id), fmt, title="round")
+        stats_rounds.show_round(client.round_status(round_id), fmt, title="round")
+
+
+stats_rounds.register(round_app)  # round restart, cancel, list
 
 
 def _latest_release(client: StatsClient, region: str, period: str) -> Any:
@@ -449,3 +331,6 @@ def _trend_row(month: dict[str, Any]) -> dict[str, Any]:
         "participants": month["participants"],
         "release": month["release_id"],
     }
+
+
+dashboard_command.register(app)  # stats dashboard (cli/dashboard/)

@@ -49,6 +49,7 @@ from node.keyring import Keyring
 from node.store.budget import BudgetStore
 from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
 from node.store.escrow import EscrowStore
+from node.store.needs import seal_clear_rows
 from node.store.referrals import ReferralStore
 from node.store.tables import (
     AnchorRow,
@@ -220,7 +221,7 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     fetched = _fetch_escrow(home, client) if client is not None else None
     try:
         with engine.begin() as conn:
-            pending = _replace_tables(conn, home, path, header, snapshot, fetched)
+            pending = _replace_tables(conn, home, path, header, snapshot, keyring, fetched)
         reapplied = _reapply(home, engine, keyring)
         if client is not None and fetched is not None:
             _after_restore(engine, keyring, home, client, fetched[1])
@@ -249,6 +250,7 @@ def _replace_tables(
     path: Path,
     header: dict[str, Any],
     snapshot: dict[str, Any],
+    keyring: Keyring,
     fetched: escrow.Fetched | None,
 ) -> dict[str, Any]:
     """Replace the tables with the backup's, in ``conn``'s transaction; the pending note."""
@@ -303,6 +305,8 @@ def _replace_tables(
     for table in replaced:
         sa_table = _table(table)
         rows = [_decode_row(table, r) for r in snapshot.get(sa_table.name, [])]
+        if table is NeedRow and rows and "ciphertext" not in rows[0]:
+            rows = _seal_clear_needs(rows, snapshot, keyring)
         if table is EscrowOutboxRow:
             queued = set(conn.execute(select(sa_table.c.tombstone_id)).scalars())
             rows = [r for r in rows if r["tombstone_id"] not in queued]
@@ -352,6 +356,24 @@ def _after_restore(
         escrow.make_checkpoint(escrow_store, home, client)
     except TesseraError as exc:
         log.warning("restore.checkpoint_failed", extra=fields(error=str(exc)[:200]))
+
+
+def _seal_clear_needs(
+    rows: list[dict[str, Any]], snapshot: dict[str, Any], keyring: Keyring
+) -> list[dict[str, Any]]:
+    # A backup taken before need records were sealed (schema 0004) holds them in clear: seal
+    # them under each survivor's key on the way in, as the upgrade did (node.store.needs).
+    from node.store.cases import _key_context
+
+    wrapped = {
+        r["case_id"]: base64.b64decode(r["wrapped_key"]["b64"])
+        for r in snapshot.get("case_record", [])
+    }
+
+    def data_key_of(case_id: str) -> crypto.DataKey:
+        return crypto.unwrap_key(keyring.record_key, wrapped[case_id], _key_context(case_id))
+
+    return seal_clear_rows(rows, data_key_of)
 
 
 def finish_interrupted_restore(home: Path, engine: Engine, keyring: Keyring) -> int | None:

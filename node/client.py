@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from node import serde
-from node.domain import StaffRole
+from node.domain import DuplicatePolicy, StaffRole
 from node.htcds import NeedCategory, NeedStatus
 from tessera import credential, rpc
 from tessera.config import Limits
@@ -35,8 +35,11 @@ _FORMATS = {"csv": node_pb.FILE_FORMAT_CSV, "xlsx": node_pb.FILE_FORMAT_XLSX}
 class NodeClient:
     """A staff member's connection to their node."""
 
-    def __init__(self, home: Path, limits: Limits | None = None) -> None:
-        self._credential = credential.read(home)
+    def __init__(
+        self, home: Path, limits: Limits | None = None, unlock: credential.Unlock | None = None
+    ) -> None:
+        # ``unlock()`` gives the credential's passphrase, asked only if it is locked by one.
+        self._credential = credential.read(home, unlock)
         self._limits = limits or Limits()
         self.address = credential.resolve_address(home, self._credential)
         self._channel = rpc.open_channel(
@@ -46,6 +49,11 @@ class NodeClient:
             self._limits.max_message_bytes,
         )
         self._stub = node_grpc.NodeStub(self._channel)
+
+    @property
+    def credential(self) -> credential.Credential:
+        """The staff credential this client signs with (unlocked)."""
+        return self._credential
 
     def close(self) -> None:
         """Close the channel."""
@@ -284,7 +292,11 @@ class NodeClient:
         reply = self._call(
             self._stub.EraseCase, node_pb.EraseCaseRequest(case_id=case_id, reason=reason)
         )
-        return {"case_id": reply.case_id, "erased_at": to_datetime(reply.erased_at)}
+        return {
+            "case_id": reply.case_id,
+            "erased_at": to_datetime(reply.erased_at),
+            "same_survivor": list(reply.same_survivor_case_ids),
+        }
 
     def set_need(self, case_id: str, category: NeedCategory, status: NeedStatus) -> dict[str, Any]:
         """Add a need to a case or change its status."""
@@ -297,9 +309,14 @@ class NodeClient:
         return _case(self._call(self._stub.SetNeed, request).case)
 
     def import_cases(
-        self, path: Path, skip_bad_rows: bool, on_progress: Callable[[int, int, int], None]
+        self,
+        path: Path,
+        skip_bad_rows: bool,
+        on_progress: Callable[[int, int, int], None],
+        on_duplicate: DuplicatePolicy = DuplicatePolicy.SKIP,
     ) -> dict[str, Any]:
-        """Send an HTCDS file to the node; ``on_progress(checked, written, total)``."""
+        """Send an HTCDS file to the node; ``on_progress(checked, written, total)``. The result's
+        ``rows`` says what the node did with each good row (node.domain.RowOutcome)."""
         fmt = _FORMATS.get(path.suffix.lower().lstrip("."))
         if fmt is None:
             raise InvalidInput(f"{path.name}: only .csv and .xlsx files can be imported")
@@ -317,6 +334,7 @@ class NodeClient:
             skip_bad_rows=skip_bad_rows,
             file_name=path.name,
             idempotency_key=str(uuid.uuid4()),
+            on_duplicate=serde.duplicate_policy_pb(on_duplicate),
         )
         result: dict[str, Any] = {}
         for event in self._stream(self._stub.ImportCases, request):
@@ -330,6 +348,7 @@ class NodeClient:
                     "rejected": r.rejected,
                     "problems": [(p.row, p.field, p.reason) for p in r.problems],
                     "case_ids": list(r.case_ids),
+                    "rows": [serde.row_outcome(o) for o in r.rows],
                 }
         return result
 

@@ -22,7 +22,7 @@ import grpc
 
 from tessera import crypto, directory, enrolment, rpc
 from tessera.config import Limits
-from tessera.errors import ConfigError, NotFound
+from tessera.errors import ConfigError, InvalidInput, NotFound
 from tessera.files import atomic_write
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
@@ -157,11 +157,17 @@ def sync(home: Path, identity: crypto.Identity, link: BrokerLink) -> DirectoryCa
     try:
         entries: list[common_pb.SignedBlob] = []
         while True:
-            page = _call(
-                stub.GetEntries,
-                directory_pb.GetEntriesRequest(since=cache.size + len(entries), limit=_PAGE),
-                link.address,
-            )
+            try:
+                page = _call(
+                    stub.GetEntries,
+                    directory_pb.GetEntriesRequest(since=cache.size + len(entries), limit=_PAGE),
+                    link.address,
+                )
+            except InvalidInput:
+                # The broker's log is shorter than what we verified: take its signed head, so
+                # the check below raises the rollback alarm rather than a usage error.
+                head = _call(stub.GetHead, directory_pb.GetHeadRequest(), link.address).head
+                break
             entries.extend(page.entries)
             head = page.head
             if len(page.entries) < _PAGE:

@@ -157,3 +157,58 @@ class ImportResult:
     imported: int
     rejected: tuple[RowError, ...]
     case_ids: tuple[str, ...] = ()
+
+
+class DuplicatePolicy(enum.StrEnum):
+    """What an import does with a row that is the same survivor as a case it already has
+    (``tessera case import --on-duplicate``; the rule is node.dedup's)."""
+
+    SKIP = "skip"  # leave the case as it is (the default: a re-import adds nothing)
+    UPDATE = "update"  # apply the row's values to the case, as `case update` would
+    NEW = "new"  # add the row as a new case all the same
+
+
+class MatchRule(enum.StrEnum):
+    """Why a row was taken for the same survivor as a case (docs/data-model.md)."""
+
+    CASE_ID = "case_id"  # its tessera_case_id names the case
+    NAME_AND_BIRTHDATE = "name_and_birthdate"
+    NAME_AND_EMAIL = "name_and_email"
+    NAME_AND_PHONE = "name_and_phone"
+    NAME_NOTHING_NEW = "name_nothing_new"  # same name, and the row adds nothing to the case
+
+
+class RowAction(enum.StrEnum):
+    """What an import did with one good row."""
+
+    ADDED = "added"  # a new case; the row matched no case
+    UPDATED = "updated"  # the matching case took the row's values (a new version)
+    UNCHANGED = "unchanged"  # asked to update, but the case already held every value
+    SKIPPED = "skipped"  # a duplicate, left alone
+    ADDED_DESPITE_MATCH = "added_despite_match"  # --on-duplicate new
+    ERASED = "erased"  # its tessera_case_id names a survivor erased here: never re-imported
+    NOT_UPDATED = "not_updated"  # asked to update, but ambiguous or changed meanwhile (note)
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """What an import did with one row, for the report: ids, codes and row numbers only.
+
+    ``case_id`` is the case the row now stands for: the one added, updated or matched (empty
+    when it matched several). ``matched_cases`` lists every case it matched, ``matched_row`` the
+    earlier row of the same file whose case it matched (0 if none), ``changed_fields`` the field
+    names an update changed.
+    """
+
+    row: int
+    action: RowAction
+    case_id: str = ""
+    matched_cases: tuple[str, ...] = ()
+    matched_row: int = 0
+    match: MatchRule | None = None
+    changed_fields: tuple[str, ...] = ()
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.action is RowAction.ADDED) != (self.match is None):
+            raise InvalidInput(f"row {self.row}: only an added row matched nothing")

@@ -190,6 +190,10 @@ class EscrowGate:
             return RolledBack(f"this node opens no case: {self.detail}", hint=_ACCEPT_HINT)
         return None
 
+    def opens_cases(self) -> bool:
+        """Whether the node may open any case now."""
+        return self._refusal() is None
+
     def check_cases(self, case_ids: Sequence[str]) -> None:
         """Raise unless the node may open these cases now (empty: whether any may be opened)."""
         refusal = self._refusal()

@@ -601,6 +601,11 @@ class _Header:
         return tuple(name for name in self.names if name is not None)
 
 
+# Unknown columns named in one error; the rest are counted (a message must stay readable and fit
+# a gRPC status).
+_SHOWN_UNKNOWN: Final = 10
+
+
 def _parse_header(path: Path, cells: Sequence[str]) -> _Header:
     names: list[str | None] = []
     unnamed: set[int] = set()
@@ -652,23 +657,30 @@ def _parse_header(path: Path, cells: Sequence[str]) -> _Header:
             "start from the published HTCDS spreadsheet or a Tessera export",
         )
     if unknown:
-        suggestions = []
-        for text, index in unknown:
-            close = difflib.get_close_matches(text, FIELD_NAMES, n=1, cutoff=0.75)
-            guess = f", did you mean {close[0]}?" if close else ""
-            suggestions.append(f"'{_clip(text)}' (column {_column_letter(index)}{guess})")
-        raise InvalidInput(
-            f"{path.name}: row 1 has columns that are not HTCDS v2.0 fields: "
-            + "; ".join(suggestions),
-            hint="rename them to HTCDS field names (listed in docs/data-model.md) or delete "
-            "them; columns for Tessera's own data start with 'tessera_'",
-        )
+        raise _unknown_columns(path, unknown)
     if duplicates:
         raise InvalidInput(
             f"{path.name}: " + "; ".join(duplicates),
             hint="keep one column per field and delete the other",
         )
     return _Header(tuple(names), frozenset(unnamed))
+
+
+def _unknown_columns(path: Path, unknown: Sequence[tuple[str, int]]) -> InvalidInput:
+    """The error for header cells that name no field: the first few, each with a guess."""
+    suggestions = []
+    for text, index in unknown[:_SHOWN_UNKNOWN]:
+        close = difflib.get_close_matches(text, FIELD_NAMES, n=1, cutoff=0.75)
+        guess = f", did you mean {close[0]}?" if close else ""
+        suggestions.append(f"'{_clip(text)}' (column {_column_letter(index)}{guess})")
+    if len(unknown) > _SHOWN_UNKNOWN:
+        suggestions.append(f"and {len(unknown) - _SHOWN_UNKNOWN} more")
+    return InvalidInput(
+        f"{path.name}: row 1 has {len(unknown)} column(s) that are not HTCDS v2.0 fields: "
+        + "; ".join(suggestions),
+        hint="rename them to HTCDS field names (listed in docs/data-model.md) or delete "
+        "them; columns for Tessera's own data start with 'tessera_'",
+    )
 
 
 def _data_rows(path: Path, header: _Header, rows: Iterator[Sequence[str]]) -> Iterator[SourceRow]:
@@ -806,10 +818,34 @@ def _csv_rows(path: Path, head: bytes) -> Iterator[Sequence[str]]:
     return _guard_csv(path, text, delimiter)
 
 
+# A spreadsheet treats a cell starting with one of these as a formula (OWASP "CSV injection").
+_FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: str) -> str:
+    """A value as written to a CSV Tessera exports: a leading formula character is neutralised
+    with a single quote (OWASP), and so is a leading quote before one, so that
+    :func:`csv_value` reads every value back unchanged."""
+    if value.startswith(_FORMULA_STARTS) or (
+        value.startswith("'") and value[1:].startswith((*_FORMULA_STARTS, "'"))
+    ):
+        return "'" + value
+    return value
+
+
+def csv_value(cell: str) -> str:
+    """The value of a CSV cell as :func:`csv_cell` wrote it (only its own quote is removed)."""
+    if cell.startswith("'") and cell[1:].startswith((*_FORMULA_STARTS, "'")):
+        return cell[1:]
+    return cell
+
+
 def _guard_csv(path: Path, text: str, delimiter: str) -> Iterator[Sequence[str]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: a file that ends inside an open quote is refused, not read as one long cell.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
-        yield from reader
+        for row in reader:
+            yield [csv_value(cell) for cell in row]
     except csv.Error as exc:
         raise InvalidInput(
             f"{path.name}: line {reader.line_num} is not valid CSV ({exc})",
@@ -1070,7 +1106,8 @@ def write_csv(
 
     Columns are every HTCDS field in spreadsheet order, then ``extra_columns`` (each must start
     with ``tessera_``). UTF-8 with a byte-order mark, so that Excel shows accented names right;
-    ``read_table`` accepts it. Values are written as given (validate them first).
+    ``read_table`` accepts it. A value a spreadsheet would run as a formula is neutralised
+    (:func:`csv_cell`) and read back unchanged on import.
     """
     columns = _export_columns(extra_columns)
     known = frozenset(columns)
@@ -1079,7 +1116,7 @@ def write_csv(
         writer = csv.writer(out)
         writer.writerow(columns)
         for record in records:
-            writer.writerow(_ordered(record, columns, known))
+            writer.writerow([csv_cell(v) for v in _ordered(record, columns, known)])
             count += 1
     return count
 
@@ -1153,7 +1190,8 @@ def write_rejects(
         writer.writerow([*columns, *REPORT_COLUMNS])
         for row, errors in rows_with_errors:
             cells = [row.values.get(name, "") for name in columns]
-            writer.writerow([*cells, str(row.number), " | ".join(str(e) for e in errors)])
+            report = [str(row.number), " | ".join(str(e) for e in errors)]
+            writer.writerow([csv_cell(cell) for cell in [*cells, *report]])
             count += 1
     return count
 

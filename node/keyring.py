@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tessera import crypto
+from tessera import crypto, passphrases
 from tessera.config import Argon2Profile, KekSource
 from tessera.errors import ConfigError, InvalidInput, KeyFileError, TamperedCiphertext
 from tessera.files import atomic_write
@@ -90,11 +91,18 @@ def new_kek_spec(source: KekSource, profile: Argon2Profile, key_file: Path | Non
     )
 
 
-def create(home: Path, spec: KekSpec, passphrase: str | None) -> Keyring:
-    """Generate a node's identity and record key and write them wrapped under a new KEK."""
+def create(
+    home: Path, spec: KekSpec, passphrase: str | None, context: Sequence[str] = ()
+) -> Keyring:
+    """Generate a node's identity and record key and write them wrapped under a new KEK.
+
+    A passphrase must pass the strength policy (tessera.passphrases; ``context`` names words an
+    attacker would try first, such as the agency's name): WeakPassphrase otherwise.
+    """
     path = home / KEYRING_FILE
     if path.exists():
         raise ConfigError(f"{path} already exists", hint="this home is already a node")
+    _require_strong(spec, passphrase, context)
     keyring = Keyring(crypto.Identity.generate(), crypto.DataKey.generate())
     _write(path, spec, spec.derive(passphrase), keyring)
     return keyring
@@ -129,8 +137,16 @@ def open_document(document: dict[str, Any], passphrase: str | None) -> Keyring:
     return Keyring(crypto.Identity.from_secret_bytes(identity_secret), record_key)
 
 
-def rotate(home: Path, keyring: Keyring, new_spec: KekSpec, new_passphrase: str | None) -> None:
-    """Re-wrap the keyring under a new KEK. Records and survivor keys are untouched."""
+def rotate(
+    home: Path,
+    keyring: Keyring,
+    new_spec: KekSpec,
+    new_passphrase: str | None,
+    context: Sequence[str] = (),
+) -> None:
+    """Re-wrap the keyring under a new KEK. Records and survivor keys are untouched. A new
+    passphrase must pass the strength policy, as at :func:`create`."""
+    _require_strong(new_spec, new_passphrase, context)
     _write(home / KEYRING_FILE, new_spec, new_spec.derive(new_passphrase), keyring)
 
 
@@ -143,6 +159,11 @@ def install_document(home: Path, document: dict[str, Any]) -> None:
     """Write a keyring document taken from a backup, atomically."""
     _spec_from(document)  # validate before replacing anything
     atomic_write(home / KEYRING_FILE, json.dumps(document, indent=2).encode())
+
+
+def _require_strong(spec: KekSpec, passphrase: str | None, context: Sequence[str]) -> None:
+    if spec.source is KekSource.PASSPHRASE and passphrase:
+        passphrases.require_strong(passphrase, context=context, what="node passphrase")
 
 
 # --- file format ---------------------------------------------------------------------------

@@ -10,7 +10,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from node.domain import AuditEntry, Case, CaseState, CaseSummary, Need, StaffMember, StaffRole
+from node.domain import (
+    AuditEntry,
+    Case,
+    CaseState,
+    CaseSummary,
+    DuplicatePolicy,
+    MatchRule,
+    Need,
+    RowAction,
+    RowOutcome,
+    StaffMember,
+    StaffRole,
+)
 from node.htcds import FIELD_NAMES, NeedCategory, NeedStatus
 from tessera.errors import InvalidInput
 from tessera.timestamps import to_timestamp
@@ -226,3 +238,63 @@ def audit_record_pb(entry: AuditEntry) -> node_pb.AuditRecord:
 def escrow_state_pb(state: str) -> node_pb.EscrowState.ValueType:
     """A node.escrow.EscrowState value ("confirmed", ...) as the wire enum."""
     return wire_enum(node_pb.EscrowState, "ESCROW_STATE_", state)
+
+
+def duplicate_policy(value: int) -> DuplicatePolicy:
+    """The import's duplicate policy from the wire; UNSPECIFIED is SKIP (the safe choice)."""
+    if value == node_pb.ON_DUPLICATE_UNSPECIFIED:
+        return DuplicatePolicy.SKIP
+    code = wire_code(node_pb.OnDuplicate, "ON_DUPLICATE_", value)
+    if code in DuplicatePolicy.__members__.values():
+        return DuplicatePolicy(code)
+    raise InvalidInput(
+        f"unknown on_duplicate value {value}",
+        hint=f"one of: {', '.join(p.value for p in DuplicatePolicy)}",
+    )
+
+
+def duplicate_policy_pb(policy: DuplicatePolicy) -> node_pb.OnDuplicate.ValueType:
+    """The wire enum value for a duplicate policy."""
+    return wire_enum(node_pb.OnDuplicate, "ON_DUPLICATE_", policy.value)
+
+
+def row_outcome_pb(outcome: RowOutcome) -> node_pb.RowOutcome:
+    """One row of an import's report for the wire."""
+    return node_pb.RowOutcome(
+        row=outcome.row,
+        action=wire_enum(node_pb.RowAction, "ROW_ACTION_", outcome.action.value),
+        case_id=outcome.case_id,
+        matched_case_ids=list(outcome.matched_cases),
+        matched_row=outcome.matched_row,
+        match=(
+            wire_enum(node_pb.MatchRule, "MATCH_RULE_", outcome.match.value)
+            if outcome.match
+            else node_pb.MATCH_RULE_UNSPECIFIED
+        ),
+        changed_fields=list(outcome.changed_fields),
+        note=outcome.note,
+    )
+
+
+def row_outcome(message: node_pb.RowOutcome) -> RowOutcome:
+    """One row of an import's report from the wire; InvalidInput for an action or rule this
+    version does not know."""
+    action = wire_code(node_pb.RowAction, "ROW_ACTION_", message.action)
+    rule = wire_code(node_pb.MatchRule, "MATCH_RULE_", message.match)
+    if action not in RowAction.__members__.values() or (
+        message.match and rule not in MatchRule.__members__.values()
+    ):
+        raise InvalidInput(
+            f"the node reported row {message.row} in a way this version does not know",
+            hint="upgrade tessera on this machine to the node's version",
+        )
+    return RowOutcome(
+        row=message.row,
+        action=RowAction(action),
+        case_id=message.case_id,
+        matched_cases=tuple(message.matched_case_ids),
+        matched_row=message.matched_row,
+        match=MatchRule(rule) if message.match else None,
+        changed_fields=tuple(message.changed_fields),
+        note=message.note,
+    )

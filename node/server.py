@@ -25,7 +25,7 @@ from node.store.escrow import EscrowStore
 from node.store.referrals import ReferralStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
-from tessera.credential import RUN_FILE
+from tessera.credential import RUN_FILE, RunLock, hold_serving_lock
 from tessera.db import database_answers
 from tessera.errors import TesseraError
 from tessera.logs import fields
@@ -53,6 +53,7 @@ class RunningNode:
     _enrolment_task: asyncio.Task[None] | None = None
     gate: escrow.EscrowGate | None = None
     escrow: escrow.EscrowWorker | None = None
+    run_lock: RunLock | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving and relaying, close the database, forget the run file."""
@@ -76,6 +77,9 @@ class RunningNode:
             self.metrics = None
         self.store.engine.dispose()
         (self.settings.home / RUN_FILE).unlink(missing_ok=True)
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
 
 async def start_node(
@@ -97,8 +101,30 @@ async def start_node(
     ``escrow_poll`` seconds, and checkpoints its audit head at least every
     ``checkpoint_seconds``.
     """
+    # Held for as long as this node serves (the kernel drops it if the process dies): it tells
+    # `node restore` whether a node really serves here, and keeps one from starting mid-restore.
+    run_lock = hold_serving_lock(settings.home)
+    try:
+        running = await _start(
+            settings, passphrase, health_interval, enrolment_poll, escrow_poll, checkpoint_seconds
+        )
+    except BaseException:
+        run_lock.release()
+        raise
+    running.run_lock = run_lock
+    return running
+
+
+async def _start(
+    settings: Settings,
+    passphrase: str | None,
+    health_interval: float,
+    enrolment_poll: float,
+    escrow_poll: float,
+    checkpoint_seconds: float,
+) -> RunningNode:
     keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
-    engine = await asyncio.to_thread(open_database, settings.effective_database_url)
+    engine = await asyncio.to_thread(open_database, settings.effective_database_url, keyring)
     # A restore killed halfway is finished before anything reads a case (node.backup).
     await asyncio.to_thread(finish_interrupted_restore, settings.home, engine, keyring)
     store = NodeStore(engine, keyring, settings.home)

@@ -24,9 +24,11 @@ import grpc.aio
 import tessera
 from node import backup, directory_sync, envelopes, escrow, htcds, serde, stats
 from node import consent as consent_mod
-from node.domain import CaseState, StaffRole
+from node.dedup import CASE_ID_COLUMN
+from node.domain import CaseState, DuplicatePolicy, StaffRole
 from node.envelopes import DeclineReason, ReferralStatus
 from node.keyring import KekSpec, Keyring, rotate
+from node.store import imports
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase, NodeStore
 from node.store.escrow import EscrowStore
@@ -254,10 +256,16 @@ class NodeServicer(node_grpc.NodeServicer):
         self, request: node_pb.EraseCaseRequest, context: Context
     ) -> node_pb.EraseCaseResponse:
         case_id = _case_id(request.case_id)
+        # Found before the erasure takes the case's identifiers with it; named, never erased.
+        # A node that may open no case (escrow unconfirmed) still erases, naming none.
+        opens = self._gate is None or self._gate.opens_cases()
+        others = await _run(imports.same_survivor_cases, self._store, case_id) if opens else []
         await _run(self._store.erase_case, _actor(), case_id)
         self._wake_escrow()  # the tombstone leaves for the broker now
         return node_pb.EraseCaseResponse(
-            case_id=case_id, erased_at=serde.timestamp(dt.datetime.now(dt.UTC))
+            case_id=case_id,
+            erased_at=serde.timestamp(dt.datetime.now(dt.UTC)),
+            same_survivor_case_ids=others,
         )
 
     async def SetNeed(
@@ -285,6 +293,7 @@ class NodeServicer(node_grpc.NodeServicer):
         )
         if suffix is None:
             raise InvalidInput("the file format is required", hint="csv or xlsx")
+        policy = serde.duplicate_policy(request.on_duplicate)
         events: asyncio.Queue[node_pb.ImportCasesEvent | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -292,7 +301,9 @@ class NodeServicer(node_grpc.NodeServicer):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         actor = _actor()
-        job = asyncio.ensure_future(asyncio.to_thread(self._import, actor, request, suffix, emit))
+        job = asyncio.ensure_future(
+            asyncio.to_thread(self._import, actor, request, suffix, policy, emit)
+        )
         job.add_done_callback(lambda _f: emit(None))
         while (event := await events.get()) is not None:
             yield event
@@ -304,6 +315,7 @@ class NodeServicer(node_grpc.NodeServicer):
         actor: str,
         request: node_pb.ImportCasesRequest,
         suffix: str,
+        policy: DuplicatePolicy,
         emit: Callable[[node_pb.ImportCasesEvent | None], None],
     ) -> node_pb.ImportResult:
         def progress(checked: int = 0, written: int = 0, total: int = 0) -> None:
@@ -328,17 +340,21 @@ class NodeServicer(node_grpc.NodeServicer):
         if report.bad and not request.skip_bad_rows:
             return node_pb.ImportResult(imported=0, rejected=len(report.bad), problems=problems)
         progress(report.rows, 0, report.rows)
-        cases = [NewCase(fields=values) for _n, values in report.good]
-        ids = self._store.create_cases(
+        outcome = imports.import_cases(
+            self._store,
             actor,
-            cases,
-            action="cases.import",
+            report.good,
+            policy,
             detail={"file": request.file_name[:200], "rejected": len(report.bad)},
             on_progress=lambda written: progress(report.rows, written, report.rows),
             idempotency_key=request.idempotency_key[:128],
         )
         return node_pb.ImportResult(
-            imported=len(ids), rejected=len(report.bad), problems=problems, case_ids=ids
+            imported=len(outcome.case_ids),
+            rejected=len(report.bad),
+            problems=problems,
+            case_ids=outcome.case_ids,
+            rows=[serde.row_outcome_pb(o) for o in outcome.rows],
         )
 
     async def ExportCases(
@@ -356,11 +372,11 @@ class NodeServicer(node_grpc.NodeServicer):
 
         def produce() -> tuple[bytes, int]:
             records = [
-                {**case.fields, "tessera_case_id": case.case_id}
+                {**case.fields, CASE_ID_COLUMN: case.case_id}
                 for case in self._store.export_cases(actor, state)
             ]
             with self._scratch_file(b"", suffix) as path:
-                write(path, records, ("tessera_case_id",))
+                write(path, records, (CASE_ID_COLUMN,))
                 return path.read_bytes(), len(records)
 
         content, total = await _run(produce)
@@ -465,8 +481,6 @@ class NodeServicer(node_grpc.NodeServicer):
 
         which = request.WhichOneof("new_key")
         if which == "new_passphrase":
-            if len(request.new_passphrase) < 8:
-                raise InvalidInput("the new passphrase is shorter than 8 characters")
             spec: KekSpec = new_kek_spec(KekSource.PASSPHRASE, self._settings.argon2, None)
             secret: str | None = request.new_passphrase
         elif which == "new_key_file":
@@ -476,7 +490,9 @@ class NodeServicer(node_grpc.NodeServicer):
             secret = None
         else:
             raise InvalidInput("give a new passphrase or a new key file")
-        await _run(rotate, self._settings.home, self._keyring, spec, secret)
+        # A weak new passphrase is refused there (tessera.passphrases), before anything changes.
+        words = (self._settings.name, self._settings.region)
+        await _run(rotate, self._settings.home, self._keyring, spec, secret, words)
         await _run(
             self._store.audit, _actor(), "keys.rotate_kek", None, {"source": spec.source.value}
         )

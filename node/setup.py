@@ -57,9 +57,11 @@ def init_node(spec: NodeInit, passphrase: str | None) -> Settings:
         argon2=spec.argon2,
     )
     kek_spec = keyring.new_kek_spec(spec.kek_source, spec.argon2, spec.key_file)
-    ring = keyring.create(home, kek_spec, passphrase)
+    ring = keyring.create(
+        home, kek_spec, passphrase, context=(spec.name, spec.admin_name, spec.region)
+    )
     tls.create_self_signed(settings.cert_path, settings.key_path, spec.name)
-    engine = open_database(settings.effective_database_url)
+    engine = open_database(settings.effective_database_url, ring)
     try:
         admin = crypto.Identity.generate()
         NodeStore(engine, ring, home).add_staff(
@@ -67,6 +69,15 @@ def init_node(spec: NodeInit, passphrase: str | None) -> Settings:
         )
     finally:
         engine.dispose()
+    # The first administrator's credential sits in the node's own home: it is locked the way
+    # the node is, by the node's passphrase (with a salt of its own) or by its key file.
+    lock: credential.Lock
+    if spec.kek_source is KekSource.PASSPHRASE and passphrase:
+        lock = credential.PassphraseLock(passphrase, keyring.argon2_params(spec.argon2))
+    elif spec.key_file is not None:
+        lock = credential.KeyFileLock(spec.key_file)
+    else:
+        raise ConfigError("no passphrase or key file to protect the node with", hint="see --help")
     credential.write(
         home,
         credential.Credential(
@@ -75,6 +86,7 @@ def init_node(spec: NodeInit, passphrase: str | None) -> Settings:
             node_address=spec.listen,
             node_certificate=settings.cert_path.read_bytes(),
         ),
+        lock,
     )
     config.write(settings)  # last: a home with a config file is a finished one
     return settings

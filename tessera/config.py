@@ -61,6 +61,9 @@ class Limits:
     """Safety limits, named in one place rather than scattered as literals."""
 
     max_message_bytes: int = 64 * 1024 * 1024
+    # The largest request a broker accepts (a node pushes at most 4 MiB of envelopes a call);
+    # replies, such as a batch of deliveries, may be up to max_message_bytes.
+    max_request_bytes: int = 16 * 1024 * 1024
     max_envelope_bytes: int = 1024 * 1024
     replay_window_seconds: int = 300
     rpc_deadline_seconds: float = 30.0

@@ -75,6 +75,7 @@ LABEL_ESCROW_CHAIN = b"tessera/v1/escrow-chain"  # digest chain over an agency's
 LABEL_CHECKPOINT_POSITION = b"tessera/v1/checkpoint-position"  # audit head, sealed to itself
 LABEL_AUDIT_CHECKPOINT = b"tessera/v1/audit-checkpoint"  # broker-signed audit checkpoint
 LABEL_RECORD_SEAL = b"tessera/v1/record-seal"  # MAC pinning a record's current version
+LABEL_NEED_INDEX = b"tessera/v1/need-index"  # derive_key label: a case's own need-row key
 
 # Internal labels: never needed by callers.
 _LABEL_SEED_SIGNING = b"tessera/v1/seed/ed25519"

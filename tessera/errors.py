@@ -146,6 +146,10 @@ class InvalidInput(TesseraError):
     kind = ErrorKind.INVALID_INPUT
 
 
+class WeakPassphrase(InvalidInput):
+    """A new passphrase (node or staff credential) is below the strength policy (exit 7)."""
+
+
 class Refused(TesseraError):
     """A policy refuses the action: no or expired consent, budget spent, below threshold."""
 

@@ -155,7 +155,7 @@ def current_caller() -> Caller:
 
 class _Raw(NamedTuple):
     body: bytes
-    message: Any  # the parsed request, or None when the bytes did not parse
+    parse: Callable[[bytes], Any] | None  # the method's deserializer, run only once admitted
 
 
 class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
@@ -212,11 +212,11 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         needs_auth = self._authenticator is not None and method not in self._public_methods
         original_deserializer = handler.request_deserializer
 
+        # Keep the bytes; parse only once the signature over them verifies, so an unsigned or
+        # forged request costs no protobuf parsing (and a request's signature covers exactly
+        # the bytes received).
         def keep_raw(body: bytes) -> _Raw:
-            try:
-                return _Raw(body, original_deserializer(body) if original_deserializer else body)
-            except DecodeError:
-                return _Raw(body, None)
+            return _Raw(body, original_deserializer)
 
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
@@ -237,8 +237,8 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = "OK"
             try:
-                await self._admit(method, context, raw, needs_auth)
-                return await inner(raw.message, context)
+                message = await self._admit(method, context, raw, needs_auth)
+                return await inner(message, context)
             except TesseraError as exc:
                 code = status_code(exc.kind).name
                 await _abort(context, exc, method)
@@ -261,8 +261,8 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = "OK"
             try:
-                await self._admit(method, context, raw, needs_auth)
-                result = inner(raw.message, context)
+                message = await self._admit(method, context, raw, needs_auth)
+                result = inner(message, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
@@ -288,18 +288,28 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
         context: grpc.aio.ServicerContext[Any, Any],
         raw: _Raw,
         needs_auth: bool,
-    ) -> None:
-        if raw.message is None:
+    ) -> Any:
+        """Authenticate the request's bytes, then parse them: the request message."""
+        if needs_auth and self._authenticator is not None:
+            await self._authenticate(method, context, raw.body)
+        if raw.parse is None:
+            return raw.body
+        try:
+            return raw.parse(raw.body)
+        except DecodeError:
             raise errors.InvalidInput(
                 f"the request to {method} is not a valid protobuf message",
                 hint="check that client and server run the same Tessera version",
-            )
-        if not needs_auth or self._authenticator is None:
-            return
+            ) from None
+
+    async def _authenticate(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], body: bytes
+    ) -> None:
+        assert self._authenticator is not None
         try:
             metadata = tuple(context.invocation_metadata() or ())
             signature = crypto.RequestSignature.from_metadata(metadata)
-            crypto.verify_request(signature.signer, method, raw.body, signature, self._guard)
+            crypto.verify_request(signature.signer, method, body, signature, self._guard)
             if self._shared_nonces is not None:
                 signed_at = datetime.datetime.fromtimestamp(
                     signature.timestamp_ms / 1000, datetime.UTC
@@ -330,9 +340,19 @@ async def _abort(
     )
     trailing = [(ERROR_KIND_KEY, exc.kind.name)]
     if exc.hint:
-        trailing.append((ERROR_HINT_KEY, exc.hint))
+        trailing.append((ERROR_HINT_KEY, _bounded(exc.hint, _MAX_HINT_CHARS)))
     context.set_trailing_metadata(tuple(trailing))
-    await context.abort(status_code(exc.kind), exc.message)
+    await context.abort(status_code(exc.kind), _bounded(exc.message, _MAX_MESSAGE_CHARS))
+
+
+# A status travels in HTTP/2 headers (8 KiB by default): an error longer than these is cut, with
+# a mark, so the caller always gets its status rather than a broken stream.
+_MAX_MESSAGE_CHARS = 2000
+_MAX_HINT_CHARS = 1000
+
+
+def _bounded(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
@@ -397,13 +417,22 @@ async def start_server(
     key_pem: bytes,
     interceptor: TesseraServerInterceptor,
     max_message_bytes: int,
+    max_request_bytes: int | None = None,
 ) -> RunningServer:
-    """Start a TLS gRPC server with health checking, reflection and Tessera's interceptor."""
+    """Start a TLS gRPC server with health checking, reflection and Tessera's interceptor.
+
+    ``max_request_bytes`` (default ``max_message_bytes``) caps what one request may hold: gRPC
+    refuses a larger one from its length prefix (RESOURCE_EXHAUSTED) before buffering it, so a
+    flood of large unsigned requests cannot take the server's memory.
+    """
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_request_bytes or max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # Never share a port with another process (gRPC turns SO_REUSEPORT on by default):
+            # a second server on a taken port fails to start instead of splitting the calls.
+            ("grpc.so_reuseport", 0),
         ],
     )
     for add in add_services:
@@ -413,7 +442,10 @@ async def start_server(
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
-    port = server.add_secure_port(listen, credentials)
+    try:
+        port = server.add_secure_port(listen, credentials)
+    except RuntimeError:  # grpc.aio raises where the sync server returned 0
+        port = 0
     if port == 0:
         raise errors.ConfigError(
             f"cannot listen on {listen}",
@@ -584,8 +616,13 @@ class CredentialClient:
     manager exist once.
     """
 
-    def __init__(self, home: Path, limits_bytes: int = 64 * 1024 * 1024) -> None:
-        held = credential.read(home)
+    def __init__(
+        self,
+        home: Path,
+        limits_bytes: int = 64 * 1024 * 1024,
+        unlock: credential.Unlock | None = None,
+    ) -> None:
+        held = credential.read(home, unlock)
         self.address = credential.resolve_address(home, held)
         self.certificate = held.node_certificate
         self.channel = open_channel(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -36,9 +37,14 @@ class Schema:
         cfg.set_main_option("script_location", str(resources.files(self.package) / "migrations"))
         return cfg
 
-    def migrate(self, engine: Engine) -> None:
-        """Bring the schema to the newest revision (a no-op when it is already there)."""
+    def migrate(self, engine: Engine, attributes: dict[str, Any] | None = None) -> None:
+        """Bring the schema to the newest revision (a no-op when it is already there).
+
+        ``attributes`` reach the revisions in ``config.attributes`` (say the node's keyring, for
+        a revision that must encrypt).
+        """
         cfg = self._config()
+        cfg.attributes.update(attributes or {})
         with engine.begin() as connection:
             if connection.dialect.name == "sqlite":
                 # Python's sqlite3 driver opens no transaction before DDL, so each CREATE TABLE
@@ -67,11 +73,11 @@ class Schema:
         """The newest revision this version of Tessera knows."""
         return ScriptDirectory.from_config(self._config()).get_current_head()
 
-    def open_database(self, url: str) -> Engine:
+    def open_database(self, url: str, attributes: dict[str, Any] | None = None) -> Engine:
         """An engine on ``url`` with the schema migrated; Unavailable if it cannot be reached."""
         engine = make_engine(url)
         try:
-            self.migrate(engine)
+            self.migrate(engine, attributes)
         except OperationalError as exc:
             engine.dispose()
             raise Unavailable(

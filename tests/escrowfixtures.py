@@ -34,7 +34,14 @@ from tessera.config import Settings
 from tessera.errors import TesseraError
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
-from tests.support import PASSPHRASE, BackgroundBroker, BackgroundNode, make_broker, make_node
+from tests.support import (
+    PASSPHRASE,
+    BackgroundBroker,
+    BackgroundNode,
+    make_broker,
+    make_node,
+    unlock,
+)
 
 AGENCY = "harbour-shelter"
 
@@ -92,7 +99,7 @@ class Site:
         return self.node.running.escrow
 
     def client(self) -> NodeClient:
-        return NodeClient(self.home)
+        return NodeClient(self.home, unlock=unlock)
 
     def sql(self, statement: str, **params: Any) -> list[Any]:
         """Raw SQL on the node's database, in a transaction of its own (the attacker's tool)."""

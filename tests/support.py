@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -18,6 +21,13 @@ from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
 
 PASSPHRASE = "a long test passphrase"
+CASEWORKER_PASSPHRASE = "ledger orchid tramline quiet"
+
+
+def unlock() -> str:
+    """The passphrase that opens the administrator's credential in a node home made here (the
+    node's own, as ``node init`` locks it)."""
+    return PASSPHRASE
 
 
 def make_node(home: Path, name: str = "Harbour Shelter", database_url: str = "") -> Settings:
@@ -181,3 +191,19 @@ def enrolled_node(
         code = operator.enrolment_code(agency_id, 1)
     directory_sync.enrol(home, identity, code, settings.name, list(services))
     return settings
+
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
+    """``probe()`` once it returns something truthy; AssertionError naming ``what`` after
+    ``timeout`` seconds (servers work in the background: wait on what they store, not sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

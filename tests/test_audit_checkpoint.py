@@ -33,7 +33,7 @@ from tests.escrowfixtures import (
     site_fixture,  # noqa: F401  (fixture)
 )
 from tests.nodefixtures import db_url_fixture  # noqa: F401  (fixture)
-from tests.support import PASSPHRASE, BackgroundNode, make_node
+from tests.support import CASEWORKER_PASSPHRASE, PASSPHRASE, BackgroundNode, make_node
 
 T = TypeVar("T")
 CLINIC = "lighthouse-clinic"
@@ -84,6 +84,7 @@ def _staff_home(site: Site, name: str, role: StaffRole, folder: Path) -> Path:
             node_address=site.node.address,
             node_certificate=site.settings.cert_path.read_bytes(),
         ),
+        credential.PassphraseLock(CASEWORKER_PASSPHRASE, crypto.Argon2Params.TEST_CHEAP),
     )
     return folder
 
@@ -203,7 +204,7 @@ def test_audit_show_says_who_opened_a_case_and_when_for_administrators_only(
     ids = site.seed(2)
     ana = _staff_home(site, "Ana Ruiz", StaffRole.CASEWORKER, tmp_path / "ana")
     started = dt.datetime.now(dt.UTC)
-    with NodeClient(ana) as client:
+    with NodeClient(ana, unlock=lambda: CASEWORKER_PASSPHRASE) as client:
         client.get_case(ids[0])
         client.get_case(ids[1])
         refused = attempt(client.audit_entries, ids[0])

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 GROUPS = ["node", "broker", "case", "consent", "referral", "stats", "agency", "demo"]
 
 
@@ -47,3 +49,13 @@ def test_every_group_is_built() -> None:
     result = tessera("stats", "--help")
     assert result.returncode == 0
     assert "budget" in result.stdout and "not built yet" not in result.stdout
+
+
+def test_table_cells_are_data_never_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.output import OutputFormat, render
+
+    hostile = "[/bold] [red]alarm[/red] [link=http://x]y[/link]"
+    render([{"reason": hostile}], OutputFormat.TABLE, title="[bold]t[/bold]")
+    printed = capsys.readouterr().out
+    assert "[/bold]" in printed and "[red]alarm[/red]" in printed
+    assert "[bold]t[/bold]" in printed

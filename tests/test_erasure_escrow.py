@@ -55,7 +55,7 @@ from tests.nodefixtures import (
     db_url_fixture,  # noqa: F401  (fixture)
     extra_postgres_database,
 )
-from tests.support import PASSPHRASE
+from tests.support import PASSPHRASE, unlock
 
 
 def _erased_everywhere(site: Site, case_id: str, record: dict[str, str]) -> None:
@@ -222,7 +222,7 @@ def test_a_host_rebuilt_from_a_backup_on_an_empty_machine_keeps_the_erasure(
     offsite = tmp_path / "offsite.tbk"
     shutil.copy2(made["path"], offsite)
     _morning(site, ids[0], "Leaving Soon")
-    admin = credential.read(site.home)
+    admin = credential.read(site.home, unlock)
     site.stop()
 
     # A new machine: an empty home with the node's settings and a new certificate, an empty
@@ -235,7 +235,9 @@ def test_a_host_rebuilt_from_a_backup_on_an_empty_machine_keeps_the_erasure(
         config.write(rebuilt)
         tls.create_self_signed(rebuilt.cert_path, rebuilt.key_path, rebuilt.name)
         credential.write(
-            home, dataclasses.replace(admin, node_certificate=rebuilt.cert_path.read_bytes())
+            home,
+            dataclasses.replace(admin, node_certificate=rebuilt.cert_path.read_bytes()),
+            credential.PassphraseLock(PASSPHRASE, crypto.Argon2Params.TEST_CHEAP),
         )
         engine = open_database(rebuilt.effective_database_url)
         try:

@@ -27,6 +27,8 @@ from node.htcds import (
     NeedCategory,
     NeedStatus,
     count_rows,
+    csv_cell,
+    csv_value,
     read_table,
     synthetic_records,
     validate_file,
@@ -619,3 +621,65 @@ def test_synthetic_records_are_valid_fictional_and_deterministic() -> None:
     for name in coded:
         assert any(name in record for record in records), name
     assert {r["prs_Gender"] for r in records} == set(FIELD_BY_NAME["prs_Gender"].choices)
+
+
+# --- attacks on the CSV path (issue 16) ---------------------------------------------------------
+
+FORMULAS = [
+    '=HYPERLINK("http://evil","click")',
+    "+1-202-555-0100",
+    "-2+3",
+    "@SUM(A1)",
+    "'=already quoted",
+    "''",
+    "'plain apostrophe",
+]
+
+
+def test_exported_csv_cells_never_start_a_formula_and_read_back_unchanged(tmp_path: Path) -> None:
+    """OWASP: a cell starting = + - @ TAB or CR is prefixed with ' on export, and that quote
+    alone is removed on import, so every value round-trips, the phone numbers included."""
+    records = [
+        {**record, "cas_IncomingReferralDetails": value}
+        for record, value in zip(synthetic_records(len(FORMULAS), seed=5), FORMULAS, strict=True)
+    ]
+    path = tmp_path / "export.csv"
+    write_csv(path, records)
+    import csv as csv_module
+
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        cells = [cell for row in csv_module.reader(handle) for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    # Leading TAB or CR (which validation trims from a field) are neutralised all the same.
+    for value in ("\tx", "\rx", *FORMULAS):
+        assert csv_value(csv_cell(value)) == value and csv_cell(value)[:1] not in "=+-@\t\r"
+    report = validate_file(path)
+    assert report.bad == []
+    assert [values for _n, values in report.good] == records
+    # The rejects file a person opens in Excel is neutralised the same way.
+    rejects = tmp_path / "rejects.csv"
+    bad = [dict(r, prs_Citizenship="XX") for r in records]
+    write_csv(tmp_path / "bad.csv", bad)
+    validated = validate_file(tmp_path / "bad.csv")
+    write_rejects(rejects, validated.header, validated.rejects())
+    with rejects.open(encoding="utf-8-sig", newline="") as handle:
+        cells = [cell for row in csv_module.reader(handle) for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+
+
+def test_a_csv_ending_inside_an_open_quote_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cut.csv"
+    path.write_text('prs_FirstName,prs_SecondName\nAna,"Ruiz\nBo,Lind\n', encoding="utf-8")
+    with pytest.raises(InvalidInput, match="is not valid CSV"):
+        validate_file(path)
+
+
+def test_thousands_of_unknown_columns_get_a_short_error(tmp_path: Path) -> None:
+    path = tmp_path / "wide.csv"
+    header = ["prs_FirstName", *(f"junk_{i}" for i in range(5000))]
+    path.write_text(",".join(header) + "\n" + "Ana" + "," * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(InvalidInput) as caught:
+        validate_file(path)
+    message = caught.value.message
+    assert "5000 column(s)" in message and "and 4990 more" in message
+    assert len(message) < 1500

@@ -33,7 +33,14 @@ from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
-from tests.support import PASSPHRASE, BackgroundBroker, BackgroundNode, make_broker, make_node
+from tests.support import (
+    PASSPHRASE,
+    BackgroundBroker,
+    BackgroundNode,
+    make_broker,
+    make_node,
+    unlock,
+)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 GET_STATUS = "/tessera.v1.Node/GetStatus"
@@ -92,7 +99,7 @@ def test_node_counts_calls_refusals_and_cases(node: BackgroundNode) -> None:
     assert node.running.metrics.port == port
     before = scrape(port)
 
-    with NodeClient(node.settings.home) as admin:
+    with NodeClient(node.settings.home, unlock=unlock) as admin:
         for _ in range(3):
             assert admin.status()["name"] == "Harbour Shelter"
     cert = node.settings.cert_path.read_bytes()

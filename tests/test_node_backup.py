@@ -421,3 +421,39 @@ def test_a_damaged_backup_is_named_and_the_operator_told_what_to_do(nodes: NodeF
     assert isinstance(info.value, TamperedCiphertext)
     assert made.path.name in str(info.value)
     assert "another copy" in (info.value.hint or "")
+
+
+def test_a_backup_taken_before_needs_were_sealed_restores_them_sealed(
+    nodes: NodeFactory, db_url: str
+) -> None:
+    node = nodes.make(db_url)
+    ids, _records = _seed(node, 3)
+    node.store.set_need("maria", ids[1], NeedCategory.MEDICAL, NeedStatus.MET)
+    expected = {c.case_id: c.needs for c in node.store.read_cases(ids)}
+    made = create_backup(node.store, node.home, node.home / "backups", "admin")
+    # Rewrite the backup as schema 0004 wrote need rows: category, status and dates in clear.
+    header, keyring, snapshot = read_backup(made.path, PASSPHRASE)
+    snapshot["need"] = [
+        {
+            "id": index + 1,
+            "case_id": case_id,
+            "category": need.category.value,
+            "status": need.status.value,
+            "identified_on": {"iso": need.identified_on.isoformat(), "kind": "date"},
+            "updated_at": {"iso": need.updated_at.isoformat(), "kind": "datetime"},
+        }
+        for index, (case_id, need) in enumerate(
+            (c, n) for c, needs in expected.items() for n in needs
+        )
+    ]
+    associated = b"tessera/v1|backup|" + header["taken_at"].encode()
+    body = crypto.encrypt(backup._body_key(keyring), json.dumps(snapshot).encode(), associated)
+    old = made.path.with_name("old-format.tbk")
+    old.write_bytes(backup._MAGIC + json.dumps(header).encode() + b"\n" + body)
+    node.store.set_need("maria", ids[0], NeedCategory.FAMILY, NeedStatus.REFERRED)
+
+    restore_backup(node.home, node.engine, old, PASSPHRASE)
+
+    assert {c.case_id: c.needs for c in node.store.read_cases(ids)} == expected
+    assert node.sql("SELECT count(*) FROM need WHERE ciphertext IS NULL") == [(0,)]
+    assert node.store.verify_audit().ok

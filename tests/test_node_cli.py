@@ -177,16 +177,45 @@ def test_import_reports_rows_and_writes_rejects(served: Path, tmp_path: Path) ->
     assert len(exported.read_text(encoding="utf-8-sig").splitlines()) == 30  # header + 29
 
 
+ANA_PASSPHRASE = "ledger orchid tramline quiet"
+
+
 def test_staff_credential_for_a_caseworker(served: Path, tmp_path: Path) -> None:
     ana = tmp_path / "ana"
-    added = tessera(served, "node", "staff", "add", "Ana Ruiz", "--out-home", str(ana))
+    added = tessera(
+        served,
+        "node",
+        "staff",
+        "add",
+        "Ana Ruiz",
+        "--out-home",
+        str(ana),
+        TESSERA_NEW_PASSPHRASE=ANA_PASSPHRASE,
+    )
     assert added.returncode == 0, added.stderr
     assert (ana / "credential.json").stat().st_mode & 0o077 == 0
-    status = json.loads(tessera(ana, "node", "status", "-f", "json").stdout)
+    as_ana = {"TESSERA_PASSPHRASE": ANA_PASSPHRASE}
+    status = json.loads(tessera(ana, "node", "status", "-f", "json", **as_ana).stdout)
     assert status["your_role"] == "caseworker"
-    denied = tessera(ana, "case", "export", str(tmp_path / "x.csv"))
+    denied = tessera(ana, "case", "export", str(tmp_path / "x.csv"), **as_ana)
     assert denied.returncode == 5
     assert "caseworkers may not call ExportCases" in denied.stderr
     assert tessera(served, "node", "staff", "remove", "Ana Ruiz").returncode == 0
-    gone = tessera(ana, "node", "status")
+    gone = tessera(ana, "node", "status", **as_ana)
     assert gone.returncode == 4
+
+
+def test_a_header_of_thousands_of_unknown_columns_is_refused_clearly(
+    served: Path, tmp_path: Path
+) -> None:
+    """Over the wire: the refusal names the first columns and counts the rest (it used to be too
+    long for a gRPC status), and nothing is imported."""
+    wide = tmp_path / "wide.csv"
+    header = ["prs_FirstName", *(f"column_{i}_" + "x" * 40 for i in range(4000))]
+    wide.write_text(",".join(header) + "\nAna" + "," * 4000 + "\n", encoding="utf-8")
+    refused = tessera(served, "case", "import", str(wide))
+    assert refused.returncode == 7, refused.stderr
+    assert "4000 column(s) that are not HTCDS v2.0 fields" in refused.stderr
+    assert "and 3990 more" in refused.stderr
+    listed = json.loads(tessera(served, "case", "list", "-f", "json").stdout)
+    assert listed == []

@@ -38,6 +38,7 @@ from tests.support import (
     make_node,
     receive,
     send,
+    unlock,
 )
 
 NOW = dt.datetime(2026, 10, 15, 12, 0, tzinfo=dt.UTC)
@@ -231,7 +232,7 @@ class Pair:
 
     def refer(self) -> str:
         """Harbour grants consent and sends lantern a referral; its id."""
-        with NodeClient(self.harbour.settings.home) as harbour:
+        with NodeClient(self.harbour.settings.home, unlock=unlock) as harbour:
             case = harbour.create_case(
                 {"prs_FirstName": "Mirelka"}, "", [(NeedCategory.MEDICAL, NeedStatus.IDENTIFIED)]
             )
@@ -252,7 +253,7 @@ class Pair:
         return str(sent["referral_id"])
 
     def inbox(self) -> list[str]:
-        with NodeClient(self.lantern.settings.home) as lantern:
+        with NodeClient(self.lantern.settings.home, unlock=unlock) as lantern:
             return [r["referral_id"] for r in lantern.inbox(True)]
 
 

@@ -17,7 +17,7 @@ from tessera.config import Limits
 from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
-from tests.support import BackgroundNode, make_node
+from tests.support import CASEWORKER_PASSPHRASE, BackgroundNode, make_node, unlock
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def node(tmp_path: Path) -> Iterator[BackgroundNode]:
 
 @pytest.fixture
 def admin(node: BackgroundNode) -> Iterator[NodeClient]:
-    with NodeClient(node.settings.home) as client:
+    with NodeClient(node.settings.home, unlock=unlock) as client:
         yield client
 
 
@@ -58,8 +58,9 @@ def _caseworker(node: BackgroundNode, admin: NodeClient, tmp_path: Path) -> Node
             node_address=node.address,
             node_certificate=node.settings.cert_path.read_bytes(),
         ),
+        credential.PassphraseLock(CASEWORKER_PASSPHRASE, crypto.Argon2Params.TEST_CHEAP),
     )
-    return NodeClient(home)
+    return NodeClient(home, unlock=lambda: CASEWORKER_PASSPHRASE)
 
 
 def test_health_and_reflection_answer_without_credentials(node: BackgroundNode) -> None:
@@ -100,7 +101,7 @@ def test_unknown_key_is_refused_and_audited(node: BackgroundNode) -> None:
 
 
 def test_replayed_request_is_refused(node: BackgroundNode) -> None:
-    identity = credential.read(node.settings.home).identity
+    identity = credential.read(node.settings.home, unlock).identity
     cert = node.settings.cert_path.read_bytes()
     channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
     stub = node_grpc.NodeStub(channel)
@@ -117,7 +118,7 @@ def test_replayed_request_is_refused(node: BackgroundNode) -> None:
 
 
 def test_signature_over_other_body_is_refused(node: BackgroundNode) -> None:
-    identity = credential.read(node.settings.home).identity
+    identity = credential.read(node.settings.home, unlock).identity
     cert = node.settings.cert_path.read_bytes()
     channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
     stub = node_grpc.NodeStub(channel)
@@ -239,7 +240,7 @@ def test_export_round_trips_through_htcds(admin: NodeClient, tmp_path: Path) -> 
 
 
 def test_malformed_request_bytes_get_invalid_argument(node: BackgroundNode) -> None:
-    identity = credential.read(node.settings.home).identity
+    identity = credential.read(node.settings.home, unlock).identity
     cert = node.settings.cert_path.read_bytes()
     channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
     garbage = b"\xff\xff\xff\xff"
@@ -254,7 +255,7 @@ def test_malformed_request_bytes_get_invalid_argument(node: BackgroundNode) -> N
 
 
 def test_stale_timestamp_is_refused(node: BackgroundNode) -> None:
-    identity = credential.read(node.settings.home).identity
+    identity = credential.read(node.settings.home, unlock).identity
     cert = node.settings.cert_path.read_bytes()
     channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
     request = node_pb.GetStatusRequest()
@@ -270,7 +271,7 @@ def test_stale_timestamp_is_refused(node: BackgroundNode) -> None:
 def test_a_repeated_create_with_the_same_idempotency_key_creates_one_case(
     node: BackgroundNode,
 ) -> None:
-    stub = _stub(node, credential.read(node.settings.home).identity)
+    stub = _stub(node, credential.read(node.settings.home, unlock).identity)
     request = node_pb.CreateCaseRequest(idempotency_key="retry-1")
     first = stub.CreateCase(request, timeout=5).case.case_id
     second = stub.CreateCase(request, timeout=5).case.case_id

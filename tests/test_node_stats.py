@@ -520,6 +520,7 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
         BackgroundNode,
         enrolled_node,
         make_broker,
+        unlock,
     )
 
     broker = BackgroundBroker(make_broker(tmp_path / "broker"))
@@ -536,7 +537,7 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
                     directory_sync.mark_verified(s.home, other)
         running = [BackgroundNode(s) for s in settings]
         for index, s in enumerate(settings):
-            with NodeClient(s.home) as client:
+            with NodeClient(s.home, unlock=unlock) as client:
                 for _ in range(index + 1):  # node-a 1, node-b 2, node-c 3 unmet medical needs
                     client.create_case(
                         {"prs_FirstName": "X"}, "", [(NeedCategory.MEDICAL, NeedStatus.UNMET)]
@@ -584,11 +585,13 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
         assert isinstance(missing.exception, NotFound)  # main() prints it with its hint
         assert "stats round open" in (missing.exception.hint or "")
         budget = runner.invoke(
-            app, ["--home", str(settings[0].home), "stats", "budget", "--format", "json"]
+            app,
+            ["--home", str(settings[0].home), "stats", "budget", "--format", "json"],
+            env={"TESSERA_PASSPHRASE": PASSPHRASE},  # opens the admin credential in the home
         )
         assert budget.exit_code == 0 and json.loads(budget.output)[-1]["spent"] == 1.0
         for s in settings:
-            with NodeClient(s.home) as client:
+            with NodeClient(s.home, unlock=unlock) as client:
                 (ledger,) = client.budget(period)
             assert ledger["spent"] == 1.0 and ledger["remaining"] == 0.0
             assert [c["round_id"] for c in ledger["charges"]] == [opened["round_id"]]

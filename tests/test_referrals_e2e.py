@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +18,14 @@ from node.client import NodeClient
 from node.htcds import NeedCategory
 from node.store.tables import IncomingReferralRow, OutboxRow
 from tessera.errors import Refused
-from tests.support import BackgroundBroker, BackgroundNode, enrolled_node, make_broker
+from tests.support import (
+    BackgroundBroker,
+    BackgroundNode,
+    enrolled_node,
+    make_broker,
+    unlock,
+    wait_for,
+)
 
 T = TypeVar("T")
 
@@ -40,7 +47,7 @@ class Net:
     nodes: dict[str, BackgroundNode]
 
     def client(self, agency_id: str) -> NodeClient:
-        return NodeClient(self.nodes[agency_id].settings.home)
+        return NodeClient(self.nodes[agency_id].settings.home, unlock=unlock)
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +64,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         for node in nodes.values():
             node.stop()
         broker.stop()
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def new_case(client: NodeClient, need: NeedCategory = NeedCategory.MEDICAL) -> str:

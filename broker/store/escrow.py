@@ -20,7 +20,6 @@ from broker.store._base import StoreBase, check_id, check_time
 from broker.store.tables import AuditCheckpointRow, EscrowTombstoneRow
 from tessera import crypto, escrow
 from tessera.errors import InvalidInput
-from tessera.v1 import common_pb2 as common_pb
 
 _LABEL_ESCROW_LOCK = b"tessera/v1/broker/escrow-lock"
 _LOCK = text("SELECT pg_advisory_xact_lock(:key)")
@@ -139,9 +138,10 @@ class EscrowStore(StoreBase):
         self,
         agency_id: str,
         now: dt.datetime,
-        sign: Callable[[int, bytes], common_pb.SignedBlob],
-    ) -> common_pb.SignedBlob:
-        """Append the agency's next checkpoint: ``sign(number, previous)`` makes its signed body."""
+        sign: Callable[[int, bytes], tuple[bytes, bytes]],
+    ) -> tuple[bytes, bytes]:
+        """Append the agency's next checkpoint: ``sign(number, previous)`` makes its signed body
+        and signature, which are returned as stored."""
         agency_id = check_id(agency_id, "agency_id")
         check_time(now, "now")
         with self._writing("store the checkpoint") as session:
@@ -149,17 +149,17 @@ class EscrowStore(StoreBase):
             last = self._latest(session, agency_id)
             number = 1 if last is None else last.number + 1
             previous = bytes(32) if last is None else escrow.checkpoint_digest(last.body)
-            blob = sign(number, previous)
+            body, signature = sign(number, previous)
             session.add(
                 AuditCheckpointRow(
                     agency_id=agency_id,
                     number=number,
-                    body=bytes(blob.body),
-                    signature=bytes(blob.signature),
+                    body=body,
+                    signature=signature,
                     checkpointed_at=now,
                 )
             )
-        return blob
+        return body, signature
 
     def latest_checkpoint(self, agency_id: str) -> tuple[bytes, bytes] | None:
         """The agency's latest checkpoint as (signed body, signature), or None."""

@@ -10,6 +10,9 @@ noised, and both are dropped once summed.
 Every check that decides whether a share counts (the attempt is still the current one and
 open) is made again inside the write transaction that stores the share, under a lock on the
 round's row, so a restart and a last share cannot both win, and a release is made exactly once.
+Declines and cancellations are checked the same way: a decline lands only on the current attempt
+of an open round from a participant that has not submitted to it, and a cancel and a last share
+cannot both win either.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from broker.store._base import StoreBase, check_count, check_id, check_time
 from broker.store.tables import (
+    REASON_CHARS,
     StatsAttemptRow,
+    StatsDeclineRow,
     StatsParticipantRow,
     StatsReleaseRow,
     StatsRoundRow,
     StatsShareRow,
 )
 from tessera import crypto
-from tessera.errors import Conflict, InvalidInput, NotFound, Refused
+from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Refused
 
 # Round states, as the numbers of tessera.v1.RoundState.
 STATE_OPEN = 1
@@ -57,6 +62,29 @@ def unpack_cells(raw: bytes) -> list[int]:
     return list(struct.unpack(f"<{len(raw) // 8}Q", raw))
 
 
+def check_reason(reason: str, name: str = "reason") -> str:
+    """A decline's or a cancellation's reason: one line of 1 to 300 printable characters (it is
+    shown to coordinators as it is, so no control characters that could rewrite a terminal)."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidInput(f"a {name} is required", hint="say why, in a few words")
+    if len(reason) > REASON_CHARS:
+        raise InvalidInput(
+            f"a {name} is at most {REASON_CHARS} characters; this one has {len(reason)}"
+        )
+    if not reason.isprintable():
+        raise InvalidInput(f"a {name} is one line of printable text (no control characters)")
+    return reason
+
+
+@dataclass(frozen=True)
+class StoredDecline:
+    """A participant's refusal of the current attempt."""
+
+    agency_id: str
+    reason: str
+    declined_at: dt.datetime
+
+
 @dataclass(frozen=True)
 class StoredRound:
     """A round with its current attempt's signed bytes and progress."""
@@ -71,6 +99,10 @@ class StoredRound:
     submitted: tuple[str, ...]
     release_id: str | None
     attempt_timeout_seconds: int
+    # Declines of the current attempt, ascending by agency id (byte order).
+    declines: tuple[StoredDecline, ...] = ()
+    # ABANDONED only: why a coordinator cancelled the round.
+    cancel_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +267,11 @@ class StatsStore(StoreBase):
             .where(StatsShareRow.round_id == row.round_id)
             .where(StatsShareRow.attempt == row.attempt)
         ).all()
+        declines = session.exec(
+            select(StatsDeclineRow)
+            .where(StatsDeclineRow.round_id == row.round_id)
+            .where(StatsDeclineRow.attempt == row.attempt)
+        ).all()
         return StoredRound(
             round_id=row.round_id,
             state=row.state,
@@ -246,6 +283,11 @@ class StatsStore(StoreBase):
             submitted=tuple(sorted(submitted, key=str.encode)),
             release_id=row.release_id,
             attempt_timeout_seconds=row.attempt_timeout_seconds,
+            declines=tuple(
+                StoredDecline(d.agency_id, d.reason, d.declined_at)
+                for d in sorted(declines, key=lambda d: d.agency_id.encode())
+            ),
+            cancel_reason=row.cancel_reason,
         )
 
     def _locked_round(self, session: Session, round_id: str) -> StatsRoundRow:
@@ -305,6 +347,13 @@ class StatsStore(StoreBase):
                     cells=packed,
                     submitted_at=check_time(now, "now"),
                 )
+            )
+            # A participant that declined and then submitted after all has not declined.
+            session.execute(
+                delete(StatsDeclineRow)
+                .where(col(StatsDeclineRow.round_id) == round_id)
+                .where(col(StatsDeclineRow.attempt) == attempt)
+                .where(col(StatsDeclineRow.agency_id) == agency_id)
             )
             session.flush()
             stored = self._stored(session, row)
@@ -379,6 +428,83 @@ class StatsStore(StoreBase):
                 session, round_id, attempt + 1, body, signature, deadline, participants
             )
             row.attempt = attempt + 1
+            session.add(row)
+            session.flush()
+            return self._stored(session, row)
+
+    # --- declines and cancellation ------------------------------------------------------------
+
+    def decline(
+        self, *, round_id: str, attempt: int, agency_id: str, reason: str, now: dt.datetime
+    ) -> StoredRound:
+        """Record that ``agency_id`` will not submit to ``attempt`` (the current attempt of an open
+        round, which lists it and has no share from it), and why. Repeating the same reason
+        changes nothing (the first time is kept); a new reason replaces the old one."""
+        check_reason(reason)
+        check_time(now, "now")
+        with self._writing("record the decline") as session:
+            row = self._locked_round(session, round_id)
+            if row.state != STATE_OPEN:
+                raise Refused(f"round {round_id} is no longer open")
+            if attempt != row.attempt:
+                raise Refused(
+                    f"attempt {attempt} is not the current attempt ({row.attempt}) of round "
+                    f"{round_id}",
+                    hint="fetch the round again; decline its current attempt if you must",
+                )
+            if session.get(StatsParticipantRow, (round_id, attempt, agency_id)) is None:
+                raise PermissionDenied(
+                    f"agency {agency_id} is not a participant of attempt {attempt} of round "
+                    f"{round_id}"
+                )
+            if session.get(StatsShareRow, (round_id, attempt, agency_id)) is not None:
+                raise Refused(
+                    f"agency {agency_id} already submitted to attempt {attempt} of round "
+                    f"{round_id}; a submitted share cannot be declined",
+                    hint="the coordinator may restart the round without you",
+                )
+            existing = session.get(StatsDeclineRow, (round_id, attempt, agency_id))
+            if existing is None:
+                session.add(
+                    StatsDeclineRow(
+                        round_id=round_id,
+                        attempt=attempt,
+                        agency_id=agency_id,
+                        reason=reason,
+                        declined_at=check_time(now, "now"),
+                    )
+                )
+            elif existing.reason != reason:
+                existing.reason = reason
+                existing.declined_at = check_time(now, "now")
+                session.add(existing)
+            session.flush()
+            return self._stored(session, row)
+
+    def cancel(self, *, round_id: str, reason: str, now: dt.datetime) -> StoredRound:
+        """Give up an open round: ABANDONED, its current attempt abandoned, every share deleted
+        unread, the reason kept. Cancelling an abandoned round again changes nothing (the first
+        reason stays); a released round cannot be cancelled."""
+        check_reason(reason)
+        check_time(now, "now")
+        with self._writing("cancel the round") as session:
+            row = self._locked_round(session, round_id)
+            if row.state == STATE_ABANDONED:
+                return self._stored(session, row)
+            if row.state != STATE_OPEN:
+                raise Refused(
+                    f"round {round_id} was released; a release is never withdrawn",
+                    hint="open a new round if the release should be superseded",
+                )
+            current = session.get(StatsAttemptRow, (round_id, row.attempt))
+            if current is not None:
+                current.abandoned_at = check_time(now, "now")
+                current.abandon_reason = f"cancelled: {reason}"
+                session.add(current)
+            session.execute(delete(StatsShareRow).where(col(StatsShareRow.round_id) == round_id))
+            row.state = STATE_ABANDONED
+            row.cancelled_at = check_time(now, "now")
+            row.cancel_reason = reason
             session.add(row)
             session.flush()
             return self._stored(session, row)

@@ -27,6 +27,8 @@ ID_CHARS = 128
 IDEMPOTENCY_KEY_CHARS = 128
 # Lease owners are broker process names ("broker-<uuid>").
 OWNER_CHARS = 128
+# A decline's or a cancellation's reason, as the coordinator reads it (stats.proto, RoundDecline).
+REASON_CHARS = 300
 
 
 class EnrolmentTokenRow(SQLModel, table=True):
@@ -170,6 +172,9 @@ class StatsRoundRow(SQLModel, table=True):
     attempt_timeout_seconds: int
     release_id: str | None = Field(default=None, max_length=36)
     opened_at: dt.datetime
+    # Set once, when a coordinator cancels the round (state ABANDONED); never survivor data.
+    cancelled_at: dt.datetime | None = None
+    cancel_reason: str | None = Field(default=None, max_length=REASON_CHARS)
 
 
 class StatsAttemptRow(SQLModel, table=True):
@@ -212,6 +217,23 @@ class StatsShareRow(SQLModel, table=True):
     digest: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     cells: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
     submitted_at: dt.datetime
+
+
+class StatsDeclineRow(SQLModel, table=True):
+    """A participant's refusal of one attempt, and why (its own policy; never survivor data).
+
+    Keyed by attempt: a restarted round's new attempt starts with none, and the abandoned
+    attempt's declines stay as the reason it was restarted. A participant that submits after all
+    loses its decline of that attempt.
+    """
+
+    __tablename__ = "broker_stats_decline"
+
+    round_id: str = Field(primary_key=True, max_length=36)
+    attempt: int = Field(primary_key=True)
+    agency_id: str = Field(primary_key=True, max_length=ID_CHARS)
+    reason: str = Field(max_length=REASON_CHARS)
+    declined_at: dt.datetime
 
 
 class StatsReleaseRow(SQLModel, table=True):
@@ -280,6 +302,7 @@ BROKER_TABLES = frozenset(
         StatsAttemptRow.__tablename__,
         StatsParticipantRow.__tablename__,
         StatsShareRow.__tablename__,
+        StatsDeclineRow.__tablename__,
         StatsReleaseRow.__tablename__,
         EscrowTombstoneRow.__tablename__,
         AuditCheckpointRow.__tablename__,

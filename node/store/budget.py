@@ -31,7 +31,6 @@ from node.store.referrals import serialised_writing
 from node.store.tables import (
     BudgetChargeRow,
     BudgetPeriodRow,
-    NeedRow,
     as_utc,
     utcnow,
 )
@@ -265,11 +264,12 @@ class BudgetStore:
     def need_rows(self) -> list[tuple[str, str, str, dt.datetime]]:
         """(case id, category, status, updated_at) of every need: what a statistics table
         counts (codes and dates only, never a survivor field)."""
-        with self._store._reading() as session:
-            rows = session.exec(
-                select(NeedRow.case_id, NeedRow.category, NeedRow.status, NeedRow.updated_at)
-            ).all()
-        return [(c, cat, st, as_utc(at)) for c, cat, st, at in rows]
+        # Needs are sealed under each survivor's data key: the store opens them (an altered or
+        # moved need row fails the round, TamperedCiphertext, rather than miscount).
+        return [
+            (case_id, need.category.value, need.status.value, need.updated_at)
+            for case_id, need in self._store.need_facts()
+        ]
 
 
 def _charge(row: BudgetChargeRow) -> BudgetCharge:

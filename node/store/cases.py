@@ -42,6 +42,7 @@ from node.htcds import NeedCategory, NeedStatus
 from node.keyring import Keyring
 from node.store import anchors
 from node.store.audit_log import AuditLog
+from node.store.needs import need_tag, open_need, seal_need
 from node.store.tables import (
     BlindIndexRow,
     CaseRow,
@@ -77,10 +78,8 @@ _CASE_COLUMNS = (
 )
 _NEED_COLUMNS = (
     col(NeedRow.case_id),
-    col(NeedRow.category),
-    col(NeedRow.status),
-    col(NeedRow.identified_on),
-    col(NeedRow.updated_at),
+    col(NeedRow.tag),
+    col(NeedRow.ciphertext),
 )
 
 # Which fields feed which blind index (issue 4: search by a survivor identifier).
@@ -218,10 +217,12 @@ class NodeStore:
             today = now.date()
             record_key = self._keyring.record_key
             rows: list[CaseRow] = []
+            data_keys: list[crypto.DataKey] = []
             for new in cases:
                 case_id = str(uuid.uuid4())
                 # A fresh data key per survivor, wrapped into the case's own row.
                 data_key = crypto.DataKey.generate()
+                data_keys.append(data_key)
                 rows.append(
                     CaseRow(
                         case_id=case_id,
@@ -244,17 +245,12 @@ class NodeStore:
             # Parent rows first: the indexes and needs below reference them, and with no
             # relationship() between the tables the unit of work would not order them itself.
             session.flush()
-            for case_id, new in zip(ids, cases, strict=True):
+            for case_id, new, data_key in zip(ids, cases, data_keys, strict=True):
                 self._add_indexes(session, case_id, new.fields)
                 for category, status in new.needs:
+                    sealed = seal_need(data_key, case_id, Need(category, status, today, now))
                     session.add(
-                        NeedRow(
-                            case_id=case_id,
-                            category=category.value,
-                            status=status.value,
-                            identified_on=today,
-                            updated_at=now,
-                        )
+                        NeedRow(case_id=case_id, tag=sealed.tag, ciphertext=sealed.ciphertext)
                     )
             if len(ids) == 1 and action == "case.create":
                 seq = self._audit.append(session, actor, action, ids[0], detail)
@@ -343,35 +339,57 @@ class NodeStore:
     ) -> Need:
         """Add a need to a case or change its status."""
         with self._writing() as session:
-            self._row(session, case_id)
-            need = session.exec(
-                select(NeedRow).where(
-                    NeedRow.case_id == case_id, NeedRow.category == category.value
-                )
-            ).first()
-            now = utcnow()
-            if need is None:
-                need = NeedRow(
-                    case_id=case_id,
-                    category=category.value,
-                    status=status.value,
-                    identified_on=identified_on or now.date(),
-                    updated_at=now,
-                )
-            else:
-                need.status = status.value
-                need.updated_at = now
-                if identified_on is not None:
-                    need.identified_on = identified_on
-            session.add(need)
-            self._audit.append(
-                session,
-                actor,
-                "need.set",
-                case_id,
-                {"category": category.value, "status": status.value},
+            row = self._row(session, case_id)
+            need = self._put_need(session, row, category, status, identified_on, utcnow())
+            # The codes stay out of the audit log, which is in clear: the need itself is sealed.
+            self._audit.append(session, actor, "need.set", case_id)
+        return need
+
+    def _put_need(
+        self,
+        session: Session,
+        case: _SealedRow,
+        category: NeedCategory,
+        status: NeedStatus,
+        identified_on: dt.date | None,
+        now: dt.datetime,
+    ) -> Need:
+        """Add or change one need of ``case`` inside ``session``, sealed under its data key
+        (node.store.needs); a changed need keeps its identification date unless one is given."""
+        data_key = self._data_key(case)
+        tag = need_tag(data_key, category)
+        row = session.exec(
+            select(NeedRow).where(NeedRow.case_id == case.case_id, NeedRow.tag == tag)
+        ).first()
+        if row is None:
+            row = NeedRow(case_id=case.case_id, tag=tag, ciphertext=b"")
+        elif identified_on is None:
+            identified_on = open_need(data_key, case.case_id, tag, row.ciphertext).identified_on
+        need = Need(category, status, identified_on or now.date(), now)
+        row.ciphertext = seal_need(data_key, case.case_id, need).ciphertext
+        session.add(row)
+        return need
+
+    def _sealed_needs(self, rows: Iterable[Any], data_key: crypto.DataKey) -> tuple[Need, ...]:
+        """Open need rows (all of one case) under its data key, in category order."""
+        needs = [open_need(data_key, r.case_id, r.tag, r.ciphertext) for r in rows]
+        return tuple(sorted(needs, key=lambda n: n.category.value))
+
+    def need_facts(self) -> list[tuple[str, Need]]:
+        """Every need of every case, decrypted, in the order they were recorded: what the
+        statistics count at this node (node.store.budget.BudgetStore.need_rows)."""
+        facts: list[tuple[str, Need]] = []
+        with self._reading() as session:
+            query = (
+                sa_select(*_NEED_COLUMNS, col(CaseRow.wrapped_key))
+                .join(CaseRow, col(CaseRow.case_id) == col(NeedRow.case_id))
+                .order_by(col(NeedRow.id))
             )
-        return _need(need)
+            keys: dict[str, crypto.DataKey] = {}
+            for r in session.execute(query):
+                key = keys.get(r.case_id) or keys.setdefault(r.case_id, self._data_key(r))
+                facts.append((r.case_id, open_need(key, r.case_id, r.tag, r.ciphertext)))
+        return facts
 
     def _case_ids(
         self,
@@ -383,19 +401,50 @@ class NodeStore:
     ) -> list[str]:
         self._guard(())
         with self._reading() as session:
+            if need is not None or need_status is not None:
+                return self._case_ids_by_need(session, state, need, need_status, limit, offset)
             query = select(CaseRow.case_id).order_by(
                 col(CaseRow.updated_at).desc(), col(CaseRow.case_id)
             )
             if state is not None:
                 query = query.where(CaseRow.state == state.value)
-            if need is not None or need_status is not None:
-                query = query.join(NeedRow, col(NeedRow.case_id) == col(CaseRow.case_id))
-                if need is not None:
-                    query = query.where(NeedRow.category == need.value)
-                if need_status is not None:
-                    query = query.where(NeedRow.status == need_status.value)
-                query = query.distinct()
             return list(session.exec(query.offset(offset).limit(limit)))
+
+    def _case_ids_by_need(
+        self,
+        session: Session,
+        state: CaseState | None,
+        need: NeedCategory | None,
+        need_status: NeedStatus | None,
+        limit: int,
+        offset: int,
+    ) -> list[str]:
+        # Needs are sealed, so SQL cannot filter on them: read every need row of the cases in
+        # order (a coarse query), open each under its case's key and filter here. A case's rows
+        # are adjacent, so one data key is unwrapped per case (node.store.needs says why no
+        # node-wide index of the codes is kept).
+        query = (
+            sa_select(*_NEED_COLUMNS, col(CaseRow.wrapped_key))
+            .join(CaseRow, col(CaseRow.case_id) == col(NeedRow.case_id))
+            .order_by(col(CaseRow.updated_at).desc(), col(CaseRow.case_id))
+        )
+        if state is not None:
+            query = query.where(col(CaseRow.state) == state.value)
+        matched: list[str] = []
+        current, data_key = "", None
+        for r in session.execute(query):
+            if matched and matched[-1] == r.case_id:
+                continue
+            if r.case_id != current or data_key is None:
+                current, data_key = r.case_id, self._data_key(r)
+            found = open_need(data_key, r.case_id, r.tag, r.ciphertext)
+            if (need is None or found.category is need) and (
+                need_status is None or found.status is need_status
+            ):
+                matched.append(r.case_id)
+                if len(matched) >= offset + limit:
+                    break
+        return matched[offset : offset + limit]
 
     def list_cases(
         self,
@@ -722,11 +771,11 @@ class NodeStore:
                     digests[key] = self._blind_index(*key)
                 session.add(BlindIndexRow(case_id=case_id, kind=kind, digest=digests[key]))
 
-    def _needs(self, session: Session, case_id: str) -> tuple[Need, ...]:
-        rows = session.exec(
-            select(NeedRow).where(NeedRow.case_id == case_id).order_by(col(NeedRow.category))
+    def _needs(self, session: Session, row: _SealedRow) -> tuple[Need, ...]:
+        rows = list(
+            session.execute(sa_select(*_NEED_COLUMNS).where(col(NeedRow.case_id) == row.case_id))
         )
-        return tuple(_need(r) for r in rows)
+        return self._sealed_needs(rows, self._data_key(row)) if rows else ()
 
     def read_cases(self, case_ids: Sequence[str]) -> list[Case]:
         """Decrypt several cases in two database round trips, case rows (each carrying its
@@ -745,19 +794,18 @@ class NodeStore:
                 )
             }
             self._seals.check(session, list(rows.values()))
-            needs: dict[str, list[Need]] = {}
+            needs: dict[str, list[Any]] = {}
             for need in session.execute(
-                sa_select(*_NEED_COLUMNS)
-                .where(col(NeedRow.case_id).in_(case_ids))
-                .order_by(col(NeedRow.category))
+                sa_select(*_NEED_COLUMNS).where(col(NeedRow.case_id).in_(case_ids))
             ):
-                needs.setdefault(need.case_id, []).append(_need(need))
+                needs.setdefault(need.case_id, []).append(need)
         cases = []
         for case_id in case_ids:
             row = rows.get(case_id)
             if row is None:
                 raise NotFound(f"no case {case_id}")
-            fields, notes = self._open(self._data_key(row), row)
+            data_key = self._data_key(row)
+            fields, notes = self._open(data_key, row)
             cases.append(
                 Case(
                     case_id=case_id,
@@ -767,7 +815,7 @@ class NodeStore:
                     state=CaseState(row.state),
                     created_at=as_utc(row.created_at),
                     updated_at=as_utc(row.updated_at),
-                    needs=tuple(needs.get(case_id, ())),
+                    needs=self._sealed_needs(needs.get(case_id, ()), data_key),
                 )
             )
         return cases
@@ -785,7 +833,7 @@ class NodeStore:
                 state=CaseState(row.state),
                 created_at=as_utc(row.created_at),
                 updated_at=as_utc(row.updated_at),
-                needs=self._needs(session, case_id),
+                needs=self._needs(session, row),
             )
 
     def summary(self, case_id: str) -> CaseSummary:
@@ -797,7 +845,7 @@ class NodeStore:
                 state=CaseState(row.state),
                 created_at=as_utc(row.created_at),
                 updated_at=as_utc(row.updated_at),
-                needs=self._needs(session, case_id),
+                needs=self._needs(session, row),
             )
 
 
@@ -807,16 +855,6 @@ def _check_version(row: CaseRow, expected_version: int) -> None:
             f"case {row.case_id} is at version {row.version}, not {expected_version}",
             hint="someone changed it first; show it again and reapply your change",
         )
-
-
-def _need(row: Any) -> Need:
-    """A Need from a NeedRow or a row of _NEED_COLUMNS."""
-    return Need(
-        category=NeedCategory(row.category),
-        status=NeedStatus(row.status),
-        identified_on=row.identified_on,
-        updated_at=as_utc(row.updated_at),
-    )
 
 
 def _staff(row: StaffRow) -> StaffMember:

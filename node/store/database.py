@@ -1,19 +1,40 @@
 """Opening a node's database: engine, then versioned migrations (tessera.schema) to the current
-schema, whose revisions live in ``node/migrations/versions``."""
+schema, whose revisions live in ``node/migrations/versions``.
+
+Some revisions encrypt what older ones stored in clear (0005 seals need records), so they need the
+node's keyring: pass it whenever the node's own keys are at hand. Without it, a database that
+holds something to encrypt is refused (ConfigError) and left as it was.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+from tessera.db import make_engine
+from tessera.errors import Unavailable
 from tessera.schema import Schema
+
+if TYPE_CHECKING:
+    from node.keyring import Keyring
 
 # "tsnode" in ASCII: the advisory lock key taken while migrating on PostgreSQL.
 SCHEMA = Schema(package="node", version_table="alembic_version", lock_key=0x74736E6F6465)
 
 
-def migrate(engine: Engine) -> None:
+def migrate(engine: Engine, keyring: Keyring | None = None) -> None:
     """Bring the node's schema to the newest revision."""
-    SCHEMA.migrate(engine)
+    before = current_revision(engine)
+    attributes: dict[str, Any] = {"keyring": keyring}
+    SCHEMA.migrate(engine, attributes)
+    if before != head_revision() and engine.dialect.name == "sqlite":
+        # A revision that rewrote rows (sealing clear ones) freed pages that secure_delete
+        # zeroed in the write-ahead log: push them into the main file now, so the clear
+        # originals do not sit there until some later checkpoint.
+        with engine.connect() as conn:
+            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -26,6 +47,19 @@ def head_revision() -> str | None:
     return SCHEMA.head_revision()
 
 
-def open_database(url: str) -> Engine:
-    """An engine on ``url`` with the node's schema migrated."""
-    return SCHEMA.open_database(url)
+def open_database(url: str, keyring: Keyring | None = None) -> Engine:
+    """An engine on ``url`` with the node's schema migrated (with the keyring, when a revision
+    must encrypt existing rows)."""
+    engine = make_engine(url)
+    try:
+        migrate(engine, keyring)
+    except OperationalError as exc:
+        engine.dispose()
+        raise Unavailable(
+            f"cannot open the node's database: {exc.orig}",
+            hint="check database_url / TESSERA_DATABASE_URL and that the server is running",
+        ) from None
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine

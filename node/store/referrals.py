@@ -65,7 +65,6 @@ from node.store.tables import (
     CaseRow,
     ConsentRow,
     IncomingReferralRow,
-    NeedRow,
     OutboxRow,
     OutgoingReferralRow,
     ProcessedMessageRow,
@@ -1236,23 +1235,9 @@ class ReferralStore:
     ) -> None:
         """NodeStore.set_need's change, inside this transaction (audited with the referral).
         Nothing happens for an erased survivor."""
-        need = session.exec(
-            select(NeedRow).where(NeedRow.case_id == case_id, NeedRow.category == category.value)
-        ).first()
-        if need is None:
-            if session.get(CaseRow, case_id) is None:
-                return
-            need = NeedRow(
-                case_id=case_id,
-                category=category.value,
-                status=status.value,
-                identified_on=now.date(),
-                updated_at=now,
-            )
-        else:
-            need.status = status.value
-            need.updated_at = now
-        session.add(need)
+        case = session.get(CaseRow, case_id)
+        if case is not None:
+            self._store._put_need(session, case, category, status, None, now)
 
     def _seal_decline(self, session: Session, row: OutgoingReferralRow, text: str) -> bytes:
         # The recipient's free text may describe the survivor: encrypt it under their data key,

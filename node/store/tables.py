@@ -1,10 +1,10 @@
 """SQLModel tables of an agency node. Only ``node.store`` imports this module.
 
 Columns in clear are exactly the non-identifying metadata needed to run the node (docs/storage.md
-lists them): ids, timestamps, record versions, case state, need category and status codes, blind
-indexes (keyed hashes), staff names and roles, audit actions. Every survivor field lives inside
-``CaseRow.ciphertext``, encrypted under that survivor's own data key, which sits next to it in
-``CaseRow.wrapped_key``, wrapped by the node's record key.
+lists them): ids, timestamps, record versions, case state, blind indexes (keyed hashes), staff
+names and roles, audit actions. A case's needs are sealed under its data key (``NeedRow``).
+Every survivor field lives inside ``CaseRow.ciphertext``, encrypted under that survivor's own data
+key, which sits next to it in ``CaseRow.wrapped_key``, wrapped by the node's record key.
 """
 
 from __future__ import annotations
@@ -62,19 +62,22 @@ class BlindIndexRow(SQLModel, table=True):
 
 
 class NeedRow(SQLModel, table=True):
-    """One aftercare need of a case: codes and dates only."""
+    """One aftercare need of a case, sealed under the survivor's data key (node.store.needs).
+
+    Clear: the row id, the case id and ``tag``, a keyed hash of the category under a key derived
+    from the case's own data key (unique per case, unrelated between cases). Category, status
+    and dates are ``ciphertext``, whose associated data binds it to (table, case_id, tag).
+    """
 
     __tablename__ = "need"
-    __table_args__ = (UniqueConstraint("case_id", "category"),)
+    __table_args__ = (UniqueConstraint("case_id", "tag"),)
 
     id: int | None = Field(default=None, primary_key=True)
     case_id: str = Field(
         foreign_key="case_record.case_id", index=True, max_length=36, ondelete="CASCADE"
     )
-    category: str = Field(max_length=32, index=True)
-    status: str = Field(max_length=16, index=True)
-    identified_on: dt.date
-    updated_at: dt.datetime = Field(default_factory=utcnow)
+    tag: str = Field(max_length=64)
+    ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class ErasureRow(SQLModel, table=True):

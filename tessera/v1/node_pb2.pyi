@@ -150,6 +150,122 @@ FILE_FORMAT_XLSX: FileFormat.ValueType  # 2
 """Excel workbook in the HTCDS v2.0 spreadsheet layout (row 1 field names, row 2 labels)."""
 Global___FileFormat: _TypeAlias = FileFormat  # noqa: Y015
 
+class _OnDuplicate:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OnDuplicateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnDuplicate.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ON_DUPLICATE_UNSPECIFIED: _OnDuplicate.ValueType  # 0
+    """Not set: treated as ON_DUPLICATE_SKIP, so a re-import never adds a survivor twice."""
+    ON_DUPLICATE_SKIP: _OnDuplicate.ValueType  # 1
+    """Leave the matching case as it is and report the row as a duplicate of it."""
+    ON_DUPLICATE_UPDATE: _OnDuplicate.ValueType  # 2
+    """Write the row's non-empty values into the matching case: one versioned, audited update, as
+    UpdateCase makes; no field is cleared. A row matching several cases updates none.
+    """
+    ON_DUPLICATE_NEW: _OnDuplicate.ValueType  # 3
+    """Add the row as a new case all the same, and report what it matched."""
+
+class OnDuplicate(_OnDuplicate, metaclass=_OnDuplicateEnumTypeWrapper):
+    """What an import does with a row that matches a case (ImportCasesRequest.on_duplicate)."""
+
+ON_DUPLICATE_UNSPECIFIED: OnDuplicate.ValueType  # 0
+"""Not set: treated as ON_DUPLICATE_SKIP, so a re-import never adds a survivor twice."""
+ON_DUPLICATE_SKIP: OnDuplicate.ValueType  # 1
+"""Leave the matching case as it is and report the row as a duplicate of it."""
+ON_DUPLICATE_UPDATE: OnDuplicate.ValueType  # 2
+"""Write the row's non-empty values into the matching case: one versioned, audited update, as
+UpdateCase makes; no field is cleared. A row matching several cases updates none.
+"""
+ON_DUPLICATE_NEW: OnDuplicate.ValueType  # 3
+"""Add the row as a new case all the same, and report what it matched."""
+Global___OnDuplicate: _TypeAlias = OnDuplicate  # noqa: Y015
+
+class _MatchRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MatchRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MatchRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MATCH_RULE_UNSPECIFIED: _MatchRule.ValueType  # 0
+    """No match (the row was added as a new case)."""
+    MATCH_RULE_CASE_ID: _MatchRule.ValueType  # 1
+    """The row's tessera_case_id column names the case (a Tessera export)."""
+    MATCH_RULE_NAME_AND_BIRTHDATE: _MatchRule.ValueType  # 2
+    """Same first and second name and the same birthdate."""
+    MATCH_RULE_NAME_AND_EMAIL: _MatchRule.ValueType  # 3
+    """Same name and the same email, and no different birthdates."""
+    MATCH_RULE_NAME_AND_PHONE: _MatchRule.ValueType  # 4
+    """Same name and the same phone number (mobile or home), and no different birthdates."""
+    MATCH_RULE_NAME_NOTHING_NEW: _MatchRule.ValueType  # 5
+    """Same name, and every value in the row is already the case's."""
+
+class MatchRule(_MatchRule, metaclass=_MatchRuleEnumTypeWrapper):
+    """Why an import took a row for the same survivor as a case."""
+
+MATCH_RULE_UNSPECIFIED: MatchRule.ValueType  # 0
+"""No match (the row was added as a new case)."""
+MATCH_RULE_CASE_ID: MatchRule.ValueType  # 1
+"""The row's tessera_case_id column names the case (a Tessera export)."""
+MATCH_RULE_NAME_AND_BIRTHDATE: MatchRule.ValueType  # 2
+"""Same first and second name and the same birthdate."""
+MATCH_RULE_NAME_AND_EMAIL: MatchRule.ValueType  # 3
+"""Same name and the same email, and no different birthdates."""
+MATCH_RULE_NAME_AND_PHONE: MatchRule.ValueType  # 4
+"""Same name and the same phone number (mobile or home), and no different birthdates."""
+MATCH_RULE_NAME_NOTHING_NEW: MatchRule.ValueType  # 5
+"""Same name, and every value in the row is already the case's."""
+Global___MatchRule: _TypeAlias = MatchRule  # noqa: Y015
+
+class _RowAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RowActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RowAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROW_ACTION_UNSPECIFIED: _RowAction.ValueType  # 0
+    """Never sent."""
+    ROW_ACTION_ADDED: _RowAction.ValueType  # 1
+    """Added as a new case; it matched no case."""
+    ROW_ACTION_UPDATED: _RowAction.ValueType  # 2
+    """Its values were written into the matching case (a new version)."""
+    ROW_ACTION_UNCHANGED: _RowAction.ValueType  # 3
+    """Asked to update, but the matching case already held every value: nothing written."""
+    ROW_ACTION_SKIPPED: _RowAction.ValueType  # 4
+    """A duplicate of the matching case, left as it was."""
+    ROW_ACTION_ADDED_DESPITE_MATCH: _RowAction.ValueType  # 5
+    """Added as a new case although it matched one (ON_DUPLICATE_NEW)."""
+    ROW_ACTION_ERASED: _RowAction.ValueType  # 6
+    """Its tessera_case_id names a survivor erased at this node: never imported again."""
+    ROW_ACTION_NOT_UPDATED: _RowAction.ValueType  # 7
+    """Asked to update, but not written: it matched several cases, or the case changed or was
+    erased during the import (the note says which).
+    """
+
+class RowAction(_RowAction, metaclass=_RowActionEnumTypeWrapper):
+    """What an import did with one good row."""
+
+ROW_ACTION_UNSPECIFIED: RowAction.ValueType  # 0
+"""Never sent."""
+ROW_ACTION_ADDED: RowAction.ValueType  # 1
+"""Added as a new case; it matched no case."""
+ROW_ACTION_UPDATED: RowAction.ValueType  # 2
+"""Its values were written into the matching case (a new version)."""
+ROW_ACTION_UNCHANGED: RowAction.ValueType  # 3
+"""Asked to update, but the matching case already held every value: nothing written."""
+ROW_ACTION_SKIPPED: RowAction.ValueType  # 4
+"""A duplicate of the matching case, left as it was."""
+ROW_ACTION_ADDED_DESPITE_MATCH: RowAction.ValueType  # 5
+"""Added as a new case although it matched one (ON_DUPLICATE_NEW)."""
+ROW_ACTION_ERASED: RowAction.ValueType  # 6
+"""Its tessera_case_id names a survivor erased at this node: never imported again."""
+ROW_ACTION_NOT_UPDATED: RowAction.ValueType  # 7
+"""Asked to update, but not written: it matched several cases, or the case changed or was
+erased during the import (the note says which).
+"""
+Global___RowAction: _TypeAlias = RowAction  # noqa: Y015
+
 class _DisclosureEvent:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -911,8 +1027,8 @@ class FindCasesResponse(_message.Message):
     CASES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Case]:
-        """Matching cases, with only the fields asked for. Survivor data. Seen by: the CLI and the node
-        only.
+        """Every matching case (in case id order), with only the fields asked for. Survivor data. Seen
+        by: the CLI and the node only.
         """
 
     def __init__(
@@ -1015,6 +1131,7 @@ class EraseCaseResponse(_message.Message):
     CASE_ID_FIELD_NUMBER: _builtins.int
     ERASED_AT_FIELD_NUMBER: _builtins.int
     CONSENTS_REVOKED_FIELD_NUMBER: _builtins.int
+    SAME_SURVIVOR_CASE_IDS_FIELD_NUMBER: _builtins.int
     case_id: _builtins.str
     """The erased case's id. Seen by: the CLI and the node."""
     consents_revoked: _builtins.int
@@ -1025,16 +1142,25 @@ class EraseCaseResponse(_message.Message):
     def erased_at(self) -> _timestamp_pb2.Timestamp:
         """When the data key was destroyed. Seen by: the CLI and the node."""
 
+    @_builtins.property
+    def same_survivor_case_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other cases of this node that are the same survivor by the import's matching rule
+        (docs/data-model.md, "One survivor, one case"), in id order. They are NOT erased: the
+        administrator checks each and erases it too if it is the same person. Seen by: the CLI and
+        the node.
+        """
+
     def __init__(
         self,
         *,
         case_id: _builtins.str = ...,
         erased_at: _timestamp_pb2.Timestamp | None = ...,
         consents_revoked: _builtins.int = ...,
+        same_survivor_case_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["erased_at", b"erased_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "consents_revoked", b"consents_revoked", "erased_at", b"erased_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "consents_revoked", b"consents_revoked", "erased_at", b"erased_at", "same_survivor_case_ids", b"same_survivor_case_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1109,6 +1235,7 @@ class ImportCasesRequest(_message.Message):
     SKIP_BAD_ROWS_FIELD_NUMBER: _builtins.int
     FILE_NAME_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    ON_DUPLICATE_FIELD_NUMBER: _builtins.int
     content: _builtins.bytes
     """The whole file. Survivor data. Seen by: the CLI and the node only."""
     format: Global___FileFormat.ValueType
@@ -1120,7 +1247,12 @@ class ImportCasesRequest(_message.Message):
     file_name: _builtins.str
     """The file's name, for messages and the audit log only. Seen by: the CLI and the node."""
     idempotency_key: _builtins.str
-    """Chosen by the CLI (a UUID); repeating an import with the same key does not import twice.
+    """Chosen by the CLI (a UUID); repeating an import with the same key does not import twice,
+    and answers with the first attempt's result. Seen by: the CLI and the node.
+    """
+    on_duplicate: Global___OnDuplicate.ValueType
+    """What to do with a row that is the same survivor as a case the node has, or as a row above
+    it in the file (docs/data-model.md, "One survivor, one case"); UNSPECIFIED means SKIP.
     Seen by: the CLI and the node.
     """
     def __init__(
@@ -1131,14 +1263,79 @@ class ImportCasesRequest(_message.Message):
         skip_bad_rows: _builtins.bool = ...,
         file_name: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        on_duplicate: Global___OnDuplicate.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "file_name", b"file_name", "format", b"format", "idempotency_key", b"idempotency_key", "skip_bad_rows", b"skip_bad_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "file_name", b"file_name", "format", b"format", "idempotency_key", b"idempotency_key", "on_duplicate", b"on_duplicate", "skip_bad_rows", b"skip_bad_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportCasesRequest: _TypeAlias = ImportCasesRequest  # noqa: Y015
+
+@_typing.final
+class RowOutcome(_message.Message):
+    """What an import did with one row; ids, codes and row numbers only, never a value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    MATCHED_CASE_IDS_FIELD_NUMBER: _builtins.int
+    MATCHED_ROW_FIELD_NUMBER: _builtins.int
+    MATCH_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELDS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    row: _builtins.int
+    """The row number as a spreadsheet shows it (the header is row 1). Seen by: the CLI and the
+    node.
+    """
+    action: Global___RowAction.ValueType
+    """What was done. Seen by: the CLI and the node."""
+    case_id: _builtins.str
+    """The case the row now stands for: the one added, updated or matched (for ERASED, the erased
+    id); empty when it matched several. Seen by: the CLI and the node.
+    """
+    matched_row: _builtins.int
+    """The row above it in the same file whose case it matched; 0 if none. Seen by: the CLI and
+    the node.
+    """
+    match: Global___MatchRule.ValueType
+    """How it matched; UNSPECIFIED when it matched nothing. Seen by: the CLI and the node."""
+    note: _builtins.str
+    """Why a row was not updated, in words; empty otherwise. Seen by: the CLI and the node."""
+    @_builtins.property
+    def matched_case_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every case the row matched, existing ones and ones added from rows above it. Seen by: the
+        CLI and the node.
+        """
+
+    @_builtins.property
+    def changed_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For UPDATED, the names of the fields the update changed (names only). Seen by: the CLI and
+        the node.
+        """
+
+    def __init__(
+        self,
+        *,
+        row: _builtins.int = ...,
+        action: Global___RowAction.ValueType = ...,
+        case_id: _builtins.str = ...,
+        matched_case_ids: _abc.Iterable[_builtins.str] | None = ...,
+        matched_row: _builtins.int = ...,
+        match: Global___MatchRule.ValueType = ...,
+        changed_fields: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "case_id", b"case_id", "changed_fields", b"changed_fields", "match", b"match", "matched_case_ids", b"matched_case_ids", "matched_row", b"matched_row", "note", b"note", "row", b"row"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RowOutcome: _TypeAlias = RowOutcome  # noqa: Y015
 
 @_typing.final
 class ImportProgress(_message.Message):
@@ -1214,9 +1411,10 @@ class ImportResult(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     PROBLEMS_FIELD_NUMBER: _builtins.int
     CASE_IDS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
     imported: _builtins.int
-    """Cases imported. 0 when any row was bad and skip_bad_rows was false. Seen by: the CLI and the
-    node.
+    """Cases added (ADDED and ADDED_DESPITE_MATCH rows). 0 when any row was bad and skip_bad_rows
+    was false. Seen by: the CLI and the node.
     """
     rejected: _builtins.int
     """Rows not imported. Seen by: the CLI and the node."""
@@ -1228,6 +1426,12 @@ class ImportResult(_message.Message):
     def case_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the cases created, in row order. Seen by: the CLI and the node."""
 
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowOutcome]:
+        """What was done with each good row, in row order (bad rows are in problems). Seen by: the
+        CLI and the node.
+        """
+
     def __init__(
         self,
         *,
@@ -1235,10 +1439,11 @@ class ImportResult(_message.Message):
         rejected: _builtins.int = ...,
         problems: _abc.Iterable[Global___RowProblem] | None = ...,
         case_ids: _abc.Iterable[_builtins.str] | None = ...,
+        rows: _abc.Iterable[Global___RowOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_ids", b"case_ids", "imported", b"imported", "problems", b"problems", "rejected", b"rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_ids", b"case_ids", "imported", b"imported", "problems", b"problems", "rejected", b"rejected", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -252,7 +252,8 @@ class NodeServicer:
 
     def EraseCase(self, request, context):
         """Erases a survivor's case by destroying their data key (crypto-shredding), revoking their
-        active consents first. Irreversible; a restored backup re-applies the erasure. Admin.
+        active consents first. Irreversible; a restored backup re-applies the erasure. The reply
+        names the other cases that match the same identifiers, which are not erased. Admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -268,7 +269,9 @@ class NodeServicer:
     def ImportCases(self, request, context):
         """Imports an HTCDS CSV or XLSX file. Streams progress and ends with exactly one result. If
         any row is bad and skip_bad_rows is false, nothing is imported and the result lists every
-        problem. Admin.
+        problem. Each good row is matched to the node's cases and to the rows above it, and
+        on_duplicate says what to do with a match; the result says what was done with every row.
+        Admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

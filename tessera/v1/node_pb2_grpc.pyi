@@ -64,14 +64,17 @@ class NodeStub:
     """Marks a case closed. Caseworker."""
     EraseCase: _grpc.UnaryUnaryMultiCallable[_node_pb2.EraseCaseRequest, _node_pb2.EraseCaseResponse]
     """Erases a survivor's case by destroying their data key (crypto-shredding), revoking their
-    active consents first. Irreversible; a restored backup re-applies the erasure. Admin.
+    active consents first. Irreversible; a restored backup re-applies the erasure. The reply
+    names the other cases that match the same identifiers, which are not erased. Admin.
     """
     SetNeed: _grpc.UnaryUnaryMultiCallable[_node_pb2.SetNeedRequest, _node_pb2.SetNeedResponse]
     """Sets one need on a case (one record per category). Caseworker."""
     ImportCases: _grpc.UnaryStreamMultiCallable[_node_pb2.ImportCasesRequest, _node_pb2.ImportCasesEvent]
     """Imports an HTCDS CSV or XLSX file. Streams progress and ends with exactly one result. If
     any row is bad and skip_bad_rows is false, nothing is imported and the result lists every
-    problem. Admin.
+    problem. Each good row is matched to the node's cases and to the rows above it, and
+    on_duplicate says what to do with a match; the result says what was done with every row.
+    Admin.
     """
     ExportCases: _grpc.UnaryStreamMultiCallable[_node_pb2.ExportCasesRequest, _node_pb2.ExportCasesChunk]
     """Exports cases as an HTCDS CSV or XLSX file, streamed in chunks to concatenate in order.
@@ -169,14 +172,17 @@ class NodeAsyncStub(NodeStub):
     """Marks a case closed. Caseworker."""
     EraseCase: _aio.UnaryUnaryMultiCallable[_node_pb2.EraseCaseRequest, _node_pb2.EraseCaseResponse]  # type: ignore[assignment]
     """Erases a survivor's case by destroying their data key (crypto-shredding), revoking their
-    active consents first. Irreversible; a restored backup re-applies the erasure. Admin.
+    active consents first. Irreversible; a restored backup re-applies the erasure. The reply
+    names the other cases that match the same identifiers, which are not erased. Admin.
     """
     SetNeed: _aio.UnaryUnaryMultiCallable[_node_pb2.SetNeedRequest, _node_pb2.SetNeedResponse]  # type: ignore[assignment]
     """Sets one need on a case (one record per category). Caseworker."""
     ImportCases: _aio.UnaryStreamMultiCallable[_node_pb2.ImportCasesRequest, _node_pb2.ImportCasesEvent]  # type: ignore[assignment]
     """Imports an HTCDS CSV or XLSX file. Streams progress and ends with exactly one result. If
     any row is bad and skip_bad_rows is false, nothing is imported and the result lists every
-    problem. Admin.
+    problem. Each good row is matched to the node's cases and to the rows above it, and
+    on_duplicate says what to do with a match; the result says what was done with every row.
+    Admin.
     """
     ExportCases: _aio.UnaryStreamMultiCallable[_node_pb2.ExportCasesRequest, _node_pb2.ExportCasesChunk]  # type: ignore[assignment]
     """Exports cases as an HTCDS CSV or XLSX file, streamed in chunks to concatenate in order.
@@ -319,7 +325,8 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.EraseCaseResponse, _abc.Awaitable[_node_pb2.EraseCaseResponse]]:
         """Erases a survivor's case by destroying their data key (crypto-shredding), revoking their
-        active consents first. Irreversible; a restored backup re-applies the erasure. Admin.
+        active consents first. Irreversible; a restored backup re-applies the erasure. The reply
+        names the other cases that match the same identifiers, which are not erased. Admin.
         """
 
     @_abc_1.abstractmethod
@@ -338,7 +345,9 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_node_pb2.ImportCasesEvent], _abc.AsyncIterator[_node_pb2.ImportCasesEvent]]:
         """Imports an HTCDS CSV or XLSX file. Streams progress and ends with exactly one result. If
         any row is bad and skip_bad_rows is false, nothing is imported and the result lists every
-        problem. Admin.
+        problem. Each good row is matched to the node's cases and to the rows above it, and
+        on_duplicate says what to do with a match; the result says what was done with every row.
+        Admin.
         """
 
     @_abc_1.abstractmethod

@@ -1,7 +1,7 @@
 """the escrow of agencies' sealed tombstones and audit checkpoints (issue 14)
 
-Revision ID: b0003
-Revises: b0002
+Revision ID: b0004
+Revises: b0003
 Create Date: 2026-12-02 10:00:00.000000
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
-revision = "b0003"
-down_revision = "b0002"
+revision = "b0004"
+down_revision = "b0003"
 branch_labels = None
 depends_on = None
 
