@@ -196,7 +196,11 @@ def _node_lock(
 def backup(
     ctx: typer.Context,
     destination: Annotated[
-        Path | None, typer.Option(help="Folder on the node's host (default: HOME/backups).")
+        Path | None,
+        typer.Option(
+            help="Folder on the node's host, inside its backup root (backup_root in its "
+            "tessera.toml, default HOME/backups); a relative name is taken under the root."
+        ),
     ] = None,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
@@ -204,10 +208,10 @@ def backup(
 
     \b
     Example:
-      tessera node backup --destination /srv/backups/harbour-shelter
+      tessera node backup --destination nightly
     """
     with context.get(ctx).node_client() as client:
-        made = client.backup(destination.resolve() if destination else None)
+        made = client.backup(destination)
     render_one(made, fmt, title="backup")
 
 

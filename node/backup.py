@@ -126,6 +126,32 @@ def _body_key(keyring: Keyring) -> crypto.DataKey:
     return crypto.derive_key(keyring.record_key, _LABEL_BACKUP)
 
 
+_MAX_DESTINATION = 1024
+
+
+def backup_folder(root: Path, requested: str) -> Path:
+    """The folder a Backup call asking for ``requested`` writes to: the backup root itself when
+    empty, else a folder inside it (a relative name is taken under the root).
+
+    Whatever resolves outside the root (an absolute path elsewhere, ``..``, a symlink leading
+    out) is refused: a caller never makes the node create or write a directory its
+    administrator did not configure.
+    """
+    root = root.resolve()
+    if not requested:
+        return root
+    if len(requested) > _MAX_DESTINATION or "\x00" in requested:
+        raise InvalidInput(f"a backup destination is a path of at most {_MAX_DESTINATION} bytes")
+    asked = Path(requested)
+    target = (asked if asked.is_absolute() else root / asked).resolve()
+    if not target.is_relative_to(root):
+        raise InvalidInput(
+            f"backups go under the node's backup root {root}; {requested!r} is outside it",
+            hint="name a folder inside it, or set backup_root in the node's tessera.toml",
+        )
+    return target
+
+
 def create_backup(store: NodeStore, home: Path, destination: Path, actor: str) -> BackupMade:
     """Write ``destination/tessera-backup-<time>.tbk`` atomically and audit it."""
     taken_at = dt.datetime.now(dt.UTC)

@@ -503,7 +503,7 @@ class NodeServicer(node_grpc.NodeServicer):
     async def Backup(
         self, request: node_pb.BackupRequest, context: Context
     ) -> AsyncIterator[node_pb.BackupEvent]:
-        destination = Path(request.destination or self._settings.home / "backups")
+        destination = backup.backup_folder(self._settings.backups_path, request.destination)
         made = await _run(
             backup.create_backup, self._store, self._settings.home, destination, _actor()
         )
