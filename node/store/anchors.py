@@ -88,6 +88,18 @@ class RecordSeals:
             self._key, crypto.LABEL_RECORD_SEAL, *self._parts(case_id, version, audit_seq, row)
         )
 
+    def seal_new(self, session: Session, rows: Iterable[SealedCase], audit_seq: int) -> None:
+        """Seal cases just created (no seal yet), with no read per case."""
+        session.add_all(
+            RecordSealRow(
+                case_id=row.case_id,
+                version=row.version,
+                audit_seq=audit_seq,
+                seal=self._tag(row.case_id, row.version, audit_seq, row),
+            )
+            for row in rows
+        )
+
     def seal(self, session: Session, row: SealedCase, audit_seq: int) -> None:
         """Record ``row`` as the version the node last wrote, by audit entry ``audit_seq``."""
         existing = session.get(RecordSealRow, row.case_id)

@@ -258,8 +258,7 @@ class NodeStore:
                 seq = self._audit.append(
                     session, actor, action, None, {"cases": len(ids), **(detail or {})}
                 )
-            for row in rows:
-                self._seals.seal(session, row, seq)
+            self._seals.seal_new(session, rows, seq)
         return ids
 
     def create_case(self, actor: str, new: NewCase, idempotency_key: str = "") -> Case:
