@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import delete
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, func, select
 
 from node.store.tables import (
@@ -121,9 +122,17 @@ class RecordSeals:
         if not rows:
             return
         ids = [r.case_id for r in rows]
+        # Column tuples, not ORM objects: this runs on every page of cases read.
         seals = {
             s.case_id: s
-            for s in session.exec(select(RecordSealRow).where(col(RecordSealRow.case_id).in_(ids)))
+            for s in session.execute(
+                sa_select(
+                    col(RecordSealRow.case_id),
+                    col(RecordSealRow.version),
+                    col(RecordSealRow.audit_seq),
+                    col(RecordSealRow.seal),
+                ).where(col(RecordSealRow.case_id).in_(ids))
+            )
         }
         for row in rows:
             seal = seals.get(row.case_id)
