@@ -178,6 +178,40 @@ def rotate_kek(
         typer.echo(f"The credential in {cli.home} is now locked the same way.")
 
 
+@app.command("rotate-keys")
+def rotate_keys(ctx: typer.Context) -> None:
+    """Replace this agency's signing and encryption keys; the old key signs the change.
+
+    Run on the node's host with the node stopped (exit 9 while it serves) and its broker
+    reachable. Peers pin the new keys at their next directory sync; the old keys are kept,
+    retired, so referrals already on their way and everything the node sealed to itself still
+    open. From now on the broker refuses the old key. Take a new backup afterwards.
+
+    \b
+    Example:
+      tessera node rotate-keys
+    """
+    from node.rotation import rotate_agency_keys
+    from tessera import config
+    from tessera.config import KekSource
+    from tessera.credential import lock_stopped_home
+
+    cli = context.get(ctx)
+    settings = config.load(cli.home, cli.environ)
+    with lock_stopped_home(settings.home):
+        passphrase = cli.passphrase() if settings.kek_source is KekSource.PASSPHRASE else None
+        done = rotate_agency_keys(settings, passphrase)
+    verb = "Finished the interrupted rotation" if done.resumed else "Rotated the keys"
+    typer.echo(f"{verb} of {done.agency_id}.")
+    typer.echo(f"  old fingerprint (retired): {done.old_fingerprint}")
+    typer.echo(f"  new fingerprint:           {done.new_fingerprint}")
+    typer.echo(
+        "Tell each partner agency the new fingerprint by phone; they check it with "
+        f"`tessera agency verify {done.agency_id} --fingerprint ...` after their next sync. "
+        "Take a new backup now (`tessera node backup`): older ones carry the old keys."
+    )
+
+
 def _node_lock(
     cli: context.CliContext, passphrase: str | None, key_file: Path | None
 ) -> credential_mod.Lock:

@@ -233,7 +233,8 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     finish_interrupted_restore(home, engine, keyring)
     if (home / keyring_mod.KEYRING_FILE).exists():
         current = keyring_mod.export_document(home)
-        if current.get("identity_public") != header["keyring"].get("identity_public"):
+        # The same node under any of its keys (a backup taken before a key rotation).
+        if not keyring_mod.public_keys(current) & keyring_mod.public_keys(header["keyring"]):
             raise ConfigError(
                 "this backup belongs to another node",
                 hint="restore it into that node's home, or into an empty home",
@@ -243,7 +244,7 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     if not (home / directory_sync.LINK_FILE).exists() and header.get("broker_link"):
         atomic_write(home / directory_sync.LINK_FILE, json.dumps(header["broker_link"]).encode())
     # The escrow first: if the broker cannot be reached, nothing has changed yet.
-    client = escrow.client_for(home, keyring.identity)
+    client = escrow.client_for(home, keyring.identities)
     fetched = _fetch_escrow(home, client) if client is not None else None
     try:
         with engine.begin() as conn:

@@ -396,7 +396,7 @@ class NodeServicer(node_grpc.NodeServicer):
     ) -> node_pb.VerifyAuditResponse:
         client = self.escrow.client if self.escrow is not None else None
         checkpoint = await _run(
-            escrow.latest_checkpoint, self._settings.home, self._keyring.identity, client
+            escrow.latest_checkpoint, self._settings.home, self._keyring.identities, client
         )
         report = await _run(self._store.verify_audit, checkpoint)
         reply = node_pb.VerifyAuditResponse(

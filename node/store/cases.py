@@ -123,7 +123,11 @@ class NodeStore:
         self._engine = engine
         self._keyring = keyring
         self._home = home
-        self._audit = AuditLog(keyring.identity, home / AUDIT_HEAD_FILE if home else None)
+        self._audit = AuditLog(
+            keyring.identity,
+            home / AUDIT_HEAD_FILE if home else None,
+            [r.public for r in keyring.retired],
+        )
         # One writer at a time inside this process; the audit head row's lock covers others.
         self._write_lock = threading.Lock()
         # Seals pin each case's last written version outside its row (node.store.anchors).
