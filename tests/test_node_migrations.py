@@ -15,7 +15,6 @@ from sqlalchemy import Date, bindparam, text
 from sqlmodel import SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-from node.htcds import NeedCategory, NeedStatus
 from node.keyring import Keyring
 from node.store import tables as node_tables
 from node.store.cases import NewCase, NodeStore
@@ -23,6 +22,7 @@ from node.store.database import current_revision, head_revision, migrate
 from tessera import crypto
 from tessera.db import make_engine
 from tessera.errors import ConfigError
+from tessera.needs import NeedCategory, NeedStatus
 from tests.nodefixtures import pg_dump_data
 
 

@@ -18,6 +18,7 @@ from tessera.errors import InvalidInput
 
 
 def csv_rows(path: Path, head: bytes) -> Iterator[Sequence[str]]:
+    """The rows of a CSV file as lists of cell texts; ``head`` is the file's first bytes."""
     if head.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0", b"\xff\xfe", b"\xfe\xff", b"%PDF")):
         raise not_a(path, head, "a CSV file")
     data = path.read_bytes()

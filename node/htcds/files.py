@@ -56,6 +56,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 def export_columns(extra_columns: Sequence[str]) -> tuple[str, ...]:
+    """An export's columns: every HTCDS field in spreadsheet order, then ``extra_columns``."""
     for name in extra_columns:
         if not name.startswith(TESSERA_PREFIX) or name in REPORT_COLUMNS:
             raise ValueError(
@@ -70,6 +71,7 @@ def export_columns(extra_columns: Sequence[str]) -> tuple[str, ...]:
 def ordered(
     record: Mapping[str, str], columns: tuple[str, ...], known: frozenset[str]
 ) -> list[str]:
+    """A record's values in ``columns`` order (``""`` for a missing one)."""
     stray = [key for key in record if key not in known]
     if stray:
         # A programming error, not bad input: silently dropping a field would lose data.

@@ -51,11 +51,13 @@ class FieldError:
         return f"{self.field}: {self.reason}" if self.field else self.reason
 
 
+#: The shape of an ISO date (the XLSX writer turns such values into date cells).
 DATE_SHAPE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _EXCEL_SERIAL: Final = re.compile(r"[0-9]{5}(\.0+)?")
 # The characters XLSX (XML 1.0) cannot store; refusing them on import keeps every accepted
 # record exportable. Tab, line feed and carriage return are allowed.
 _CONTROL_CHARS: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+#: The texts of Excel's error values: refused on import, written as text on export.
 EXCEL_ERRORS: Final = frozenset(
     {"#NULL!", "#DIV/0!", "#VALUE!", "#REF!", "#NAME?", "#NUM!", "#N/A"}
 )
@@ -176,6 +178,7 @@ def _make_checker(spec: FieldSpec) -> Callable[[str], str]:
 
 # Built once, so validating a row is a dict lookup and one call per field.
 _CHECKERS: Final[dict[str, Callable[[str], str]]] = {s.name: _make_checker(s) for s in FIELDS}
+#: The HTCDS fields holding dates.
 DATE_FIELDS: Final = frozenset(s.name for s in FIELDS if s.kind is FieldKind.DATE)
 
 
@@ -272,6 +275,7 @@ def validate_record(raw: Mapping[str, str]) -> tuple[dict[str, str], list[FieldE
 
 
 def clip(text: str) -> str:
+    """``text`` cut to a length fit to quote in an error."""
     return text if len(text) <= _MAX_EXCERPT else text[:_MAX_EXCERPT] + "..."
 
 

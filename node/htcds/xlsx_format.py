@@ -64,6 +64,7 @@ def _cell_text(value: object) -> str:
 
 @contextmanager
 def xlsx_rows(path: Path, head: bytes) -> Iterator[Iterator[Sequence[str]]]:
+    """The rows of a workbook's first sheet as lists of cell texts (formulas as FormulaText)."""
     if not head.startswith(b"PK\x03\x04"):
         raise not_a(path, head, "an Excel .xlsx workbook")
     from openpyxl import load_workbook
