@@ -48,11 +48,13 @@ from node.consent import (
     _need,
     verify_receipt,
 )
-from node.htcds import FIELD_CATEGORY, MAX_TEXT_CHARS, NeedCategory
+from node.htcds.catalogue import FIELD_CATEGORY
+from node.htcds.validate import MAX_TEXT_CHARS
 from tessera import crypto
 from tessera.crypto import Identity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused, WrongRecipient
+from tessera.needs import NeedCategory
 from tessera.timestamps import require_aware, to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import referral_pb2 as referral_pb

@@ -11,10 +11,12 @@ import pytest
 
 from node.client import NodeClient
 from node.domain import StaffRole
-from node.htcds import NeedCategory, NeedStatus, synthetic_records, write_csv
+from node.htcds.csv_format import write_csv
+from node.htcds.synthetic import synthetic_records
 from tessera import credential, crypto, rpc
 from tessera.config import Limits
 from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
 from tests.support import CASEWORKER_PASSPHRASE, BackgroundNode, make_node, unlock
@@ -220,7 +222,7 @@ def test_import_all_or_nothing_then_skip_bad_rows(admin: NodeClient, tmp_path: P
 
 
 def test_export_round_trips_through_htcds(admin: NodeClient, tmp_path: Path) -> None:
-    from node.htcds import validate_file
+    from node.htcds.report import validate_file
 
     records = synthetic_records(12, seed=3)
     source = tmp_path / "in.csv"
