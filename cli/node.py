@@ -212,6 +212,45 @@ def rotate_keys(ctx: typer.Context) -> None:
     )
 
 
+@app.command("re-enrol")
+def re_enrol(
+    ctx: typer.Context,
+    code: Annotated[str, typer.Argument(help="A new enrolment code, for a new agency id.")],
+    services: Annotated[
+        list[str] | None,
+        typer.Option("--service", help="A need category you serve; repeat (default: as before)."),
+    ] = None,
+) -> None:
+    """Recover from a stolen agency key: enrol this node under a new agency id with new keys.
+
+    For when the broker operator has revoked the agency (its key was taken over). Run with the
+    node stopped. Cases, staff, referrals received and the audit log stay; every erasure and
+    staff removal goes into the new agency's escrow. Partners verify the new fingerprint by
+    phone (docs/operations.md, "A compromised agency key").
+
+    \b
+    Example:
+      tessera node re-enrol "$(cat new-enrol-code.txt)"
+    """
+    from node.rotation import re_enrol as re_enrol_node
+    from tessera import config
+    from tessera.config import KekSource
+    from tessera.credential import lock_stopped_home
+
+    cli = context.get(ctx)
+    settings = config.load(cli.home, cli.environ)
+    with lock_stopped_home(settings.home):
+        passphrase = cli.passphrase() if settings.kek_source is KekSource.PASSPHRASE else None
+        done = re_enrol_node(settings, passphrase, code, services or [])
+    typer.echo(f"Enrolled again as {done.agency_id}, with new keys.")
+    typer.echo(f"  new fingerprint: {done.new_fingerprint}")
+    typer.echo(
+        "Call each partner agency: they check it with "
+        f"`tessera agency verify {done.agency_id} --fingerprint ...`. "
+        "Take a new backup now (`tessera node backup`)."
+    )
+
+
 def _node_lock(
     cli: context.CliContext, passphrase: str | None, key_file: Path | None
 ) -> credential_mod.Lock:

@@ -324,6 +324,13 @@ def checkpoint_ref(
 # --- anchors in the home --------------------------------------------------------------------
 
 
+def forget_agency(home: Path) -> None:
+    """Drop the home's record of the escrow and checkpoint of the agency this node was (it is
+    enrolled under another id now, whose escrow starts afresh)."""
+    for name in (ANCHOR_FILE, CHECKPOINT_FILE):
+        (home / name).unlink(missing_ok=True)
+
+
 def read_anchor_size(home: Path) -> int:
     """The largest escrow size the node confirmed, per its home (0 if none)."""
     try:

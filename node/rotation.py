@@ -18,6 +18,12 @@ Order, so that a crash anywhere leaves a node that knows every key it may need:
 
 A node whose keyring still holds a pending identity refuses to serve; running ``rotate-keys``
 again finishes the rotation (the broker recorded it) or starts afresh (it did not).
+
+When someone else rotated the agency's keys first (they stole a copy), nothing signed by the
+old key is accepted any more, and the broker operator revokes the agency (a revoked id never comes
+back). ``tessera node re-enrol CODE`` then enrols the same node under a new agency id with new
+keys (the old ones retired), and deposits every erasure and staff removal it knows into the new
+agency's escrow; partners verify the new fingerprint by phone (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from node import directory_sync
+from node import directory_sync, escrow
 from node import keyring as keyring_mod
 from node.keyring import Keyring
 from node.store.cases import NodeStore
 from node.store.database import open_database
+from node.store.escrow import EscrowStore
 from tessera import crypto, directory
 from tessera.config import Settings
 from tessera.errors import ConfigError, Conflict, Unauthenticated
+from tessera.escrow import GENESIS_CHAIN
 from tessera.logs import fields
 
 log = logging.getLogger(__name__)
@@ -62,21 +70,72 @@ def rotate_agency_keys(settings: Settings, passphrase: str | None) -> Rotated:
         if recorded:
             return _finish(settings, keyring, link, passphrase, resumed=True)
     old = keyring.identity
-    cache = directory_sync.sync(home, old, link)
+    try:
+        cache = directory_sync.sync(home, old, link)
+    except Unauthenticated:
+        raise _taken_over(link.agency_id) from None
     record = cache.records.get(link.agency_id)
     if record is None or record.identity.signing_key != old.public.signing_key:
-        raise Conflict(
-            f"the directory does not hold this node's key for {link.agency_id}: someone else "
-            "may have rotated it with a stolen copy of the key",
-            hint="ask the broker operator to revoke the agency and re-enrol "
-            "(docs/operations.md, 'A compromised agency key')",
-        )
+        raise _taken_over(link.agency_id)
     new = crypto.Identity.generate()
     keyring = keyring_mod.begin_identity_change(home, keyring, new, passphrase)
     statement, possession = directory.rotate_statement(old, new, record, dt.datetime.now(dt.UTC))
     directory_sync.rotate_keys(link, old, statement, possession)
     keyring = keyring_mod.complete_identity_change(home, keyring, passphrase)
     return _finish(settings, keyring, link, passphrase, resumed=False)
+
+
+def _taken_over(agency_id: str) -> Conflict:
+    return Conflict(
+        f"the broker no longer holds this node's key for {agency_id}: someone else may have "
+        "rotated it with a stolen copy of the key, or the agency was revoked",
+        hint="ask the broker operator to revoke the agency and issue a new enrolment code, then "
+        "`tessera node re-enrol CODE` (docs/operations.md, 'A compromised agency key')",
+    )
+
+
+def re_enrol(settings: Settings, passphrase: str | None, code: str, services: list[str]) -> Rotated:
+    """Enrol this (stopped) node under the new agency id in ``code``, with new keys; the old
+    identity is retired and the new agency's escrow receives every erasure and removal the node
+    knows (module docstring). ``services`` default to those the old agency listed."""
+    home = settings.home
+    keyring = keyring_mod.open_keyring(home, passphrase)
+    old_link = directory_sync.load_link(home)
+    if not services:
+        record = directory_sync.load_cache(home).records.get(old_link.agency_id)
+        services = list(record.services) if record is not None else []
+    if keyring.pending is not None:
+        keyring = keyring_mod.abandon_identity_change(home, keyring, passphrase)
+    new = crypto.Identity.generate()
+    keyring = keyring_mod.begin_identity_change(home, keyring, new, passphrase)
+    link = directory_sync.enrol(home, new, code, settings.name, services)
+    keyring = keyring_mod.complete_identity_change(home, keyring, passphrase)
+    # The new agency's escrow starts empty: what the node confirmed of the old one says nothing
+    # about it, and every erasure and removal goes into it again.
+    escrow.forget_agency(home)
+    engine = open_database(settings.effective_database_url, keyring)
+    try:
+        store = NodeStore(engine, keyring, home)
+        escrow_store = EscrowStore(store)
+        escrow_store.set_anchor(0, GENESIS_CHAIN, dt.datetime.now(dt.UTC))
+        queued = escrow_store.requeue_all()
+        old, fresh = keyring.retired[0].public.fingerprint(), new.public.fingerprint()
+        store.audit(
+            ACTOR,
+            "keys.re_enrol",
+            None,
+            {
+                "old_agency": old_link.agency_id,
+                "new_agency": link.agency_id,
+                "old_key": old,
+                "new_key": fresh,
+                "tombstones": queued,
+            },
+        )
+    finally:
+        engine.dispose()
+    log.info("keys.re_enrolled", extra=fields(old=old_link.agency_id, new=link.agency_id))
+    return Rotated(link.agency_id, old, fresh, len(keyring.retired), resumed=False)
 
 
 def _settle_pending(

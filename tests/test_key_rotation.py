@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from broker.operator_client import OperatorClient
 from node import directory_sync
 from node import keyring as keyring_mod
 from node.backup import restore_backup
@@ -28,7 +29,7 @@ from node.server import start_node
 from node.store.database import open_database
 from tessera import crypto, directory
 from tessera.config import Settings
-from tessera.errors import ConfigError, NotFound, Unauthenticated
+from tessera.errors import ConfigError, NotFound, Refused, Unauthenticated
 from tests.support import (
     PASSPHRASE,
     BackgroundBroker,
@@ -92,7 +93,7 @@ def _tessera(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def _send(pair: Pair, name: str) -> str:
+def _send(pair: Pair, name: str, to: str = LIGHTHOUSE) -> str:
     with pair.client(HARBOUR) as harbour:
         case: dict[str, Any] = harbour.create_case(
             {"prs_FirstName": name, "prs_Email": f"{name.lower()}@example.org"},
@@ -100,10 +101,10 @@ def _send(pair: Pair, name: str) -> str:
             [(NeedCategory.MEDICAL, NeedStatus.IDENTIFIED)],
         )
         consent = harbour.grant_consent(
-            case["case_id"], LIGHTHOUSE, NeedCategory.MEDICAL, ("identity",), NEXT_YEAR, "verbal"
+            case["case_id"], to, NeedCategory.MEDICAL, ("identity",), NEXT_YEAR, "verbal"
         )
         sent = harbour.send_referral(
-            case["case_id"], LIGHTHOUSE, NeedCategory.MEDICAL, consent_id=consent["consent_id"]
+            case["case_id"], to, NeedCategory.MEDICAL, consent_id=consent["consent_id"]
         )
     return str(sent["referral_id"])
 
@@ -233,3 +234,72 @@ def test_rotate_keys_is_refused_while_the_node_serves(pair: Pair) -> None:
     refused = _tessera(home, "node", "rotate-keys")
     assert refused.returncode == 9, refused.stdout + refused.stderr
     assert open_keyring(home, PASSPHRASE).identity.public == before
+
+
+def test_the_compromise_runbook_revoke_re_enrol_re_verify(pair: Pair, tmp_path: Path) -> None:
+    """docs/operations.md, "A compromised agency key", step by step."""
+    home = pair.settings[LIGHTHOUSE].home
+    link = directory_sync.load_link(home)
+    with pair.client(LIGHTHOUSE) as lighthouse:
+        erased = lighthouse.create_case({"prs_FirstName": "Wenna"}, "", [])["case_id"]
+        lighthouse.erase_case(erased, "survivor asked")
+        wait_for(lambda: lighthouse.status()["tombstones_waiting"] == 0, "the tombstone escrowed")
+    with pair.client(HARBOUR) as harbour:
+        fingerprint = {a["agency_id"]: a for a in harbour.agencies()}[LIGHTHOUSE]["fingerprint"]
+        harbour.verify_agency(LIGHTHOUSE, fingerprint)
+
+    # A thief with a copy of the keyring (and its passphrase) rotates the agency to their key.
+    stolen = open_keyring(home, PASSPHRASE).identity
+    thief = crypto.Identity.generate()
+    scratch = tmp_path / "thief"
+    record = directory_sync.sync(scratch, stolen, link).records[LIGHTHOUSE]
+    statement, possession = directory.rotate_statement(
+        stolen, thief, record, dt.datetime.now(dt.UTC)
+    )
+    directory_sync.rotate_keys(link, stolen, statement, possession)
+
+    # The agency's own rotation now fails, saying what happened and what to do.
+    pair.stop(LIGHTHOUSE)
+    refused = _tessera(home, "node", "rotate-keys")
+    assert refused.returncode == 9, refused.stdout + refused.stderr
+    assert "re-enrol" in refused.stderr and "stolen" in refused.stderr
+
+    # 1. The broker operator revokes the agency: the thief's key is refused from then on, and
+    #    partners stop sending to it.
+    revoked = _tessera(pair.broker.settings.home, "broker", "revoke", LIGHTHOUSE, "--reason", "key")
+    assert revoked.returncode == 0, revoked.stderr
+    with pytest.raises(Unauthenticated):
+        directory_sync.sync(scratch, thief, link)
+    with pair.client(HARBOUR) as harbour:
+        assert {a["agency_id"] for a in harbour.agencies()} == {HARBOUR}
+    with pytest.raises(Refused):
+        _send(pair, "Ysolde")
+
+    # 2. A new enrolment code, for a new agency id, and `node re-enrol` at the agency.
+    renamed = f"{LIGHTHOUSE}-2"
+    with OperatorClient(pair.broker.settings.home) as operator:
+        code = operator.enrolment_code(renamed, 1)
+    again = _tessera(home, "node", "re-enrol", code)
+    assert again.returncode == 0, again.stderr
+    keyring = open_keyring(home, PASSPHRASE)
+    assert keyring.identity.public.fingerprint() in again.stdout
+    assert {r.public for r in keyring.retired} >= {stolen.public}
+    pair.start(LIGHTHOUSE)
+    with pair.client(LIGHTHOUSE) as lighthouse:
+        assert lighthouse.status()["fingerprint"] == keyring.identity.public.fingerprint()
+        assert directory_sync.load_link(home).agency_id == renamed
+        # Every erasure went into the new agency's escrow, and the survivor stays erased.
+        wait_for(lambda: lighthouse.status()["tombstones_waiting"] == 0, "tombstones re-escrowed")
+        assert lighthouse.status()["escrow"] == "confirmed"
+        with pytest.raises(NotFound):
+            lighthouse.get_case(erased)
+        assert lighthouse.verify_audit()["intact"]
+
+    # 3. The partner re-verifies by phone, then referrals flow to the new agency id.
+    with pair.client(HARBOUR) as harbour:
+        listed = {a["agency_id"]: a for a in harbour.agencies()}[renamed]
+        assert not listed["verified"]
+        assert listed["fingerprint"] == keyring.identity.public.fingerprint()
+        harbour.verify_agency(renamed, listed["fingerprint"])
+    referral = _send(pair, "Elowen", to=renamed)
+    assert _arrived(pair, referral)["fields"]["prs_FirstName"] == "Elowen"
