@@ -170,7 +170,8 @@ def rotate_kek(
         if new_pass is not None:
             # As the credential re-lock below will check it: refused before anything changes.
             passphrases.require_strong(new_pass, context=(held.name,), what="node passphrase")
-        count = client.rotate_kek(new_pass, new_key_file)
+        current = _current_node_passphrase(cli)
+        count = client.rotate_kek(new_pass, new_key_file, current)
     typer.echo(f"Key-encryption key replaced; {count} keys re-wrapped, no record re-encrypted.")
     if (cli.home / KEYRING_FILE).exists():
         # In the node's home the administrator's credential follows the node's KEK.
@@ -249,6 +250,33 @@ def re_enrol(
         f"`tessera agency verify {done.agency_id} --fingerprint ...`. "
         "Take a new backup now (`tessera node backup`)."
     )
+
+
+def _current_node_passphrase(cli: context.CliContext) -> str | None:
+    # The node checks it before re-locking: a stolen administrator credential is not enough.
+    # In the node's own home it is the passphrase already given; elsewhere it is asked for.
+    from node.keyring import KEYRING_FILE, read_spec
+    from tessera.config import KekSource
+
+    if (cli.home / KEYRING_FILE).exists():
+        if read_spec(cli.home).source is not KekSource.PASSPHRASE:
+            return None
+        return cli.passphrase()
+    import getpass
+    import sys
+
+    from tessera.errors import ConfigError
+
+    # Here TESSERA_PASSPHRASE opens the administrator's own credential, not the node.
+    given = cli.environ.get("TESSERA_NODE_PASSPHRASE")
+    if given:
+        return given
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "the node's current passphrase is needed and there is no terminal to ask on",
+            hint="set TESSERA_NODE_PASSPHRASE, or run the command in the node's own home",
+        )
+    return getpass.getpass("the node's current passphrase: ")
 
 
 def _node_lock(

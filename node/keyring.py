@@ -31,7 +31,13 @@ from typing import Any
 
 from tessera import crypto, passphrases
 from tessera.config import Argon2Profile, KekSource
-from tessera.errors import ConfigError, InvalidInput, KeyFileError, TamperedCiphertext
+from tessera.errors import (
+    ConfigError,
+    InvalidInput,
+    KeyFileError,
+    TamperedCiphertext,
+    WrongPassphrase,
+)
 from tessera.files import atomic_write
 
 KEYRING_FILE = Path("keys") / "keyring.json"
@@ -169,6 +175,18 @@ def open_document(document: dict[str, Any], passphrase: str | None) -> Keyring:
             hint="restore keys/keyring.json from a backup",
         ) from None
     return Keyring(crypto.Identity.from_secret_bytes(identity_secret), record_key, retired, pending)
+
+
+def check_current_secret(home: Path, passphrase: str | None) -> None:
+    """WrongPassphrase unless ``passphrase`` is the one protecting this node now (a node locked
+    by a key file needs none: it reads its own key file)."""
+    spec = read_spec(home)
+    if spec.source is KekSource.PASSPHRASE and not passphrase:
+        raise WrongPassphrase(
+            "the node's current passphrase is needed to change it",
+            hint="set TESSERA_PASSPHRASE to it, or run on a terminal",
+        )
+    spec.derive(passphrase).verify_check_value(_b64(_read(home / KEYRING_FILE), "check"))
 
 
 def public_keys(document: dict[str, Any]) -> set[str]:

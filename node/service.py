@@ -477,8 +477,12 @@ class NodeServicer(node_grpc.NodeServicer):
     async def RotateKeyEncryptionKey(
         self, request: node_pb.RotateKeyEncryptionKeyRequest, context: Context
     ) -> node_pb.RotateKeyEncryptionKeyResponse:
+        from node.keyring import check_current_secret as keyring_check
         from node.keyring import new_kek_spec
 
+        # Proof the caller knows the secret in force, not only an administrator's credential;
+        # checked before anything (a new key file included) is written.
+        await _run(keyring_check, self._settings.home, request.current_passphrase or None)
         which = request.WhichOneof("new_key")
         if which == "new_passphrase":
             spec: KekSpec = new_kek_spec(KekSource.PASSPHRASE, self._settings.argon2, None)
