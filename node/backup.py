@@ -36,10 +36,10 @@ from sqlmodel import SQLModel
 
 from node import keyring as keyring_mod
 from node.keyring import Keyring
+from node.referrals.stores import ReferralStores
 from node.store.budget import BudgetStore
 from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
 from node.store.needs import seal_clear_rows
-from node.store.referrals import ReferralStore
 from node.store.tables import (
     AuditHeadRow,
     AuditRow,
@@ -265,7 +265,7 @@ def _reapply(home: Path, engine: Engine, keyring: Keyring) -> int:
         ),
     )
     # Revoked consents and purged referrals stay revoked and purged, too.
-    ReferralStore(store).reapply_ledger("system:restore", ledger)
+    ReferralStores(store).reapply_ledger("system:restore", ledger)
     # Spent privacy budget stays spent (DESIGN.md section 7: every contribution is counted).
     BudgetStore(store).reapply_ledger("system:restore", ledger)
     store.audit(

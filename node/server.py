@@ -17,11 +17,11 @@ from pathlib import Path
 from node import access, directory_sync
 from node.backup import finish_interrupted_restore
 from node.keyring import Keyring, open_keyring
+from node.referrals.flows import Referrals
 from node.relay_worker import RelayWorker, start_worker
 from node.service import NodeServicer
 from node.store.cases import NodeStore
 from node.store.database import open_database
-from node.store.referrals import ReferralStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, RunLock, hold_serving_lock
@@ -117,7 +117,7 @@ async def _start(
         crypto.ReplayGuard(settings.limits.replay_window_seconds),
         on_refused=refused,
     )
-    referrals = ReferralStore(store)
+    referrals = Referrals(store, settings.home)
     servicer = NodeServicer(settings, store, keyring, referrals)
     server = await rpc.start_server(
         listen=settings.listen,
@@ -141,7 +141,7 @@ async def _start(
         )
         if running.relay is None:
             return False
-        servicer.wake_relay = running.relay.wake
+        servicer.relay = running.relay
         return True
 
     if not start_relay():
