@@ -12,35 +12,36 @@ import datetime as dt
 import logging
 import os
 import tempfile
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc.aio
-
 import tessera
-from node import backup, directory_sync, htcds, serde, stats
+from node import backup, htcds, serde, stats
 from node.dedup import CASE_ID_COLUMN
 from node.domain import CaseState, DuplicatePolicy, StaffRole
+from node.edge import DEFAULT_PAGE as _DEFAULT_PAGE
+from node.edge import MAX_PAGE as _MAX_PAGE
+from node.edge import Context
+from node.edge import actor as _actor
+from node.edge import case_id as _case_id
+from node.edge import field_names as _field_names
+from node.edge import page_offset as _page_offset
+from node.edge import run as _run
 from node.keyring import KekSpec, Keyring, rotate
-from node.referrals.flows import OFFLINE, Courier, GrantRequest, Referrals, SendRequest
-from node.referrals.model import ConsentMethod, ReferralState
+from node.referral_service import ReferralService
+from node.referrals.flows import OFFLINE, Courier, Referrals
 from node.store import imports
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase, NodeStore
 from tessera import rpc
 from tessera.config import KekSource, Settings
-from tessera.errors import InvalidInput, Refused
-from tessera.timestamps import to_datetime
+from tessera.errors import InvalidInput
 from tessera.v1 import node_pb2 as node_pb
-from tessera.v1 import node_pb2_grpc as node_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CHUNK = 256 * 1024
-_DEFAULT_PAGE = 100
-_MAX_PAGE = 1000
 # Which HTCDS fields feed each blind-index kind, for FindCases (node.store.cases indexes them).
 _IDENTIFIER_KINDS: dict[frozenset[str], str] = {
     frozenset({"prs_FirstName", "prs_SecondName"}): "name",
@@ -48,16 +49,6 @@ _IDENTIFIER_KINDS: dict[frozenset[str], str] = {
     frozenset({"prs_MobilePhone"}): "phone",
     frozenset({"prs_HomePhone"}): "phone",
 }
-
-Context = grpc.aio.ServicerContext[Any, Any]
-
-
-async def _run(func: Callable[..., T], *args: Any) -> T:
-    return await asyncio.to_thread(func, *args)
-
-
-def _actor() -> str:
-    return rpc.current_caller().principal
 
 
 def _checked_fields(raw: dict[str, str], *, allow_empty: bool = False) -> dict[str, str]:
@@ -72,7 +63,7 @@ def _checked_fields(raw: dict[str, str], *, allow_empty: bool = False) -> dict[s
     return clean
 
 
-class NodeServicer(node_grpc.NodeServicer):
+class NodeServicer(ReferralService):
     """Implements tessera.v1.Node for the node's own staff (cases, needs, staff, keys, audit)."""
 
     def __init__(
@@ -445,168 +436,6 @@ class NodeServicer(node_grpc.NodeServicer):
             )
         )
 
-    # --- consent and referrals (DESIGN.md section 6; node.referrals.flows) -------------------
-
-    async def GrantConsent(
-        self, request: node_pb.GrantConsentRequest, context: Context
-    ) -> node_pb.GrantConsentResponse:
-        grant = GrantRequest(
-            case_id=_case_id(request.case_id),
-            recipient_id=_agency_id(request.receiving_agency_id),
-            purpose=serde.need_category(request.purpose),
-            categories=_data_categories(request.data_categories),
-            method=_consent_method(request.method),
-            witnessed_by=request.witnessed_by.strip(),
-            expires_at=_expiry(request),
-            idempotency_key=request.idempotency_key[:128] or str(uuid.uuid4()),
-        )
-        view = await _run(self.referrals.grant_consent, _actor(), grant)
-        return node_pb.GrantConsentResponse(consent=serde.consent_view_pb(view))
-
-    async def ListConsents(
-        self, request: node_pb.ListConsentsRequest, context: Context
-    ) -> node_pb.ListConsentsResponse:
-        case_id = _case_id(request.case_id) if request.case_id else None
-        views = await _run(self.referrals.consents, case_id, serde.consent_state(request.state))
-        return node_pb.ListConsentsResponse(consents=[serde.consent_view_pb(v) for v in views])
-
-    async def RevokeConsent(
-        self, request: node_pb.RevokeConsentRequest, context: Context
-    ) -> node_pb.RevokeConsentResponse:
-        consent_id = request.consent_id.strip()
-        if not consent_id:
-            raise InvalidInput("a consent id is required", hint="`tessera consent list CASE`")
-        revoked = await _run(self.referrals.revoke, _actor(), consent_id)
-        purged = await self.relay.purge_now(revoked.purge_item)  # else the outbox retries it
-        self.relay.wake()
-        return node_pb.RevokeConsentResponse(
-            consent=serde.consent_view_pb(revoked.consent),
-            envelopes_purged=purged,
-            revoked_referral_ids=list(revoked.revoked_referral_ids),
-        )
-
-    async def SendReferral(
-        self, request: node_pb.SendReferralRequest, context: Context
-    ) -> node_pb.SendReferralResponse:
-        consent_id = request.consent_id.strip()
-        if not consent_id:
-            raise InvalidInput(
-                "a referral is sent under a consent", hint="`tessera consent list CASE`"
-            )
-        send = SendRequest(
-            case_id=_case_id(request.case_id),
-            consent_id=consent_id,
-            recipient_id=_agency_id(request.recipient_agency_id),
-            need=serde.need_category(request.need),
-            fields=tuple(_field_names(request.fields)),
-            note=request.note,
-            sender_contact=request.sender_contact,
-            idempotency_key=request.idempotency_key[:128] or str(uuid.uuid4()),
-        )
-        referral = await _run(self.referrals.send, _actor(), send)
-        self.relay.wake()
-        return node_pb.SendReferralResponse(referral=serde.outgoing_pb(referral))
-
-    async def ListReferrals(
-        self, request: node_pb.ListReferralsRequest, context: Context
-    ) -> node_pb.ListReferralsResponse:
-        size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
-        offset = _page_offset(request.page_token)
-        states = [serde.referral_state(request.state)] if request.state else None
-        case_id = _case_id(request.case_id) if request.case_id else None
-        stores = self.referrals.stores
-        items: list[node_pb.ReferralRecord] = []
-        if request.direction != node_pb.REFERRAL_DIRECTION_INCOMING:
-            sent = await _run(
-                lambda: stores.outgoing.sent(case_id, states=states, limit=size, offset=offset)
-            )
-            items.extend(serde.outgoing_pb(r) for r in sent)
-        if request.direction != node_pb.REFERRAL_DIRECTION_OUTGOING and case_id is None:
-            got = await _run(lambda: stores.incoming.inbox(states, limit=size, offset=offset))
-            names = await _run(self.referrals.agency_names)
-            items.extend(serde.incoming_pb(r, names) for r in got)
-        items.sort(key=lambda r: to_datetime(r.updated_at), reverse=True)
-        token = str(offset + size) if len(items) >= size else ""
-        return node_pb.ListReferralsResponse(referrals=items, next_page_token=token)
-
-    async def Inbox(self, request: node_pb.InboxRequest, context: Context) -> node_pb.InboxResponse:
-        size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
-        offset = _page_offset(request.page_token)
-        states = None if request.include_answered else [ReferralState.DELIVERED]
-        inbox = self.referrals.stores.incoming.inbox
-        got = await _run(lambda: inbox(states, limit=size, offset=offset))
-        names = await _run(self.referrals.agency_names)
-        token = str(offset + size) if len(got) == size else ""
-        return node_pb.InboxResponse(
-            referrals=[serde.incoming_pb(r, names) for r in got], next_page_token=token
-        )
-
-    async def ShowReferral(
-        self, request: node_pb.ShowReferralRequest, context: Context
-    ) -> node_pb.ShowReferralResponse:
-        referral_id = request.referral_id.strip()
-        if not referral_id:
-            raise InvalidInput("a referral id is required", hint="`tessera referral list`")
-        shown = await _run(self.referrals.show, _actor(), referral_id)
-        names = await _run(self.referrals.agency_names)
-        return serde.shown_pb(shown, names)
-
-    async def AnswerReferral(
-        self, request: node_pb.AnswerReferralRequest, context: Context
-    ) -> node_pb.AnswerReferralResponse:
-        referral_id = request.referral_id.strip()
-        if not referral_id:
-            raise InvalidInput("a referral id is required", hint="`tessera referral inbox`")
-        status = serde.referral_answer(request.answer)
-        reason = serde.decline_reason(request.decline_reason)
-        answer = self.referrals.answer
-        answered = await _run(answer, _actor(), referral_id, status, reason, request.decline_text)
-        self.relay.wake()
-        names = await _run(self.referrals.agency_names)
-        return node_pb.AnswerReferralResponse(referral=serde.incoming_pb(answered, names))
-
-    async def ListAgencies(
-        self, request: node_pb.ListAgenciesRequest, context: Context
-    ) -> node_pb.ListAgenciesResponse:
-        cache = await _run(self._synced_directory)
-        wanted = serde.need_category(request.service).value if request.service else None
-        agencies = [
-            serde.agency_pb(record, record.agency_id in cache.verified)
-            for agency_id, record in sorted(cache.records.items())
-            if (request.include_revoked or not record.revoked)
-            and (wanted is None or wanted in record.services)
-        ]
-        return node_pb.ListAgenciesResponse(agencies=agencies)
-
-    async def VerifyAgency(
-        self, request: node_pb.VerifyAgencyRequest, context: Context
-    ) -> node_pb.VerifyAgencyResponse:
-        cache = await _run(self._synced_directory)
-        record = cache.records.get(request.agency_id)
-        if record is None:
-            raise InvalidInput(
-                f"no agency {request.agency_id!r} in the directory",
-                hint="`tessera agency list` shows the agencies there are",
-            )
-
-        def plain(text: str) -> str:
-            return "".join(ch for ch in text.upper() if ch.isalnum())
-
-        if plain(request.key_fingerprint) != plain(record.identity.fingerprint()):
-            raise Refused(
-                f"the fingerprint read out does not match the one pinned for {record.name}",
-                hint="do not trust this agency's key; call them back on a number you know",
-            )
-        await _run(directory_sync.mark_verified, self._settings.home, record.agency_id)
-        await _run(
-            self._store.audit, _actor(), "agency.verified", None, {"agency": record.agency_id}
-        )
-        return node_pb.VerifyAgencyResponse(agency=serde.agency_pb(record, True))
-
-    def _synced_directory(self) -> directory_sync.DirectoryCache:
-        link = directory_sync.load_link(self._settings.home)
-        return directory_sync.sync(self._settings.home, self._keyring.identity, link)
-
     async def BudgetStatus(
         self, request: node_pb.BudgetStatusRequest, context: Context
     ) -> node_pb.BudgetStatusResponse:
@@ -662,68 +491,8 @@ class _Scratch:
             self._path.with_name(self._path.name + ".tmp").unlink(missing_ok=True)
 
 
-def _agency_id(value: str) -> str:
-    value = value.strip()
-    if not value or len(value) > 128:
-        raise InvalidInput("an agency id is required", hint="`tessera agency list` shows them")
-    return value
-
-
-def _consent_method(value: int) -> ConsentMethod:
-    method = serde.consent_method(value)
-    if method is None:
-        raise InvalidInput(
-            "how consent was given is required", hint="verbal, written or electronic"
-        )
-    return method
-
-
-def _data_categories(values: Iterable[str]) -> frozenset[str]:
-    categories = frozenset(values)
-    unknown = sorted(c for c in categories if c not in htcds.DATA_CATEGORIES)
-    if not categories or unknown:
-        raise InvalidInput(
-            f"unknown data categories: {', '.join(unknown)}"
-            if unknown
-            else "name at least one data category to share",
-            hint=f"one or more of: {', '.join(htcds.DATA_CATEGORIES)}",
-        )
-    return categories
-
-
-def _expiry(request: node_pb.GrantConsentRequest) -> dt.datetime:
-    if not request.HasField("expires_at"):
-        raise InvalidInput("a consent needs an expiry date", hint="--expires YYYY-MM-DD")
-    return to_datetime(request.expires_at)
-
-
-def _case_id(value: str) -> str:
-    value = value.strip()
-    if not value or len(value) > 36:
-        raise InvalidInput("a case id is required", hint="`tessera case list` shows case ids")
-    return value
-
-
 def _date(value: str) -> dt.date:
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
         raise InvalidInput(f"{value!r} is not a date (YYYY-MM-DD)") from None
-
-
-def _page_offset(token: str) -> int:
-    if not token:
-        return 0
-    if not token.isdigit():
-        raise InvalidInput("that page token is not one this node issued")
-    return int(token)
-
-
-def _field_names(names: Any) -> list[str]:
-    result = []
-    for name in names:
-        canonical = htcds.canonical_field(name)
-        if canonical is None:
-            raise InvalidInput(f"unknown field {name!r}", hint="see docs/data-model.md")
-        result.append(canonical)
-    return result

@@ -21,9 +21,9 @@ from node.client import NodeClient
 from node.directory_sync import BrokerLink
 from node.htcds import NeedCategory, NeedStatus
 from node.keyring import open_keyring
-from node.relay_worker import RelayWorker, split_by_size
 from node.referrals.flows import Referrals
 from node.referrals.model import OutboxItem, OutboxKind
+from node.relay_worker import RelayWorker, split_by_size
 from tessera import crypto
 from tessera.errors import StorageError
 from tessera.v1 import relay_pb2 as relay_pb
@@ -196,7 +196,9 @@ def test_a_streamed_batch_syncs_the_directory_once_before_opening_any_envelope(
         )
 
     senders = ["lantern-clinic", "lantern-clinic", "meridian-legal", "no-such-agency"]
-    worker = RelayWorker(node.store, Referrals(node.store, node.home), node.keyring, node.home, link)
+    worker = RelayWorker(
+        node.store, Referrals(node.store, node.home), node.keyring, node.home, link
+    )
 
     async def handle_one_batch() -> None:
         worker.start()

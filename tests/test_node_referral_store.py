@@ -47,7 +47,6 @@ from node.envelopes import (
     status_envelope,
 )
 from node.htcds import NeedCategory, NeedStatus
-from node.store.cases import NewCase
 from node.referrals.model import (
     OutboxKind,
     OutgoingEnvelope,
@@ -55,6 +54,7 @@ from node.referrals.model import (
     ReferralState,
 )
 from node.referrals.stores import ReferralStores
+from node.store.cases import NewCase
 from tessera import crypto
 from tessera.directory import AgencyRecord
 from tessera.errors import Conflict, InvalidInput, NotFound, Refused, TamperedCiphertext
@@ -770,7 +770,9 @@ def test_a_revocation_withdraws_queued_envelopes_and_closes_with_a_purge_confirm
         )
         assert after.state is ReferralState.REVOKED
         # Repeating it queues nothing more.
-        alice.store.outgoing.record_revocation_sent("staff:maria", referral.referral_id, sealed, new_id())
+        alice.store.outgoing.record_revocation_sent(
+            "staff:maria", referral.referral_id, sealed, new_id()
+        )
     items = alice.store.outbox.pending()
     assert [i.kind for i in items] == [OutboxKind.REVOCATION] * 2
     assert all(i.consent_commitment == b"" for i in items)
@@ -794,7 +796,9 @@ def test_a_revocation_withdraws_queued_envelopes_and_closes_with_a_purge_confirm
         return opened
 
     with pytest.raises(Refused):
-        alice.store.outgoing.record_purge_confirmation("system:relay", confirmation(MALLORY, MALLORY_ID))
+        alice.store.outgoing.record_purge_confirmation(
+            "system:relay", confirmation(MALLORY, MALLORY_ID)
+        )
     confirmed = confirmation(BOB, BOB_ID)
     purged = alice.store.outgoing.record_purge_confirmation("system:relay", confirmed)
     assert purged.state is ReferralState.PURGED
@@ -968,7 +972,9 @@ def test_answers_follow_the_allowed_transitions(nodes: NodeFactory) -> None:
     with pytest.raises(InvalidInput):  # a decline needs a reason
         bob.store.incoming.answer("staff:bea", kept, ReferralStatus.DECLINED, None, "")
     reply = bob.status(kept, ReferralStatus.ACCEPTED)
-    accepted = bob.store.incoming.answer("staff:bea", kept, ReferralStatus.ACCEPTED, None, "", reply=reply)
+    accepted = bob.store.incoming.answer(
+        "staff:bea", kept, ReferralStatus.ACCEPTED, None, "", reply=reply
+    )
     assert accepted.state is ReferralState.ACCEPTED
     # Answering again (a retry) changes nothing and queues nothing more.
     assert (
@@ -976,7 +982,9 @@ def test_answers_follow_the_allowed_transitions(nodes: NodeFactory) -> None:
         == accepted
     )
     with pytest.raises(Conflict):
-        bob.store.incoming.answer("staff:bea", kept, ReferralStatus.DECLINED, DeclineReason.NO_CAPACITY, "")
+        bob.store.incoming.answer(
+            "staff:bea", kept, ReferralStatus.DECLINED, DeclineReason.NO_CAPACITY, ""
+        )
     done = bob.store.incoming.answer("staff:bea", kept, ReferralStatus.COMPLETED, None, "")
     assert [s.state.value for s in done.history] == ["delivered", "accepted", "completed"]
     assert count(bob.node, "outbox") == 1
@@ -1091,7 +1099,9 @@ def test_an_altered_incoming_referral_fails_loudly(nodes: NodeFactory) -> None:
     assert bob.store.incoming.read(two, "staff:bea").content is not None  # the other is untouched
 
     # Rolled back: the ciphertext before the decline put back over the newer version.
-    bob.store.incoming.answer("staff:bea", one, ReferralStatus.DECLINED, DeclineReason.OTHER, "full")
+    bob.store.incoming.answer(
+        "staff:bea", one, ReferralStatus.DECLINED, DeclineReason.OTHER, "full"
+    )
     bob.set_ciphertext(one, ciphertext=ct_one)
     with pytest.raises(TamperedCiphertext):
         bob.store.incoming.read(one, "staff:bea")
