@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -247,6 +248,23 @@ def disclosure_pb(entry: AuditEntry) -> node_pb.Disclosure:
         fields=[str(f) for f in detail.get("fields", [])],
         staff_id=entry.actor,
     )
+
+
+def audit_record_pb(entry: AuditEntry) -> node_pb.AuditRecord:
+    """One audit entry as `tessera node audit show` receives it (no survivor field is in it)."""
+    return node_pb.AuditRecord(
+        sequence=entry.seq,
+        at=timestamp(entry.at),
+        actor=entry.actor,
+        action=entry.action,
+        case_id=entry.case_id or "",
+        detail_json=json.dumps(dict(entry.detail), sort_keys=True, separators=(",", ":")),
+    )
+
+
+def escrow_state_pb(state: str) -> node_pb.EscrowState.ValueType:
+    """A node.escrow.EscrowState value ("confirmed", ...) as the wire enum."""
+    return wire_enum(node_pb.EscrowState, "ESCROW_STATE_", state)
 
 
 def duplicate_policy(value: int) -> DuplicatePolicy:
