@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated, Any
 
 import typer
 
 from cli import context
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+from node.referrals.model import DeclineReason as Reason  # light: no crypto, no protobuf
 
 app = typer.Typer(no_args_is_help=True)
 
 _COLUMNS = ["referral_id", "direction", "agency", "need", "state", "decline_reason", "waiting"]
-
-
-class Reason(enum.StrEnum):
-    """Why a referral is declined.
-
-    The values of ``node.envelopes.DeclineReason``, repeated here because Typer needs the choices
-    when the CLI starts and importing the envelope module (crypto, protobuf) would slow every
-    command down; a test keeps the two equal.
-    """
-
-    NO_CAPACITY = "no_capacity"
-    NOT_ELIGIBLE = "not_eligible"
-    SERVICE_UNAVAILABLE = "service_unavailable"
-    SURVIVOR_UNREACHABLE = "survivor_unreachable"
-    OTHER = "other"
 
 
 def _client(ctx: typer.Context) -> Any:
