@@ -182,7 +182,7 @@ RULES: Final[Mapping[ReferralStatus, _Rule]] = MappingProxyType(
             Answer(
                 "complete",
                 (ReferralState.ACCEPTED,),
-                "Mark an accepted referral completed: the service was provided.",
+                "Record that the service was provided (after accepting; the sender is told).",
             ),
         ),
     }
