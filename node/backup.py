@@ -74,7 +74,14 @@ from node.store.tables import (
 )
 from node.tombstones import AuditPosition
 from tessera import crypto
-from tessera.errors import ConfigError, InvalidInput, TamperedCiphertext, TesseraError, Unavailable
+from tessera.errors import (
+    ConfigError,
+    InvalidInput,
+    TamperedCiphertext,
+    TesseraError,
+    Unavailable,
+    WrongPassphrase,
+)
 from tessera.escrow import EscrowHead
 from tessera.files import atomic_write
 from tessera.logs import fields
@@ -124,6 +131,32 @@ class BackupMade:
 
 def _body_key(keyring: Keyring) -> crypto.DataKey:
     return crypto.derive_key(keyring.record_key, _LABEL_BACKUP)
+
+
+_MAX_DESTINATION = 1024
+
+
+def backup_folder(root: Path, requested: str) -> Path:
+    """The folder a Backup call asking for ``requested`` writes to: the backup root itself when
+    empty, else a folder inside it (a relative name is taken under the root).
+
+    Whatever resolves outside the root (an absolute path elsewhere, ``..``, a symlink leading
+    out) is refused: a caller never makes the node create or write a directory its
+    administrator did not configure.
+    """
+    root = root.resolve()
+    if not requested:
+        return root
+    if len(requested) > _MAX_DESTINATION or "\x00" in requested:
+        raise InvalidInput(f"a backup destination is a path of at most {_MAX_DESTINATION} bytes")
+    asked = Path(requested)
+    target = (asked if asked.is_absolute() else root / asked).resolve()
+    if not target.is_relative_to(root):
+        raise InvalidInput(
+            f"backups go under the node's backup root {root}; {requested!r} is outside it",
+            hint="name a folder inside it, or set backup_root in the node's tessera.toml",
+        )
+    return target
 
 
 def create_backup(store: NodeStore, home: Path, destination: Path, actor: str) -> BackupMade:
@@ -207,17 +240,22 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     finish_interrupted_restore(home, engine, keyring)
     if (home / keyring_mod.KEYRING_FILE).exists():
         current = keyring_mod.export_document(home)
-        if current.get("identity_public") != header["keyring"].get("identity_public"):
+        # The same node under any of its keys (a backup taken before a key rotation).
+        if not keyring_mod.public_keys(current) & keyring_mod.public_keys(header["keyring"]):
             raise ConfigError(
                 "this backup belongs to another node",
                 hint="restore it into that node's home, or into an empty home",
             )
+        if current.get("identity_public") != header["keyring"].get("identity_public"):
+            # Taken before a key rotation: the home's keyring holds the keys the broker knows
+            # now (and the old ones, retired); the record key is the same.
+            keyring = _home_keyring(home, passphrase)
     else:
         keyring_mod.install_document(home, header["keyring"])
     if not (home / directory_sync.LINK_FILE).exists() and header.get("broker_link"):
         atomic_write(home / directory_sync.LINK_FILE, json.dumps(header["broker_link"]).encode())
     # The escrow first: if the broker cannot be reached, nothing has changed yet.
-    client = escrow.client_for(home, keyring.identity)
+    client = escrow.client_for(home, keyring.identities)
     fetched = _fetch_escrow(home, client) if client is not None else None
     try:
         with engine.begin() as conn:
@@ -230,6 +268,17 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     finally:
         if client is not None:
             client.close()
+
+
+def _home_keyring(home: Path, passphrase: str | None) -> Keyring:
+    try:
+        return keyring_mod.open_keyring(home, passphrase)
+    except WrongPassphrase:
+        raise ConfigError(
+            "this backup was taken before the node's keys were rotated, and the node's "
+            "passphrase has changed since",
+            hint="restore a backup taken since the rotation (take one right after rotating keys)",
+        ) from None
 
 
 def _fetch_escrow(home: Path, client: escrow.EscrowClient) -> escrow.Fetched:

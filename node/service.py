@@ -373,7 +373,7 @@ class NodeServicer(ReferralService):
     ) -> node_pb.VerifyAuditResponse:
         client = self.escrow.client if self.escrow is not None else None
         checkpoint = await _run(
-            escrow.latest_checkpoint, self._settings.home, self._keyring.identity, client
+            escrow.latest_checkpoint, self._settings.home, self._keyring.identities, client
         )
         report = await _run(self._store.verify_audit, checkpoint)
         reply = node_pb.VerifyAuditResponse(
@@ -454,8 +454,12 @@ class NodeServicer(ReferralService):
     async def RotateKeyEncryptionKey(
         self, request: node_pb.RotateKeyEncryptionKeyRequest, context: Context
     ) -> node_pb.RotateKeyEncryptionKeyResponse:
+        from node.keyring import check_current_secret as keyring_check
         from node.keyring import new_kek_spec
 
+        # Proof the caller knows the secret in force, not only an administrator's credential;
+        # checked before anything (a new key file included) is written.
+        await _run(keyring_check, self._settings.home, request.current_passphrase or None)
         which = request.WhichOneof("new_key")
         if which == "new_passphrase":
             spec: KekSpec = new_kek_spec(KekSource.PASSPHRASE, self._settings.argon2, None)
@@ -480,7 +484,7 @@ class NodeServicer(ReferralService):
     async def Backup(
         self, request: node_pb.BackupRequest, context: Context
     ) -> AsyncIterator[node_pb.BackupEvent]:
-        destination = Path(request.destination or self._settings.home / "backups")
+        destination = backup.backup_folder(self._settings.backups_path, request.destination)
         made = await _run(
             backup.create_backup, self._store, self._settings.home, destination, _actor()
         )

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Final
 from sqlmodel import Session, col, select
 
 from node.consent import Consent, ConsentMethod
-from node.htcds import NeedCategory
 from node.referrals.model import check_key
 from node.referrals.unit import UnitOfWork
 from node.store.tables import ConsentRow, as_utc
 from tessera import crypto
 from tessera.errors import Conflict, InvalidInput, NotFound
+from tessera.needs import NeedCategory
 from tessera.timestamps import require_aware
 
 if TYPE_CHECKING:

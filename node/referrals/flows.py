@@ -25,7 +25,6 @@ from typing import Final, Protocol
 from node import consent as consent_mod
 from node import directory_sync, envelopes
 from node.consent import Consent, ReceiptBlob
-from node.htcds import NeedCategory
 from node.referrals.model import (
     RELAY_ACTOR,
     ConsentMethod,
@@ -44,6 +43,7 @@ from node.store.cases import NodeStore
 from tessera import crypto, directory
 from tessera.errors import InvalidInput, NotFound, Refused, TesseraError
 from tessera.logs import fields as log_fields
+from tessera.needs import NeedCategory
 
 __all__ = ["OFFLINE", "Courier", "GrantRequest", "Referrals", "Revoked", "SendRequest", "Shown"]
 

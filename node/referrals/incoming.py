@@ -21,7 +21,6 @@ from sqlmodel import Session, col, select
 
 from node.envelopes import DEFAULT_LIMITS as ENVELOPE_LIMITS
 from node.envelopes import ReceivedReferral, ReceivedRevocation
-from node.htcds import NeedCategory
 from node.referrals import model
 from node.referrals.model import (
     ANSWERS,
@@ -41,6 +40,7 @@ from node.referrals.unit import UnitOfWork
 from node.store.tables import IncomingReferralRow, as_utc, utcnow
 from tessera import crypto
 from tessera.errors import Conflict, InvalidInput, NotFound, Refused, TamperedCiphertext
+from tessera.needs import NeedCategory
 
 __all__ = ["LEDGER_PURGED", "IncomingStore"]
 

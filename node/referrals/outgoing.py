@@ -26,7 +26,7 @@ from node import consent as consent_mod
 from node.consent import Consent
 from node.envelopes import DEFAULT_LIMITS as ENVELOPE_LIMITS
 from node.envelopes import ReceivedPurgeConfirmation
-from node.htcds import FIELD_NAMES, NeedCategory, NeedStatus
+from node.htcds.catalogue import FIELD_NAMES
 from node.referrals import model
 from node.referrals.consents import consent_of, consent_row
 from node.referrals.model import (
@@ -46,6 +46,7 @@ from node.referrals.unit import UnitOfWork
 from node.store.tables import CaseRow, OutboxRow, OutgoingReferralRow, as_utc, utcnow
 from tessera import crypto
 from tessera.errors import Conflict, InvalidInput, NotFound, Refused
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.timestamps import require_aware
 
 __all__ = ["Outbox", "OutgoingStore"]
