@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,6 +181,26 @@ def test_a_caseworker_is_refused_every_administrator_call_and_nothing_changes(
     assert admin.get_case(case_id)["case_id"] == case_id
     assert {m["name"] for m in admin.list_staff()} == {"admin", "Ana Ruiz"}
     assert not list(node.settings.home.rglob("*.tbk"))
+
+
+def test_searches_and_exports_are_audited_by_name_with_no_survivor_data(
+    node: BackgroundNode, admin: NodeClient, tmp_path: Path
+) -> None:
+    admin.create_case({"prs_FirstName": "Saoirse", "prs_Email": "saoirse@example.org"})
+    with _caseworker(node, admin, tmp_path) as ana:
+        assert len(ana.find_cases({"prs_Email": "saoirse@example.org"})) == 1
+    exported = b"".join(chunk for chunk, _total in admin.export_cases("csv", None))
+    assert b"Saoirse" in exported
+    entries = node.running.store.audit_entries(actions=("case.search", "cases.export"))
+    assert [(e.actor, e.action) for e in entries] == [
+        ("staff:Ana Ruiz", "case.search"),
+        ("staff:admin", "cases.export"),
+    ]
+    assert entries[0].detail["matches"] == 1 and entries[1].detail["cases"] == 1
+    # The log holds who, what and how many; never the name or the address searched for.
+    for entry in entries:
+        text = json.dumps(dict(entry.detail))
+        assert "Saoirse" not in text and "saoirse@example.org" not in text
 
 
 def test_a_stolen_admin_credential_alone_cannot_re_lock_the_node(
