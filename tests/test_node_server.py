@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -17,7 +18,14 @@ from node.htcds.synthetic import synthetic_records
 from node.keyring import KEYRING_FILE
 from tessera import credential, crypto, rpc
 from tessera.config import Limits
-from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from tessera.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
@@ -201,6 +209,28 @@ def test_searches_and_exports_are_audited_by_name_with_no_survivor_data(
     for entry in entries:
         text = json.dumps(dict(entry.detail))
         assert "Saoirse" not in text and "saoirse@example.org" not in text
+
+
+def test_a_client_pinned_to_its_node_refuses_another_server_at_that_address(
+    node: BackgroundNode, tmp_path: Path
+) -> None:
+    # Someone answers at the node's address with another certificate (here: another real
+    # node). The credential pins the real node's certificate: the call never reaches them.
+    impostor = BackgroundNode(make_node(tmp_path / "impostor", name="Impostor Shelter"))
+    try:
+        held = credential.read(node.settings.home, unlock)
+        home = tmp_path / "misdirected"
+        credential.write(
+            home,
+            dataclasses.replace(held, node_address=impostor.address),
+            credential.PassphraseLock(CASEWORKER_PASSPHRASE, crypto.Argon2Params.TEST_CHEAP),
+        )
+        client = NodeClient(home, unlock=lambda: CASEWORKER_PASSPHRASE)
+        with client, pytest.raises(Unavailable):
+            client.status()
+        assert impostor.running.store.audit_entries(actions=("access.refused",)) == []
+    finally:
+        impostor.stop()
 
 
 def test_a_stolen_admin_credential_alone_cannot_re_lock_the_node(
