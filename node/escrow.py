@@ -55,7 +55,14 @@ from node.tombstones import (
 )
 from tessera import crypto, escrow, rpc
 from tessera.config import Limits
-from tessera.errors import NotFound, RolledBack, TesseraError, Unavailable
+from tessera.errors import (
+    BadSignature,
+    NotFound,
+    RolledBack,
+    TesseraError,
+    Unavailable,
+    WrongRecipient,
+)
 from tessera.files import atomic_write
 from tessera.logs import fields
 from tessera.v1 import common_pb2 as common_pb
@@ -514,6 +521,7 @@ class EscrowWorker:
         self._checkpoint_seconds = checkpoint_seconds
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stepping: asyncio.Future[None] | None = None
         self._last_head: AuditPosition | None = None
         self._checkpointed_seq = -1
         self._checkpointed_at = 0.0
@@ -533,6 +541,12 @@ class EscrowWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._stepping is not None:
+            # A cancelled await does not stop the thread: let its step finish (and give back
+            # its database connection) before the caller disposes of the engine.
+            with contextlib.suppress(Exception):
+                await self._stepping
+            self._stepping = None
         self.client.close()
 
     def note_checkpoint(self, checkpoint: CheckpointRef | None) -> None:
@@ -547,7 +561,8 @@ class EscrowWorker:
         while True:
             self._wake.clear()
             try:
-                await asyncio.to_thread(self.step)
+                self._stepping = asyncio.ensure_future(asyncio.to_thread(self.step))
+                await asyncio.shield(self._stepping)
                 backoff = self._poll
                 wait = self._poll
             except asyncio.CancelledError:
@@ -607,6 +622,11 @@ class EscrowWorker:
                 raise
             self._escrow.deposited(ids)
             _save_anchor(self._home, head)
+            if self.gate.state is EscrowState.CONFIRMED:
+                # Confirmed, this database had applied the whole escrow; what was just added is
+                # its own erasures: it has applied the new head too (else a restart with the
+                # broker away would take it for an older database).
+                self._escrow.set_anchor(head.size, head.chain, _now())
             self.gate.escrowed(head.size)
             done += len(items)
             log.info("escrow.deposited", extra=fields(tombstones=len(items), size=head.size))
@@ -645,6 +665,12 @@ def make_checkpoint(escrow_store: EscrowStore, home: Path, client: EscrowClient)
 
 
 def _unconfirmed_reason(store: NodeStore, home: Path, exc: TesseraError) -> str:
+    if isinstance(exc, (RolledBack, BadSignature, WrongRecipient)):
+        # The broker answered, with an escrow that does not verify: not an outage.
+        return (
+            f"the broker's escrow does not verify ({exc.message}): report it to the broker "
+            "operator; the node opens no case until it does"
+        )
     reason = f"cannot reach the broker: {exc.message}"
     applied, confirmed = EscrowStore(store).anchor().size, read_anchor_size(home)
     if applied < confirmed:
