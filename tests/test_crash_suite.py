@@ -50,7 +50,7 @@ from node.client import NodeClient
 from node.keyring import open_keyring
 from tessera import config
 from tessera.config import StatsPolicy
-from tessera.errors import Conflict, TesseraError, Unavailable
+from tessera.errors import Conflict, NotFound, TesseraError, Unavailable
 from tessera.needs import NeedCategory, NeedStatus
 from tests import crashsupport as cs
 from tests.crashsupport import Kill, Server, Servers, Tally
@@ -132,6 +132,15 @@ def _ready(node: Server) -> dict[str, Any]:
     return cs.until(confirmed, f"{node.name} to answer with its escrow confirmed")
 
 
+@contextlib.contextmanager
+def _phase(tally: Tally, name: str) -> Iterator[None]:
+    began, kills = time.monotonic(), tally.kills
+    try:
+        yield
+    finally:
+        tally.notes.append(f"{name}: {tally.kills - kills} kills, {time.monotonic() - began:.1f} s")
+
+
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[Servers]:
     started = Servers(tmp_path / "logs")
@@ -146,8 +155,17 @@ def _check(condition: bool, kill: Kill | str, message: str, servers: Servers) ->
         raise AssertionError(f"{kill}: {message}\n{servers.logs_text()}")
 
 
-def _audit(node: Server, kill: Kill | str, tally: Tally, servers: Servers) -> None:
-    ok, output = cs.audit_intact(node.home)
+def _audit(
+    node: Server, kill: Kill | str, tally: Tally, servers: Servers, command: bool = False
+) -> None:
+    """The node's audit chain verifies: with ``command``, as ``tessera node audit verify`` (exit
+    0), else through the same call from this process (quicker)."""
+    if command:
+        ok, output = cs.audit_intact(node.home)
+    else:
+        with _client(node.home) as client:
+            report = client.verify_audit()
+        ok, output = bool(report["intact"]), json.dumps(report, default=str)
     if not ok:
         tally.audit_breaks += 1
     _check(ok, kill, f"the audit log of {node.name} does not verify:\n{output}", servers)
@@ -207,9 +225,12 @@ def test_a_node_killed_during_imports_erasures_and_backups(
         _ready(node)
         engine = _engine(_database_url(node.home))
         try:
-            records = _imports(tmp_path, node, engine, rng, tally, servers)
-            _erasures(tmp_path, node, broker, engine, records, rng, tally, servers)
-            _backups(tmp_path, node, engine, rng, tally, servers)
+            with _phase(tally, "imports"):
+                records = _imports(tmp_path, node, engine, rng, tally, servers)
+            with _phase(tally, "erasures"):
+                _erasures(tmp_path, node, broker, engine, records, rng, tally, servers)
+            with _phase(tally, "backups"):
+                _backups(tmp_path, node, engine, rng, tally, servers)
             # Every case left decrypts, and the audit chain verifies end to end.
             _ready(node)
             exported = tmp_path / "all.csv"
@@ -218,7 +239,7 @@ def test_a_node_killed_during_imports_erasures_and_backups(
             live = _count(engine, "SELECT count(*) FROM case_record")
             rows = sum(1 for _row in htcds.read_table(exported))
             _check(rows == live, "end", f"{rows} cases exported of {live}", servers)
-            _audit(node, "end", tally, servers)
+            _audit(node, "end", tally, servers, command=True)
         finally:
             engine.dispose()
 
@@ -274,12 +295,16 @@ def _imports(
 
 
 def _case_state(node: Server, case_id: str, email: str) -> tuple[bool, bool]:
-    """(shown, found): whether ``case show`` opens it, and ``case find --email`` lists it."""
-    shown = cs.cli(node.home, "case", "show", case_id, "--format", "json")
-    assert shown.returncode in (0, 6), shown.stdout + shown.stderr
-    found = cs.cli(node.home, "case", "find", "--email", email, "--format", "json")
-    assert found.returncode == 0, found.stdout + found.stderr
-    return shown.returncode == 0, case_id in {c["case_id"] for c in json.loads(found.stdout)}
+    """(shown, found): whether the node opens the case (as ``case show`` asks), and whether a
+    search by its email (``case find --email``) lists it."""
+    with _client(node.home) as client:
+        try:
+            client.get_case(case_id)
+            shown = True
+        except NotFound:
+            shown = False
+        found = {c["case_id"] for c in client.find_cases({"prs_Email": email})}
+    return shown, case_id in found
 
 
 def _erasures(
@@ -399,3 +424,414 @@ def _backups(
             _check(held == cases, kill, f"{path.name} holds {held} of {cases} cases", servers)
         if cs.full_size() or number == planned:
             _audit(node, kill, tally, servers)
+
+
+# --- a region: referrals between two nodes, statistics rounds ----------------------------------
+
+
+class Killer:
+    """A thread that SIGKILLs servers at the moments planned for it, then starts them again;
+    the work goes on in the test's own thread meanwhile (retrying what a dead server refused)."""
+
+    def __init__(self, scenario: str, tally: Tally, servers: Servers) -> None:
+        self.scenario, self.tally, self.servers = scenario, tally, servers
+        self.kills: list[Kill] = []
+        self.errors: list[str] = []
+        self._thread: threading.Thread | None = None
+        self.stop = threading.Event()
+
+    def run(self, plan: list[tuple[Callable[[], bool], float, list[Server], str]]) -> None:
+        """For each (wait until this is true, then this many seconds more, kill these servers,
+        described so), in order."""
+
+        def body() -> None:
+            try:
+                for number, (ready, delay, victims, moment) in enumerate(plan, start=1):
+                    deadline = time.monotonic() + cs.SETTLE_TIMEOUT
+                    while not self.stop.is_set() and not ready():
+                        if time.monotonic() > deadline:
+                            raise AssertionError(f"the moment {moment!r} never came")
+                        time.sleep(0.005)
+                    if self.stop.is_set():
+                        return
+                    time.sleep(delay)
+                    names = " and ".join(v.name for v in victims)
+                    self.kills.append(Kill(self.scenario, number, names, moment))
+                    for victim in victims:
+                        victim.kill()
+                        self.tally.kills += 1
+                    _revive(*victims)
+            except BaseException as exc:  # reported by join()
+                self.errors.append(f"{exc!r}")
+
+        self._thread = threading.Thread(target=body, name=f"killer-{self.scenario}", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        assert self._thread is not None
+        self._thread.join(timeout=cs.SETTLE_TIMEOUT * 3)
+        _check(not self.errors, self.last, f"the killer failed: {self.errors}", self.servers)
+
+    @property
+    def last(self) -> str:
+        return "; ".join(str(k) for k in self.kills) or f"{self.scenario} (no kill yet)"
+
+
+def _retrying(call: Callable[[], Any], what: str) -> Any:
+    """``call()`` until a node or broker that is down or still starting answers it."""
+    deadline = time.monotonic() + cs.SETTLE_TIMEOUT
+    while True:
+        try:
+            return call()
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: no answer in {cs.SETTLE_TIMEOUT} s") from None
+            time.sleep(0.1)
+
+
+def _call(home: Path, method: str, *args: Any, **kwargs: Any) -> Any:
+    """One NodeClient call on a fresh connection, retried while the node is down."""
+
+    def once() -> Any:
+        with _client(home) as client:
+            return getattr(client, method)(*args, **kwargs)
+
+    return _retrying(once, f"{home.name} {method}")
+
+
+@dataclass
+class Region:
+    broker: Server
+    shelter: Server
+    clinic: Server
+    tally: Tally
+    servers: Servers
+    rng: random.Random
+    cases: list[str] = field(default_factory=list)
+    consents: dict[str, str] = field(default_factory=dict)
+
+    def outgoing(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = _call(
+            self.shelter.home, "referrals", "outgoing", limit=100_000
+        )
+        return rows
+
+    def inbox(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = _call(self.clinic.home, "inbox", True)
+        return rows
+
+
+def _region(root: Path, db_url: str, servers: Servers, tally: Tally, rng: random.Random) -> Region:
+    with contextlib.ExitStack() as stack:
+        urls = ["", "", ""]
+        if db_url:
+            urls = [db_url, *(stack.enter_context(extra_postgres_database(db_url)) for _ in "ab")]
+        broker = _broker(root, servers, urls[1])
+        shelter = _node(root, servers, SHELTER, urls[0], broker)
+        clinic = _node(root, servers, CLINIC, urls[2], broker)
+        for node in (shelter, clinic):
+            identity = open_keyring(node.home, PASSPHRASE).identity
+            directory_sync.sync(node.home, identity, directory_sync.load_link(node.home))
+            for other in (SHELTER, CLINIC):
+                if other != node.home.name:
+                    directory_sync.mark_verified(node.home, other)
+            node.start()
+        region = Region(broker, shelter, clinic, tally, servers, rng)
+        # The databases outlive this function: dropped when the test's stack closes.
+        region_stack.append(stack.pop_all())
+        return region
+
+
+region_stack: list[contextlib.ExitStack] = []
+
+
+@pytest.fixture
+def databases() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        while region_stack:
+            region_stack.pop().close()
+
+
+def test_a_region_killed_during_referrals_and_statistics_rounds(
+    tmp_path: Path, db_url: str, servers: Servers, databases: None
+) -> None:
+    backend = "postgresql" if db_url else "sqlite"
+    rng = cs.scenario_rng(f"region-{backend}")
+    with cs.tallied(f"region-{backend}") as tally:
+        region = _region(tmp_path, db_url, servers, tally, rng)
+        referrals = cs.kills(8, 30)
+        for _ in range(referrals):
+            case = _call(
+                region.shelter.home,
+                "create_case",
+                {"prs_FirstName": "Tamsir", "prs_SecondName": "Velko"},
+                "",
+                [(NeedCategory.MEDICAL, NeedStatus.IDENTIFIED)],
+            )
+            consent = _call(
+                region.shelter.home,
+                "grant_consent",
+                case["case_id"],
+                CLINIC,
+                NeedCategory.MEDICAL,
+                ("identity",),
+                NEXT_YEAR,
+                "verbal",
+            )
+            region.cases.append(case["case_id"])
+            region.consents[case["case_id"]] = consent["consent_id"]
+        with _phase(tally, "sends"):
+            sent = _sends(region)
+        with _phase(tally, "deliveries"):
+            _deliveries(region, sent)
+        with _phase(tally, "answers"):
+            _answers(region, sent)
+        with _phase(tally, "rounds"):
+            _rounds(region)
+        for node in (region.shelter, region.clinic):
+            _audit(node, "end", tally, servers, command=True)
+
+
+def _sends(region: Region) -> dict[str, str]:
+    """Send one referral per case, killing the sender (and sometimes the broker) meanwhile; the
+    clinic is down throughout, so envelopes wait at the broker. Case id -> referral id."""
+    region.clinic.stop()
+    sent: dict[str, str] = {}
+    killer = Killer("send", region.tally, region.servers)
+    total = len(region.cases)
+    plan = []
+    for _ in range(cs.kills(2, 8)):
+        after = region.rng.randrange(total)
+        victims = [region.shelter] if region.rng.random() < 0.6 else [region.broker]
+        delay = region.rng.uniform(0.0, 0.3)
+        plan.append(
+            (
+                lambda after=after: len(sent) >= after,
+                delay,
+                victims,
+                f"{delay:.3f} s after the {after}th referral was accepted",
+            )
+        )
+    plan.sort(key=lambda p: int(str(p[3]).split("the ")[1].split("th")[0]))
+    killer.run(plan)
+    for case_id in region.cases:
+        key = f"crash-{case_id}"
+
+        def send(case_id: str = case_id, key: str = key) -> dict[str, Any]:
+            referral: dict[str, Any] = _call(
+                region.shelter.home,
+                "send_referral",
+                case_id,
+                CLINIC,
+                NeedCategory.MEDICAL,
+                consent_id=region.consents[case_id],
+                idempotency_key=key,
+            )
+            return referral
+
+        sent[case_id] = send()["referral_id"]
+    killer.join()
+    outgoing = region.outgoing()
+    by_case = Counter(r["case_id"] for r in outgoing)
+    duplicated = sum(n - 1 for n in by_case.values() if n > 1)
+    lost = sorted(set(sent.values()) - {r["referral_id"] for r in outgoing})
+    region.tally.duplicated += duplicated
+    region.tally.lost += len(lost)
+    _check(not duplicated, killer.last, f"referrals sent twice: {by_case}", region.servers)
+    _check(not lost, killer.last, f"accepted referrals missing: {lost}", region.servers)
+    _check(
+        {r["referral_id"] for r in outgoing} == set(sent.values()),
+        killer.last,
+        f"outgoing {sorted(r['referral_id'] for r in outgoing)} != sent {sorted(sent.values())}",
+        region.servers,
+    )
+    return sent
+
+
+def _compare(region: Region, sent: dict[str, str], kill: str) -> list[dict[str, Any]]:
+    """The clinic's inbox holds every referral the shelter sent, each once; returns it."""
+    inbox = region.inbox()
+    counts = Counter(r["referral_id"] for r in inbox)
+    duplicated = sum(n - 1 for n in counts.values() if n > 1)
+    lost = sorted(set(sent.values()) - set(counts))
+    region.tally.duplicated += duplicated
+    region.tally.lost += len(lost)
+    _check(not duplicated, kill, f"delivered twice: {counts}", region.servers)
+    _check(not lost, kill, f"never delivered: {lost}", region.servers)
+    _check(set(counts) == set(sent.values()), kill, f"strangers: {counts}", region.servers)
+    return inbox
+
+
+def _deliveries(region: Region, sent: dict[str, str]) -> None:
+    """Start the clinic; kill it (or the broker) while the waiting envelopes come in."""
+    total = len(sent)
+    killer = Killer("deliver", region.tally, region.servers)
+
+    def received() -> int:
+        try:
+            engine = _engine(_database_url(region.clinic.home))
+            try:
+                return _count(engine, "SELECT count(*) FROM incoming_referral")
+            finally:
+                engine.dispose()
+        except Exception:
+            return 0
+
+    plan = []
+    for number in range(cs.kills(2, 8)):
+        victims = [region.clinic] if region.rng.random() < 0.7 else [region.broker]
+        delay = region.rng.uniform(0.0, 1.5)
+        plan.append(
+            (
+                (lambda: region.clinic.alive) if number else (lambda: True),
+                delay,
+                victims,
+                f"{delay:.3f} s into a delivery run",
+            )
+        )
+    region.clinic.start()
+    killer.run(plan)
+    killer.join()
+
+    def all_delivered() -> bool:
+        states = Counter(r["state"] for r in region.outgoing())
+        return received() == total and states.get("delivered", 0) == total
+
+    cs.until(all_delivered, f"{killer.last}: every referral delivered and confirmed")
+    _compare(region, sent, killer.last)
+
+
+def _answers(region: Region, sent: dict[str, str]) -> None:
+    """The clinic accepts or declines each referral while the clinic, the broker or the shelter
+    is killed; in the end both sides agree on every answer."""
+    expected = {
+        referral_id: ("accepted" if n % 2 == 0 else "declined")
+        for n, referral_id in enumerate(sorted(sent.values()))
+    }
+    answered: list[str] = []
+    killer = Killer("answer", region.tally, region.servers)
+    plan = []
+    for _ in range(cs.kills(2, 8)):
+        after = region.rng.randrange(len(expected))
+        victims = [region.rng.choice([region.clinic, region.clinic, region.broker, region.shelter])]
+        delay = region.rng.uniform(0.0, 0.3)
+        plan.append(
+            (
+                lambda after=after: len(answered) >= after,
+                delay,
+                victims,
+                f"{delay:.3f} s after the {after}th answer",
+            )
+        )
+    plan.sort(key=lambda p: int(str(p[3]).split("the ")[1].split("th")[0]))
+    killer.run(plan)
+    for referral_id, state in expected.items():
+        answer = "accept" if state == "accepted" else "decline"
+        reason = "" if answer == "accept" else "no_capacity"
+        try:
+            _call(region.clinic.home, "answer_referral", referral_id, answer, reason)
+        except Conflict:
+            # Answered by the try a kill cut short: it must hold the answer given.
+            shown = _call(region.clinic.home, "show_referral", referral_id)
+            _check(shown["state"] == state, killer.last, f"{referral_id}: {shown}", region.servers)
+        answered.append(referral_id)
+    killer.join()
+
+    def agreed() -> dict[str, str] | None:
+        outgoing = {r["referral_id"]: r["state"] for r in region.outgoing()}
+        return outgoing if outgoing == expected else None
+
+    try:
+        cs.until(agreed, "the shelter to see every answer")
+    except AssertionError:
+        outgoing = {r["referral_id"]: r["state"] for r in region.outgoing()}
+        wrong = {k: (v, expected[k]) for k, v in outgoing.items() if v != expected.get(k)}
+        region.tally.lost += len(wrong)
+        raise AssertionError(f"{killer.last}: answers lost (seen, given): {wrong}") from None
+    inbox = _compare(region, sent, killer.last)
+    states = {r["referral_id"]: r["state"] for r in inbox}
+    _check(states == expected, killer.last, f"inbox {states} != {expected}", region.servers)
+
+
+def _rounds(region: Region) -> None:
+    """Open statistics rounds for both nodes and kill nodes and broker while they take part:
+    each node charges an attempt once at most, and exactly the rounds the broker has its share
+    of."""
+    from broker.stats import StatsClient
+    from node import stats
+    from tessera.v1 import stats_pb2 as stats_pb
+
+    period = stats.period_of(dt.datetime.now(dt.UTC))
+    count = cs.kills(2, 6)
+    round_ids: list[str] = []
+    nodes = (region.shelter, region.clinic)
+
+    def open_round() -> str:
+        with StatsClient(region.broker.home) as coordinator:
+            blob = coordinator.open_round(REGION, period, 2, 0.1, participants=[SHELTER, CLINIC])
+        return str(stats_pb.Round.FromString(blob.body).round_id)
+
+    def charges(node: Server) -> int:
+        try:
+            engine = _engine(_database_url(node.home))
+            try:
+                return _count(engine, "SELECT count(*) FROM budget_charge")
+            finally:
+                engine.dispose()
+        except Exception:
+            return -1
+
+    killer = Killer("round", region.tally, region.servers)
+    plan = []
+    for number in range(count):
+        victim = region.rng.choice(nodes)
+        if region.rng.random() < 0.5:
+            # Just as the node has charged its budget, before its share reaches the broker.
+            plan.append(
+                (
+                    lambda victim=victim, number=number: charges(victim) > number,
+                    0.0,
+                    [victim],
+                    f"right after {victim.name} charged a round",
+                )
+            )
+        else:
+            delay = region.rng.uniform(0.0, 6.0)
+            others = [victim] if region.rng.random() < 0.7 else [region.broker]
+            plan.append((lambda: True, delay, others, f"{delay:.3f} s into a round"))
+    for _ in range(count):
+        round_ids.append(_retrying(open_round, "open a round"))
+    killer.run(plan)
+    killer.join()
+
+    def statuses() -> dict[str, Any]:
+        with StatsClient(region.broker.home) as coordinator:
+            return {r: coordinator.round(r) for r in round_ids}
+
+    def settled() -> dict[str, Any] | None:
+        seen = statuses()
+        done = all(s.state == stats_pb.ROUND_STATE_RELEASED for s in seen.values())
+        return seen if done else None
+
+    try:
+        final = cs.until(settled, "every round released", timeout=60)
+    except AssertionError:
+        final = statuses()
+    for node in nodes:
+        (ledger,) = [p for p in _call(node.home, "budget", period) if p["period"] == period]
+        got = Counter((c["round_id"], c["attempt"]) for c in ledger["charges"])
+        twice = {k: n for k, n in got.items() if n > 1}
+        charged = {r for (r, _a) in got if r in round_ids}
+        submitted = {r for r, s in final.items() if node.name in s.submitted}
+        region.tally.budget_errors += len(twice) + len(charged ^ submitted)
+        _check(not twice, killer.last, f"{node.name} charged twice: {twice}", region.servers)
+        _check(
+            charged == submitted,
+            killer.last,
+            f"{node.name}: charged without a share at the broker "
+            f"{sorted(charged - submitted)}, a share without a charge "
+            f"{sorted(submitted - charged)}",
+            region.servers,
+        )
