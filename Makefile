@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check proto bench clean
+.PHONY: demo test lint typecheck check proto bench adversarial clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Tessera needs $(PYTHON) on PATH"; exit 3; }
@@ -33,6 +33,14 @@ proto: $(STAMP)  ## regenerate tessera/v1 from proto/
 
 bench: $(STAMP)  ## run every benchmark, print ratios against same-run baselines
 	$(BIN)/python -m bench
+
+CRASH_REPORT := $(CURDIR)/.adversarial-crash.jsonl
+
+adversarial: $(STAMP)  ## SIGKILL nodes and brokers many times (TESSERA_CRASH=full); one summary line
+	@rm -f $(CRASH_REPORT)
+	@TESSERA_CRASH=full TESSERA_CRASH_REPORT=$(CRASH_REPORT) $(BIN)/pytest tests/test_crash_suite.py \
+		-q -p no:cacheprovider -o timeout=1800; status=$$?; \
+		$(BIN)/python -m tests.crashsupport $(CRASH_REPORT); exit $$status
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

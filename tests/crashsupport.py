@@ -298,7 +298,35 @@ def tallied(scenario: str) -> Iterator[Tally]:
     tally = Tally(scenario)
     try:
         yield tally
+    except AssertionError as exc:
+        text = str(exc)
+        if f"TESSERA_CRASH_SEED={seed()}" not in text:
+            text = f"TESSERA_CRASH_SEED={seed()} scenario {scenario}: {text}"
+        raise AssertionError(text) from None
     finally:
         tally.seconds = round(time.monotonic() - began, 1)
         print(f"crash {scenario}: {tally}")
         tally.write()
+
+
+def summary(report: Path) -> str:
+    """One line over every scenario of a report file (``make adversarial`` prints it)."""
+    tallies = []
+    if report.exists():
+        tallies = [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
+
+    def total(key: str) -> int:
+        return sum(int(t.get(key, 0)) for t in tallies)
+
+    seeds = sorted({t["seed"] for t in tallies})
+    return (
+        f"crash suite: {len(tallies)} scenario runs, {total('kills')} kills survived, "
+        f"referrals lost {total('lost')}, duplicated {total('duplicated')}, "
+        f"half-written cases {total('half_written')}, audit breaks {total('audit_breaks')} "
+        f"(budget errors {total('budget_errors')}, erasure errors {total('erasure_errors')}; "
+        f"seed {','.join(map(str, seeds)) or '-'})"
+    )
+
+
+if __name__ == "__main__":
+    print(summary(Path(sys.argv[1])))

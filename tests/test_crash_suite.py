@@ -171,7 +171,7 @@ def _audit(
     _check(ok, kill, f"the audit log of {node.name} does not verify:\n{output}", servers)
 
 
-# --- one node: imports, erasures, backups ----------------------------------------------------------
+# --- one node: imports, erasures, backups ---------------------------------------------------
 
 
 @dataclass
@@ -419,7 +419,9 @@ def _backups(
             try:
                 _header, _keyring, snapshot = read_backup(path, PASSPHRASE)
             except TesseraError as exc:
-                raise AssertionError(f"{kill}: the backup {path.name} does not open: {exc}") from None
+                raise AssertionError(
+                    f"{kill}: the backup {path.name} does not open: {exc}"
+                ) from None
             held = len(snapshot["case_record"])
             _check(held == cases, kill, f"{path.name} holds {held} of {cases} cases", servers)
         if cs.full_size() or number == planned:
@@ -427,6 +429,33 @@ def _backups(
 
 
 # --- a region: referrals between two nodes, statistics rounds ----------------------------------
+
+
+# When to kill: wait until this is true, then this many seconds more; kill these; described so.
+Moment = tuple[Callable[[], bool], float, list[Server], str]
+
+
+def _reached(done: Callable[[], int], after: int) -> Callable[[], bool]:
+    return lambda: done() >= after
+
+
+def _after_progress(
+    rng: random.Random,
+    count: int,
+    total: int,
+    done: Callable[[], int],
+    victims: Callable[[], list[Server]],
+    what: str,
+) -> list[Moment]:
+    """``count`` kills, each a little after ``done()`` reached a random point of ``total``."""
+    plan: list[tuple[int, Moment]] = []
+    for _ in range(count):
+        after = rng.randrange(total)
+        chosen = victims()
+        delay = rng.uniform(0.0, 0.3)
+        moment = f"{delay:.3f} s after {after} {what}"
+        plan.append((after, (_reached(done, after), delay, chosen, moment)))
+    return [m for _after, m in sorted(plan, key=lambda p: p[0])]
 
 
 class Killer:
@@ -440,7 +469,7 @@ class Killer:
         self._thread: threading.Thread | None = None
         self.stop = threading.Event()
 
-    def run(self, plan: list[tuple[Callable[[], bool], float, list[Server], str]]) -> None:
+    def run(self, plan: list[Moment]) -> None:
         """For each (wait until this is true, then this many seconds more, kill these servers,
         described so), in order."""
 
@@ -601,20 +630,14 @@ def _sends(region: Region) -> dict[str, str]:
     sent: dict[str, str] = {}
     killer = Killer("send", region.tally, region.servers)
     total = len(region.cases)
-    plan = []
-    for _ in range(cs.kills(2, 8)):
-        after = region.rng.randrange(total)
-        victims = [region.shelter] if region.rng.random() < 0.6 else [region.broker]
-        delay = region.rng.uniform(0.0, 0.3)
-        plan.append(
-            (
-                lambda after=after: len(sent) >= after,
-                delay,
-                victims,
-                f"{delay:.3f} s after the {after}th referral was accepted",
-            )
-        )
-    plan.sort(key=lambda p: int(str(p[3]).split("the ")[1].split("th")[0]))
+    plan = _after_progress(
+        region.rng,
+        cs.kills(2, 8),
+        total,
+        lambda: len(sent),
+        lambda: [region.shelter] if region.rng.random() < 0.6 else [region.broker],
+        "referrals were accepted",
+    )
     killer.run(plan)
     for case_id in region.cases:
         key = f"crash-{case_id}"
@@ -679,7 +702,7 @@ def _deliveries(region: Region, sent: dict[str, str]) -> None:
         except Exception:
             return 0
 
-    plan = []
+    plan: list[Moment] = []
     for number in range(cs.kills(2, 8)):
         victims = [region.clinic] if region.rng.random() < 0.7 else [region.broker]
         delay = region.rng.uniform(0.0, 1.5)
@@ -712,20 +735,14 @@ def _answers(region: Region, sent: dict[str, str]) -> None:
     }
     answered: list[str] = []
     killer = Killer("answer", region.tally, region.servers)
-    plan = []
-    for _ in range(cs.kills(2, 8)):
-        after = region.rng.randrange(len(expected))
-        victims = [region.rng.choice([region.clinic, region.clinic, region.broker, region.shelter])]
-        delay = region.rng.uniform(0.0, 0.3)
-        plan.append(
-            (
-                lambda after=after: len(answered) >= after,
-                delay,
-                victims,
-                f"{delay:.3f} s after the {after}th answer",
-            )
-        )
-    plan.sort(key=lambda p: int(str(p[3]).split("the ")[1].split("th")[0]))
+    plan = _after_progress(
+        region.rng,
+        cs.kills(2, 8),
+        len(expected),
+        lambda: len(answered),
+        lambda: [region.rng.choice([region.clinic, region.clinic, region.broker, region.shelter])],
+        "answers",
+    )
     killer.run(plan)
     for referral_id, state in expected.items():
         answer = "accept" if state == "accepted" else "decline"
@@ -753,6 +770,12 @@ def _answers(region: Region, sent: dict[str, str]) -> None:
     inbox = _compare(region, sent, killer.last)
     states = {r["referral_id"]: r["state"] for r in inbox}
     _check(states == expected, killer.last, f"inbox {states} != {expected}", region.servers)
+
+
+def _charged_beyond(
+    charges: Callable[[Server], int], victim: Server, number: int
+) -> Callable[[], bool]:
+    return lambda: charges(victim) > number
 
 
 def _rounds(region: Region) -> None:
@@ -784,14 +807,14 @@ def _rounds(region: Region) -> None:
             return -1
 
     killer = Killer("round", region.tally, region.servers)
-    plan = []
+    plan: list[Moment] = []
     for number in range(count):
         victim = region.rng.choice(nodes)
         if region.rng.random() < 0.5:
             # Just as the node has charged its budget, before its share reaches the broker.
             plan.append(
                 (
-                    lambda victim=victim, number=number: charges(victim) > number,
+                    _charged_beyond(charges, victim, number),
                     0.0,
                     [victim],
                     f"right after {victim.name} charged a round",
