@@ -74,7 +74,14 @@ from node.store.tables import (
 )
 from node.tombstones import AuditPosition
 from tessera import crypto
-from tessera.errors import ConfigError, InvalidInput, TamperedCiphertext, TesseraError, Unavailable
+from tessera.errors import (
+    ConfigError,
+    InvalidInput,
+    TamperedCiphertext,
+    TesseraError,
+    Unavailable,
+    WrongPassphrase,
+)
 from tessera.escrow import EscrowHead
 from tessera.files import atomic_write
 from tessera.logs import fields
@@ -233,17 +240,22 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     finish_interrupted_restore(home, engine, keyring)
     if (home / keyring_mod.KEYRING_FILE).exists():
         current = keyring_mod.export_document(home)
-        if current.get("identity_public") != header["keyring"].get("identity_public"):
+        # The same node under any of its keys (a backup taken before a key rotation).
+        if not keyring_mod.public_keys(current) & keyring_mod.public_keys(header["keyring"]):
             raise ConfigError(
                 "this backup belongs to another node",
                 hint="restore it into that node's home, or into an empty home",
             )
+        if current.get("identity_public") != header["keyring"].get("identity_public"):
+            # Taken before a key rotation: the home's keyring holds the keys the broker knows
+            # now (and the old ones, retired); the record key is the same.
+            keyring = _home_keyring(home, passphrase)
     else:
         keyring_mod.install_document(home, header["keyring"])
     if not (home / directory_sync.LINK_FILE).exists() and header.get("broker_link"):
         atomic_write(home / directory_sync.LINK_FILE, json.dumps(header["broker_link"]).encode())
     # The escrow first: if the broker cannot be reached, nothing has changed yet.
-    client = escrow.client_for(home, keyring.identity)
+    client = escrow.client_for(home, keyring.identities)
     fetched = _fetch_escrow(home, client) if client is not None else None
     try:
         with engine.begin() as conn:
@@ -256,6 +268,17 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     finally:
         if client is not None:
             client.close()
+
+
+def _home_keyring(home: Path, passphrase: str | None) -> Keyring:
+    try:
+        return keyring_mod.open_keyring(home, passphrase)
+    except WrongPassphrase:
+        raise ConfigError(
+            "this backup was taken before the node's keys were rotated, and the node's "
+            "passphrase has changed since",
+            hint="restore a backup taken since the rotation (take one right after rotating keys)",
+        ) from None
 
 
 def _fetch_escrow(home: Path, client: escrow.EscrowClient) -> escrow.Fetched:

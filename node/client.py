@@ -185,13 +185,17 @@ class NodeClient:
                 return rows[:limit] if limit else rows
             request.page_token = reply.next_page_token
 
-    def rotate_kek(self, new_passphrase: str | None, new_key_file: Path | None) -> int:
-        """Re-wrap the node's keyring under a new passphrase or key file."""
+    def rotate_kek(
+        self, new_passphrase: str | None, new_key_file: Path | None, current: str | None = None
+    ) -> int:
+        """Re-wrap the node's keyring under a new passphrase or key file; ``current`` is the
+        node's passphrase in force (for a node protected by one)."""
         request = (
             node_pb.RotateKeyEncryptionKeyRequest(new_passphrase=new_passphrase)
             if new_passphrase is not None
             else node_pb.RotateKeyEncryptionKeyRequest(new_key_file=str(new_key_file))
         )
+        request.current_passphrase = current or ""
         return int(
             self._call(self._stub.RotateKeyEncryptionKey, request, timeout=120).keys_rewrapped
         )

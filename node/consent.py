@@ -39,13 +39,20 @@ from typing import Final, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from node import htcds, serde
-from node.htcds import DATA_CATEGORIES, FIELD_CATEGORY, FIELD_NAMES, NeedCategory
+from node import serde
+from node.htcds.catalogue import (
+    DATA_CATEGORIES,
+    FIELD_CATEGORY,
+    FIELD_NAMES,
+    canonical_field,
+    fields_in,
+)
 from tessera import crypto
 from tessera import directory as directory_core
 from tessera.crypto import Identity, PublicIdentity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused
+from tessera.needs import NeedCategory
 from tessera.timestamps import require_aware, to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
@@ -195,7 +202,7 @@ class Consent:
     @property
     def fields(self) -> frozenset[str]:
         """The HTCDS field names this consent covers (its categories expanded)."""
-        return htcds.fields_in(self.categories)
+        return fields_in(self.categories)
 
     @property
     def revoked(self) -> bool:
@@ -651,7 +658,7 @@ def _field_names(fields: Iterable[str]) -> list[str]:
     names: list[str] = []
     for name in fields:
         if not isinstance(name, str) or name not in FIELD_CATEGORY:
-            canonical = htcds.canonical_field(name) if isinstance(name, str) else None
+            canonical = canonical_field(name) if isinstance(name, str) else None
             hint = (
                 f"did you mean {canonical}?"
                 if canonical

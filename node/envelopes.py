@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -48,11 +48,13 @@ from node.consent import (
     _need,
     verify_receipt,
 )
-from node.htcds import FIELD_CATEGORY, MAX_TEXT_CHARS, NeedCategory
+from node.htcds.catalogue import FIELD_CATEGORY
+from node.htcds.validate import MAX_TEXT_CHARS
 from tessera import crypto
 from tessera.crypto import Identity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused, WrongRecipient
+from tessera.needs import NeedCategory
 from tessera.timestamps import require_aware, to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import referral_pb2 as referral_pb
@@ -410,6 +412,7 @@ def open_envelope(
     *,
     delivery_commitment: bytes | None = None,
     limits: EnvelopeLimits = DEFAULT_LIMITS,
+    retired: Sequence[Identity] = (),
 ) -> OpenedEnvelope:
     """Open, verify and check one envelope from ``sender`` (the directory record pinned for
     ``Delivery.sender_agency_id``), following the steps of referral.proto's header in order.
@@ -426,12 +429,15 @@ def open_envelope(
        field carried is one the receipt lists (ConsentRefused); with ``delivery_commitment``,
        the receipt's commitment must equal it. Other kinds must travel with an empty commitment.
 
+    ``retired`` are this node's identities from before a key rotation: an envelope sealed to
+    one of them (sent before the sender synced the rotation) still opens.
+
     Returns a frozen result carrying ``message_id`` for idempotent processing.
     """
     # 1. Inputs, and a sender the directory still trusts.
     _check_open_inputs(recipient, my_agency_id, sender, sealed, now, limits)
     # 2. Decrypt and verify: envelope label first, then status label.
-    label, payload = _open_either(recipient, sender, sealed)
+    label, payload = _open_with_any((recipient, *retired), sender, sealed)
     # 3. Parse, and match the kind to the label.
     content, kind = _parse_content(payload, label, sender)
     # 4. The ids inside name the transport sender and this node.
@@ -613,6 +619,18 @@ def _check_addresses(
         sender_agency_id=sender.agency_id,
         created_at=to_datetime(content.created_at, "created_at"),
     )
+
+
+def _open_with_any(
+    recipients: Sequence[Identity], sender: AgencyRecord, sealed: bytes
+) -> tuple[bytes, bytes]:
+    # The current identity first; a retired one only if the envelope is not sealed to it.
+    for recipient in recipients[:-1]:
+        try:
+            return _open_either(recipient, sender, sealed)
+        except WrongRecipient:
+            continue
+    return _open_either(recipients[-1], sender, sealed)
 
 
 def _open_either(recipient: Identity, sender: AgencyRecord, sealed: bytes) -> tuple[bytes, bytes]:

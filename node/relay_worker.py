@@ -297,6 +297,7 @@ class RelayWorker:
             bytes(delivery.sealed_envelope),
             _now(),
             delivery_commitment=bytes(delivery.consent_commitment),
+            retired=self._keyring.retired,
         )
 
     def _apply(

@@ -396,7 +396,7 @@ class NodeServicer(node_grpc.NodeServicer):
     ) -> node_pb.VerifyAuditResponse:
         client = self.escrow.client if self.escrow is not None else None
         checkpoint = await _run(
-            escrow.latest_checkpoint, self._settings.home, self._keyring.identity, client
+            escrow.latest_checkpoint, self._settings.home, self._keyring.identities, client
         )
         report = await _run(self._store.verify_audit, checkpoint)
         reply = node_pb.VerifyAuditResponse(
@@ -477,8 +477,12 @@ class NodeServicer(node_grpc.NodeServicer):
     async def RotateKeyEncryptionKey(
         self, request: node_pb.RotateKeyEncryptionKeyRequest, context: Context
     ) -> node_pb.RotateKeyEncryptionKeyResponse:
+        from node.keyring import check_current_secret as keyring_check
         from node.keyring import new_kek_spec
 
+        # Proof the caller knows the secret in force, not only an administrator's credential;
+        # checked before anything (a new key file included) is written.
+        await _run(keyring_check, self._settings.home, request.current_passphrase or None)
         which = request.WhichOneof("new_key")
         if which == "new_passphrase":
             spec: KekSpec = new_kek_spec(KekSource.PASSPHRASE, self._settings.argon2, None)

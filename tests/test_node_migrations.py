@@ -17,7 +17,6 @@ from sqlalchemy import Date, Engine, bindparam, text
 from sqlmodel import SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-from node.htcds import NeedCategory, NeedStatus
 from node.keyring import Keyring
 from node.store import tables as node_tables
 from node.store.cases import NewCase, NodeStore, _key_context, record_associated_data
@@ -26,6 +25,7 @@ from node.store.escrow import EscrowStore
 from tessera import crypto
 from tessera.db import make_engine
 from tessera.errors import ConfigError
+from tessera.needs import NeedCategory, NeedStatus
 from tests.nodefixtures import pg_dump_data
 
 

@@ -19,12 +19,12 @@ from broker.operator_client import OperatorClient
 from node import directory_sync
 from node.client import NodeClient
 from node.directory_sync import BrokerLink
-from node.htcds import NeedCategory, NeedStatus
 from node.keyring import open_keyring
 from node.relay_worker import RelayWorker, split_by_size
 from node.store.referrals import OutboxItem, OutboxKind, ReferralStore
 from tessera import crypto
 from tessera.errors import StorageError
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import relay_pb2 as relay_pb
 from tests.nodefixtures import Node, NodeFactory, db_url_fixture, nodes_fixture  # noqa: F401
 from tests.support import (

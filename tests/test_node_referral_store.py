@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from node import htcds, serde
+from node import serde
 from node.backup import create_backup, read_ledger, restore_backup
 from node.consent import (
     Consent,
@@ -46,7 +46,7 @@ from node.envelopes import (
     revocation_envelope,
     status_envelope,
 )
-from node.htcds import NeedCategory, NeedStatus
+from node.htcds.synthetic import synthetic_records
 from node.store.cases import NewCase
 from node.store.referrals import (
     OutboxKind,
@@ -58,6 +58,7 @@ from node.store.referrals import (
 from tessera import crypto
 from tessera.directory import AgencyRecord
 from tessera.errors import Conflict, InvalidInput, NotFound, Refused, TamperedCiphertext
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import node_pb2 as node_pb
 from tests.nodefixtures import (
     PASSPHRASE,
@@ -272,7 +273,7 @@ class Sender:
 
 def make_sender(nodes: NodeFactory, db_url: str) -> Sender:
     node = nodes.make(db_url, name="alice")
-    fields = htcds.synthetic_records(1, seed=5)[0]
+    fields = synthetic_records(1, seed=5)[0]
     (case_id,) = node.store.create_cases(
         "staff:maria", [NewCase(fields=fields, needs=((NEED, NeedStatus.IDENTIFIED),))]
     )

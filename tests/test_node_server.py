@@ -11,13 +11,16 @@ import pytest
 
 from node.client import NodeClient
 from node.domain import StaffRole
-from node.htcds import NeedCategory, NeedStatus, synthetic_records, write_csv
+from node.htcds.csv_format import write_csv
+from node.htcds.synthetic import synthetic_records
+from node.keyring import KEYRING_FILE
 from tessera import credential, crypto, rpc
 from tessera.config import Limits
 from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
-from tests.support import CASEWORKER_PASSPHRASE, BackgroundNode, make_node, unlock
+from tests.support import CASEWORKER_PASSPHRASE, PASSPHRASE, BackgroundNode, make_node, unlock
 
 
 @pytest.fixture
@@ -150,6 +153,25 @@ def test_caseworker_cannot_export_and_refusal_names_them(
     } in refusals
 
 
+def test_a_stolen_admin_credential_alone_cannot_re_lock_the_node(
+    node: BackgroundNode, admin: NodeClient
+) -> None:
+    # The thief holds an administrator's credential but not the node's passphrase.
+    keyring_file = node.settings.home / KEYRING_FILE
+    before = keyring_file.read_bytes()
+    thief_secret = "correct horse battery staple of the thief 1987"
+    for guess in (None, "not the node passphrase at all 4471"):
+        with pytest.raises(Unauthenticated):
+            admin.rotate_kek(thief_secret, None, guess)
+    with pytest.raises(Unauthenticated):
+        admin.rotate_kek(None, node.settings.home / "thief.key", "a wrong guess entirely 0912")
+    assert keyring_file.read_bytes() == before
+    assert not (node.settings.home / "thief.key").exists()
+    # The passphrase in force does it.
+    assert admin.rotate_kek("a brand new node passphrase for winter 2027", None, PASSPHRASE) == 2
+    assert keyring_file.read_bytes() != before
+
+
 def test_removed_staff_is_refused_at_once(
     node: BackgroundNode, admin: NodeClient, tmp_path: Path
 ) -> None:
@@ -220,7 +242,7 @@ def test_import_all_or_nothing_then_skip_bad_rows(admin: NodeClient, tmp_path: P
 
 
 def test_export_round_trips_through_htcds(admin: NodeClient, tmp_path: Path) -> None:
-    from node.htcds import validate_file
+    from node.htcds.report import validate_file
 
     records = synthetic_records(12, seed=3)
     source = tmp_path / "in.csv"

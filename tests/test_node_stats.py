@@ -220,7 +220,7 @@ def test_local_table_bounds_each_survivor_and_keeps_to_the_period() -> None:
 
 
 def test_local_table_reads_the_node_store(nodes: NodeFactory) -> None:
-    from node.htcds import NeedCategory, NeedStatus
+    from tessera.needs import NeedCategory, NeedStatus
 
     node = nodes.make()
     node.store.create_case(
@@ -547,8 +547,8 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
 
     from cli.stats import StatsClient
     from node.client import NodeClient
-    from node.htcds import NeedCategory, NeedStatus
     from node.keyring import open_keyring
+    from tessera.needs import NeedCategory, NeedStatus
     from tests.support import (
         PASSPHRASE,
         BackgroundBroker,

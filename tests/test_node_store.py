@@ -15,8 +15,8 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import event
 
-from node import htcds
 from node.domain import StaffRole
+from node.htcds.synthetic import synthetic_records
 from node.store.cases import NewCase, NodeStore, _key_context, record_associated_data
 from tessera import crypto
 from tessera.errors import Conflict, NotFound, TamperedCiphertext
@@ -59,7 +59,7 @@ def _fields_of(store: NodeStore, case_ids: list[str]) -> dict[str, dict[str, str
 
 
 def _import(node: Node, count: int, seed: int = 7) -> tuple[list[str], list[dict[str, str]]]:
-    records = htcds.synthetic_records(count, seed)
+    records = synthetic_records(count, seed)
     ids = node.store.create_cases("tester", [NewCase(fields=r) for r in records])
     return ids, records
 

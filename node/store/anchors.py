@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import delete
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, func, select
 
 from node.store.tables import (
@@ -88,6 +89,18 @@ class RecordSeals:
             self._key, crypto.LABEL_RECORD_SEAL, *self._parts(case_id, version, audit_seq, row)
         )
 
+    def seal_new(self, session: Session, rows: Iterable[SealedCase], audit_seq: int) -> None:
+        """Seal cases just created (no seal yet), with no read per case."""
+        session.add_all(
+            RecordSealRow(
+                case_id=row.case_id,
+                version=row.version,
+                audit_seq=audit_seq,
+                seal=self._tag(row.case_id, row.version, audit_seq, row),
+            )
+            for row in rows
+        )
+
     def seal(self, session: Session, row: SealedCase, audit_seq: int) -> None:
         """Record ``row`` as the version the node last wrote, by audit entry ``audit_seq``."""
         existing = session.get(RecordSealRow, row.case_id)
@@ -109,9 +122,17 @@ class RecordSeals:
         if not rows:
             return
         ids = [r.case_id for r in rows]
+        # Column tuples, not ORM objects: this runs on every page of cases read.
         seals = {
             s.case_id: s
-            for s in session.exec(select(RecordSealRow).where(col(RecordSealRow.case_id).in_(ids)))
+            for s in session.execute(
+                sa_select(
+                    col(RecordSealRow.case_id),
+                    col(RecordSealRow.version),
+                    col(RecordSealRow.audit_seq),
+                    col(RecordSealRow.seal),
+                ).where(col(RecordSealRow.case_id).in_(ids))
+            )
         }
         for row in rows:
             seal = seals.get(row.case_id)

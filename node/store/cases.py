@@ -123,7 +123,11 @@ class NodeStore:
         self._engine = engine
         self._keyring = keyring
         self._home = home
-        self._audit = AuditLog(keyring.identity, home / AUDIT_HEAD_FILE if home else None)
+        self._audit = AuditLog(
+            keyring.identity,
+            home / AUDIT_HEAD_FILE if home else None,
+            [r.public for r in keyring.retired],
+        )
         # One writer at a time inside this process; the audit head row's lock covers others.
         self._write_lock = threading.Lock()
         # Seals pin each case's last written version outside its row (node.store.anchors).
@@ -258,8 +262,7 @@ class NodeStore:
                 seq = self._audit.append(
                     session, actor, action, None, {"cases": len(ids), **(detail or {})}
                 )
-            for row in rows:
-                self._seals.seal(session, row, seq)
+            self._seals.seal_new(session, rows, seq)
         return ids
 
     def create_case(self, actor: str, new: NewCase, idempotency_key: str = "") -> Case:
