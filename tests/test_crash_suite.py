@@ -62,6 +62,7 @@ pytestmark = pytest.mark.slow
 REGION = "north"
 SHELTER, CLINIC = "harbour-shelter", "lantern-clinic"
 IMPORT_ROWS = 2000 if not cs.full_size() else 3000
+LEASE_SECONDS = 4.0
 NEXT_YEAR = dt.date.today() + dt.timedelta(days=365)
 
 
@@ -81,6 +82,9 @@ def _broker(root: Path, servers: Servers, database_url: str = "") -> Server:
     home = root / "broker"
     make_broker(home, database_url=database_url)
     cs.pin_address(home)
+    # Short leases, so that what a killed broker had leased out comes back soon.
+    with (home / config.CONFIG_FILE).open("a", encoding="utf-8") as toml:
+        toml.write(f"\n[limits]\ndelivery_lease_seconds = {LEASE_SECONDS}\n")
     broker = servers.add("broker", home, "broker")
     broker.start()
     return broker
