@@ -46,11 +46,11 @@ from sqlmodel import SQLModel
 from node import directory_sync, escrow
 from node import keyring as keyring_mod
 from node.keyring import Keyring
+from node.referrals.stores import ReferralStores
 from node.store.budget import BudgetStore
 from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
 from node.store.escrow import EscrowStore
 from node.store.needs import seal_clear_rows
-from node.store.referrals import ReferralStore
 from node.store.tables import (
     AnchorRow,
     AuditHeadRow,
@@ -460,7 +460,7 @@ def _reapply(home: Path, engine: Engine, keyring: Keyring) -> int:
         ),
     )
     # Revoked consents and purged referrals stay revoked and purged, too.
-    ReferralStore(store).reapply_ledger("system:restore", ledger)
+    ReferralStores(store).reapply_ledger("system:restore", ledger)
     # Spent privacy budget stays spent (DESIGN.md section 7: every contribution is counted).
     BudgetStore(store).reapply_ledger("system:restore", ledger)
     store.audit(
@@ -490,7 +490,7 @@ def reapply_ledger(home: Path, store: NodeStore, actor: str = "system:ledger") -
     store.reapply_staff_removals(
         actor, sorted({bytes.fromhex(v) for k, v in ledger if k == "staff-removed"})
     )
-    ReferralStore(store).reapply_ledger(actor, ledger)
+    ReferralStores(store).reapply_ledger(actor, ledger)
     BudgetStore(store).reapply_ledger(actor, ledger)
     return erased
 

@@ -18,6 +18,7 @@ import grpc
 from node import serde
 from node.domain import DuplicatePolicy, StaffRole
 from node.htcds import NeedCategory, NeedStatus
+from node.referrals.model import DeclineReason, answer_for
 from tessera import credential, rpc
 from tessera.config import Limits
 from tessera.errors import InvalidInput, Refused
@@ -549,21 +550,12 @@ class NodeClient:
         self, referral_id: str, answer: str, reason: str = "", text: str = ""
     ) -> dict[str, Any]:
         """accept, decline (with a reason) or complete a received referral."""
-        answers = {
-            "accept": node_pb.REFERRAL_ANSWER_ACCEPT,
-            "decline": node_pb.REFERRAL_ANSWER_DECLINE,
-            "complete": node_pb.REFERRAL_ANSWER_COMPLETE,
-        }
         reply = self._call(
             self._stub.AnswerReferral,
             node_pb.AnswerReferralRequest(
                 referral_id=referral_id,
-                answer=answers[answer],
-                decline_reason=(
-                    referral_pb.DeclineReason.Value(f"DECLINE_REASON_{reason.upper()}")
-                    if reason
-                    else referral_pb.DECLINE_REASON_UNSPECIFIED
-                ),
+                answer=serde.referral_answer_pb(answer_for(answer)),
+                decline_reason=serde.decline_reason_pb(DeclineReason(reason) if reason else None),
                 decline_text=text,
             ),
         )

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Final, TypeVar
+from typing import Final, TypeAlias, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -47,6 +47,7 @@ from node.htcds.catalogue import (
     canonical_field,
     fields_in,
 )
+from node.referrals.model import ConsentMethod
 from tessera import crypto
 from tessera import directory as directory_core
 from tessera.crypto import Identity, PublicIdentity
@@ -64,6 +65,7 @@ __all__ = [
     "ConsentLimits",
     "ConsentMethod",
     "ConsentRefused",
+    "ReceiptBlob",
     "Refusal",
     "VerifiedReceipt",
     "check_covers",
@@ -72,6 +74,10 @@ __all__ = [
     "receipt_blob",
     "verify_receipt",
 ]
+
+
+#: A consent receipt as it travels: the signed body, the signature, the signer's key.
+ReceiptBlob: TypeAlias = common_pb.SignedBlob
 
 
 # --- limits (python-tuf habit: named defaults, not literals in code) ---------------------------
@@ -141,14 +147,6 @@ class ConsentRefused(Refused):
 
 
 # --- the consent record (DESIGN.md section 6, first bullet) -------------------------------------
-
-
-class ConsentMethod(enum.StrEnum):
-    """How the survivor gave consent (consent.proto ``ConsentMethod``)."""
-
-    VERBAL = "verbal"  # said aloud to a staff member, who witnesses it
-    WRITTEN = "written"  # signed on paper; the paper stays with the sending agency
-    ELECTRONIC = "electronic"  # given through an electronic form or message
 
 
 @dataclass(frozen=True)
@@ -357,7 +355,7 @@ def receipt_blob(
         receiving_agency_id=consent.recipient_agency_id,
         purpose=serde.need_category_pb(consent.purpose),
         data_categories=sorted(consent.fields),
-        method=_METHOD_TO_WIRE[consent.method],
+        method=serde.consent_method_pb(consent.method),
         witnessed_by=consent.witnessed_by,
         granted_at=to_timestamp(consent.granted_at, "granted_at"),
         expires_at=to_timestamp(consent.expires_at, "expires_at"),
@@ -520,21 +518,12 @@ def verify_receipt(
 
 # --- receipt parsing helpers ----------------------------------------------------------------------
 
-_METHOD_TO_WIRE: Final[dict[ConsentMethod, consent_pb.ConsentMethod.ValueType]] = {
-    ConsentMethod.VERBAL: consent_pb.CONSENT_METHOD_VERBAL,
-    ConsentMethod.WRITTEN: consent_pb.CONSENT_METHOD_WRITTEN,
-    ConsentMethod.ELECTRONIC: consent_pb.CONSENT_METHOD_ELECTRONIC,
-}
-_METHOD_FROM_WIRE: Final[dict[int, ConsentMethod]] = {
-    int(value): method for method, value in _METHOD_TO_WIRE.items()
-}
-
 
 def _parsed_receipt(
     receipt: consent_pb.ConsentReceipt, blob: common_pb.SignedBlob, limits: ConsentLimits
 ) -> VerifiedReceipt:
     """The checked content of a receipt whose signature has verified."""
-    method = _METHOD_FROM_WIRE.get(int(receipt.method))
+    method = serde.consent_method(receipt.method)
     if method is None:
         raise InvalidInput("the consent receipt's method is unset or unknown")
     for name in ("granted_at", "expires_at"):

@@ -50,6 +50,7 @@ from node.consent import (
 )
 from node.htcds.catalogue import FIELD_CATEGORY
 from node.htcds.validate import MAX_TEXT_CHARS
+from node.referrals.model import MAX_SEALED_BYTES, DeclineReason, ReferralStatus, check_decline
 from tessera import crypto
 from tessera.crypto import Identity
 from tessera.directory import AgencyRecord
@@ -89,7 +90,7 @@ class EnvelopeLimits:
     ``max_sealed_bytes`` matches the broker's default ``max_envelope_bytes`` (tessera.config).
     """
 
-    max_sealed_bytes: int = 1024 * 1024
+    max_sealed_bytes: int = MAX_SEALED_BYTES
     max_id_chars: int = 128
     max_value_chars: int = MAX_TEXT_CHARS  # one HTCDS value, as htcds accepts on import
     max_note_chars: int = 10_000
@@ -120,42 +121,6 @@ def label_for(kind: EnvelopeKind) -> bytes:
     """The seal label of a kind (referral.proto header): envelope for a Referral, status for the
     three others."""
     return crypto.LABEL_ENVELOPE if kind is EnvelopeKind.REFERRAL else crypto.LABEL_STATUS
-
-
-class ReferralStatus(enum.StrEnum):
-    """A referral's status as the receiving agency reports it (referral.proto)."""
-
-    DELIVERED = "delivered"
-    ACCEPTED = "accepted"
-    DECLINED = "declined"
-    COMPLETED = "completed"
-
-
-class DeclineReason(enum.StrEnum):
-    """Why a referral was declined (referral.proto)."""
-
-    NO_CAPACITY = "no_capacity"
-    NOT_ELIGIBLE = "not_eligible"
-    SERVICE_UNAVAILABLE = "service_unavailable"
-    SURVIVOR_UNREACHABLE = "survivor_unreachable"
-    OTHER = "other"
-
-
-_STATUS_TO_WIRE: Final[dict[ReferralStatus, referral_pb.ReferralStatus.ValueType]] = {
-    ReferralStatus.DELIVERED: referral_pb.REFERRAL_STATUS_DELIVERED,
-    ReferralStatus.ACCEPTED: referral_pb.REFERRAL_STATUS_ACCEPTED,
-    ReferralStatus.DECLINED: referral_pb.REFERRAL_STATUS_DECLINED,
-    ReferralStatus.COMPLETED: referral_pb.REFERRAL_STATUS_COMPLETED,
-}
-_STATUS_FROM_WIRE: Final = {int(v): k for k, v in _STATUS_TO_WIRE.items()}
-_REASON_TO_WIRE: Final[dict[DeclineReason, referral_pb.DeclineReason.ValueType]] = {
-    DeclineReason.NO_CAPACITY: referral_pb.DECLINE_REASON_NO_CAPACITY,
-    DeclineReason.NOT_ELIGIBLE: referral_pb.DECLINE_REASON_NOT_ELIGIBLE,
-    DeclineReason.SERVICE_UNAVAILABLE: referral_pb.DECLINE_REASON_SERVICE_UNAVAILABLE,
-    DeclineReason.SURVIVOR_UNREACHABLE: referral_pb.DECLINE_REASON_SURVIVOR_UNREACHABLE,
-    DeclineReason.OTHER: referral_pb.DECLINE_REASON_OTHER,
-}
-_REASON_FROM_WIRE: Final = {int(v): k for k, v in _REASON_TO_WIRE.items()}
 
 
 # --- what open_envelope returns -------------------------------------------------------------
@@ -323,12 +288,8 @@ def status_envelope(
     _check_decline(status, reason, decline_text, limits)
     update = referral_pb.StatusUpdate(
         referral_id=_check_uuid(referral_id, "referral_id"),
-        status=_STATUS_TO_WIRE[status],
-        decline_reason=(
-            _REASON_TO_WIRE[reason]
-            if reason is not None
-            else referral_pb.DECLINE_REASON_UNSPECIFIED
-        ),
+        status=serde.referral_status_pb(status),
+        decline_reason=serde.decline_reason_pb(reason),
         decline_text=decline_text,
         status_at=to_timestamp(now if status_at is None else status_at, "status_at"),
     )
@@ -710,14 +671,10 @@ def _received_referral(
 def _received_status(
     common: _Common, update: referral_pb.StatusUpdate, limits: EnvelopeLimits
 ) -> ReceivedStatus:
-    status = _STATUS_FROM_WIRE.get(int(update.status))
+    status = serde.referral_status(update.status)
     if status is None:
         raise InvalidInput("the status update's status is unset or unknown")
-    reason: DeclineReason | None = None
-    if update.decline_reason != referral_pb.DECLINE_REASON_UNSPECIFIED:
-        reason = _REASON_FROM_WIRE.get(int(update.decline_reason))
-        if reason is None:
-            raise InvalidInput("the status update's decline reason is unknown")
+    reason = serde.decline_reason(update.decline_reason, "the status update's decline reason")
     _check_decline(status, reason, update.decline_text, limits)
     if not update.HasField("status_at"):
         raise InvalidInput("the status update's status_at is missing")
@@ -766,20 +723,8 @@ def _received_purge(
 def _check_decline(
     status: ReferralStatus, reason: DeclineReason | None, text: str, limits: EnvelopeLimits
 ) -> None:
-    """referral.proto DeclineReason / decline_text rules."""
-    _check_text(text, "decline_text", limits.max_decline_text_chars)
-    if status is ReferralStatus.DECLINED:
-        if reason is None:
-            raise InvalidInput(
-                "a DECLINED status needs a decline reason",
-                hint=f"one of: {', '.join(r.value for r in DeclineReason)}",
-            )
-        if reason is DeclineReason.OTHER and not text.strip():
-            raise InvalidInput("decline reason 'other' needs a decline text saying why")
-    elif reason is not None or text:
-        raise InvalidInput(
-            f"only a DECLINED status carries a decline reason or text (this one is {status.value})"
-        )
+    """referral.proto DeclineReason / decline_text rules (node.referrals.model.check_decline)."""
+    check_decline(status, reason, text, limits.max_decline_text_chars)
 
 
 def _check_field_names(names: Iterable[str], what: str) -> None:

@@ -514,6 +514,7 @@ class EscrowWorker:
         self._checkpoint_seconds = checkpoint_seconds
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stepping: asyncio.Future[None] | None = None
         self._last_head: AuditPosition | None = None
         self._checkpointed_seq = -1
         self._checkpointed_at = 0.0
@@ -533,6 +534,12 @@ class EscrowWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._stepping is not None:
+            # A cancelled await does not stop the thread: let its step finish (and give back
+            # its database connection) before the caller disposes of the engine.
+            with contextlib.suppress(Exception):
+                await self._stepping
+            self._stepping = None
         self.client.close()
 
     def note_checkpoint(self, checkpoint: CheckpointRef | None) -> None:
@@ -547,7 +554,8 @@ class EscrowWorker:
         while True:
             self._wake.clear()
             try:
-                await asyncio.to_thread(self.step)
+                self._stepping = asyncio.ensure_future(asyncio.to_thread(self.step))
+                await asyncio.shield(self._stepping)
                 backoff = self._poll
                 wait = self._poll
             except asyncio.CancelledError:

@@ -17,12 +17,12 @@ from pathlib import Path
 from node import access, directory_sync, escrow, rotation
 from node.backup import finish_interrupted_restore, reapply_ledger
 from node.keyring import Keyring, open_keyring
+from node.referrals.flows import Referrals
 from node.relay_worker import RelayWorker, start_worker
 from node.service import NodeServicer
 from node.store.cases import NodeStore
 from node.store.database import open_database
 from node.store.escrow import EscrowStore
-from node.store.referrals import ReferralStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, RunLock, hold_serving_lock
@@ -147,7 +147,7 @@ async def _start(
         crypto.ReplayGuard(settings.limits.replay_window_seconds),
         on_refused=refused,
     )
-    referrals = ReferralStore(store)
+    referrals = Referrals(store, settings.home)
     servicer = NodeServicer(settings, store, keyring, referrals, gate=gate)
     server = await rpc.start_server(
         listen=settings.listen,
@@ -189,7 +189,7 @@ async def _start(
         )
         if running.relay is None:
             return False
-        servicer.wake_relay = running.relay.wake
+        servicer.relay = running.relay
         if running.escrow is None:
             start_escrow()  # enrolled while serving: escrow what was queued until now
         return True

@@ -153,6 +153,35 @@ def test_caseworker_cannot_export_and_refusal_names_them(
     } in refusals
 
 
+def test_a_caseworker_is_refused_every_administrator_call_and_nothing_changes(
+    node: BackgroundNode, admin: NodeClient, tmp_path: Path
+) -> None:
+    case_id = admin.create_case({"prs_FirstName": "Saoirse"})["case_id"]
+    with _caseworker(node, admin, tmp_path) as ana:
+        attempts = {
+            "EraseCase": lambda: ana.erase_case(case_id, "asked"),
+            "AddStaff": lambda: ana.add_staff(
+                "Mallory", StaffRole.ADMIN, crypto.Identity.generate().public.signing_key
+            ),
+            # The client looks the name up first (ListStaff); the raw call is refused too.
+            "ListStaff": lambda: ana.remove_staff("admin"),
+            "RemoveStaff": lambda: ana._call(
+                ana._stub.RemoveStaff, node_pb.RemoveStaffRequest(staff_id="admin")
+            ),
+            "Backup": lambda: ana.backup(None),
+            "VerifyAgency": lambda: ana.verify_agency("lantern-clinic", "ABCD"),
+        }
+        for attempt in attempts.values():
+            with pytest.raises(PermissionDenied):
+                attempt()
+    refused = {r["method"] for r in _refusals(node) if r["actor"] == "staff:Ana Ruiz"}
+    assert refused >= {f"/tessera.v1.Node/{m}" for m in attempts}
+    # Nothing happened: the case is there, the staff list is as it was, no backup was written.
+    assert admin.get_case(case_id)["case_id"] == case_id
+    assert {m["name"] for m in admin.list_staff()} == {"admin", "Ana Ruiz"}
+    assert not list(node.settings.home.rglob("*.tbk"))
+
+
 def test_a_stolen_admin_credential_alone_cannot_re_lock_the_node(
     node: BackgroundNode, admin: NodeClient
 ) -> None:

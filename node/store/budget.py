@@ -11,7 +11,7 @@ share, so every share the broker ever sees was counted; a restarted round's new 
 new (round, attempt) and is charged again.
 
 :class:`BudgetStore` is a companion of :class:`~node.store.cases.NodeStore`, like
-``node.store.referrals.ReferralStore``: same engine, write lock, transaction and audit log.
+``node.referrals`` (its unit of work): same engine, write lock, transaction and audit log.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from typing import Final
 from sqlmodel import Session, col, select
 
 from node.store.cases import NodeStore
-from node.store.referrals import serialised_writing
 from node.store.tables import (
     BudgetChargeRow,
     BudgetPeriodRow,
     as_utc,
     utcnow,
 )
+from node.store.transactions import serialised_writing
 from tessera.errors import Conflict, InvalidInput, Refused
 
 __all__ = ["DEFAULT_CAP", "STATS_ACTOR", "BudgetCharge", "BudgetPeriod", "BudgetStore"]

@@ -1,7 +1,7 @@
 """Imports that keep one survivor to one case, and the cases an erasure should mention (issue 14
 item 4). The rule itself is :mod:`node.dedup`'s; this module does the I/O around it.
 
-A companion of :class:`~node.store.cases.NodeStore`, like ``node.store.referrals``: it uses the
+A companion of :class:`~node.store.cases.NodeStore`, like ``node.store.budget``: it uses the
 store's engine, keys and transactions. Matching goes through the blind index: each row's name is
 turned into its keyed digest, the ``blind_index`` table gives the cases with the same name digest
 (and ``case_record`` the cases that ``tessera_case_id`` cells name), and only those candidates are
