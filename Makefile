@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check proto bench soak clean
+.PHONY: demo test lint typecheck check proto bench soak adversarial clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Tessera needs $(PYTHON) on PATH"; exit 3; }
@@ -42,6 +42,14 @@ SOAK_POSTGRES ?= 0
 soak: $(STAMP)  ## a bounded soak of one broker: throughput, latency, memory per stream, RSS over time
 	TESSERA_SOAK_STREAMS=$(SOAK_STREAMS) TESSERA_SOAK_REFERRALS=$(SOAK_REFERRALS) \
 		TESSERA_SOAK_POSTGRES=$(SOAK_POSTGRES) $(BIN)/python -m bench soak
+
+CRASH_REPORT := $(CURDIR)/.adversarial-crash.jsonl
+
+adversarial: $(STAMP)  ## SIGKILL nodes and brokers many times (TESSERA_CRASH=full); one summary line
+	@rm -f $(CRASH_REPORT)
+	@TESSERA_CRASH=full TESSERA_CRASH_REPORT=$(CRASH_REPORT) $(BIN)/pytest tests/test_crash_suite.py \
+		-q -p no:cacheprovider -o timeout=1800; status=$$?; \
+		$(BIN)/python -m tests.crashsupport $(CRASH_REPORT); exit $$status
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
