@@ -412,7 +412,7 @@ def _seal_clear_needs(
 ) -> list[dict[str, Any]]:
     # A backup taken before need records were sealed (schema 0004) holds them in clear: seal
     # them under each survivor's key on the way in, as the upgrade did (node.store.needs).
-    from node.store.cases import _key_context
+    from node.store.records import survivor_key_context
 
     wrapped = {
         r["case_id"]: base64.b64decode(r["wrapped_key"]["b64"])
@@ -420,7 +420,9 @@ def _seal_clear_needs(
     }
 
     def data_key_of(case_id: str) -> crypto.DataKey:
-        return crypto.unwrap_key(keyring.record_key, wrapped[case_id], _key_context(case_id))
+        return crypto.unwrap_key(
+            keyring.record_key, wrapped[case_id], survivor_key_context(case_id)
+        )
 
     return seal_clear_rows(rows, data_key_of)
 

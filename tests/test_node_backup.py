@@ -24,8 +24,9 @@ from node.backup import create_backup, read_backup, restore_backup
 from node.domain import StaffRole
 from node.htcds.synthetic import synthetic_records
 from node.server import start_node
-from node.store.cases import LEDGER_FILE, NewCase, _key_context
+from node.store.cases import LEDGER_FILE, NewCase
 from node.store.database import open_database
+from node.store.records import survivor_key_context
 from tessera import config, crypto
 from tessera.errors import (
     ConfigError,
@@ -300,7 +301,7 @@ def test_a_backup_is_one_snapshot_even_while_another_writer_commits(
     # Every case in the snapshot carries its own survivor's key, and it opens for that case.
     for row in snapshot["case_record"]:
         wrapped = base64.b64decode(row["wrapped_key"]["b64"])
-        crypto.unwrap_key(keyring.record_key, wrapped, _key_context(row["case_id"]))
+        crypto.unwrap_key(keyring.record_key, wrapped, survivor_key_context(row["case_id"]))
     assert {r["case_id"] for r in snapshot["blind_index"]} <= cases
     assert intruder[0] not in cases
     assert snapshot["audit_head"][0]["seq"] == max(r["seq"] for r in snapshot["audit_log"])

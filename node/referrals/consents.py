@@ -70,7 +70,7 @@ class ConsentStore:
         if consent.revoked_at is not None:
             raise InvalidInput("a consent is recorded unrevoked; revoke it afterwards")
         with self._uow.writing() as session:
-            self._uow.node._row(session, consent.case_id)  # NotFound, also once erased
+            self._uow.node.case_row(session, consent.case_id)  # NotFound, also once erased
             existing = session.get(ConsentRow, consent.consent_id)
             if existing is not None:
                 if consent_of(existing) != consent:

@@ -258,7 +258,7 @@ class OutgoingStore:
                 return self._records(session, [existing])[0]
             if session.get(OutgoingReferralRow, referral_id) is not None:
                 raise Conflict(f"referral {referral_id} is already recorded")
-            self._uow.node._row(session, case_id)  # NotFound, also once erased
+            self._uow.node.case_row(session, case_id)  # NotFound, also once erased
             stored = consent_of(consent_row(session, consent.consent_id, for_update=True))
             if stored.case_id != case_id:
                 raise Refused(
@@ -508,7 +508,7 @@ class OutgoingStore:
         Nothing happens for an erased survivor."""
         case = session.get(CaseRow, case_id)
         if case is not None:
-            self._uow.node._put_need(session, case, category, status, None, now)
+            self._uow.node.put_need(session, case, category, status, None, now)
 
     def _seal_decline(self, session: Session, row: OutgoingReferralRow, text: str) -> bytes:
         # The recipient's free text may describe the survivor: encrypt it under their data key,
@@ -519,7 +519,7 @@ class OutgoingStore:
         if case is None:
             return b""
         return crypto.encrypt(
-            self._uow.node._data_key(case), text.encode(), _decline_associated_data(row.referral_id)
+            self._uow.node.data_key(case), text.encode(), _decline_associated_data(row.referral_id)
         )
 
     def _open_decline(self, session: Session, row: OutgoingReferralRow) -> str:
@@ -529,7 +529,7 @@ class OutgoingStore:
         if case is None:
             return ""
         plain = crypto.decrypt(
-            self._uow.node._data_key(case),
+            self._uow.node.data_key(case),
             row.decline_text,
             _decline_associated_data(row.referral_id),
         )

@@ -67,7 +67,7 @@ class UnitOfWork:
         if current is not None:
             yield current
             return
-        with self.node._reading() as session:
+        with self.node.core.reading() as session:
             yield session
 
     def after_commit(self, action: Callable[[], None]) -> None:
@@ -79,11 +79,11 @@ class UnitOfWork:
 
     def append_ledger(self, line: str) -> None:
         """After the commit: a line of the node's ledger, which a restore re-applies."""
-        self.after_commit(lambda: self.node._append_ledger(line))
+        self.after_commit(lambda: self.node.core.append_ledger(line))
 
     def checkpoint(self) -> None:
         """After the commit: push SQLite's WAL into the main file (no copy of a shredded key)."""
-        self.after_commit(self.node._checkpoint)
+        self.after_commit(self.node.core.checkpoint)
 
     def audit(
         self,
@@ -94,7 +94,7 @@ class UnitOfWork:
         detail: Mapping[str, Any],
     ) -> None:
         """Append to the audit log, in this transaction."""
-        self.node._audit.append(session, actor, action, case_id, detail)
+        self.node.core.audit_log.append(session, actor, action, case_id, detail)
 
     # --- what both directions keep: the steps, and the messages applied -----------------------
 

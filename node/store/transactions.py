@@ -29,7 +29,7 @@ def serialised_writing(
     the message ``conflict``.
     """
     try:
-        with node_store._writing() as session:
+        with node_store.core.writing() as session:
             if node_store.engine.dialect.name == "postgresql":
                 session.exec(select(AuditHeadRow).with_for_update()).first()
             yield session
