@@ -19,7 +19,7 @@ import typer
 
 from cli import context, stats_rounds
 from cli.dashboard import command as dashboard_command
-from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+from cli.output import FORMAT_OPTION, OutputFormat, record, render, render_one
 from cli.stats_client import StatsClient
 from cli.stats_render import (
     CATEGORY_DIMENSION,
@@ -67,15 +67,15 @@ def budget(
     with context.get(ctx).node_client() as client:
         periods = client.budget(period)
     if fmt is OutputFormat.JSON:
-        sys.stdout.write(json.dumps(periods, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps([record(p) for p in periods], indent=2, default=str) + "\n")
         return
     render(
-        [{k: v for k, v in p.items() if k != "charges"} for p in periods],
+        [{k: v for k, v in record(p).items() if k != "charges"} for p in periods],
         fmt,
         columns=["period", "cap", "spent", "remaining"],
         title="privacy budget",
     )
-    charges = [{"period": p["period"], **c} for p in periods for c in p["charges"]]
+    charges = [{"period": p.period, **record(c)} for p in periods for c in p.charges]
     if charges and fmt is OutputFormat.TABLE:
         render(charges, fmt, title="charges (one per submitted share)")
 
