@@ -593,8 +593,8 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
         for s in settings:
             with NodeClient(s.home, unlock=unlock) as client:
                 (ledger,) = client.budget(period)
-            assert ledger["spent"] == 1.0 and ledger["remaining"] == 0.0
-            assert [c["round_id"] for c in ledger["charges"]] == [opened["round_id"]]
+            assert ledger.spent == 1.0 and ledger.remaining == 0.0
+            assert [c.round_id for c in ledger.charges] == [opened["round_id"]]
     finally:
         for node in running:
             node.stop()
