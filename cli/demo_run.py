@@ -313,8 +313,7 @@ def _node_operations(
     step(f"Encrypted backup written: {Path(made.path).name} ({made.size:,} bytes)")
     report = shelter.verify_audit()
     step(
-        f"Audit log verified: {report.entries} signed, hash-chained entries, "
-        f"intact={report.intact}"
+        f"Audit log verified: {report.entries} signed, hash-chained entries, intact={report.intact}"
     )
     unmet = sum(
         len(c.list_cases(None, None, NeedStatus.UNMET, False, 1000)) for c in clients.values()

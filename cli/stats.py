@@ -116,7 +116,6 @@ def open_round(
       tessera stats round open --period 2026-10 --epsilon 0.5 \\
         --participants harbour-shelter,lighthouse-clinic,northside-legal
     """
-    from node import stats
     from tessera import dp
     from tessera.errors import InvalidInput
 
@@ -124,11 +123,13 @@ def open_round(
         raise InvalidInput(f"unknown table {table!r}", hint=f"choose one of {', '.join(_TABLES)}")
     if bound < 0 or threshold < 0:
         raise InvalidInput("--bound and --threshold take 0 (the broker's choice) or more")
-    spec = stats.spec_to_pb(dp.default_needs_table())
-    spec.contribution_bound = bound  # 0 asks the broker to size it
+    spec = dp.default_needs_table()
     chosen = [p.strip() for p in participants.split(",") if p.strip()]
     with StatsClient(context.get(ctx).home) as client:
-        opened = client.open_round(spec, region, period, chosen, threshold, epsilon, local_noise)
+        # A bound of 0 asks the broker to size it.
+        opened = client.open_round(
+            spec, region, period, chosen, threshold, epsilon, local_noise, bound=bound
+        )
     render_one(opened, fmt, title="round opened")
 
 

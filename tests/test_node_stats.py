@@ -545,9 +545,7 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
         period = stats.period_of(dt.datetime.now(dt.UTC))
         spec = dp.default_needs_table(1)
         with StatsClient(broker.settings.home) as coordinator:
-            opened = coordinator.open_round(
-                stats.spec_to_pb(spec), "", period, ids, 2, 1.0, local_noise=False
-            )
+            opened = coordinator.open_round(spec, "", period, ids, 2, 1.0, local_noise=False)
             deadline = time.monotonic() + 40
             status = coordinator.round_status(opened["round_id"])
             while status["state"] != "released" and time.monotonic() < deadline:
