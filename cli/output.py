@@ -37,14 +37,16 @@ FORMAT_OPTION: Any = typer.Option(
 
 
 def record(row: Row) -> dict[str, Any]:
-    """A row as a dict: a dataclass's fields in order, by name, with nested dataclasses,
-    mappings and tuples as dicts and lists; a mapping as it is."""
+    """A row as a dict: a dataclass's fields in order, by name, with enums as their values and
+    nested dataclasses, mappings and tuples as dicts and lists; a mapping as it is."""
     if isinstance(row, Mapping):
         return dict(row)
     return {f.name: _plain(getattr(row, f.name)) for f in dataclasses.fields(row)}
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value  # a code, as a cell and in JSON, also inside a list or a dict
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return record(value)
     if isinstance(value, Mapping):

@@ -191,7 +191,7 @@ def test_an_export_imported_back_adds_nothing_and_an_edited_cell_updates_one_cas
     source = tmp_path / "intake.csv"
     write_csv(source, synthetic_records(10, seed=8))
     ids = _import(admin, source).case_ids
-    assert isinstance(ids, list)
+    assert isinstance(ids, tuple)
     # What the file does not carry must survive an update from it: notes and needs.
     noted = admin.update_case(ids[3], 1, {}, [], "moved to the north shelter")
     admin.set_need(ids[3], NeedCategory.LEGAL_CIVIL, NeedStatus.UNMET)
@@ -323,7 +323,7 @@ def test_erasing_one_of_two_matching_cases_names_the_other(
     write_csv(source, records)
     first = _import(admin, source).case_ids
     second = _import(admin, source, DuplicatePolicy.NEW).case_ids
-    assert isinstance(first, list) and isinstance(second, list)
+    assert isinstance(first, tuple) and isinstance(second, tuple)
     name = {
         "prs_FirstName": records[0]["prs_FirstName"],
         "prs_SecondName": records[0]["prs_SecondName"],
