@@ -55,7 +55,14 @@ from node.tombstones import (
 )
 from tessera import crypto, escrow, rpc
 from tessera.config import Limits
-from tessera.errors import NotFound, RolledBack, TesseraError, Unavailable
+from tessera.errors import (
+    BadSignature,
+    NotFound,
+    RolledBack,
+    TesseraError,
+    Unavailable,
+    WrongRecipient,
+)
 from tessera.files import atomic_write
 from tessera.logs import fields
 from tessera.v1 import common_pb2 as common_pb
@@ -615,6 +622,11 @@ class EscrowWorker:
                 raise
             self._escrow.deposited(ids)
             _save_anchor(self._home, head)
+            if self.gate.state is EscrowState.CONFIRMED:
+                # Confirmed, this database had applied the whole escrow; what was just added is
+                # its own erasures: it has applied the new head too (else a restart with the
+                # broker away would take it for an older database).
+                self._escrow.set_anchor(head.size, head.chain, _now())
             self.gate.escrowed(head.size)
             done += len(items)
             log.info("escrow.deposited", extra=fields(tombstones=len(items), size=head.size))
@@ -653,6 +665,12 @@ def make_checkpoint(escrow_store: EscrowStore, home: Path, client: EscrowClient)
 
 
 def _unconfirmed_reason(store: NodeStore, home: Path, exc: TesseraError) -> str:
+    if isinstance(exc, (RolledBack, BadSignature, WrongRecipient)):
+        # The broker answered, with an escrow that does not verify: not an outage.
+        return (
+            f"the broker's escrow does not verify ({exc.message}): report it to the broker "
+            "operator; the node opens no case until it does"
+        )
     reason = f"cannot reach the broker: {exc.message}"
     applied, confirmed = EscrowStore(store).anchor().size, read_anchor_size(home)
     if applied < confirmed:

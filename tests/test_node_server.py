@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,14 @@ from node.htcds.synthetic import synthetic_records
 from node.keyring import KEYRING_FILE
 from tessera import credential, crypto, rpc
 from tessera.config import Limits
-from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from tessera.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
@@ -151,6 +160,77 @@ def test_caseworker_cannot_export_and_refusal_names_them(
         "method": "/tessera.v1.Node/ExportCases",
         "reason": "role caseworker",
     } in refusals
+
+
+def test_a_caseworker_is_refused_every_administrator_call_and_nothing_changes(
+    node: BackgroundNode, admin: NodeClient, tmp_path: Path
+) -> None:
+    case_id = admin.create_case({"prs_FirstName": "Saoirse"})["case_id"]
+    with _caseworker(node, admin, tmp_path) as ana:
+        attempts = {
+            "EraseCase": lambda: ana.erase_case(case_id, "asked"),
+            "AddStaff": lambda: ana.add_staff(
+                "Mallory", StaffRole.ADMIN, crypto.Identity.generate().public.signing_key
+            ),
+            # The client looks the name up first (ListStaff); the raw call is refused too.
+            "ListStaff": lambda: ana.remove_staff("admin"),
+            "RemoveStaff": lambda: ana._call(
+                ana._stub.RemoveStaff, node_pb.RemoveStaffRequest(staff_id="admin")
+            ),
+            "Backup": lambda: ana.backup(None),
+            "VerifyAgency": lambda: ana.verify_agency("lantern-clinic", "ABCD"),
+        }
+        for attempt in attempts.values():
+            with pytest.raises(PermissionDenied):
+                attempt()
+    refused = {r["method"] for r in _refusals(node) if r["actor"] == "staff:Ana Ruiz"}
+    assert refused >= {f"/tessera.v1.Node/{m}" for m in attempts}
+    # Nothing happened: the case is there, the staff list is as it was, no backup was written.
+    assert admin.get_case(case_id)["case_id"] == case_id
+    assert {m["name"] for m in admin.list_staff()} == {"admin", "Ana Ruiz"}
+    assert not list(node.settings.home.rglob("*.tbk"))
+
+
+def test_searches_and_exports_are_audited_by_name_with_no_survivor_data(
+    node: BackgroundNode, admin: NodeClient, tmp_path: Path
+) -> None:
+    admin.create_case({"prs_FirstName": "Saoirse", "prs_Email": "saoirse@example.org"})
+    with _caseworker(node, admin, tmp_path) as ana:
+        assert len(ana.find_cases({"prs_Email": "saoirse@example.org"})) == 1
+    exported = b"".join(chunk for chunk, _total in admin.export_cases("csv", None))
+    assert b"Saoirse" in exported
+    entries = node.running.store.audit_entries(actions=("case.search", "cases.export"))
+    assert [(e.actor, e.action) for e in entries] == [
+        ("staff:Ana Ruiz", "case.search"),
+        ("staff:admin", "cases.export"),
+    ]
+    assert entries[0].detail["matches"] == 1 and entries[1].detail["cases"] == 1
+    # The log holds who, what and how many; never the name or the address searched for.
+    for entry in entries:
+        text = json.dumps(dict(entry.detail))
+        assert "Saoirse" not in text and "saoirse@example.org" not in text
+
+
+def test_a_client_pinned_to_its_node_refuses_another_server_at_that_address(
+    node: BackgroundNode, tmp_path: Path
+) -> None:
+    # Someone answers at the node's address with another certificate (here: another real
+    # node). The credential pins the real node's certificate: the call never reaches them.
+    impostor = BackgroundNode(make_node(tmp_path / "impostor", name="Impostor Shelter"))
+    try:
+        held = credential.read(node.settings.home, unlock)
+        home = tmp_path / "misdirected"
+        credential.write(
+            home,
+            dataclasses.replace(held, node_address=impostor.address),
+            credential.PassphraseLock(CASEWORKER_PASSPHRASE, crypto.Argon2Params.TEST_CHEAP),
+        )
+        client = NodeClient(home, unlock=lambda: CASEWORKER_PASSPHRASE)
+        with client, pytest.raises(Unavailable):
+            client.status()
+        assert impostor.running.store.audit_entries(actions=("access.refused",)) == []
+    finally:
+        impostor.stop()
 
 
 def test_a_stolen_admin_credential_alone_cannot_re_lock_the_node(
