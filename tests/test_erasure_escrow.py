@@ -415,8 +415,8 @@ def test_an_escrow_served_altered_truncated_or_reordered_is_refused(
         status = client.status()
         # The node does not take this escrow as the whole truth: it opens no case, says why,
         # and the erased survivors stay erased.
-        assert status["escrow"] != "confirmed", status
-        assert "escrow does not verify" in status["escrow_detail"], status
+        assert status.escrow != "confirmed", status
+        assert "escrow does not verify" in status.escrow_detail, status
         refused = attempt(client.get_case, ids[2])
         assert isinstance(refused, TesseraError) and not isinstance(refused, NotFound), refused
         for erased in ids[:2]:
@@ -442,7 +442,7 @@ def test_a_broker_restored_from_an_older_backup_gets_every_erasure_again(site: S
     store = BrokerEscrowStore(site.broker.running.store.engine)
     assert store.tombstones(AGENCY, 0, 10)[1].size == 2
     with site.client() as client:
-        assert client.status()["escrow"] == "confirmed"
+        assert client.status().escrow == "confirmed"
         for erased in ids[:2]:
             assert isinstance(attempt(client.get_case, erased), NotFound)
 

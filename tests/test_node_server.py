@@ -165,7 +165,7 @@ def test_caseworker_cannot_export_and_refusal_names_them(
 def test_a_caseworker_is_refused_every_administrator_call_and_nothing_changes(
     node: BackgroundNode, admin: NodeClient, tmp_path: Path
 ) -> None:
-    case_id = admin.create_case({"prs_FirstName": "Saoirse"})["case_id"]
+    case_id = admin.create_case({"prs_FirstName": "Saoirse"}).case_id
     with _caseworker(node, admin, tmp_path) as ana:
         attempts = {
             "EraseCase": lambda: ana.erase_case(case_id, "asked"),
@@ -186,8 +186,8 @@ def test_a_caseworker_is_refused_every_administrator_call_and_nothing_changes(
     refused = {r["method"] for r in _refusals(node) if r["actor"] == "staff:Ana Ruiz"}
     assert refused >= {f"/tessera.v1.Node/{m}" for m in attempts}
     # Nothing happened: the case is there, the staff list is as it was, no backup was written.
-    assert admin.get_case(case_id)["case_id"] == case_id
-    assert {m["name"] for m in admin.list_staff()} == {"admin", "Ana Ruiz"}
+    assert admin.get_case(case_id).case_id == case_id
+    assert {m.name for m in admin.list_staff()} == {"admin", "Ana Ruiz"}
     assert not list(node.settings.home.rglob("*.tbk"))
 
 
