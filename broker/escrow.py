@@ -8,17 +8,16 @@ sealed by the node to itself. The broker learns how many of each an agency depos
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import grpc.aio
 from sqlalchemy import Engine
 
+from broker import serde
 from broker.service import run_blocking, utc_now
 from broker.store.escrow import MAX_PAGE, EscrowStore, Head
 from tessera import crypto, escrow, rpc
 from tessera.errors import InvalidInput
-from tessera.timestamps import to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import escrow_pb2 as escrow_pb
 from tessera.v1 import escrow_pb2_grpc as escrow_grpc
@@ -53,18 +52,9 @@ class EscrowServicer(escrow_grpc.EscrowServicer):
         agency_id = rpc.current_caller().principal
         limit = min(request.limit or _DEFAULT_PAGE, MAX_PAGE)
         rows, head = await run_blocking(self._store.tombstones, agency_id, request.since, limit)
-        entries = []
-        for row in rows:
-            entry = escrow_pb.EscrowEntry(
-                sequence=row.sequence,
-                tombstone=escrow_pb.SealedTombstone(
-                    tombstone_id=row.tombstone_id, sealed=row.sealed
-                ),
-            )
-            entry.deposited_at.CopyFrom(to_timestamp(_aware(row.deposited_at)))
-            entries.append(entry)
         return escrow_pb.ListTombstonesResponse(
-            entries=entries, head=self._signed_head(agency_id, head)
+            entries=[serde.escrow_entry_pb(row) for row in rows],
+            head=self._signed_head(agency_id, head),
         )
 
     async def Checkpoint(  # noqa: N802 - the proto's method name
@@ -93,10 +83,4 @@ class EscrowServicer(escrow_grpc.EscrowServicer):
         return escrow_pb.LatestCheckpointResponse(checkpoint=self._blob(*latest))
 
     def _blob(self, body: bytes, signature: bytes) -> common_pb.SignedBlob:
-        return common_pb.SignedBlob(
-            body=body, signature=signature, signer=self._identity.public.signing_key
-        )
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        return serde.signed_blob(body, signature, self._identity.public.signing_key)

@@ -21,6 +21,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 import tessera
+from broker import serde
 from broker.domain import AcceptedEnvelope, EnvelopePut, StoredEnvelope, StoredLogEntry
 from broker.group_commit import GroupCommitter
 from broker.store.relay import BrokerStore
@@ -136,9 +137,7 @@ class DirectoryView:
 
     def blob(self, entry: StoredLogEntry) -> common_pb.SignedBlob:
         """A stored log entry as the SignedBlob the wire carries."""
-        return common_pb.SignedBlob(
-            body=entry.body, signature=entry.signature, signer=self._identity.public.signing_key
-        )
+        return serde.signed_blob(entry.body, entry.signature, self._identity.public.signing_key)
 
     def head(self, at: StoredLogEntry | None = None) -> common_pb.SignedBlob:
         """A freshly signed head for the current size, or for the log as of entry ``at``."""
@@ -452,9 +451,7 @@ class RelayServicer(relay_grpc.RelayServicer):
                         sender=sender, kind=outcome.kind.name, error=type(outcome).__name__
                     ),
                 )
-                code, message, hint, kind = rpc.refusal_parts(outcome)
-                refusal = relay_pb.SendRefusal(code=code, message=message, hint=hint, kind=kind)
-                results.append(relay_pb.SendResult(refused=refusal))
+                results.append(serde.send_refusal(outcome))
             else:
                 raise outcome  # a transaction itself failed: the whole call fails (retry it)
         return relay_pb.SendBatchResponse(results=results)
@@ -495,13 +492,7 @@ class RelayServicer(relay_grpc.RelayServicer):
                 f"no enrolled agency {request.recipient_agency_id!r}",
                 hint="check the agency id with `tessera agency list`",
             )
-        return EnvelopePut(
-            sender_id=sender,
-            recipient_id=request.recipient_agency_id,
-            idempotency_key=request.idempotency_key,
-            consent_commitment=request.consent_commitment,
-            ciphertext=request.sealed_envelope,
-        )
+        return serde.envelope_put(sender, request)
 
     def wake(self, recipient_id: str) -> None:
         """New mail for ``recipient_id``: wake its Receive stream in this process, if any."""
@@ -510,32 +501,19 @@ class RelayServicer(relay_grpc.RelayServicer):
             event.set()
 
     def _response(self, accepted: AcceptedEnvelope) -> relay_pb.SendResponse:
-        return relay_pb.SendResponse(receipt=self._receipt(accepted), duplicate=accepted.duplicate)
+        return serde.send_response(self._receipt(accepted), accepted.duplicate)
 
     def _receipt(self, accepted: AcceptedEnvelope) -> common_pb.SignedBlob:
-        receipt = relay_pb.RelayReceipt(
-            delivery_id=accepted.envelope_id,
-            sender_agency_id=accepted.sender_id,
-            recipient_agency_id=accepted.recipient_id,
-            idempotency_key=accepted.idempotency_key,
-            envelope_digest=accepted.envelope_digest,
-            consent_commitment=accepted.consent_commitment,
-            size=accepted.size,
-            accepted_at=to_timestamp(accepted.received_at),
-        )
-        body = receipt.SerializeToString()
-        return common_pb.SignedBlob(
-            body=body,
-            signature=self._identity.sign(crypto.LABEL_RECEIPT, body),
-            signer=self._identity.public.signing_key,
-        )
+        body = serde.relay_receipt_body(accepted)
+        signature = self._identity.sign(crypto.LABEL_RECEIPT, body)
+        return serde.signed_blob(body, signature, self._identity.public.signing_key)
 
     async def Receive(
         self, request: relay_pb.ReceiveRequest, context: Context
     ) -> AsyncIterator[relay_pb.Delivery]:
         async for batch in self._leased(rpc.current_caller().principal, request):
             for envelope in batch:
-                yield _delivery(envelope)
+                yield serde.delivery_pb(envelope)
 
     async def ReceiveBatches(
         self, request: relay_pb.ReceiveRequest, context: Context
@@ -548,7 +526,7 @@ class RelayServicer(relay_grpc.RelayServicer):
                 if deliveries and size + len(envelope.ciphertext) > most:
                     yield relay_pb.DeliveryBatch(deliveries=deliveries)
                     deliveries, size = [], 0
-                deliveries.append(_delivery(envelope))
+                deliveries.append(serde.delivery_pb(envelope))
                 size += len(envelope.ciphertext)
             if deliveries:
                 yield relay_pb.DeliveryBatch(deliveries=deliveries)
@@ -643,14 +621,3 @@ class RelayServicer(relay_grpc.RelayServicer):
         return relay_pb.PurgeConsentResponse(
             purged=result.purged, already_delivered=result.already_delivered
         )
-
-
-def _delivery(envelope: StoredEnvelope) -> relay_pb.Delivery:
-    return relay_pb.Delivery(
-        delivery_id=envelope.envelope_id,
-        sender_agency_id=envelope.sender_id,
-        sealed_envelope=envelope.ciphertext,
-        received_at=to_timestamp(envelope.received_at),
-        consent_commitment=envelope.consent_commitment,
-        attempt=envelope.attempts,
-    )

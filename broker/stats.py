@@ -22,6 +22,8 @@ import grpc.aio
 from google.protobuf.duration_pb2 import Duration
 from sqlalchemy import Engine
 
+from broker import serde
+from broker.serde import MAX_CELLS, round_noise_of, spec_from_proto, spec_to_proto
 from broker.service import DirectoryView, run_blocking, utc_now
 from broker.store.stats import (
     STATE_OPEN,
@@ -43,41 +45,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 ALPHA = 0.05
 DEFAULT_ATTEMPT_TIMEOUT = dt.timedelta(days=7)
 MAX_ATTEMPT_TIMEOUT = dt.timedelta(days=90)
-MAX_CELLS = 10_000
 DEFAULT_PAGE = 100
 _PERIOD = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
 _KEY_CHARS = 128
 
 
-# --- tables: wire <-> dp ------------------------------------------------------------------------
-
-
-def spec_from_proto(table: stats_pb.TableSpec) -> dp.TableSpec:
-    """A wire TableSpec as a validated :class:`tessera.dp.TableSpec` (InvalidInput otherwise)."""
-    spec = dp.TableSpec(
-        name=table.name,
-        dimensions=tuple((d.name, tuple(d.values)) for d in table.dimensions),
-        contribution_bound=int(table.contribution_bound),
-    )
-    if spec.size > MAX_CELLS:
-        raise InvalidInput(f"a table has at most {MAX_CELLS} cells; this one has {spec.size}")
-    return spec
-
-
-def spec_to_proto(spec: dp.TableSpec) -> stats_pb.TableSpec:
-    """A :class:`tessera.dp.TableSpec` as it travels."""
-    return stats_pb.TableSpec(
-        name=spec.name,
-        dimensions=[stats_pb.TableDimension(name=n, values=list(v)) for n, v in spec.dimensions],
-        contribution_bound=spec.contribution_bound,
-    )
-
-
-def round_noise_of(body: stats_pb.Round, spec: dp.TableSpec) -> dp.RoundNoise:
-    """The noise scales of a signed round: its table, then its histogram if it has one."""
-    if not body.HasField("histogram"):
-        return dp.round_noise(spec, body.epsilon)
-    return dp.round_noise(spec, body.epsilon, int(body.histogram.bins), body.histogram.epsilon)
+# --- rounds -------------------------------------------------------------------------------------
 
 
 def round_digest(body: bytes) -> bytes:
@@ -112,7 +85,7 @@ def build_release(
     spec = spec_from_proto(body.table)
     noise = round_noise_of(body, spec)
     n = len(vectors)
-    threshold = 1 if body.mode == stats_pb.ROUND_MODE_LOCAL_NOISE else int(body.threshold)
+    threshold = 1 if serde.local_noise(body.mode) else int(body.threshold)
     totals = dp.unmask_sum(vectors)
     cells = dp.release_cells(totals[: spec.size], spec, n, threshold, noise.table_scale, ALPHA)
     epsilon, table_epsilon = dp.round_epsilon(noise, spec)
@@ -125,10 +98,7 @@ def build_release(
         region=body.region,
         period=body.period,
         mode=body.mode,
-        cells=[
-            stats_pb.ReleasedCell(coordinates=list(c), value=v, lower=lo, upper=hi)
-            for c, v, lo, hi in cells
-        ],
+        cells=serde.released_cells(cells),
         epsilon=epsilon,
         table_epsilon=table_epsilon,
         alpha=ALPHA,
@@ -147,10 +117,9 @@ def build_release(
         significance = dp.sum_accuracy(n, threshold, scale, ALPHA / noise.histogram_bins)
         dropped, suggested = dp.bound_report(histogram, significance, spec.contribution_bound)
         release.contributions.extend(
-            stats_pb.ReleasedCell(
-                coordinates=[str(m)], value=v, lower=v - accuracy, upper=v + accuracy
+            serde.released_cells(
+                [([str(m)], v, v - accuracy, v + accuracy) for m, v in enumerate(histogram, 1)]
             )
-            for m, v in enumerate(histogram, start=1)
         )
         release.contributions_accuracy = accuracy
         release.dropped_fraction = dropped
@@ -179,24 +148,10 @@ class StatsServicer(stats_grpc.StatsServicer):
         return self._store
 
     def _blob(self, body: bytes, signature: bytes) -> common_pb.SignedBlob:
-        return common_pb.SignedBlob(
-            body=body, signature=signature, signer=self._identity.public.signing_key
-        )
+        return serde.signed_blob(body, signature, self._identity.public.signing_key)
 
     def _status(self, stored: StoredRound) -> stats_pb.RoundStatus:
-        return stats_pb.RoundStatus(
-            round=self._blob(stored.body, stored.signature),
-            state=stored.state,  # type: ignore[arg-type]
-            submitted=list(stored.submitted),
-            release_id=stored.release_id or "",
-            declines=[
-                stats_pb.RoundDecline(
-                    agency_id=d.agency_id, reason=d.reason, declined_at=to_timestamp(d.declined_at)
-                )
-                for d in stored.declines
-            ],
-            cancel_reason=stored.cancel_reason or "",
-        )
+        return serde.round_status_pb(stored, self._identity.public.signing_key)
 
     def _sign_round(self, body: stats_pb.Round) -> tuple[bytes, bytes]:
         raw = body.SerializeToString()
@@ -235,7 +190,7 @@ class StatsServicer(stats_grpc.StatsServicer):
         if request.region != self._settings.region:
             raise InvalidInput(f"this broker serves region {self._settings.region!r}")
         period = check_period(request.period)
-        if request.mode not in (stats_pb.ROUND_MODE_PRIVATE, stats_pb.ROUND_MODE_LOCAL_NOISE):
+        if not serde.known_mode(request.mode):
             raise InvalidInput("the mode must be PRIVATE or LOCAL_NOISE")
         if not math.isfinite(request.epsilon) or request.epsilon <= 0:
             raise InvalidInput("epsilon must be a positive finite number")
@@ -262,7 +217,7 @@ class StatsServicer(stats_grpc.StatsServicer):
         if noise.cells > MAX_CELLS:
             raise InvalidInput(f"a round has at most {MAX_CELLS} cells; this one has {noise.cells}")
         # The accuracy must be computable for these scales before anyone spends budget on it.
-        local = request.mode == stats_pb.ROUND_MODE_LOCAL_NOISE
+        local = serde.local_noise(request.mode)
         for scale in (noise.table_scale, noise.histogram_scale):
             dp.sum_accuracy(len(participants), 1 if local else threshold, scale, ALPHA)
         now = utc_now()

@@ -56,7 +56,7 @@ def verify(
 
     with context.get(ctx).node_client() as client:
         if fingerprint is None:
-            match = [a for a in client.agencies(True) if a["agency_id"] == agency_id]
+            match = [a for a in client.agencies(True) if a.agency_id == agency_id]
             if not match:
                 raise NotFound(f"no agency {agency_id!r} in the directory")
             render_one(match[0], fmt, title="compare this fingerprint out of band")

@@ -9,13 +9,18 @@ from __future__ import annotations
 import enum
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cli import context
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+
+if TYPE_CHECKING:
+    from node.client import NodeClient
+    from node.domain import CaseView, RowOutcome
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -46,22 +51,22 @@ def _parse_fields(pairs: list[str] | None, from_json: Path | None) -> dict[str, 
     return fields
 
 
-def _client(ctx: typer.Context) -> Any:
+def _client(ctx: typer.Context) -> NodeClient:
     return context.get(ctx).node_client()
 
 
-def _show(case: dict[str, Any], fmt: OutputFormat) -> None:
+def _show(case: CaseView, fmt: OutputFormat) -> None:
     if fmt is OutputFormat.JSON:
         render_one(case, fmt)
         return
     record: dict[str, Any] = {
-        "case_id": case["case_id"],
-        "version": case["version"],
-        "state": case["state"],
-        **case["fields"],
-        "needs": [f"{n['category']}={n['status']}" for n in case["needs"]],
-        "notes": case["notes"],
-        "updated_at": case["updated_at"],
+        "case_id": case.case_id,
+        "version": case.version,
+        "state": case.state,
+        **case.fields,
+        "needs": [f"{n.category}={n.status}" for n in case.needs],
+        "notes": case.notes,
+        "updated_at": case.updated_at,
     }
     render_one(record, fmt, title="case")
 
@@ -128,7 +133,7 @@ def update(
     """
     fields = _parse_fields(field, from_json)
     with _client(ctx) as client:
-        expected = version if version is not None else client.get_case(case_id)["version"]
+        expected = version if version is not None else client.get_case(case_id).version
         _show(client.update_case(case_id, expected, fields, clear or [], notes), fmt)
 
 
@@ -160,12 +165,12 @@ def list_cases(
         )
     rows = [
         {
-            "case_id": c["case_id"],
-            "name": c["name"],
-            "state": c["state"],
-            "version": c["version"],
-            "needs": [f"{n['category']}={n['status']}" for n in c["needs"]],
-            "updated_at": c["updated_at"],
+            "case_id": c.case_id,
+            "name": c.name,
+            "state": c.state,
+            "version": c.version,
+            "needs": [f"{n.category}={n.status}" for n in c.needs],
+            "updated_at": c.updated_at,
         }
         for c in cases
     ]
@@ -202,7 +207,7 @@ def find(
     with _client(ctx) as client:
         cases = client.find_cases(identifiers)
     render(
-        [{"case_id": c["case_id"], "name": c["name"], "state": c["state"]} for c in cases],
+        [{"case_id": c.case_id, "name": c.name, "state": c.state} for c in cases],
         fmt,
         columns=["case_id", "name", "state"],
     )
@@ -239,9 +244,9 @@ def erase(
     with _client(ctx) as client:
         erased = client.erase_case(case_id, reason)
     typer.echo(f"Erased {case_id}: its data key is destroyed.")
-    if erased["same_survivor"]:
+    if erased.same_survivor:
         typer.echo(
-            f"Other cases with the same identifiers: {', '.join(erased['same_survivor'])}; "
+            f"Other cases with the same identifiers: {', '.join(erased.same_survivor)}; "
             "erase them too if they are the same survivor."
         )
 
@@ -341,26 +346,26 @@ def import_cases(
         result = client.import_cases(
             file, skip_bad_rows, progress, DuplicatePolicy(on_duplicate.value)
         )
-    for row, field_name, reason in result["problems"][:50]:
-        typer.echo(f"row {row}, {field_name or 'row'}: {reason}", err=True)
-    if len(result["problems"]) > 50:
-        typer.echo(f"... and {len(result['problems']) - 50} more problems", err=True)
-    if rejects is not None and result["rejected"]:
+    for problem in result.problems[:50]:
+        typer.echo(f"row {problem.row}, {problem.field or 'row'}: {problem.reason}", err=True)
+    if len(result.problems) > 50:
+        typer.echo(f"... and {len(result.problems) - 50} more problems", err=True)
+    if rejects is not None and result.rejected:
         from node.htcds.report import validate_file, write_rejects
 
         validated = validate_file(file)
         write_rejects(rejects, validated.header, validated.rejects())
         typer.echo(f"Refused rows written to {rejects}", err=True)
-    for outcome in result["rows"]:
+    for outcome in result.rows:
         typer.echo(_row_line(outcome))
     if report is not None:
-        _write_report(report, result["rows"])
+        _write_report(report, result.rows)
         typer.echo(f"What was done with each row written to {report}", err=True)
-    summary = f"Imported {result['imported']} case(s); {result['rejected']} row(s) refused."
-    typer.echo(f"{summary} {_matched_summary(result['rows'])}".rstrip())
-    if result["rejected"] and not skip_bad_rows:
+    summary = f"Imported {result.imported} case(s); {result.rejected} row(s) refused."
+    typer.echo(f"{summary} {_matched_summary(result.rows)}".rstrip())
+    if result.rejected and not skip_bad_rows:
         raise InvalidInput(
-            f"{file.name} has {result['rejected']} bad row(s), so nothing was imported",
+            f"{file.name} has {result.rejected} bad row(s), so nothing was imported",
             hint="fix the rows listed above, or pass --skip-bad-rows (with --rejects FILE)",
         )
 
@@ -385,7 +390,7 @@ _ROW_LINES = {
 }
 
 
-def _row_line(outcome: Any) -> str:
+def _row_line(outcome: RowOutcome) -> str:
     """One line of an import's report: what was done with the row, and why."""
     matched = ", ".join(f"case {c}" for c in outcome.matched_cases)
     if outcome.matched_row:
@@ -400,7 +405,7 @@ def _row_line(outcome: Any) -> str:
     return f"row {outcome.row}: {text}"
 
 
-def _matched_summary(rows: list[Any]) -> str:
+def _matched_summary(rows: Sequence[RowOutcome]) -> str:
     words = {
         "skipped": "skipped as duplicates",
         "updated": "updated a case",
@@ -414,7 +419,7 @@ def _matched_summary(rows: list[Any]) -> str:
     return f"Rows matched: {', '.join(parts)}." if parts else ""
 
 
-def _write_report(path: Path, rows: list[Any]) -> None:
+def _write_report(path: Path, rows: Sequence[RowOutcome]) -> None:
     import csv
     import io
 

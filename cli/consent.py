@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli import context
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+
+if TYPE_CHECKING:
+    from node.client import NodeClient
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -23,12 +26,8 @@ class Method(enum.StrEnum):
     ELECTRONIC = "electronic"
 
 
-def _client(ctx: typer.Context) -> Any:
+def _client(ctx: typer.Context) -> NodeClient:
     return context.get(ctx).node_client()
-
-
-def _shown(consent: dict[str, Any]) -> dict[str, Any]:
-    return {**consent, "purpose": consent["purpose"].value}
 
 
 @app.command("grant")
@@ -64,7 +63,7 @@ def grant(
         raise InvalidInput(f"--expires {expires!r} is not a date (YYYY-MM-DD)") from None
     with _client(ctx) as client:
         consent = client.grant_consent(case_id, to, _category(purpose), share, expiry, method.value)
-    render_one(_shown(consent), fmt, title="consent recorded")
+    render_one(consent, fmt, title="consent recorded")
 
 
 @app.command("list")
@@ -80,7 +79,7 @@ def list_consents(
       tessera consent list 7c9e6679-7425-40de-944b-e07fc1f90ae7
     """
     with _client(ctx) as client:
-        rows = [_shown(c) for c in client.consents(case_id)]
+        rows = client.consents(case_id)
     render(rows, fmt, columns=_COLUMNS, title=f"consents for {case_id}")
 
 
@@ -99,4 +98,4 @@ def revoke(
     """
     with _client(ctx) as client:
         consent = client.revoke_consent(consent_id)
-    render_one(_shown(consent), fmt, title="consent revoked")
+    render_one(consent, fmt, title="consent revoked")

@@ -185,7 +185,7 @@ def _make_agency(directory: Path, broker_home: Path, agency: Agency) -> Path:
 
 def _verify_fingerprints(clients: dict[str, NodeClient]) -> None:
     step("Administrators compare fingerprints out of band and mark each other verified")
-    prints = {agency_id: client.status()["fingerprint"] for agency_id, client in clients.items()}
+    prints = {agency_id: client.status().fingerprint for agency_id, client in clients.items()}
     for agency_id, client in clients.items():
         for other, fingerprint in prints.items():
             if other != agency_id:
@@ -204,14 +204,16 @@ def _walk_through(
         spreadsheet = directory / f"{agency_id}-intake.xlsx"
         write_xlsx(spreadsheet, records)
         step(f"{agency_id}: importing {cases} synthetic HTCDS cases (fictional people)")
-        imported[agency_id] = client.import_cases(spreadsheet, False, lambda *_p: None)["case_ids"]
+        imported[agency_id] = list(
+            client.import_cases(spreadsheet, False, lambda *_p: None).case_ids
+        )
         spreadsheet.unlink()  # the demo leaves no plaintext survivor data outside the stores
     _record_needs(clients, imported)
 
     target = records_by_agency["harbour-shelter"][0]
     case_id = shelter.find_cases(
         {"prs_FirstName": target["prs_FirstName"], "prs_SecondName": target["prs_SecondName"]}
-    )[0]["case_id"]
+    )[0].case_id
     step(f"harbour-shelter: found case {case_id} through the keyed blind index")
     shelter.set_need(case_id, NeedCategory.MEDICAL, NeedStatus.IDENTIFIED)
     step(
@@ -228,29 +230,29 @@ def _walk_through(
     )
     step("Sending the referral: only consented fields, signed, sealed to the clinic's key")
     referral = shelter.send_referral(
-        case_id, "lantern-clinic", NeedCategory.MEDICAL, consent_id=consent["consent_id"]
+        case_id, "lantern-clinic", NeedCategory.MEDICAL, consent_id=consent.consent_id
     )
     incoming = _wait_for(lambda: next(iter(clinic.inbox()), None), "the referral to arrive")
-    shown = clinic.show_referral(incoming["referral_id"])
+    shown = clinic.show_referral(incoming.referral_id)
     console.print(
-        f"  the clinic received {len(shown['fields'])} field(s): "
-        f"{', '.join(sorted(shown['fields']))} (nothing else left the shelter)"
+        f"  the clinic received {len(shown.fields)} field(s): "
+        f"{', '.join(sorted(shown.fields))} (nothing else left the shelter)"
     )
     step("Lantern Clinic accepts; the status travels back end-to-end encrypted")
-    clinic.answer_referral(incoming["referral_id"], "accept")
+    clinic.answer_referral(incoming.referral_id, "accept")
     _wait_for(
         lambda: next(
             (
                 r
                 for r in shelter.referrals("outgoing")
-                if r["referral_id"] == referral["referral_id"] and r["state"] == "accepted"
+                if r.referral_id == referral.referral_id and r.state == "accepted"
             ),
             None,
         ),
         "the acceptance",
     )
-    need = next(n for n in shelter.get_case(case_id)["needs"] if n["category"] == "medical")
-    console.print(f"  at the shelter the medical need is now '{need['status']}'")
+    need = next(n for n in shelter.get_case(case_id).needs if n.category == "medical")
+    console.print(f"  at the shelter the medical need is now '{need.status}'")
     disclosures = shelter.disclosures(case_id)
     console.print(
         f"  accounting of disclosures for the case: {len(disclosures)} entr"
@@ -308,11 +310,10 @@ def _node_operations(
     step(f"Erasing case {erased} by destroying its data key (crypto-shredding)")
     shelter.erase_case(erased, "survivor asked")
     made = shelter.backup(None)
-    step(f"Encrypted backup written: {Path(made['path']).name} ({made['size']:,} bytes)")
+    step(f"Encrypted backup written: {Path(made.path).name} ({made.size:,} bytes)")
     report = shelter.verify_audit()
     step(
-        f"Audit log verified: {report['entries']} signed, hash-chained entries, "
-        f"intact={report['intact']}"
+        f"Audit log verified: {report.entries} signed, hash-chained entries, intact={report.intact}"
     )
     unmet = sum(
         len(c.list_cases(None, None, NeedStatus.UNMET, False, 1000)) for c in clients.values()
@@ -367,7 +368,7 @@ def _compare_with_truth(release: Any, clients: dict[str, NodeClient]) -> None:
     for client in clients.values():
         # Every need in the demo was recorded during this run, so in the release's period.
         for case in client.list_cases(None, None, None, False, 100_000):
-            held.update((need["category"], need["status"]) for need in case["needs"])
+            held.update((need.category, need.status) for need in case.needs)
     truth = [held[(c.coordinates[0], c.coordinates[1])] for c in release.cells]
     covered = sum(c.lower <= t <= c.upper for c, t in zip(release.cells, truth, strict=True))
     unmet = [

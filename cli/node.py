@@ -408,7 +408,7 @@ def staff_add(
         lock,
     )
     typer.echo(
-        f"{member['name']} ({member['role']}) can now use the node with --home {out_home.resolve()}"
+        f"{member.name} ({member.role}) can now use the node with --home {out_home.resolve()}"
     )
 
 
@@ -422,7 +422,7 @@ def staff_remove(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> 
     """
     with context.get(ctx).node_client() as client:
         member = client.remove_staff(name)
-    typer.echo(f"Removed {member['name']}.")
+    typer.echo(f"Removed {member.name}.")
 
 
 @staff_app.command("list")
@@ -484,9 +484,9 @@ def audit_verify(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
         report = client.verify_audit()
     render_one(report, fmt, title="audit log")
     if fmt is OutputFormat.TABLE:
-        for note in report["notes"]:
+        for note in report.notes:
             typer.echo(f"note: {note}", err=True)
-    if not report["intact"]:
+    if not report.intact:
         raise CryptoError(
             "the audit log was tampered with",
             hint="see the problems above; restore from a backup and investigate",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,12 +11,15 @@ from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
 from node.referrals.model import ANSWERS, Answer, ReferralStatus  # light: no crypto, no protobuf
 from node.referrals.model import DeclineReason as Reason
 
+if TYPE_CHECKING:
+    from node.client import NodeClient
+
 app = typer.Typer(no_args_is_help=True)
 
 _COLUMNS = ["referral_id", "direction", "agency", "need", "state", "decline_reason", "waiting"]
 
 
-def _client(ctx: typer.Context) -> Any:
+def _client(ctx: typer.Context) -> NodeClient:
     return context.get(ctx).node_client()
 
 

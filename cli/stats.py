@@ -19,7 +19,7 @@ import typer
 
 from cli import context, stats_rounds
 from cli.dashboard import command as dashboard_command
-from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+from cli.output import FORMAT_OPTION, OutputFormat, record, render, render_one
 from cli.stats_client import StatsClient
 from cli.stats_render import (
     CATEGORY_DIMENSION,
@@ -67,15 +67,15 @@ def budget(
     with context.get(ctx).node_client() as client:
         periods = client.budget(period)
     if fmt is OutputFormat.JSON:
-        sys.stdout.write(json.dumps(periods, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps([record(p) for p in periods], indent=2, default=str) + "\n")
         return
     render(
-        [{k: v for k, v in p.items() if k != "charges"} for p in periods],
+        [{k: v for k, v in record(p).items() if k != "charges"} for p in periods],
         fmt,
         columns=["period", "cap", "spent", "remaining"],
         title="privacy budget",
     )
-    charges = [{"period": p["period"], **c} for p in periods for c in p["charges"]]
+    charges = [{"period": p.period, **record(c)} for p in periods for c in p.charges]
     if charges and fmt is OutputFormat.TABLE:
         render(charges, fmt, title="charges (one per submitted share)")
 
@@ -116,7 +116,6 @@ def open_round(
       tessera stats round open --period 2026-10 --epsilon 0.5 \\
         --participants harbour-shelter,lighthouse-clinic,northside-legal
     """
-    from node import stats
     from tessera import dp
     from tessera.errors import InvalidInput
 
@@ -124,11 +123,13 @@ def open_round(
         raise InvalidInput(f"unknown table {table!r}", hint=f"choose one of {', '.join(_TABLES)}")
     if bound < 0 or threshold < 0:
         raise InvalidInput("--bound and --threshold take 0 (the broker's choice) or more")
-    spec = stats.spec_to_pb(dp.default_needs_table())
-    spec.contribution_bound = bound  # 0 asks the broker to size it
+    spec = dp.default_needs_table()
     chosen = [p.strip() for p in participants.split(",") if p.strip()]
     with StatsClient(context.get(ctx).home) as client:
-        opened = client.open_round(spec, region, period, chosen, threshold, epsilon, local_noise)
+        # A bound of 0 asks the broker to size it.
+        opened = client.open_round(
+            spec, region, period, chosen, threshold, epsilon, local_noise, bound=bound
+        )
     render_one(opened, fmt, title="round opened")
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli.stats_render import mode_name
+
+if TYPE_CHECKING:
+    from tessera import dp
 
 __all__ = ["StatsClient", "open_signed"]
 
@@ -59,24 +62,31 @@ class StatsClient:
 
     def open_round(
         self,
-        table: Any,
+        table: dp.TableSpec,
         region: str,
         period: str,
         participants: list[str],
         threshold: int,
         epsilon: float,
         local_noise: bool,
+        bound: int | None = None,
     ) -> dict[str, Any]:
+        """Open a round over ``table``; ``bound`` replaces its contribution bound (0: the
+        broker sizes it), None keeps it."""
+        from broker import serde
         from tessera import crypto
         from tessera.v1 import stats_pb2 as stats_pb
 
+        spec = serde.spec_to_proto(table)
+        if bound is not None:
+            spec.contribution_bound = bound
         request = stats_pb.OpenRoundRequest(
-            table=table,
+            table=spec,
             region=region or self.info().region,
             period=period,
             participants=sorted(participants, key=str.encode),
             threshold=threshold,
-            mode=stats_pb.ROUND_MODE_LOCAL_NOISE if local_noise else stats_pb.ROUND_MODE_PRIVATE,
+            mode=serde.round_mode_pb(local_noise),
             epsilon=epsilon,
             idempotency_key=str(uuid.uuid4()),
         )

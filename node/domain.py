@@ -212,3 +212,170 @@ class RowOutcome:
     def __post_init__(self) -> None:
         if (self.action is RowAction.ADDED) != (self.match is None):
             raise InvalidInput(f"row {self.row}: only an added row matched nothing")
+
+
+# --- what the node shows its staff ----------------------------------------------------------------
+# The answers node.client gives the CLI, converted from the wire by node.serde. Each field is a
+# column the CLI prints under that name (cli.output renders these in field order), so a field's
+# name and order are part of the CLI's output.
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """Who and where the node is, its escrow and checkpoint, and the caller's role."""
+
+    name: str
+    region: str
+    version: str
+    address: str
+    fingerprint: str
+    storage: str
+    open_cases: int
+    you: str
+    your_role: StaffRole
+    escrow: str  # a node.escrow.EscrowState code
+    escrow_detail: str
+    escrowed_tombstones: int
+    tombstones_waiting: int
+    escrow_confirmed_at: dt.datetime | None
+    last_checkpoint_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class StaffView:
+    """A staff member as `tessera node staff list` shows them (no key)."""
+
+    staff_id: str
+    name: str
+    role: StaffRole
+    added_at: dt.datetime
+    removed_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class AuditCheck:
+    """The node's verdict on its audit chain; ``checkpoint`` describes the broker checkpoint
+    it was checked against ("none" if there is none)."""
+
+    intact: bool
+    entries: int
+    problems: tuple[str, ...]
+    checkpoint: str
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit entry as `tessera node audit show` prints it; ``detail`` is its JSON text."""
+
+    seq: int
+    at: dt.datetime
+    actor: str
+    action: str
+    case_id: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class BackupMade:
+    """A backup written on the node's host."""
+
+    path: str
+    size: int
+    digest: str  # hex
+
+
+@dataclass(frozen=True)
+class NeedView:
+    """One need of a case as staff see it; ``since`` is the date (ISO) its status was set."""
+
+    category: NeedCategory
+    status: NeedStatus
+    since: str
+
+
+@dataclass(frozen=True)
+class CaseView:
+    """A case as the node sent it: every field (a read), only the names asked for (a list), or
+    none; ``name`` is the display name the node sends with a list."""
+
+    case_id: str
+    version: int
+    state: CaseState
+    name: str
+    fields: Mapping[str, str]
+    notes: str
+    needs: tuple[NeedView, ...]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+
+
+@dataclass(frozen=True)
+class ErasedCase:
+    """A crypto-shredded case, and the cases with the same survivor identifiers."""
+
+    case_id: str
+    erased_at: dt.datetime
+    same_survivor: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import did: counts, the refused rows' problems, the cases made, every row."""
+
+    imported: int
+    rejected: int
+    problems: tuple[RowError, ...]
+    case_ids: tuple[str, ...]
+    rows: tuple[RowOutcome, ...]
+
+
+@dataclass(frozen=True)
+class AgencyView:
+    """An agency of the node's verified directory."""
+
+    agency_id: str
+    name: str
+    region: str
+    services: tuple[NeedCategory, ...]
+    fingerprint: str
+    verified: bool
+    revoked: bool
+
+
+@dataclass(frozen=True)
+class BudgetCharge:
+    """One charge against the privacy budget: one submitted share."""
+
+    round_id: str
+    attempt: int
+    table: str
+    epsilon: float
+    charged_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class BudgetPeriod:
+    """The privacy budget of one period, with every charge."""
+
+    period: str
+    cap: float
+    spent: float
+    remaining: float
+    charges: tuple[BudgetCharge, ...]
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """One disclosure about a survivor (the accounting of disclosures). ``event`` and
+    ``purpose`` are the wire enum names (DISCLOSURE_EVENT_..., NEED_CATEGORY_...)."""
+
+    at: dt.datetime
+    event: str
+    recipient: str
+    purpose: str
+    fields: tuple[str, ...]
+    by: str

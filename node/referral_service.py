@@ -85,14 +85,9 @@ class ReferralService(node_grpc.NodeServicer):
     async def SendReferral(  # noqa: N802 - the proto's method name
         self, request: node_pb.SendReferralRequest, context: Context
     ) -> node_pb.SendReferralResponse:
-        consent_id = request.consent_id.strip()
-        if not consent_id:
-            raise InvalidInput(
-                "a referral is sent under a consent", hint="`tessera consent list CASE`"
-            )
         send = SendRequest(
             case_id=_case_id(request.case_id),
-            consent_id=consent_id,
+            consent_id=request.consent_id.strip(),  # empty: the node picks the active one
             recipient_id=_agency_id(request.recipient_agency_id),
             need=serde.need_category(request.need),
             fields=tuple(_field_names(request.fields)),

@@ -117,11 +117,9 @@ class Site:
         self.records = synthetic_records(count, seed)
         with self.client() as client:
             return [
-                str(
-                    client.create_case(r, "note", [(NeedCategory.SAFE_HOUSING, NeedStatus.UNMET)])[
-                        "case_id"
-                    ]
-                )
+                client.create_case(
+                    r, "note", [(NeedCategory.SAFE_HOUSING, NeedStatus.UNMET)]
+                ).case_id
                 for r in self.records
             ]
 

@@ -65,9 +65,9 @@ def _refer(client: NodeClient, case_id: str) -> str:
         case_id, CLINIC, NeedCategory.MEDICAL, ("identity",), NEXT_YEAR, "verbal"
     )
     sent = client.send_referral(
-        case_id, CLINIC, NeedCategory.MEDICAL, consent_id=consent["consent_id"]
+        case_id, CLINIC, NeedCategory.MEDICAL, consent_id=consent.consent_id
     )
-    return str(sent["referral_id"])
+    return str(sent.referral_id)
 
 
 def _staff_home(site: Site, name: str, role: StaffRole, folder: Path) -> Path:
@@ -98,7 +98,7 @@ def test_disclosures_made_after_the_backup_outlive_its_restore(site: Site) -> No
                     {"prs_FirstName": "Mirelka", "prs_SecondName": "Dovanto"},
                     "",
                     [(NeedCategory.MEDICAL, NeedStatus.IDENTIFIED)],
-                )["case_id"]
+                ).case_id
             )
             made = client.backup(None)
             # After the backup: the survivor's data goes to the clinic.
@@ -106,7 +106,7 @@ def test_disclosures_made_after_the_backup_outlive_its_restore(site: Site) -> No
             wait_for(
                 lambda: (
                     "DISCLOSURE_EVENT_REFERRAL_DELIVERED"
-                    in {d["event"] for d in client.disclosures(case_id)}
+                    in {d.event for d in client.disclosures(case_id)}
                 ),
                 "the delivery",
             )
@@ -114,7 +114,7 @@ def test_disclosures_made_after_the_backup_outlive_its_restore(site: Site) -> No
         site.stop()
         engine = open_database(site.url)
         try:
-            restore_backup(site.home, engine, Path(made["path"]), PASSPHRASE)
+            restore_backup(site.home, engine, Path(made.path), PASSPHRASE)
         finally:
             engine.dispose()
         site.start()
@@ -124,14 +124,14 @@ def test_disclosures_made_after_the_backup_outlive_its_restore(site: Site) -> No
             # of disclosures kept every entry made after it.
             assert client.disclosures(case_id) == before
             shown = client.audit_entries(case_id=case_id)
-            assert {"referral.sent", "referral.delivered"} <= {e["action"] for e in shown}
-            assert any(referral_id in e["detail"] for e in shown)
+            assert {"referral.sent", "referral.delivered"} <= {e.action for e in shown}
+            assert any(referral_id in e.detail for e in shown)
             restored = client.audit_entries(actions=["node.restored"])
-            assert len(restored) == 1 and restored[0]["actor"] == "system:restore"
-            assert restored[0]["seq"] > max(e["seq"] for e in shown)
+            assert len(restored) == 1 and restored[0].actor == "system:restore"
+            assert restored[0].seq > max(e.seq for e in shown)
             report = client.verify_audit()
-        assert report["intact"], report["problems"]
-        assert report["checkpoint"] != "none"
+        assert report.intact, report.problems
+        assert report.checkpoint != "none"
     finally:
         clinic.stop()
 
@@ -149,8 +149,8 @@ def test_a_log_truncated_behind_its_checkpoint_is_reported_naming_the_checkpoint
     checkpoint = broker_store.latest_checkpoint(AGENCY)
     assert checkpoint is not None
     with site.client() as client:
-        assert client.verify_audit()["intact"]
-        number = int(client.verify_audit()["checkpoint"].split()[0].lstrip("#"))
+        assert client.verify_audit().intact
+        number = int(client.verify_audit().checkpoint.split()[0].lstrip("#"))
     site.stop()
 
     # Someone with the database drops the newest entries, the head row and the home's copy.
@@ -164,10 +164,10 @@ def test_a_log_truncated_behind_its_checkpoint_is_reported_naming_the_checkpoint
 
     with site.client() as client:
         report = client.verify_audit()
-        assert client.status()["escrow"] == "rolled_back"
-    assert not report["intact"]
-    named = [p for p in report["problems"] if f"broker checkpoint #{number}" in p]
-    assert named and "rolled back" in named[0], report["problems"]
+        assert client.status().escrow == "rolled_back"
+    assert not report.intact
+    named = [p for p in report.problems if f"broker checkpoint #{number}" in p]
+    assert named and "rolled back" in named[0], report.problems
     # The evidence at the broker was not overwritten by the rewound log.
     site.worker.step()
     assert broker_store.latest_checkpoint(AGENCY) == checkpoint
@@ -188,11 +188,11 @@ def test_a_log_rewound_under_the_running_node_is_caught_and_not_checkpointed(
 
     site.worker.step()
     with site.client() as client:
-        assert client.status()["escrow"] == "rolled_back"
+        assert client.status().escrow == "rolled_back"
         refused = attempt(client.list_cases, None, None, None, False, 10)
         assert refused.kind is ErrorKind.INTEGRITY, refused
         report = client.verify_audit()
-    assert not report["intact"]
+    assert not report.intact
     assert BrokerEscrowStore(site.broker.running.store.engine).latest_checkpoint(AGENCY) == (
         checkpoint
     )
@@ -211,13 +211,13 @@ def test_audit_show_says_who_opened_a_case_and_when_for_administrators_only(
         assert isinstance(refused, PermissionDenied), refused
     with site.client() as admin:
         opened = admin.audit_entries(case_id=ids[0], actions=["case.read"])
-        assert [(e["actor"], e["case_id"]) for e in opened] == [("staff:Ana Ruiz", ids[0])]
-        assert opened[0]["at"] >= started
-        assert {e["case_id"] for e in admin.audit_entries(actor="Ana Ruiz")} >= set(ids)
+        assert [(e.actor, e.case_id) for e in opened] == [("staff:Ana Ruiz", ids[0])]
+        assert opened[0].at >= started
+        assert {e.case_id for e in admin.audit_entries(actor="Ana Ruiz")} >= set(ids)
         assert admin.audit_entries(since=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)) == []
         everything = admin.audit_entries()
-        assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
+        assert [e.seq for e in everything] == sorted(e.seq for e in everything)
         assert len(admin.audit_entries(limit=3)) == 3
         # No survivor field is ever in an entry.
         for record in site.records:
-            assert not any(record["prs_Email"] in e["detail"] for e in everything)
+            assert not any(record["prs_Email"] in e.detail for e in everything)

@@ -34,7 +34,7 @@ def node(tmp_path: Path) -> Iterator[BackgroundNode]:
 
 def _backup(node: BackgroundNode, destination: Path | None) -> Path:
     with NodeClient(node.settings.home, unlock=unlock) as client:
-        return Path(client.backup(destination)["path"])
+        return Path(client.backup(destination).path)
 
 
 def test_backups_land_under_the_configured_root(node: BackgroundNode, tmp_path: Path) -> None:

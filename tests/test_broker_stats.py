@@ -16,7 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.stats import StatsClient, round_digest, round_noise_of, spec_from_proto
+from broker.serde import round_noise_of, spec_from_proto
+from broker.stats import StatsClient, round_digest
 from node import directory_sync
 from tessera import crypto, dp, rpc
 from tessera.config import Limits

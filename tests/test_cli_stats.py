@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from broker.stats import spec_to_proto
+from broker.serde import spec_to_proto
 from cli import stats_render
 from cli.main import app
 from tessera import crypto

@@ -124,7 +124,7 @@ def test_a_period_with_any_refused_release_is_refused_whole() -> None:
 
 def test_bars_and_heat_levels_follow_the_clamping_rule() -> None:
     broker = crypto.Identity(os.urandom(32))
-    from broker.stats import spec_to_proto
+    from broker.serde import spec_to_proto
     from tests.test_broker_stats import SMALL
 
     release = a_release("neg", "2026-10")

@@ -83,10 +83,10 @@ def _kept(site: Site, kept: dict[str, dict[str, str]]) -> None:
     """Every other survivor is there, with their fields, and findable."""
     with site.client() as client:
         for case_id, record in kept.items():
-            assert client.get_case(case_id)["fields"] == record
-            assert [
-                c["case_id"] for c in client.find_cases({"prs_Email": record["prs_Email"]})
-            ] == [case_id]
+            assert client.get_case(case_id).fields == record
+            assert [c.case_id for c in client.find_cases({"prs_Email": record["prs_Email"]})] == [
+                case_id
+            ]
     assert site.node is not None
     counted = {row[0] for row in BudgetStore(site.node.running.store).need_rows()}
     assert set(kept) <= counted
@@ -122,7 +122,7 @@ def test_a_node_escrows_each_erasure_and_removal_sealed_and_the_broker_learns_on
     assert site.records[0]["prs_Email"].encode() not in broker_db
     # Depositing again (a retry, or after a restore) keeps one copy.
     with site.client() as client:
-        assert client.status()["escrowed_tombstones"] == 2
+        assert client.status().escrowed_tombstones == 2
     assert site.node is not None
     site.node.running.store.reapply_erasures("test", [ids[0]])
     site.sql("DELETE FROM erasure")
@@ -148,7 +148,7 @@ def test_an_erasure_survives_restoring_last_nights_home_and_backup(
     assert isinstance(site.call_as(leaving), Unauthenticated)
     site.stop()
     backup_file = tmp_path / "offsite.tbk"  # kept off the machine
-    shutil.copy2(made["path"], backup_file)
+    shutil.copy2(made.path, backup_file)
     put_home_back(site, tmp_path / "host-copy")
     ledger = site.home / "ledger.log"
     assert not ledger.exists() or ids[0] not in ledger.read_text()  # last night's ledger
@@ -164,9 +164,9 @@ def test_an_erasure_survives_restoring_last_nights_home_and_backup(
     _kept(site, dict(zip(ids[1:], site.records[1:], strict=True)))
     assert isinstance(site.call_as(leaving), Unauthenticated)
     with site.client() as client:
-        assert client.status()["escrow"] == "confirmed"
+        assert client.status().escrow == "confirmed"
         report = client.verify_audit()
-    assert report["intact"], report["problems"]
+    assert report.intact, report.problems
 
 
 def test_an_older_database_put_back_is_refused_until_accepted_and_the_erasure_holds(
@@ -188,8 +188,8 @@ def test_an_older_database_put_back_is_refused_until_accepted_and_the_erasure_ho
     assert isinstance(site.call_as(leaving), Unauthenticated)
     with site.client() as client:
         status = client.status()
-        assert status["escrow"] == "rolled_back"
-        assert "older" in status["escrow_detail"]
+        assert status.escrow == "rolled_back"
+        assert "older" in status.escrow_detail
         # The node opens no case of a database older than what it last recorded.
         refused = attempt(client.get_case, ids[1])
         assert isinstance(refused, TesseraError) and refused.kind is ErrorKind.INTEGRITY, refused
@@ -201,7 +201,7 @@ def test_an_older_database_put_back_is_refused_until_accepted_and_the_erasure_ho
     site.stop()
     engine = open_database(site.url)
     try:
-        restore_backup(site.home, engine, Path(made["path"]), PASSPHRASE)
+        restore_backup(site.home, engine, Path(made.path), PASSPHRASE)
     finally:
         engine.dispose()
     site.start()
@@ -210,10 +210,10 @@ def test_an_older_database_put_back_is_refused_until_accepted_and_the_erasure_ho
     _kept(site, dict(zip(ids[1:], site.records[1:], strict=True)))
     assert isinstance(site.call_as(leaving), Unauthenticated)
     with site.client() as client:
-        assert client.status()["escrow"] == "confirmed"
+        assert client.status().escrow == "confirmed"
         report = client.verify_audit()
-    assert report["intact"], report["problems"]
-    assert any("restore went back behind" in n for n in report["notes"])
+    assert report.intact, report.problems
+    assert any("restore went back behind" in n for n in report.notes)
 
 
 def test_a_host_rebuilt_from_a_backup_on_an_empty_machine_keeps_the_erasure(
@@ -224,7 +224,7 @@ def test_a_host_rebuilt_from_a_backup_on_an_empty_machine_keeps_the_erasure(
     with site.client() as client:
         made = client.backup(None)
     offsite = tmp_path / "offsite.tbk"
-    shutil.copy2(made["path"], offsite)
+    shutil.copy2(made.path, offsite)
     _morning(site, ids[0], "Leaving Soon")
     admin = credential.read(site.home, unlock)
     site.stop()
@@ -278,8 +278,8 @@ def test_a_node_that_cannot_reach_its_broker_at_start_opens_no_case_until_it_can
         site.start()
         with site.client() as client:
             status = client.status()
-            assert status["escrow"] == "unconfirmed"
-            assert "cannot reach the broker" in status["escrow_detail"]
+            assert status.escrow == "unconfirmed"
+            assert "cannot reach the broker" in status.escrow_detail
             refused = attempt(client.get_case, ids[0])
             assert isinstance(refused, Unavailable), refused
             assert "opens no case" in refused.message
@@ -292,8 +292,8 @@ def test_a_node_that_cannot_reach_its_broker_at_start_opens_no_case_until_it_can
         site.start_broker(on_port(broker_settings, broker_address))
         step_until_it_works(site)
         with site.client() as client:
-            assert client.status()["escrow"] == "confirmed"
-            assert client.get_case(ids[0])["fields"] == site.records[0]
+            assert client.status().escrow == "confirmed"
+            assert client.get_case(ids[0]).fields == site.records[0]
             assert isinstance(attempt(client.get_case, ids[1]), NotFound)
     finally:
         site.stop()
@@ -316,7 +316,7 @@ def test_an_erasure_made_while_the_broker_is_down_is_kept_and_escrowed_later(
         assert isinstance(attempt(site.worker.step), Unavailable)
         assert site.sql("SELECT count(*) FROM escrow_outbox") == [(1,)]
         with site.client() as client:
-            assert client.status()["tombstones_waiting"] == 1
+            assert client.status().tombstones_waiting == 1
         site.stop()  # a restart in between loses nothing
         site.start_broker(on_port(broker_settings, broker_address))
         site.start()
@@ -331,7 +331,7 @@ def test_an_erasure_made_while_the_broker_is_down_is_kept_and_escrowed_later(
         (site.home / "ledger.log").unlink()
         engine = open_database(site.url)
         try:
-            restore_backup(site.home, engine, Path(made["path"]), PASSPHRASE)
+            restore_backup(site.home, engine, Path(made.path), PASSPHRASE)
         finally:
             engine.dispose()
         site.start()
@@ -356,7 +356,7 @@ def test_a_restore_of_an_enrolled_node_needs_its_broker_and_changes_nothing_with
     engine = open_database(site.url)
     try:
         with pytest.raises(Unavailable, match="nothing was restored"):
-            restore_backup(site.home, engine, Path(made["path"]), PASSPHRASE)
+            restore_backup(site.home, engine, Path(made.path), PASSPHRASE)
     finally:
         engine.dispose()
     assert site.sql("SELECT case_id, version FROM case_record ORDER BY case_id") == before
@@ -415,8 +415,8 @@ def test_an_escrow_served_altered_truncated_or_reordered_is_refused(
         status = client.status()
         # The node does not take this escrow as the whole truth: it opens no case, says why,
         # and the erased survivors stay erased.
-        assert status["escrow"] != "confirmed", status
-        assert "escrow does not verify" in status["escrow_detail"], status
+        assert status.escrow != "confirmed", status
+        assert "escrow does not verify" in status.escrow_detail, status
         refused = attempt(client.get_case, ids[2])
         assert isinstance(refused, TesseraError) and not isinstance(refused, NotFound), refused
         for erased in ids[:2]:
@@ -442,7 +442,7 @@ def test_a_broker_restored_from_an_older_backup_gets_every_erasure_again(site: S
     store = BrokerEscrowStore(site.broker.running.store.engine)
     assert store.tombstones(AGENCY, 0, 10)[1].size == 2
     with site.client() as client:
-        assert client.status()["escrow"] == "confirmed"
+        assert client.status().escrow == "confirmed"
         for erased in ids[:2]:
             assert isinstance(attempt(client.get_case, erased), NotFound)
 

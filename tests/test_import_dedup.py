@@ -27,7 +27,7 @@ import pytest
 
 from node.client import NodeClient
 from node.dedup import Identity, adds_nothing, same_survivor
-from node.domain import DuplicatePolicy, MatchRule, RowAction, RowOutcome
+from node.domain import DuplicatePolicy, ImportReport, MatchRule, RowAction, RowOutcome
 from node.htcds.csv_format import write_csv
 from node.htcds.synthetic import synthetic_records
 from node.store import imports
@@ -66,14 +66,12 @@ def _count(node: BackgroundNode) -> int:
 
 def _import(
     admin: NodeClient, path: Path, policy: DuplicatePolicy = DuplicatePolicy.SKIP
-) -> dict[str, object]:
+) -> ImportReport:
     return admin.import_cases(path, False, lambda *_p: None, policy)
 
 
-def _rows(result: Mapping[str, object]) -> list[RowOutcome]:
-    rows = result["rows"]
-    assert isinstance(rows, list)
-    return rows
+def _rows(result: ImportReport) -> list[RowOutcome]:
+    return list(result.rows)
 
 
 def _filled_template(path: Path, records: Sequence[Mapping[str, str]]) -> Path:
@@ -134,14 +132,14 @@ def test_the_same_spreadsheet_imported_twice_adds_nobody_twice(
     records = _intake(12, seed=31)
     xlsx = _filled_template(tmp_path / "intake.xlsx", records)
     first = _import(admin, xlsx)
-    assert first["imported"] == 12
+    assert first.imported == 12
     assert [o.action for o in _rows(first)] == [RowAction.ADDED] * 12
     assert [o.row for o in _rows(first)] == list(range(3, 15))  # the template's sheet rows
-    ids = first["case_ids"]
+    ids = first.case_ids
 
     again = _import(admin, xlsx)
     assert _count(node) == 12
-    assert again["imported"] == 0 and again["case_ids"] == []
+    assert again.imported == 0 and again.case_ids == ()
     assert [(o.action, o.case_id, o.matched_cases) for o in _rows(again)] == [
         (RowAction.SKIPPED, case_id, (case_id,)) for case_id in ids
     ]
@@ -181,7 +179,7 @@ def test_the_same_csv_imported_twice_adds_nobody_twice(
     again = _import(admin, source)
     assert _count(node) == 25
     assert [o.action for o in _rows(again)] == [RowAction.SKIPPED] * 25
-    assert [o.case_id for o in _rows(again)] == first["case_ids"]
+    assert tuple(o.case_id for o in _rows(again)) == first.case_ids
 
 
 # --- (2) the node's own export ----------------------------------------------------------------
@@ -192,8 +190,8 @@ def test_an_export_imported_back_adds_nothing_and_an_edited_cell_updates_one_cas
 ) -> None:
     source = tmp_path / "intake.csv"
     write_csv(source, synthetic_records(10, seed=8))
-    ids = _import(admin, source)["case_ids"]
-    assert isinstance(ids, list)
+    ids = _import(admin, source).case_ids
+    assert isinstance(ids, tuple)
     # What the file does not carry must survive an update from it: notes and needs.
     noted = admin.update_case(ids[3], 1, {}, [], "moved to the north shelter")
     admin.set_need(ids[3], NeedCategory.LEGAL_CIVIL, NeedStatus.UNMET)
@@ -214,7 +212,7 @@ def test_an_export_imported_back_adds_nothing_and_an_edited_cell_updates_one_cas
     )  # the tessera_case_id column is last
     _edit_csv(exported, target_row, "prs_MailingCity", "Velmor Harbour")
     updated = _import(admin, exported, DuplicatePolicy.UPDATE)
-    assert _count(node) == 10 and updated["imported"] == 0
+    assert _count(node) == 10 and updated.imported == 0
     changed = [o for o in _rows(updated) if o.action is RowAction.UPDATED]
     assert [(o.row, o.case_id, o.changed_fields) for o in changed] == [
         (target_row, ids[3], ("prs_MailingCity",))
@@ -223,15 +221,15 @@ def test_an_export_imported_back_adds_nothing_and_an_edited_cell_updates_one_cas
 
     after = {i: admin.get_case(i) for i in ids}
     edited = after[ids[3]]
-    assert edited["version"] == noted["version"] + 1
-    assert edited["fields"] == {**before[ids[3]]["fields"], "prs_MailingCity": "Velmor Harbour"}
-    assert edited["notes"] == "moved to the north shelter"
-    assert [(n["category"], n["status"]) for n in edited["needs"]] == [("legal_civil", "unmet")]
-    assert "tessera_case_id" not in edited["fields"]
+    assert edited.version == noted.version + 1
+    assert edited.fields == {**before[ids[3]].fields, "prs_MailingCity": "Velmor Harbour"}
+    assert edited.notes == "moved to the north shelter"
+    assert [(n.category, n.status) for n in edited.needs] == [("legal_civil", "unmet")]
+    assert "tessera_case_id" not in edited.fields
     for case_id in ids:
         if case_id != ids[3]:
-            assert after[case_id]["version"] == before[case_id]["version"]
-            assert after[case_id]["fields"] == before[case_id]["fields"]
+            assert after[case_id].version == before[case_id].version
+            assert after[case_id].fields == before[case_id].fields
     # The update went through `case update`'s path: audited with its field names and version.
     updates = node.running.store.audit_entries(ids[3], ("case.update",))
     assert updates[-1].detail == {"fields": ["prs_MailingCity"], "notes": False, "version": 3}
@@ -256,15 +254,15 @@ def test_on_duplicate_new_adds_them_and_says_what_each_matched(
 ) -> None:
     source = tmp_path / "intake.csv"
     write_csv(source, synthetic_records(8, seed=13))
-    first = _import(admin, source)["case_ids"]
+    first = _import(admin, source).case_ids
     again = _import(admin, source, DuplicatePolicy.NEW)
     assert _count(node) == 16
-    assert again["imported"] == 8
+    assert again.imported == 8
     rows = _rows(again)
     assert [o.action for o in rows] == [RowAction.ADDED_DESPITE_MATCH] * 8
     assert [o.matched_cases for o in rows] == [(case_id,) for case_id in first]
-    assert [o.case_id for o in rows] == again["case_ids"]
-    assert not set(again["case_ids"]) & set(first)
+    assert tuple(o.case_id for o in rows) == again.case_ids
+    assert not set(again.case_ids) & set(first)
 
 
 # --- (4) the same survivor twice in one file --------------------------------------------------
@@ -281,7 +279,7 @@ def test_a_survivor_twice_in_one_file_is_one_case(
     result = _import(admin, source)
     assert _count(node) == 3
     rows = _rows(result)
-    first_case, _other, sparse_case = result["case_ids"]
+    first_case, _other, sparse_case = result.case_ids
     assert [(o.row, o.action) for o in rows] == [
         (2, RowAction.ADDED),
         (3, RowAction.ADDED),
@@ -306,12 +304,12 @@ def test_a_survivor_twice_in_one_file_is_one_case(
     write_csv(later, [ana2, {**ana2, "prs_MobilePhone": "+1-202-555-0100"}])
     merged = _import(admin, later, DuplicatePolicy.UPDATE)
     assert _count(node) == 4
-    (new_case,) = merged["case_ids"]
+    (new_case,) = merged.case_ids
     assert [(o.action, o.case_id, o.matched_row) for o in _rows(merged)] == [
         (RowAction.ADDED, new_case, 0),
         (RowAction.UPDATED, new_case, 2),
     ]
-    assert admin.get_case(new_case)["fields"]["prs_MobilePhone"] == "+1-202-555-0100"
+    assert admin.get_case(new_case).fields["prs_MobilePhone"] == "+1-202-555-0100"
 
 
 # --- (5) erasing one of two matching cases ----------------------------------------------------
@@ -323,20 +321,20 @@ def test_erasing_one_of_two_matching_cases_names_the_other(
     records = _intake(3, seed=17)
     source = tmp_path / "intake.csv"
     write_csv(source, records)
-    first = _import(admin, source)["case_ids"]
-    second = _import(admin, source, DuplicatePolicy.NEW)["case_ids"]
-    assert isinstance(first, list) and isinstance(second, list)
+    first = _import(admin, source).case_ids
+    second = _import(admin, source, DuplicatePolicy.NEW).case_ids
+    assert isinstance(first, tuple) and isinstance(second, tuple)
     name = {
         "prs_FirstName": records[0]["prs_FirstName"],
         "prs_SecondName": records[0]["prs_SecondName"],
     }
-    assert sorted(c["case_id"] for c in admin.find_cases(name)) == sorted([first[0], second[0]])
+    assert sorted(c.case_id for c in admin.find_cases(name)) == sorted([first[0], second[0]])
 
     erased = admin.erase_case(second[0], "survivor asked")
-    assert erased["same_survivor"] == [first[0]]
-    assert [c["case_id"] for c in admin.find_cases(name)] == [first[0]]
+    assert erased.same_survivor == (first[0],)
+    assert [c.case_id for c in admin.find_cases(name)] == [first[0]]
     # The one left names nobody now; the other survivors were not touched.
-    assert admin.erase_case(first[0], "survivor asked")["same_survivor"] == []
+    assert admin.erase_case(first[0], "survivor asked").same_survivor == ()
     assert _count(node) == 4
     # An old export naming an erased case never brings it back, whatever the policy.
     old = tmp_path / "old.csv"

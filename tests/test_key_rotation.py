@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,6 +24,7 @@ from node.backup import restore_backup
 from node.client import NodeClient
 from node.htcds import NeedCategory, NeedStatus
 from node.keyring import open_keyring
+from node.referrals.model import ReferralDetail
 from node.server import start_node
 from node.store.database import open_database
 from tessera import crypto, directory
@@ -95,28 +95,28 @@ def _tessera(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def _send(pair: Pair, name: str, to: str = LIGHTHOUSE) -> str:
     with pair.client(HARBOUR) as harbour:
-        case: dict[str, Any] = harbour.create_case(
+        case = harbour.create_case(
             {"prs_FirstName": name, "prs_Email": f"{name.lower()}@example.org"},
             "",
             [(NeedCategory.MEDICAL, NeedStatus.IDENTIFIED)],
         )
         consent = harbour.grant_consent(
-            case["case_id"], to, NeedCategory.MEDICAL, ("identity",), NEXT_YEAR, "verbal"
+            case.case_id, to, NeedCategory.MEDICAL, ("identity",), NEXT_YEAR, "verbal"
         )
         sent = harbour.send_referral(
-            case["case_id"], to, NeedCategory.MEDICAL, consent_id=consent["consent_id"]
+            case.case_id, to, NeedCategory.MEDICAL, consent_id=consent.consent_id
         )
-    return str(sent["referral_id"])
+    return str(sent.referral_id)
 
 
-def _arrived(pair: Pair, referral_id: str) -> dict[str, Any]:
+def _arrived(pair: Pair, referral_id: str) -> ReferralDetail:
     with pair.client(LIGHTHOUSE) as lighthouse:
         wait_for(
-            lambda: [r for r in lighthouse.inbox(True) if r["referral_id"] == referral_id],
+            lambda: [r for r in lighthouse.inbox(True) if r.referral_id == referral_id],
             f"referral {referral_id} at {LIGHTHOUSE}",
             timeout=30,
         )
-        shown: dict[str, Any] = lighthouse.show_referral(referral_id)
+        shown = lighthouse.show_referral(referral_id)
         return shown
 
 
@@ -126,12 +126,12 @@ def test_a_rotation_locks_out_the_old_key_and_loses_nothing_sealed_to_it(
     home = pair.settings[LIGHTHOUSE].home
     old = open_keyring(home, PASSPHRASE).identity
     first = _send(pair, "Orlaith")
-    assert _arrived(pair, first)["fields"]["prs_FirstName"] == "Orlaith"
+    assert _arrived(pair, first).fields["prs_FirstName"] == "Orlaith"
     with pair.client(LIGHTHOUSE) as lighthouse:
-        erased = lighthouse.create_case({"prs_FirstName": "Tamsin"}, "", [])["case_id"]
+        erased = lighthouse.create_case({"prs_FirstName": "Tamsin"}, "", []).case_id
         lighthouse.erase_case(erased, "survivor asked")
-        wait_for(lambda: lighthouse.status()["tombstones_waiting"] == 0, "the tombstone escrowed")
-        before_rotation = Path(lighthouse.backup(None)["path"])
+        wait_for(lambda: lighthouse.status().tombstones_waiting == 0, "the tombstone escrowed")
+        before_rotation = Path(lighthouse.backup(None).path)
 
     # Lighthouse goes offline; a referral for it waits at the broker, sealed to its old key.
     pair.stop(LIGHTHOUSE)
@@ -149,24 +149,24 @@ def test_a_rotation_locks_out_the_old_key_and_loses_nothing_sealed_to_it(
         directory_sync.sync(tmp_path / "thief", old, directory_sync.load_link(home))
 
     pair.start(LIGHTHOUSE)
-    assert _arrived(pair, in_flight)["fields"]["prs_FirstName"] == "Benedek"
-    assert _arrived(pair, first)["fields"]["prs_FirstName"] == "Orlaith"
+    assert _arrived(pair, in_flight).fields["prs_FirstName"] == "Benedek"
+    assert _arrived(pair, first).fields["prs_FirstName"] == "Orlaith"
     with pair.client(LIGHTHOUSE) as lighthouse:
         # The escrow (a tombstone sealed to the old key) opened: the node serves cases.
-        assert lighthouse.status()["escrow"] == "confirmed"
+        assert lighthouse.status().escrow == "confirmed"
         with pytest.raises(NotFound):
             lighthouse.get_case(erased)
         report = lighthouse.verify_audit()
-        assert report["intact"], report["problems"]
-        actions = [e["action"] for e in lighthouse.audit_entries(actions=["keys.rotate"])]
+        assert report.intact, report.problems
+        actions = [e.action for e in lighthouse.audit_entries(actions=["keys.rotate"])]
         assert actions == ["keys.rotate"]
 
     # The partner pins the new key from the directory, and what it sends now opens too.
     with pair.client(HARBOUR) as harbour:
-        pinned = {a["agency_id"]: a for a in harbour.agencies()}[LIGHTHOUSE]
-        assert pinned["fingerprint"] == new.identity.public.fingerprint()
+        pinned = {a.agency_id: a for a in harbour.agencies()}[LIGHTHOUSE]
+        assert pinned.fingerprint == new.identity.public.fingerprint()
     after = _send(pair, "Cosmin")
-    assert _arrived(pair, after)["fields"]["prs_FirstName"] == "Cosmin"
+    assert _arrived(pair, after).fields["prs_FirstName"] == "Cosmin"
 
     # A backup taken before the rotation is still this node's, and restores.
     pair.stop(LIGHTHOUSE)
@@ -222,10 +222,10 @@ def test_a_rotation_cut_short_is_finished_before_the_node_serves_again(
         assert keyring.identity.public not in {pending.public, before.public}
     pair.start(LIGHTHOUSE)
     with pair.client(HARBOUR) as harbour:
-        pinned = {a["agency_id"]: a for a in harbour.agencies()}[LIGHTHOUSE]
-        assert pinned["fingerprint"] == keyring.identity.public.fingerprint()
+        pinned = {a.agency_id: a for a in harbour.agencies()}[LIGHTHOUSE]
+        assert pinned.fingerprint == keyring.identity.public.fingerprint()
     referral = _send(pair, "Iolanthe")
-    assert _arrived(pair, referral)["fields"]["prs_FirstName"] == "Iolanthe"
+    assert _arrived(pair, referral).fields["prs_FirstName"] == "Iolanthe"
 
 
 def test_rotate_keys_is_refused_while_the_node_serves(pair: Pair) -> None:
@@ -241,11 +241,11 @@ def test_the_compromise_runbook_revoke_re_enrol_re_verify(pair: Pair, tmp_path: 
     home = pair.settings[LIGHTHOUSE].home
     link = directory_sync.load_link(home)
     with pair.client(LIGHTHOUSE) as lighthouse:
-        erased = lighthouse.create_case({"prs_FirstName": "Wenna"}, "", [])["case_id"]
+        erased = lighthouse.create_case({"prs_FirstName": "Wenna"}, "", []).case_id
         lighthouse.erase_case(erased, "survivor asked")
-        wait_for(lambda: lighthouse.status()["tombstones_waiting"] == 0, "the tombstone escrowed")
+        wait_for(lambda: lighthouse.status().tombstones_waiting == 0, "the tombstone escrowed")
     with pair.client(HARBOUR) as harbour:
-        fingerprint = {a["agency_id"]: a for a in harbour.agencies()}[LIGHTHOUSE]["fingerprint"]
+        fingerprint = {a.agency_id: a for a in harbour.agencies()}[LIGHTHOUSE].fingerprint
         harbour.verify_agency(LIGHTHOUSE, fingerprint)
 
     # A thief with a copy of the keyring (and its passphrase) rotates the agency to their key.
@@ -271,7 +271,7 @@ def test_the_compromise_runbook_revoke_re_enrol_re_verify(pair: Pair, tmp_path: 
     with pytest.raises(Unauthenticated):
         directory_sync.sync(scratch, thief, link)
     with pair.client(HARBOUR) as harbour:
-        assert {a["agency_id"] for a in harbour.agencies()} == {HARBOUR}
+        assert {a.agency_id for a in harbour.agencies()} == {HARBOUR}
     with pytest.raises(Refused):
         _send(pair, "Ysolde")
 
@@ -286,20 +286,20 @@ def test_the_compromise_runbook_revoke_re_enrol_re_verify(pair: Pair, tmp_path: 
     assert {r.public for r in keyring.retired} >= {stolen.public}
     pair.start(LIGHTHOUSE)
     with pair.client(LIGHTHOUSE) as lighthouse:
-        assert lighthouse.status()["fingerprint"] == keyring.identity.public.fingerprint()
+        assert lighthouse.status().fingerprint == keyring.identity.public.fingerprint()
         assert directory_sync.load_link(home).agency_id == renamed
         # Every erasure went into the new agency's escrow, and the survivor stays erased.
-        wait_for(lambda: lighthouse.status()["tombstones_waiting"] == 0, "tombstones re-escrowed")
-        assert lighthouse.status()["escrow"] == "confirmed"
+        wait_for(lambda: lighthouse.status().tombstones_waiting == 0, "tombstones re-escrowed")
+        assert lighthouse.status().escrow == "confirmed"
         with pytest.raises(NotFound):
             lighthouse.get_case(erased)
-        assert lighthouse.verify_audit()["intact"]
+        assert lighthouse.verify_audit().intact
 
     # 3. The partner re-verifies by phone, then referrals flow to the new agency id.
     with pair.client(HARBOUR) as harbour:
-        listed = {a["agency_id"]: a for a in harbour.agencies()}[renamed]
-        assert not listed["verified"]
-        assert listed["fingerprint"] == keyring.identity.public.fingerprint()
-        harbour.verify_agency(renamed, listed["fingerprint"])
+        listed = {a.agency_id: a for a in harbour.agencies()}[renamed]
+        assert not listed.verified
+        assert listed.fingerprint == keyring.identity.public.fingerprint()
+        harbour.verify_agency(renamed, listed.fingerprint)
     referral = _send(pair, "Elowen", to=renamed)
-    assert _arrived(pair, referral)["fields"]["prs_FirstName"] == "Elowen"
+    assert _arrived(pair, referral).fields["prs_FirstName"] == "Elowen"

@@ -101,7 +101,7 @@ def test_node_counts_calls_refusals_and_cases(node: BackgroundNode) -> None:
 
     with NodeClient(node.settings.home, unlock=unlock) as admin:
         for _ in range(3):
-            assert admin.status()["name"] == "Harbour Shelter"
+            assert admin.status().name == "Harbour Shelter"
     cert = node.settings.cert_path.read_bytes()
     channel = rpc.open_channel(node.address, cert, None, Limits().max_message_bytes)
     with pytest.raises(grpc.RpcError) as info:

@@ -240,7 +240,7 @@ class Pair:
                 {"prs_FirstName": "Mirelka"}, "", [(NeedCategory.MEDICAL, NeedStatus.IDENTIFIED)]
             )
             consent = harbour.grant_consent(
-                case["case_id"],
+                case.case_id,
                 "lantern-clinic",
                 NeedCategory.MEDICAL,
                 ("identity",),
@@ -248,16 +248,16 @@ class Pair:
                 "verbal",
             )
             sent = harbour.send_referral(
-                case["case_id"],
+                case.case_id,
                 "lantern-clinic",
                 NeedCategory.MEDICAL,
-                consent_id=consent["consent_id"],
+                consent_id=consent.consent_id,
             )
-        return str(sent["referral_id"])
+        return str(sent.referral_id)
 
     def inbox(self) -> list[str]:
         with NodeClient(self.lantern.settings.home, unlock=unlock) as lantern:
-            return [r["referral_id"] for r in lantern.inbox(True)]
+            return [r.referral_id for r in lantern.inbox(True)]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from node.client import NodeClient
-from node.domain import StaffRole
+from node.domain import NeedView, StaffRole
 from node.htcds.csv_format import write_csv
 from node.htcds.synthetic import synthetic_records
 from node.keyring import KEYRING_FILE
@@ -149,7 +149,7 @@ def test_caseworker_cannot_export_and_refusal_names_them(
     node: BackgroundNode, admin: NodeClient, tmp_path: Path
 ) -> None:
     with _caseworker(node, admin, tmp_path) as ana:
-        assert ana.status()["your_role"] == "caseworker"
+        assert ana.status().your_role == "caseworker"
         with pytest.raises(PermissionDenied):
             list(ana.export_cases("csv", None))
         with pytest.raises(PermissionDenied):
@@ -165,7 +165,7 @@ def test_caseworker_cannot_export_and_refusal_names_them(
 def test_a_caseworker_is_refused_every_administrator_call_and_nothing_changes(
     node: BackgroundNode, admin: NodeClient, tmp_path: Path
 ) -> None:
-    case_id = admin.create_case({"prs_FirstName": "Saoirse"})["case_id"]
+    case_id = admin.create_case({"prs_FirstName": "Saoirse"}).case_id
     with _caseworker(node, admin, tmp_path) as ana:
         attempts = {
             "EraseCase": lambda: ana.erase_case(case_id, "asked"),
@@ -186,8 +186,8 @@ def test_a_caseworker_is_refused_every_administrator_call_and_nothing_changes(
     refused = {r["method"] for r in _refusals(node) if r["actor"] == "staff:Ana Ruiz"}
     assert refused >= {f"/tessera.v1.Node/{m}" for m in attempts}
     # Nothing happened: the case is there, the staff list is as it was, no backup was written.
-    assert admin.get_case(case_id)["case_id"] == case_id
-    assert {m["name"] for m in admin.list_staff()} == {"admin", "Ana Ruiz"}
+    assert admin.get_case(case_id).case_id == case_id
+    assert {m.name for m in admin.list_staff()} == {"admin", "Ana Ruiz"}
     assert not list(node.settings.home.rglob("*.tbk"))
 
 
@@ -273,21 +273,21 @@ def test_case_lifecycle_over_grpc_names_the_actor(node: BackgroundNode, admin: N
         notes="arrived at night",
         needs=[(NeedCategory.SAFE_HOUSING, NeedStatus.IDENTIFIED)],
     )
-    assert case["fields"]["prs_Gender"] == "Feminine"  # normalised to the standard's code
-    updated = admin.update_case(case["case_id"], 1, {"prs_Citizenship": "ro"}, [], None)
-    assert updated["version"] == 2
-    assert updated["fields"]["prs_Citizenship"] == "RO"
+    assert case.fields["prs_Gender"] == "Feminine"  # normalised to the standard's code
+    updated = admin.update_case(case.case_id, 1, {"prs_Citizenship": "ro"}, [], None)
+    assert updated.version == 2
+    assert updated.fields["prs_Citizenship"] == "RO"
     with pytest.raises(Conflict):
-        admin.update_case(case["case_id"], 1, {"prs_Citizenship": "BG"}, [], None)
-    admin.set_need(case["case_id"], NeedCategory.SAFE_HOUSING, NeedStatus.MET)
+        admin.update_case(case.case_id, 1, {"prs_Citizenship": "BG"}, [], None)
+    admin.set_need(case.case_id, NeedCategory.SAFE_HOUSING, NeedStatus.MET)
     found = admin.find_cases({"prs_FirstName": " mirelka", "prs_SecondName": "DOVANTO "})
-    assert [c["case_id"] for c in found] == [case["case_id"]]
-    shown = admin.get_case(case["case_id"])
-    assert shown["notes"] == "arrived at night"
-    assert shown["needs"] == [
-        {"category": "safe_housing", "status": "met", "since": shown["needs"][0]["since"]}
-    ]
-    actors = {e.actor for e in node.running.store.audit_entries(case_id=case["case_id"])}
+    assert [c.case_id for c in found] == [case.case_id]
+    shown = admin.get_case(case.case_id)
+    assert shown.notes == "arrived at night"
+    assert shown.needs == (
+        NeedView(NeedCategory.SAFE_HOUSING, NeedStatus.MET, shown.needs[0].since),
+    )
+    actors = {e.actor for e in node.running.store.audit_entries(case_id=case.case_id)}
     assert actors == {"staff:admin"}
     assert node.running.store.verify_audit().ok
 
@@ -313,11 +313,11 @@ def test_import_all_or_nothing_then_skip_bad_rows(admin: NodeClient, tmp_path: P
     write_csv(path, records)
     progress: list[tuple[int, int, int]] = []
     refused = admin.import_cases(path, False, lambda *p: progress.append(p))
-    assert refused["imported"] == 0
-    assert [(row, field) for row, field, _ in refused["problems"]] == [(5, "prs_Gender")]
+    assert refused.imported == 0
+    assert [(p.row, p.field) for p in refused.problems] == [(5, "prs_Gender")]
     assert admin.list_cases(None, None, None, False, 100) == []
     accepted = admin.import_cases(path, True, lambda *p: progress.append(p))
-    assert accepted["imported"] == 39
+    assert accepted.imported == 39
     assert len(admin.list_cases(None, None, None, False, 100)) == 39
 
 

@@ -580,9 +580,7 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
         period = stats.period_of(dt.datetime.now(dt.UTC))
         spec = dp.default_needs_table(1)
         with StatsClient(broker.settings.home) as coordinator:
-            opened = coordinator.open_round(
-                stats.spec_to_pb(spec), "", period, ids, 2, 1.0, local_noise=False
-            )
+            opened = coordinator.open_round(spec, "", period, ids, 2, 1.0, local_noise=False)
             deadline = time.monotonic() + 40
             status = coordinator.round_status(opened["round_id"])
             while status["state"] != "released" and time.monotonic() < deadline:
@@ -628,8 +626,8 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
         for s in settings:
             with NodeClient(s.home, unlock=unlock) as client:
                 (ledger,) = client.budget(period)
-            assert ledger["spent"] == 1.0 and ledger["remaining"] == 0.0
-            assert [c["round_id"] for c in ledger["charges"]] == [opened["round_id"]]
+            assert ledger.spent == 1.0 and ledger.remaining == 0.0
+            assert [c.round_id for c in ledger.charges] == [opened["round_id"]]
     finally:
         for node in running:
             node.stop()

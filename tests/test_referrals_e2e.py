@@ -15,6 +15,7 @@ import pytest
 from sqlmodel import Session, select
 
 from node.client import NodeClient
+from node.referrals.model import ReferralDetail
 from node.store.tables import IncomingReferralRow, OutboxRow
 from tessera.errors import Refused
 from tessera.needs import NeedCategory
@@ -69,8 +70,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
 def new_case(client: NodeClient, need: NeedCategory = NeedCategory.MEDICAL) -> str:
     from tessera.needs import NeedStatus
 
-    case: dict[str, Any] = client.create_case(FIELDS, "", [(need, NeedStatus.IDENTIFIED)])
-    return str(case["case_id"])
+    case = client.create_case(FIELDS, "", [(need, NeedStatus.IDENTIFIED)])
+    return str(case.case_id)
 
 
 def grant(
@@ -81,17 +82,17 @@ def grant(
     share: tuple[str, ...] = ("identity",),
 ) -> str:
     consent = client.grant_consent(case_id, to, need, share, NEXT_YEAR, "verbal")
-    return str(consent["consent_id"])
+    return str(consent.consent_id)
 
 
 def need_status(client: NodeClient, case_id: str, need: NeedCategory) -> str:
     case = client.get_case(case_id)
-    return next(str(n["status"]) for n in case["needs"] if n["category"] == need.value)
+    return next(str(n.status) for n in case.needs if n.category == need.value)
 
 
 def outgoing_state(client: NodeClient, referral_id: str) -> str:
-    rows = [r for r in client.referrals("outgoing") if r["referral_id"] == referral_id]
-    return str(rows[0]["state"]) if rows else ""
+    rows = [r for r in client.referrals("outgoing") if r.referral_id == referral_id]
+    return str(rows[0].state) if rows else ""
 
 
 def incoming_row(node: BackgroundNode, referral_id: str) -> IncomingReferralRow | None:
@@ -104,10 +105,10 @@ def outbox_rows(node: BackgroundNode) -> list[OutboxRow]:
         return list(session.exec(select(OutboxRow)).all())
 
 
-def received(net: Net, agency_id: str, referral_id: str) -> dict[str, Any]:
+def received(net: Net, agency_id: str, referral_id: str) -> ReferralDetail:
     with net.client(agency_id) as client:
         wait_for(
-            lambda: [r for r in client.inbox(True) if r["referral_id"] == referral_id],
+            lambda: [r for r in client.inbox(True) if r.referral_id == referral_id],
             f"referral {referral_id} at {agency_id}",
         )
         return client.show_referral(referral_id)
@@ -120,15 +121,15 @@ def test_a_consented_referral_arrives_with_exactly_the_consented_fields(net: Net
         sent = harbour.send_referral(
             case_id, LIGHTHOUSE, NeedCategory.MEDICAL, consent_id=consent_id
         )
-        assert sent["state"] in {"queued", "sent"}
-        shown = received(net, LIGHTHOUSE, sent["referral_id"])
-        assert shown["fields"] == {"prs_FirstName": "Mirelka", "prs_SecondName": "Dovanto"}
-        assert shown["direction"] == "incoming"
-        assert shown["agency_id"] == HARBOUR
-        wait_for(lambda: outgoing_state(harbour, sent["referral_id"]) == "delivered", "DELIVERED")
+        assert sent.state in {"queued", "sent"}
+        shown = received(net, LIGHTHOUSE, sent.referral_id)
+        assert shown.fields == {"prs_FirstName": "Mirelka", "prs_SecondName": "Dovanto"}
+        assert shown.direction == "incoming"
+        assert shown.agency_id == HARBOUR
+        wait_for(lambda: outgoing_state(harbour, sent.referral_id) == "delivered", "DELIVERED")
         assert need_status(harbour, case_id, NeedCategory.MEDICAL) == "referred"
         # The accounting of disclosures lists the send and the delivery, with field names only.
-        events = [(d["event"], tuple(d["fields"])) for d in harbour.disclosures(case_id)]
+        events = [(d.event, tuple(d.fields)) for d in harbour.disclosures(case_id)]
         assert ("DISCLOSURE_EVENT_REFERRAL_SENT", ("prs_FirstName", "prs_SecondName")) in events
         assert "DISCLOSURE_EVENT_REFERRAL_DELIVERED" in {e for e, _ in events}
     # The third agency received nothing.
@@ -170,13 +171,11 @@ def test_answers_travel_back_and_move_the_need(net: Net) -> None:
             sent = harbour.send_referral(
                 case_id, LIGHTHOUSE, NeedCategory.MEDICAL, consent_id=consent_id
             )
-            ids.append(sent["referral_id"])
-            received(net, LIGHTHOUSE, sent["referral_id"])
+            ids.append(sent.referral_id)
+            received(net, LIGHTHOUSE, sent.referral_id)
         accept_id, decline_id = ids
-        assert lighthouse.answer_referral(accept_id, "accept")["state"] == "accepted"
-        assert (
-            lighthouse.answer_referral(decline_id, "decline", "no_capacity")["state"] == "declined"
-        )
+        assert lighthouse.answer_referral(accept_id, "accept").state == "accepted"
+        assert lighthouse.answer_referral(decline_id, "decline", "no_capacity").state == "declined"
         wait_for(
             lambda: need_status(harbour, accepted_case, NeedCategory.MEDICAL) == "in_progress",
             "in_progress",
@@ -185,9 +184,9 @@ def test_answers_travel_back_and_move_the_need(net: Net) -> None:
             lambda: need_status(harbour, declined_case, NeedCategory.MEDICAL) == "unmet",
             "unmet",
         )
-        declined = [r for r in harbour.referrals("outgoing") if r["referral_id"] == decline_id]
-        assert declined[0]["decline_reason"] == "no_capacity"
-        assert lighthouse.answer_referral(accept_id, "complete")["state"] == "completed"
+        declined = [r for r in harbour.referrals("outgoing") if r.referral_id == decline_id]
+        assert declined[0].decline_reason == "no_capacity"
+        assert lighthouse.answer_referral(accept_id, "complete").state == "completed"
         wait_for(lambda: need_status(harbour, accepted_case, NeedCategory.MEDICAL) == "met", "met")
         assert outgoing_state(harbour, accept_id) == "completed"
 
@@ -199,26 +198,24 @@ def test_revoking_after_delivery_purges_at_the_recipient_and_is_confirmed(net: N
         sent = harbour.send_referral(
             case_id, LIGHTHOUSE, NeedCategory.MEDICAL, consent_id=consent_id
         )
-        referral_id = sent["referral_id"]
-        assert received(net, LIGHTHOUSE, referral_id)["fields"]["prs_Email"] == FIELDS["prs_Email"]
+        referral_id = sent.referral_id
+        assert received(net, LIGHTHOUSE, referral_id).fields["prs_Email"] == FIELDS["prs_Email"]
         wait_for(lambda: outgoing_state(harbour, referral_id) == "delivered", "DELIVERED")
         revoked = harbour.revoke_consent(consent_id)
-        assert revoked["state"] == "revoked"
-        assert revoked["revoked_referrals"] == [referral_id]
+        assert revoked.state == "revoked"
+        assert revoked.revoked_referrals == (referral_id,)
         wait_for(lambda: outgoing_state(harbour, referral_id) == "purged", "PURGED")
         confirmed = [
-            d
-            for d in harbour.disclosures(case_id)
-            if d["event"] == "DISCLOSURE_EVENT_PURGE_CONFIRMED"
+            d for d in harbour.disclosures(case_id) if d.event == "DISCLOSURE_EVENT_PURGE_CONFIRMED"
         ]
-        assert confirmed and "prs_Email" in confirmed[0]["fields"]
+        assert confirmed and "prs_Email" in confirmed[0].fields
         audit = net.nodes[HARBOUR].running.store.audit_entries(case_id, ("purge.confirmed",))
         assert len(audit) == 1
     row = incoming_row(net.nodes[LIGHTHOUSE], referral_id)
     assert row is not None
     assert row.state == "purged" and row.ciphertext == b"" and row.wrapped_key == b""
     with net.client(LIGHTHOUSE) as lighthouse:
-        assert lighthouse.show_referral(referral_id)["fields"] == {}
+        assert lighthouse.show_referral(referral_id).fields == {}
 
 
 def test_revoking_before_delivery_means_it_is_never_delivered(net: Net) -> None:
@@ -229,10 +226,10 @@ def test_revoking_before_delivery_means_it_is_never_delivered(net: Net) -> None:
         sent = harbour.send_referral(
             case_id, "delta-house", NeedCategory.MEDICAL, consent_id=consent_id
         )
-        referral_id = sent["referral_id"]
+        referral_id = sent.referral_id
         wait_for(lambda: outgoing_state(harbour, referral_id) == "sent", "SENT")
         revoked = harbour.revoke_consent(consent_id)
-        assert revoked["envelopes_purged"] == 1
+        assert revoked.envelopes_purged == 1
         node = BackgroundNode(late)  # the recipient comes online only now
         try:
             wait_for(lambda: outgoing_state(harbour, referral_id) == "purged", "PURGED")
@@ -256,18 +253,16 @@ def test_a_duplicate_send_makes_one_referral(net: Net) -> None:
         second = harbour.send_referral(
             case_id, LIGHTHOUSE, NeedCategory.MEDICAL, consent_id=consent_id, idempotency_key=key
         )
-        assert first["referral_id"] == second["referral_id"]
-        received(net, LIGHTHOUSE, first["referral_id"])
+        assert first.referral_id == second.referral_id
+        received(net, LIGHTHOUSE, first.referral_id)
         mine = [r for r in harbour.referrals("outgoing", case_id=case_id)]
         assert len(mine) == 1
         sends = [
-            d
-            for d in harbour.disclosures(case_id)
-            if d["event"] == "DISCLOSURE_EVENT_REFERRAL_SENT"
+            d for d in harbour.disclosures(case_id) if d.event == "DISCLOSURE_EVENT_REFERRAL_SENT"
         ]
         assert len(sends) == 1
     with net.client(LIGHTHOUSE) as lighthouse:
-        assert [r["referral_id"] for r in lighthouse.inbox(True)].count(first["referral_id"]) == 1
+        assert [r.referral_id for r in lighthouse.inbox(True)].count(first.referral_id) == 1
 
 
 def test_forged_and_tampered_envelopes_are_refused_and_dropped(net: Net) -> None:
@@ -308,7 +303,7 @@ def test_forged_and_tampered_envelopes_are_refused_and_dropped(net: Net) -> None
     time.sleep(1.0)  # acknowledged: none of them comes back
     assert len(refusals()) == 3
     with net.client(LIGHTHOUSE) as client:
-        assert [r for r in client.inbox(True) if r["agency_id"] == MERIDIAN] == []
+        assert [r for r in client.inbox(True) if r.agency_id == MERIDIAN] == []
 
 
 def test_the_cli_grants_sends_answers_and_accounts(net: Net) -> None:

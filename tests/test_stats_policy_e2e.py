@@ -86,11 +86,11 @@ def test_a_node_refuses_a_threshold_below_its_own_and_the_coordinator_sees_why(
         # The refusing node spent nothing and audited why; the others paid for both attempts.
         with NodeClient(settings[0].home, unlock=unlock) as client:
             (ledger,) = client.budget(period)
-        assert ledger["spent"] == 0.0 and ledger["charges"] == []
+        assert ledger.spent == 0.0 and ledger.charges == ()
         with NodeClient(settings[1].home, unlock=unlock) as client:
             (ledger,) = client.budget(period)
-        assert ledger["spent"] == 1.0  # 0.5 for each attempt: a restart is a second noisy view
-        assert [c["attempt"] for c in ledger["charges"]] == [1, 2]
+        assert ledger.spent == 1.0  # 0.5 for each attempt: a restart is a second noisy view
+        assert [c.attempt for c in ledger.charges] == [1, 2]
     finally:
         for node in running:
             node.stop()

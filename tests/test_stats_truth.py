@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from broker.stats import build_release, round_noise_of, spec_from_proto
+from broker.serde import round_noise_of, spec_from_proto
+from broker.stats import build_release
 from node import stats
 from tessera import crypto, dp
 from tessera.needs import NEED_CATEGORIES, NEED_STATUSES

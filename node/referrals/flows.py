@@ -91,7 +91,8 @@ class GrantRequest:
 @dataclass(frozen=True)
 class SendRequest:
     """A referral to send (already validated at the edge); ``fields`` empty sends every field
-    the consent covers."""
+    the consent covers, ``consent_id`` empty sends under the case's active consent for the
+    recipient and need."""
 
     case_id: str
     consent_id: str
@@ -210,6 +211,26 @@ class Referrals:
 
     # --- sending ---------------------------------------------------------------------------
 
+    def sending_consent(self, request: SendRequest) -> Consent:
+        """The consent a referral goes under: the one named, else the case's newest active
+        consent for its recipient and need (Refused, with how to record one, if none)."""
+        if request.consent_id:
+            return self.stores.consents.get(request.consent_id)
+        now = dt.datetime.now(dt.UTC)
+        for consent in self.stores.consents.of_case(request.case_id):
+            if (
+                consent_state(consent, now) is ConsentState.ACTIVE
+                and consent.recipient_agency_id == request.recipient_id
+                and consent.purpose == request.need
+            ):
+                return consent
+        case_id, need, recipient = request.case_id, request.need.value, request.recipient_id
+        raise Refused(
+            f"case {case_id} has no active consent for a {need} referral to {recipient}",
+            hint=f"record one first: tessera consent grant {case_id} --to {recipient} "
+            f"--purpose {need} --share CATEGORY --expires YYYY-MM-DD --method verbal",
+        )
+
     def send(self, actor: str, request: SendRequest) -> OutgoingReferral:
         """Send a referral under a consent: nothing is read or serialised unless the consent
         covers it (DESIGN.md section 6); a retried request returns the referral it made."""
@@ -218,7 +239,7 @@ class Referrals:
         message_id = self._keyed_uuid(b"tessera/v1/referral-message-id", key)
         with contextlib.suppress(NotFound):
             return self.stores.outgoing.get(referral_id)  # a retried request
-        consent = self.stores.consents.get(request.consent_id)
+        consent = self.sending_consent(request)
         if consent.case_id != request.case_id:
             raise Refused(
                 f"consent {request.consent_id} belongs to another case",

@@ -30,6 +30,7 @@ __all__ = [
     "RELAY_ACTOR",
     "Answer",
     "ConsentMethod",
+    "ConsentRecord",
     "ConsentState",
     "ConsentView",
     "DeclineReason",
@@ -40,9 +41,12 @@ __all__ = [
     "OutgoingEnvelope",
     "OutgoingReferral",
     "ReferralContent",
+    "ReferralDetail",
+    "ReferralRecord",
     "ReferralState",
     "ReferralStatus",
     "ReferralStep",
+    "RevokedConsent",
     "SignedReceipt",
     "answer_for",
     "check_decline",
@@ -399,6 +403,72 @@ class OutboxItem:
     last_error: str
     created_at: dt.datetime
     last_attempt_at: dt.datetime | None
+
+
+# --- what staff see (node.client's answers, from the wire by node.serde) -------------------------
+# Each field is a column the CLI prints under that name, in this order (cli.output).
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """A consent as staff see it: the receipt's terms, its state now, the referrals under it."""
+
+    consent_id: str
+    case_id: str
+    recipient: str
+    purpose: NeedCategory
+    fields: tuple[str, ...]  # data category names
+    method: ConsentMethod
+    witnessed_by: str
+    granted_at: dt.datetime
+    expires_at: dt.datetime
+    state: ConsentState
+    revoked_at: dt.datetime | None
+    referrals: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RevokedConsent(ConsentRecord):
+    """A consent just revoked: the envelopes purged at the broker, the referrals revoked."""
+
+    envelopes_purged: int
+    revoked_referrals: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReferralRecord:
+    """A referral sent or received, as staff see it. ``direction`` is "outgoing" or "incoming";
+    ``agency`` the counterpart's name (its id if unnamed); ``need`` a need category code
+    ("unspecified" for the tombstone of a referral revoked before it arrived);
+    ``decline_reason`` a DeclineReason code or ""; ``waiting`` how long since it last changed
+    (H:MM:SS, as of when it was read)."""
+
+    referral_id: str
+    direction: str
+    case_id: str
+    agency: str
+    agency_id: str
+    need: str
+    state: ReferralState
+    decline_reason: str
+    consent_id: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    waiting: str
+
+
+@dataclass(frozen=True)
+class ReferralDetail(ReferralRecord):
+    """One referral shown with its content: survivor data for a received one (until purged),
+    the field names for a sent one."""
+
+    fields: Mapping[str, str] = field(repr=False)
+    note: str = field(repr=False)
+    sender_contact: str = field(repr=False)
+    consented_fields: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
 
 
 # --- small checks -------------------------------------------------------------------------------

@@ -2629,7 +2629,9 @@ class SendReferralRequest(_message.Message):
     case_id: _builtins.str
     """The case to refer. Seen by: the CLI and the node; never sent."""
     consent_id: _builtins.str
-    """The consent to send under. Seen by: the CLI and the node, then the recipient."""
+    """The consent to send under; empty sends under the case's newest active consent for the
+    recipient and need. Seen by: the CLI and the node, then the recipient.
+    """
     recipient_agency_id: _builtins.str
     """The recipient; must be the consent's receiving agency. Seen by: the CLI and the node, then
     the broker and the recipient.
