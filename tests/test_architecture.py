@@ -8,7 +8,7 @@ also those inside functions), and shown to fail when a forbidden import is plant
 4. SQLModel tables (``table=True``) are defined only in node/store/tables.py and
    broker/store/tables.py (migrations describe them again, by design).
 5. The application layer of the referral lifecycle (node/referrals) imports no protobuf and no
-   gRPC: it speaks domain types, and the wire is converted at the edge (node/serde.py).
+   gRPC: it speaks domain types, and the wire is converted at the edge (node/serde/).
 6. No source module of the packages is over MAX_LINES lines (issue 15), generated code
    (tessera/v1) apart, and the exceptions in LONG_MODULES, each with its reason.
 """
