@@ -35,6 +35,7 @@ from node.referrals.model import (
     OutgoingEnvelope,
     OutgoingReferral,
     ReferralStatus,
+    Shown,
     SignedReceipt,
     consent_state,
 )
@@ -111,16 +112,6 @@ class Revoked:
     consent: ConsentView
     revoked_referral_ids: tuple[str, ...]
     purge_item: int
-
-
-@dataclass(frozen=True)
-class Shown:
-    """One referral shown to staff: incoming (with its content) or outgoing (with its
-    consent)."""
-
-    incoming: IncomingReferral | None = None
-    outgoing: OutgoingReferral | None = None
-    consent: ConsentView | None = None
 
 
 class Referrals:

@@ -493,3 +493,13 @@ def check_uuid(value: object, name: str) -> str:
             f"{name} must be a UUID in canonical form (like 1b4e28ba-2fa1-11d2-883f-0016d3cca427)"
         )
     return value
+
+
+@dataclass(frozen=True)
+class Shown:
+    """One referral shown to staff: incoming (with its content) or outgoing (with its
+    consent)."""
+
+    incoming: IncomingReferral | None = None
+    outgoing: OutgoingReferral | None = None
+    consent: ConsentView | None = None

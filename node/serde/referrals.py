@@ -18,7 +18,16 @@ from node.referrals.model import (
     ReferralState,
     ReferralStatus,
     ReferralStep,
+    Shown,
     SignedReceipt,
+)
+from node.serde.wire import (
+    domain_enum,
+    fields_pb,
+    need_category_pb,
+    timestamp,
+    wire_code,
+    wire_enum,
 )
 from tessera.errors import InvalidInput
 from tessera.timestamps import to_timestamp
@@ -28,17 +37,8 @@ from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import referral_pb2 as referral_pb
 
 if TYPE_CHECKING:
-    from node.referrals.flows import Shown
     from tessera.directory import AgencyRecord
 
-from node.serde.wire import (
-    domain_enum,
-    fields_pb,
-    need_category_pb,
-    timestamp,
-    wire_code,
-    wire_enum,
-)
 
 __all__ = [
     "agency_pb",

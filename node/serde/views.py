@@ -31,17 +31,6 @@ from node.referrals.model import (
     ReferralRecord,
     RevokedConsent,
 )
-from tessera.errors import InvalidInput
-from tessera.timestamps import to_datetime
-from tessera.v1 import common_pb2 as common_pb
-from tessera.v1 import consent_pb2 as consent_pb
-from tessera.v1 import node_pb2 as node_pb
-from tessera.v1 import referral_pb2 as referral_pb
-
-if TYPE_CHECKING:
-    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
-
-
 from node.serde.referrals import (
     referral_state,
 )
@@ -54,6 +43,15 @@ from node.serde.wire import (
     staff_role,
     wire_code,
 )
+from tessera.errors import InvalidInput
+from tessera.timestamps import to_datetime
+from tessera.v1 import common_pb2 as common_pb
+from tessera.v1 import consent_pb2 as consent_pb
+from tessera.v1 import node_pb2 as node_pb
+from tessera.v1 import referral_pb2 as referral_pb
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
 __all__ = [
     "agency_view",
