@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check proto bench clean
+.PHONY: demo test lint typecheck check proto bench adversarial clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Tessera needs $(PYTHON) on PATH"; exit 3; }
@@ -30,6 +30,9 @@ check: lint typecheck test
 
 proto: $(STAMP)  ## regenerate tessera/v1 from proto/
 	$(BIN)/python proto/generate.py
+
+adversarial: $(STAMP)  ## fuzz every RPC and the HTCDS readers at the full profile (long)
+	TESSERA_FUZZ=full $(BIN)/pytest tests/test_fuzz*.py -q -p no:cacheprovider
 
 bench: $(STAMP)  ## run every benchmark, print ratios against same-run baselines
 	$(BIN)/python -m bench
