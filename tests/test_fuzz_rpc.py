@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -40,6 +41,8 @@ from node.keyring import open_keyring
 from tessera import credential, crypto, rpc
 from tessera.config import Limits
 from tessera.needs import NeedCategory, NeedStatus
+from tessera.v1 import common_pb2 as common_pb
+from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import stats_pb2 as stats_pb
 from tests import fuzzkit
 from tests.fuzzkit import TALLY, LogWatch, Pools, Reply
@@ -303,3 +306,38 @@ def _reflected_services(channel: grpc.Channel) -> list[str]:
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
     return [s.name for s in reply.list_services_response.service]
+
+
+# --- what the fuzzing found, kept as regressions ----------------------------------------------
+
+_MEDICAL_UNMET = node_pb.Need(
+    category=common_pb.NEED_CATEGORY_MEDICAL, status=common_pb.NEED_STATUS_UNMET
+)
+FOUND = [
+    # A need category given twice hit the store's unique index: INTERNAL.
+    ("CreateCase", node_pb.CreateCaseRequest(needs=[_MEDICAL_UNMET, _MEDICAL_UNMET])),
+    # A NUL byte in a path reached os calls: ValueError, INTERNAL.
+    ("RotateKeyEncryptionKey", node_pb.RotateKeyEncryptionKeyRequest(new_key_file="a\x00b")),
+    ("Backup", node_pb.BackupRequest(destination="sandbox/a\x00b")),
+    # A backup folder that is a file (or cannot be made): OSError, INTERNAL.
+    ("Backup", node_pb.BackupRequest(destination="a-plain-file/backups")),
+    # Page tokens of Unicode digits (int() refuses them) or past SQLite's integers: INTERNAL.
+    ("ListReferrals", node_pb.ListReferralsRequest(page_token="9" * 20)),
+    ("ListReferrals", node_pb.ListReferralsRequest(page_token="\u00b2")),
+    ("ListCases", node_pb.ListCasesRequest(page_token="9" * 20)),
+    ("Inbox", node_pb.InboxRequest(page_token="\u00b2")),
+]
+
+
+@pytest.mark.parametrize(("name", "request_"), FOUND, ids=[f[0] for f in FOUND])
+def test_what_fuzzing_found_is_refused_as_invalid_input(
+    world: World, name: str, request_: Any
+) -> None:
+    (Path.cwd() / "a-plain-file").write_text("not a folder")
+    method = next(m for m in METHODS if m.full_name == f"tessera.v1.Node.{name}")
+    body = request_.SerializeToString()
+    metadata = fuzzkit.signed_metadata(world.identities["admin"], method, body)
+    reply = fuzzkit.call_raw(world.channels["node"], method, body, metadata)
+    world.check(method, "regression", reply)
+    assert reply.code == grpc.StatusCode.INVALID_ARGUMENT, (reply.code, reply.details)
+    assert "internal" not in reply.details.lower()
