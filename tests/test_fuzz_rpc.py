@@ -315,17 +315,19 @@ _MEDICAL_UNMET = node_pb.Need(
 )
 FOUND = [
     # A need category given twice hit the store's unique index: INTERNAL.
-    ("CreateCase", node_pb.CreateCaseRequest(needs=[_MEDICAL_UNMET, _MEDICAL_UNMET])),
+    ("Node.CreateCase", node_pb.CreateCaseRequest(needs=[_MEDICAL_UNMET, _MEDICAL_UNMET])),
     # A NUL byte in a path reached os calls: ValueError, INTERNAL.
-    ("RotateKeyEncryptionKey", node_pb.RotateKeyEncryptionKeyRequest(new_key_file="a\x00b")),
-    ("Backup", node_pb.BackupRequest(destination="sandbox/a\x00b")),
+    ("Node.RotateKeyEncryptionKey", node_pb.RotateKeyEncryptionKeyRequest(new_key_file="a\x00b")),
+    ("Node.Backup", node_pb.BackupRequest(destination="sandbox/a\x00b")),
     # A backup folder that is a file (or cannot be made): OSError, INTERNAL.
-    ("Backup", node_pb.BackupRequest(destination="a-plain-file/backups")),
+    ("Node.Backup", node_pb.BackupRequest(destination="a-plain-file/backups")),
     # Page tokens of Unicode digits (int() refuses them) or past SQLite's integers: INTERNAL.
-    ("ListReferrals", node_pb.ListReferralsRequest(page_token="9" * 20)),
-    ("ListReferrals", node_pb.ListReferralsRequest(page_token="\u00b2")),
-    ("ListCases", node_pb.ListCasesRequest(page_token="9" * 20)),
-    ("Inbox", node_pb.InboxRequest(page_token="\u00b2")),
+    ("Node.ListReferrals", node_pb.ListReferralsRequest(page_token="9" * 20)),
+    ("Node.ListReferrals", node_pb.ListReferralsRequest(page_token="\u00b2")),
+    ("Node.ListCases", node_pb.ListCasesRequest(page_token="9" * 20)),
+    ("Node.Inbox", node_pb.InboxRequest(page_token="\u00b2")),
+    ("Stats.ListReleases", stats_pb.ListReleasesRequest(page_token="9" * 20)),
+    ("Stats.ListRounds", stats_pb.ListRoundsRequest(page_token="\u00b2")),
 ]
 
 
@@ -334,10 +336,11 @@ def test_what_fuzzing_found_is_refused_as_invalid_input(
     world: World, name: str, request_: Any
 ) -> None:
     (Path.cwd() / "a-plain-file").write_text("not a folder")
-    method = next(m for m in METHODS if m.full_name == f"tessera.v1.Node.{name}")
+    method = next(m for m in METHODS if m.full_name == f"tessera.v1.{name}")
     body = request_.SerializeToString()
-    metadata = fuzzkit.signed_metadata(world.identities["admin"], method, body)
-    reply = fuzzkit.call_raw(world.channels["node"], method, body, metadata)
-    world.check(method, "regression", reply)
-    assert reply.code == grpc.StatusCode.INVALID_ARGUMENT, (reply.code, reply.details)
-    assert "internal" not in reply.details.lower()
+    for caller in world.callers(method):
+        metadata = fuzzkit.signed_metadata(world.identities[caller], method, body)
+        reply = fuzzkit.call_raw(world.channels[world.server_of(method)], method, body, metadata)
+        world.check(method, f"regression, signed as {caller}", reply)
+        assert reply.code == grpc.StatusCode.INVALID_ARGUMENT, (caller, reply.code, reply.details)
+        assert "internal" not in reply.details.lower()
