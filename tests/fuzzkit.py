@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +168,7 @@ def _scalar(fd: FieldDescriptor, pools: Pools) -> st.SearchStrategy[Any]:
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if kind == FieldDescriptor.TYPE_ENUM:
+        assert fd.enum_type is not None
         known = [v.number for v in fd.enum_type.values]
         return st.one_of(st.sampled_from(known), st.integers(-(2**31), 2**31 - 1))
     if kind == FieldDescriptor.TYPE_STRING:
@@ -212,6 +213,7 @@ def messages(
             if fd.type == FieldDescriptor.TYPE_MESSAGE:
                 if depth >= 3:
                     continue
+                assert fd.message_type is not None
                 inner = messages(fd.message_type, pools, depth + 1)
                 if fd.is_repeated:
                     for item in draw(st.lists(inner, max_size=3)):
@@ -290,13 +292,14 @@ def call_raw(
     body: bytes,
     metadata: Sequence[tuple[str, str]] | None,
 ) -> Reply:
+    sent = tuple(metadata) if metadata is not None else None
     """Send ``body`` as it is to ``method``; never raises for a gRPC status."""
     path = method_path(method)
     started = time.monotonic()
     if not method.server_streaming:
-        unary = channel.unary_unary(path)
+        unary: Any = channel.unary_unary(path)
         try:
-            _, call = unary.with_call(body, timeout=UNARY_DEADLINE, metadata=metadata)
+            _, call = unary.with_call(body, timeout=UNARY_DEADLINE, metadata=sent)
             code, details, trailing = call.code(), call.details() or "", call.trailing_metadata()
         except grpc.RpcError as exc:
             failed: Any = exc
@@ -306,7 +309,8 @@ def call_raw(
                 failed.trailing_metadata(),
             )
         return Reply(code, details, _kind(trailing), 1, time.monotonic() - started)
-    stream: Any = channel.unary_stream(path)(body, timeout=UNARY_DEADLINE, metadata=metadata)
+    streaming: Any = channel.unary_stream(path)
+    stream: Any = streaming(body, timeout=UNARY_DEADLINE, metadata=sent)
     window_closed = threading.Event()
 
     def close_window() -> None:
@@ -420,13 +424,3 @@ class Tally:
 
 
 TALLY = Tally()
-
-
-def watching(handler: LogWatch) -> Iterator[LogWatch]:
-    """Attach ``handler`` to the root logger for the duration (a generator for fixtures)."""
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)

@@ -17,6 +17,7 @@ import datetime as dt
 import io
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def csv_files(draw: st.DrawFn) -> bytes:
     return data
 
 
-def _workbook(header: list[str], rows: list[list[object]]) -> bytes:
+def _workbook(header: list[str], rows: Sequence[Sequence[object]]) -> bytes:
     from openpyxl import Workbook
 
     book = Workbook()
@@ -123,10 +124,14 @@ def _repacked(data: bytes, members: dict[str, bytes] | None = None) -> bytes:
     return out.getvalue()
 
 
+def _excel_text(value: str) -> str:
+    return "".join(c for c in value if c >= " " or c in "\t\n\r")[:32000]
+
+
 def _excel_safe(value: object) -> object:
     # openpyxl refuses control characters in cells; a real spreadsheet cannot hold them either.
     if isinstance(value, str):
-        return "".join(c for c in value if c >= " " or c in "\t\n\r")[:32000]
+        return _excel_text(value)
     return value
 
 
@@ -166,7 +171,7 @@ def exported_files(draw: st.DrawFn, suffix: str) -> bytes:
     """A file Tessera's own writer produced (what an agency re-imports), then mutated."""
     records = draw(
         st.lists(
-            st.dictionaries(st.sampled_from(FIELD_NAMES), cells.map(_excel_safe), max_size=5),
+            st.dictionaries(st.sampled_from(FIELD_NAMES), cells.map(_excel_text), max_size=5),
             max_size=4,
         )
     )

@@ -18,6 +18,7 @@ servers' log holds no traceback or error; after each method both servers must st
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -136,8 +137,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     previous_cwd = Path.cwd()
     os.chdir(sandbox)  # relative paths a request names (Backup.destination) land in here
     watch = LogWatch()
-    log_watch = fuzzkit.watching(watch)
-    next(log_watch)
+    logging.getLogger().addHandler(watch)
     broker = BackgroundBroker(make_broker(root / "broker"))
     running: list[BackgroundNode] = []
     try:
@@ -223,7 +223,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             started.stop()
         broker.stop()
         os.chdir(previous_cwd)
-        log_watch.close()
+        logging.getLogger().removeHandler(watch)
 
 
 @pytest.fixture(autouse=True)

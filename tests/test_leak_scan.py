@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import socket
 import tempfile
@@ -229,7 +230,7 @@ def test_no_marker_leaves_a_node_in_any_form(tmp_path: Path, json_log: Path) -> 
                 {"cas_IncomingReferralDetails": ERROR_VALUE + "\x02"},
                 {"prs_SecondName": ERROR_VALUE * 2000},
             ):
-                provoke(lambda bad=bad: harbour.update_case(case_id, 2, bad, [], None))
+                provoke(functools.partial(harbour.update_case, case_id, 2, bad, [], None))
             provoke(
                 lambda: harbour.create_case(
                     {"prs_FirstName": ERROR_VALUE},
@@ -304,8 +305,8 @@ def test_no_marker_leaves_a_node_in_any_form(tmp_path: Path, json_log: Path) -> 
             assert hits(exported, "export", (marker,)), f"the export lacks {marker}"
         assert not hits(exported, "export", (ERASED_FIRST,)), "an erased case was exported"
 
-        for server in (broker, *running):
-            exporter = server.running.metrics
+        exporters = [broker.running.metrics, *(node.running.metrics for node in running)]
+        for exporter in exporters:
             assert exporter is not None
             with urllib.request.urlopen(exporter.address, timeout=10) as reply:
                 metrics_text[exporter.address] = reply.read()
