@@ -43,6 +43,11 @@ _ROLES: dict[str, frozenset[str]] = {
     "/tessera.v1.Stats/ListRounds": _READ_DIRECTORY,
     "/tessera.v1.Stats/GetRelease": _READ_DIRECTORY,
     "/tessera.v1.Stats/ListReleases": _READ_DIRECTORY,
+    # Each agency's own escrow of tombstones and audit checkpoints (issue 14): agencies only.
+    "/tessera.v1.Escrow/DepositTombstones": frozenset({AGENCY}),
+    "/tessera.v1.Escrow/ListTombstones": frozenset({AGENCY}),
+    "/tessera.v1.Escrow/Checkpoint": frozenset({AGENCY}),
+    "/tessera.v1.Escrow/LatestCheckpoint": frozenset({AGENCY}),
 }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from broker import access
 from broker import identity as broker_identity
+from broker.escrow import EscrowServicer
 from broker.group_commit import GroupCommitter
 from broker.service import DirectoryServicer, DirectoryView, RelayServicer
 from broker.stats import StatsServicer
@@ -26,6 +27,8 @@ from tessera.errors import TesseraError
 from tessera.logs import fields
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
+from tessera.v1 import escrow_pb2 as escrow_pb
+from tessera.v1 import escrow_pb2_grpc as escrow_grpc
 from tessera.v1 import relay_pb2 as relay_pb
 from tessera.v1 import relay_pb2_grpc as relay_grpc
 from tessera.v1 import stats_pb2 as stats_pb
@@ -36,6 +39,7 @@ SERVICES = [
     directory_pb.DESCRIPTOR.services_by_name["Directory"].full_name,
     relay_pb.DESCRIPTOR.services_by_name["Relay"].full_name,
     stats_pb.DESCRIPTOR.services_by_name["Stats"].full_name,
+    escrow_pb.DESCRIPTOR.services_by_name["Escrow"].full_name,
 ]
 _HOUSEKEEPING_SECONDS = 30.0
 _HEALTH_INTERVAL = 5.0
@@ -119,12 +123,14 @@ async def start_broker(
     directory_servicer = DirectoryServicer(settings, store, identity, view)
     relay = RelayServicer(settings, store, identity, view)
     stats = StatsServicer(settings, engine, identity, view)
+    escrow_servicer = EscrowServicer(engine, identity)
     server = await rpc.start_server(
         listen=settings.listen,
         add_services=[
             lambda s: directory_grpc.add_DirectoryServicer_to_server(directory_servicer, s),
             lambda s: relay_grpc.add_RelayServicer_to_server(relay, s),
             lambda s: stats_grpc.add_StatsServicer_to_server(stats, s),
+            lambda s: escrow_grpc.add_EscrowServicer_to_server(escrow_servicer, s),
         ],
         service_names=SERVICES,
         cert_pem=tls.read_pem(settings.cert_path),

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(no_args_is_help=True)
 staff_app = typer.Typer(no_args_is_help=True, help="Manage who may use this node.")
-audit_app = typer.Typer(no_args_is_help=True, help="Check the node's audit log.")
+audit_app = typer.Typer(no_args_is_help=True, help="Check and read the node's audit log.")
 app.add_typer(staff_app, name="staff")
 credential_app = typer.Typer(no_args_is_help=True, help="Look after your own staff credential.")
 app.add_typer(audit_app, name="audit")
@@ -196,7 +196,11 @@ def _node_lock(
 def backup(
     ctx: typer.Context,
     destination: Annotated[
-        Path | None, typer.Option(help="Folder on the node's host (default: HOME/backups).")
+        Path | None,
+        typer.Option(
+            help="Folder on the node's host, inside its backup root (backup_root in its "
+            "tessera.toml, default HOME/backups); a relative name is taken under the root."
+        ),
     ] = None,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
@@ -204,10 +208,10 @@ def backup(
 
     \b
     Example:
-      tessera node backup --destination /srv/backups/harbour-shelter
+      tessera node backup --destination nightly
     """
     with context.get(ctx).node_client() as client:
-        made = client.backup(destination.resolve() if destination else None)
+        made = client.backup(destination)
     render_one(made, fmt, title="backup")
 
 
@@ -218,7 +222,10 @@ def restore(
 ) -> None:
     """Restore a backup into this (stopped) node; erasures made since are applied again.
 
-    Needs the passphrase (or key file) that protected the node when the backup was taken.
+    Needs the passphrase (or key file) that protected the node when the backup was taken. An
+    enrolled node also needs its broker: the restore first fetches the node's escrowed erasures
+    and audit checkpoint, and restores nothing if it cannot. The audit log is kept (the restore
+    is one more entry in it).
     Refused (exit 9) while a node serves from this home; a run file left by a node that crashed
     is recognised as stale and removed.
 
@@ -375,8 +382,57 @@ def audit_verify(ctx: typer.Context, fmt: OutputFormat = FORMAT_OPTION) -> None:
     with context.get(ctx).node_client() as client:
         report = client.verify_audit()
     render_one(report, fmt, title="audit log")
+    if fmt is OutputFormat.TABLE:
+        for note in report["notes"]:
+            typer.echo(f"note: {note}", err=True)
     if not report["intact"]:
         raise CryptoError(
             "the audit log was tampered with",
             hint="see the problems above; restore from a backup and investigate",
         )
+
+
+@audit_app.command("show")
+def audit_show(
+    ctx: typer.Context,
+    case: Annotated[str, typer.Option("--case", help="Only entries about this case id.")] = "",
+    actor: Annotated[
+        str, typer.Option(help='Only entries by this actor: a staff name, or "system:restore".')
+    ] = "",
+    since: Annotated[
+        str, typer.Option(help="Only entries from this moment: YYYY-MM-DD or an ISO time (UTC).")
+    ] = "",
+    action: Annotated[
+        list[str] | None, typer.Option("--action", help="Only this action (case.read...); repeat.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many entries (0: all).")] = 0,
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Show audit log entries, oldest first: who opened this case, and when. Admin only.
+
+    Entries hold who acted, what they did, on which case and when, with counts and field names,
+    never a survivor's data.
+
+    \b
+    Example:
+      tessera node audit show --case 7c9e6679-7425-40de-944b-e07fc1f90ae7 --action case.read
+    """
+    import datetime as dt
+
+    from tessera.errors import InvalidInput
+
+    moment = None
+    if since:
+        try:
+            moment = dt.datetime.fromisoformat(since)
+        except ValueError:
+            raise InvalidInput(f"{since!r} is not a date or time", hint="YYYY-MM-DD") from None
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    with context.get(ctx).node_client() as client:
+        rows = client.audit_entries(case, actor, moment, action or [], limit)
+    render(
+        rows,
+        fmt,
+        columns=["seq", "at", "actor", "action", "case_id", "detail"],
+        title="audit log",
+    )

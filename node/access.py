@@ -22,6 +22,7 @@ _ADMIN_ONLY = frozenset(
         "ImportCases",
         "ExportCases",
         "VerifyAudit",
+        "ShowAudit",
         "AddStaff",
         "RemoveStaff",
         "ListStaff",

@@ -6,9 +6,17 @@ as it sits in the home (still wrapped by the key-encryption key). So a backup st
 opens only with the passphrase or key file that protected the node when it was taken.
 
 Restoring never brings an erased survivor back, nor a removed staff credential: both are recorded
-in the ledger (``ledger.log`` in the node's home, outside the database) as well as in the
-database, and restore re-applies every erasure and removal it knows of, from the home's ledger and
-from the backup itself, before the node serves again.
+in the ledger (``ledger.log`` in the node's home, outside the database), in the database, and, for
+an enrolled node, as sealed tombstones in its escrow at the broker (node.escrow), which outlives
+the home. A restore of an enrolled node first fetches the whole escrow and the latest audit
+checkpoint (and restores nothing if the broker cannot be reached), then re-applies every erasure
+and removal it knows of, from the escrow, the home's ledger and the backup itself.
+
+A restore never rewinds the audit log (DESIGN.md section 6): the node keeps its current log,
+unless the backup's log extends it (a node restored onto an empty or older database), and the
+restore is one more entry. When the restored log is behind a head the node had recorded (the
+broker's latest checkpoint, the head copied into the home), the restore entry says so, naming
+that head, so `tessera node audit verify` knows the rewind was a restore and not tampering.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +43,16 @@ from sqlalchemy import (
 )
 from sqlmodel import SQLModel
 
+from node import directory_sync, escrow
 from node import keyring as keyring_mod
 from node.keyring import Keyring
 from node.store.budget import BudgetStore
 from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
+from node.store.escrow import EscrowStore
 from node.store.needs import seal_clear_rows
 from node.store.referrals import ReferralStore
 from node.store.tables import (
+    AnchorRow,
     AuditHeadRow,
     AuditRow,
     BlindIndexRow,
@@ -49,19 +61,25 @@ from node.store.tables import (
     CaseRow,
     ConsentRow,
     ErasureRow,
+    EscrowOutboxRow,
     IncomingReferralRow,
     NeedRow,
     OutboxRow,
     OutgoingReferralRow,
     ProcessedMessageRow,
+    RecordSealRow,
     ReferralEventRow,
     RequestKeyRow,
     StaffRow,
 )
+from node.tombstones import AuditPosition
 from tessera import crypto
-from tessera.errors import ConfigError, InvalidInput, TamperedCiphertext
+from tessera.errors import ConfigError, InvalidInput, TamperedCiphertext, TesseraError, Unavailable
+from tessera.escrow import EscrowHead
 from tessera.files import atomic_write
+from tessera.logs import fields
 
+log = logging.getLogger(__name__)
 _MAGIC = b"TESSERA-BACKUP-1\n"
 RESTORE_PENDING_FILE = "restore-pending.json"
 """In the node's home while a restore has replaced the tables but not yet re-applied the
@@ -85,7 +103,13 @@ _TABLES: tuple[type[SQLModel], ...] = (
     BudgetChargeRow,
     AuditRow,
     AuditHeadRow,
+    EscrowOutboxRow,
+    AnchorRow,
+    RecordSealRow,
 )
+# Tables a restore does not simply replace: the audit log is kept unless the backup's extends it,
+# and tombstones still waiting for the broker are kept besides the backup's.
+_AUDIT_TABLES = (AuditRow, AuditHeadRow)
 
 
 @dataclass(frozen=True)
@@ -102,15 +126,46 @@ def _body_key(keyring: Keyring) -> crypto.DataKey:
     return crypto.derive_key(keyring.record_key, _LABEL_BACKUP)
 
 
+_MAX_DESTINATION = 1024
+
+
+def backup_folder(root: Path, requested: str) -> Path:
+    """The folder a Backup call asking for ``requested`` writes to: the backup root itself when
+    empty, else a folder inside it (a relative name is taken under the root).
+
+    Whatever resolves outside the root (an absolute path elsewhere, ``..``, a symlink leading
+    out) is refused: a caller never makes the node create or write a directory its
+    administrator did not configure.
+    """
+    root = root.resolve()
+    if not requested:
+        return root
+    if len(requested) > _MAX_DESTINATION or "\x00" in requested:
+        raise InvalidInput(f"a backup destination is a path of at most {_MAX_DESTINATION} bytes")
+    asked = Path(requested)
+    target = (asked if asked.is_absolute() else root / asked).resolve()
+    if not target.is_relative_to(root):
+        raise InvalidInput(
+            f"backups go under the node's backup root {root}; {requested!r} is outside it",
+            hint="name a folder inside it, or set backup_root in the node's tessera.toml",
+        )
+    return target
+
+
 def create_backup(store: NodeStore, home: Path, destination: Path, actor: str) -> BackupMade:
     """Write ``destination/tessera-backup-<time>.tbk`` atomically and audit it."""
     taken_at = dt.datetime.now(dt.UTC)
     snapshot = _snapshot(store.engine)
-    header = {
+    header: dict[str, Any] = {
         "format": "tessera-backup-v1",
         "taken_at": taken_at.isoformat(),
         "keyring": keyring_mod.export_document(home),
     }
+    link = home / directory_sync.LINK_FILE
+    if link.exists():
+        # Public data (the broker's address, certificate and key, this agency's id): a node
+        # rebuilt on a new machine from this file alone can reach its escrow.
+        header["broker_link"] = json.loads(link.read_text("utf-8"))
     associated = b"tessera/v1|backup|" + taken_at.isoformat().encode()
     body = crypto.encrypt(_body_key(store.keyring), json.dumps(snapshot).encode(), associated)
     content = _MAGIC + json.dumps(header).encode() + b"\n" + body
@@ -192,38 +247,148 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
             )
     else:
         keyring_mod.install_document(home, header["keyring"])
-    with engine.begin() as conn:
-        # What the database being replaced knows must survive too (say its ledger line was
-        # lost to a crash between the commit and the ledger write).
-        erasure, staff = _table(ErasureRow), _table(StaffRow)
-        erased_now = set(conn.execute(select(erasure.c.case_id)).scalars())
-        removed_now = set(
-            conn.execute(
-                select(staff.c.signing_key).where(staff.c.removed_at.is_not(None))
-            ).scalars()
-        )
-        # Written before the tables are replaced: once they are, what they knew is only here.
-        _write_pending(
-            home,
+    if not (home / directory_sync.LINK_FILE).exists() and header.get("broker_link"):
+        atomic_write(home / directory_sync.LINK_FILE, json.dumps(header["broker_link"]).encode())
+    # The escrow first: if the broker cannot be reached, nothing has changed yet.
+    client = escrow.client_for(home, keyring.identity)
+    fetched = _fetch_escrow(home, client) if client is not None else None
+    try:
+        with engine.begin() as conn:
+            pending = _replace_tables(conn, home, path, header, snapshot, keyring, fetched)
+        reapplied = _reapply(home, engine, keyring)
+        if client is not None and fetched is not None:
+            _after_restore(engine, keyring, home, client, fetched[1])
+        log.info("node.restored", extra=fields(file=path.name, audit_log=pending["audit_log"]))
+        return reapplied
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _fetch_escrow(home: Path, client: escrow.EscrowClient) -> escrow.Fetched:
+    try:
+        return escrow.fetch(home, client)
+    except Unavailable as exc:
+        client.close()
+        raise Unavailable(
+            f"{exc.message}: a restore of an enrolled node first fetches its escrowed erasures "
+            "and its latest audit checkpoint from the broker; nothing was restored",
+            hint="retry when the broker is reachable (`tessera node status` on another node)",
+        ) from None
+
+
+def _replace_tables(
+    conn: Connection,
+    home: Path,
+    path: Path,
+    header: dict[str, Any],
+    snapshot: dict[str, Any],
+    keyring: Keyring,
+    fetched: escrow.Fetched | None,
+) -> dict[str, Any]:
+    """Replace the tables with the backup's, in ``conn``'s transaction; the pending note."""
+    # What the database being replaced knows must survive too (say its ledger line was lost to
+    # a crash between the commit and the ledger write).
+    erasure, staff = _table(ErasureRow), _table(StaffRow)
+    erased_now = set(conn.execute(select(erasure.c.case_id)).scalars())
+    removed_now = {
+        bytes(k).hex()
+        for k in conn.execute(
+            select(staff.c.signing_key).where(staff.c.removed_at.is_not(None))
+        ).scalars()
+    }
+    escrow_erased, escrow_removed = escrow.split(fetched[0]) if fetched else ([], [])
+    keep_log, how = _keep_audit_log(conn, snapshot)
+    # Heads the node recorded: if the restored log does not reach them, the restore says so.
+    candidates = []
+    checkpoint = fetched[2] if fetched else None
+    if checkpoint is not None:
+        candidates.append(
             {
-                "file": path.name,
-                "taken_at": header["taken_at"],
-                "erased": sorted(erased_now | {r["case_id"] for r in snapshot.get("erasure", [])}),
-                "staff_removed": sorted(bytes(k).hex() for k in removed_now),
-            },
+                "what": checkpoint.describe(),
+                "seq": checkpoint.seq,
+                "hash": checkpoint.entry_hash.hex(),
+            }
         )
-        for table in reversed(_TABLES):
+    recorded = escrow.home_head(home)
+    if recorded is not None:
+        candidates.append(
+            {
+                "what": "the audit head recorded in the node's home",
+                "seq": recorded.seq,
+                "hash": recorded.entry_hash.hex(),
+            }
+        )
+    pending = {
+        "file": path.name,
+        "taken_at": header["taken_at"],
+        "erased": sorted(
+            erased_now | {r["case_id"] for r in snapshot.get("erasure", [])} | set(escrow_erased)
+        ),
+        "staff_removed": sorted(removed_now | {k.hex() for k in escrow_removed}),
+        "audit_log": how,
+        "candidates": candidates,
+    }
+    # Written before the tables are replaced: once they are, what they knew is only here.
+    _write_pending(home, pending)
+    replaced = [t for t in _TABLES if not (keep_log and t in _AUDIT_TABLES)]
+    for table in reversed(replaced):
+        if table is not EscrowOutboxRow:
             conn.execute(delete(_table(table)))
-        for table in _TABLES:
-            sa_table = _table(table)
-            rows = [_decode_row(table, r) for r in snapshot.get(sa_table.name, [])]
-            if table is NeedRow and rows and "ciphertext" not in rows[0]:
-                rows = _seal_clear_needs(rows, snapshot, keyring)
-            if rows:
-                conn.execute(insert(sa_table), rows)
-        if conn.dialect.name == "postgresql":
-            _advance_sequences(conn)
-    return _reapply(home, engine, keyring)
+    for table in replaced:
+        sa_table = _table(table)
+        rows = [_decode_row(table, r) for r in snapshot.get(sa_table.name, [])]
+        if table is NeedRow and rows and "ciphertext" not in rows[0]:
+            rows = _seal_clear_needs(rows, snapshot, keyring)
+        if table is EscrowOutboxRow:
+            queued = set(conn.execute(select(sa_table.c.tombstone_id)).scalars())
+            rows = [r for r in rows if r["tombstone_id"] not in queued]
+        if rows:
+            conn.execute(insert(sa_table), rows)
+    if conn.dialect.name == "postgresql":
+        _advance_sequences(conn)
+    return pending
+
+
+def _keep_audit_log(conn: Connection, snapshot: dict[str, Any]) -> tuple[bool, str]:
+    """Whether to keep the database's audit log (True) or take the backup's, and why.
+
+    The node's log is kept unless the backup's extends it: entries made after the backup are
+    never lost to a restore.
+    """
+    head_table, log_table = _table(AuditHeadRow), _table(AuditRow)
+    current = conn.execute(select(head_table.c.seq, head_table.c.entry_hash)).first()
+    if current is None or current.seq == 0:
+        return False, "the backup's (this database had none)"
+    theirs = {
+        int(r["seq"]): base64.b64decode(r["entry_hash"]["b64"])
+        for r in snapshot.get("audit_log", [])
+    }
+    if theirs.get(int(current.seq)) == bytes(current.entry_hash):
+        return False, "the backup's (it extends this database's)"
+    if theirs:
+        last = max(theirs)
+        ours = conn.execute(select(log_table.c.entry_hash).where(log_table.c.seq == last)).scalar()
+        if ours is not None and bytes(ours) == theirs[last]:
+            return True, "kept (it extends the backup's)"
+    return True, "kept (the backup's log differs from it; the backup's entries stay in the file)"
+
+
+def _after_restore(
+    engine: Engine,
+    keyring: Keyring,
+    home: Path,
+    client: escrow.EscrowClient,
+    head: EscrowHead,
+) -> None:
+    """Record the escrow as applied and checkpoint the restored log at once (best effort: the
+    node checkpoints at its next start anyway)."""
+    escrow_store = EscrowStore(NodeStore(engine, keyring, home))
+    escrow_store.set_anchor(head.size, head.chain, dt.datetime.now(dt.UTC))
+    try:
+        escrow.make_checkpoint(escrow_store, home, client)
+    except TesseraError as exc:
+        log.warning("restore.checkpoint_failed", extra=fields(error=str(exc)[:200]))
 
 
 def _seal_clear_needs(
@@ -256,11 +421,18 @@ def finish_interrupted_restore(home: Path, engine: Engine, keyring: Keyring) -> 
 
 def _reapply(home: Path, engine: Engine, keyring: Keyring) -> int:
     """Re-apply every erasure, staff removal, revocation and budget charge the ledger and the
-    restore-pending file know of; then the restore is done and the file goes."""
+    restore-pending file know of, and record the restore; then it is done and the file goes."""
     pending = _read_pending(home)
-    # The restored chain is older than the head the node recorded: start that record afresh.
-    (home / AUDIT_HEAD_FILE).unlink(missing_ok=True)
     store = NodeStore(engine, keyring, home)
+    escrow_store = EscrowStore(store)
+    superseded = [
+        c
+        for c in pending.get("candidates", [])
+        if not escrow_store.holds(AuditPosition(int(c["seq"]), bytes.fromhex(c["hash"])))
+    ]
+    # The restore entry names what the restored log went back behind; the copy of the head in
+    # the home starts afresh from it.
+    (home / AUDIT_HEAD_FILE).unlink(missing_ok=True)
     ledger = read_ledger(home)
     erased = {v for k, v in ledger if k == "erase"} | set(pending["erased"])
     reapplied = store.reapply_erasures("system:restore", sorted(erased))
@@ -284,10 +456,27 @@ def _reapply(home: Path, engine: Engine, keyring: Keyring) -> int:
             "taken_at": pending["taken_at"],
             "erasures": reapplied,
             "staff_removals": removed,
+            "audit_log": pending.get("audit_log", ""),
+            "superseded": superseded,
         },
     )
     (home / RESTORE_PENDING_FILE).unlink()
     return reapplied
+
+
+def reapply_ledger(home: Path, store: NodeStore, actor: str = "system:ledger") -> int:
+    """Re-apply the home's ledger to the database (every start does: an older database file
+    copied in must not bring back what the ledger knows); how many survivors were erased again."""
+    ledger = read_ledger(home)
+    if not ledger:
+        return 0
+    erased = store.reapply_erasures(actor, sorted({v for k, v in ledger if k == "erase"}))
+    store.reapply_staff_removals(
+        actor, sorted({bytes.fromhex(v) for k, v in ledger if k == "staff-removed"})
+    )
+    ReferralStore(store).reapply_ledger(actor, ledger)
+    BudgetStore(store).reapply_ledger(actor, ledger)
+    return erased
 
 
 def _write_pending(home: Path, pending: dict[str, Any]) -> None:

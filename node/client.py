@@ -21,7 +21,7 @@ from node.htcds import NeedCategory, NeedStatus
 from tessera import credential, rpc
 from tessera.config import Limits
 from tessera.errors import InvalidInput, Refused
-from tessera.timestamps import to_datetime
+from tessera.timestamps import to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import node_pb2 as node_pb
@@ -92,6 +92,18 @@ class NodeClient:
             "open_cases": reply.open_cases,
             "you": reply.caller_staff_id,
             "your_role": serde.staff_role(reply.caller_role).value,
+            "escrow": _code(node_pb.EscrowState.Name(reply.escrow_state), "ESCROW_STATE_"),
+            "escrow_detail": reply.escrow_detail,
+            "escrowed_tombstones": reply.escrow_size,
+            "tombstones_waiting": reply.escrow_pending,
+            "escrow_confirmed_at": (
+                to_datetime(reply.escrow_confirmed_at)
+                if reply.HasField("escrow_confirmed_at")
+                else None
+            ),
+            "last_checkpoint_at": (
+                to_datetime(reply.checkpointed_at) if reply.HasField("checkpointed_at") else None
+            ),
         }
 
     def add_staff(self, name: str, role: StaffRole, signing_key: bytes) -> dict[str, Any]:
@@ -127,7 +139,51 @@ class NodeClient:
     def verify_audit(self) -> dict[str, Any]:
         """Whether the audit chain is intact, and what is wrong if not."""
         reply = self._call(self._stub.VerifyAudit, node_pb.VerifyAuditRequest(), timeout=600)
-        return {"intact": reply.intact, "entries": reply.entries, "problems": list(reply.problems)}
+        return {
+            "intact": reply.intact,
+            "entries": reply.entries,
+            "problems": list(reply.problems),
+            "checkpoint": (
+                f"#{reply.checkpoint_number} (entry {reply.checkpoint_sequence}, "
+                f"{to_datetime(reply.checkpointed_at):%Y-%m-%d %H:%M:%S} UTC, "
+                f"from the {reply.checkpoint_source})"
+                if reply.checkpoint_number
+                else "none"
+            ),
+            "notes": list(reply.notes),
+        }
+
+    def audit_entries(
+        self,
+        case_id: str = "",
+        actor: str = "",
+        since: dt.datetime | None = None,
+        actions: Sequence[str] = (),
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Audit log entries, oldest first, filtered as asked (every page, up to ``limit``)."""
+        request = node_pb.ShowAuditRequest(
+            case_id=case_id, actor=actor, actions=list(actions), page_size=min(limit or 1000, 1000)
+        )
+        if since is not None:
+            request.since.CopyFrom(to_timestamp(since))
+        rows: list[dict[str, Any]] = []
+        while True:
+            reply = self._call(self._stub.ShowAudit, request)
+            rows.extend(
+                {
+                    "seq": e.sequence,
+                    "at": to_datetime(e.at),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "case_id": e.case_id,
+                    "detail": e.detail_json,
+                }
+                for e in reply.entries
+            )
+            if not reply.next_page_token or (limit and len(rows) >= limit):
+                return rows[:limit] if limit else rows
+            request.page_token = reply.next_page_token
 
     def rotate_kek(self, new_passphrase: str | None, new_key_file: Path | None) -> int:
         """Re-wrap the node's keyring under a new passphrase or key file."""

@@ -104,12 +104,32 @@ class AuditEntry:
 
 
 @dataclass(frozen=True)
+class CheckpointRef:
+    """A broker checkpoint of the node's audit log, opened: which entry it recorded, and when.
+
+    ``source`` says where it was read: "broker", or "home" (the copy the node keeps in its home
+    for when the broker cannot be reached)."""
+
+    number: int
+    seq: int
+    entry_hash: bytes
+    at: dt.datetime
+    source: str
+
+    def describe(self) -> str:
+        """How a message names it."""
+        return f"broker checkpoint #{self.number} of {self.at:%Y-%m-%d %H:%M:%S} UTC"
+
+
+@dataclass(frozen=True)
 class AuditReport:
-    """Result of verifying the audit chain."""
+    """Result of verifying the audit chain (and, given one, against a broker checkpoint)."""
 
     entries: int
     ok: bool
     problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    checkpoint: CheckpointRef | None = None
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,10 @@ class RoundTaker:
 
     def prepare(self, blob: Any) -> tuple[bytes, list[int]] | None:
         """Check, charge, build (in that order); None if this attempt was charged before."""
+        if self._store.guard is not None:
+            # A node that cannot know every erasure counts no survivor (node.escrow); raised
+            # before any charge, so the round is tried again at the next poll.
+            self._store.guard.check_cases(())
         cache = directory_sync.load_cache(self._home)
         head = _head(blob)
         if any(p != self.agency_id and p not in cache.records for p in head.participants):

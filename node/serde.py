@@ -4,6 +4,7 @@ the node (besides the servicer and the client) that touches ``_pb2`` types (STYL
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -220,6 +221,23 @@ def disclosure_pb(entry: AuditEntry) -> node_pb.Disclosure:
         fields=[str(f) for f in detail.get("fields", [])],
         staff_id=entry.actor,
     )
+
+
+def audit_record_pb(entry: AuditEntry) -> node_pb.AuditRecord:
+    """One audit entry as `tessera node audit show` receives it (no survivor field is in it)."""
+    return node_pb.AuditRecord(
+        sequence=entry.seq,
+        at=timestamp(entry.at),
+        actor=entry.actor,
+        action=entry.action,
+        case_id=entry.case_id or "",
+        detail_json=json.dumps(dict(entry.detail), sort_keys=True, separators=(",", ":")),
+    )
+
+
+def escrow_state_pb(state: str) -> node_pb.EscrowState.ValueType:
+    """A node.escrow.EscrowState value ("confirmed", ...) as the wire enum."""
+    return wire_enum(node_pb.EscrowState, "ESCROW_STATE_", state)
 
 
 def duplicate_policy(value: int) -> DuplicatePolicy:

@@ -14,18 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node import access, directory_sync
-from node.backup import finish_interrupted_restore
+from node import access, directory_sync, escrow
+from node.backup import finish_interrupted_restore, reapply_ledger
 from node.keyring import Keyring, open_keyring
 from node.relay_worker import RelayWorker, start_worker
 from node.service import NodeServicer
 from node.store.cases import NodeStore
 from node.store.database import open_database
+from node.store.escrow import EscrowStore
 from node.store.referrals import ReferralStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, RunLock, hold_serving_lock
 from tessera.db import database_answers
+from tessera.errors import TesseraError
 from tessera.logs import fields
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
@@ -49,6 +51,8 @@ class RunningNode:
     relay: RelayWorker | None = None
     metrics: metrics.MetricsServer | None = None
     _enrolment_task: asyncio.Task[None] | None = None
+    gate: escrow.EscrowGate | None = None
+    escrow: escrow.EscrowWorker | None = None
     run_lock: RunLock | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
@@ -60,6 +64,9 @@ class RunningNode:
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
+        if self.escrow is not None:
+            await self.escrow.stop()
+            self.escrow = None
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -80,19 +87,27 @@ async def start_node(
     passphrase: str | None,
     health_interval: float = _HEALTH_INTERVAL,
     enrolment_poll: float = _ENROLMENT_POLL,
+    escrow_poll: float = escrow.POLL_SECONDS,
+    checkpoint_seconds: float = escrow.CHECKPOINT_SECONDS,
 ) -> RunningNode:
-    """Open the keyring (Argon2id runs once, here), migrate the database, start the server.
+    """Open the keyring (Argon2id runs once, here), migrate the database, re-apply every
+    erasure the node knows of (its ledger, its escrow at the broker), start the server.
 
     ``health_interval`` is how often (seconds) the database is checked for the health service;
     with ``metrics_port`` set, Prometheus metrics are served on 127.0.0.1 at that port. A node
     not yet enrolled looks for its broker link every ``enrolment_poll`` seconds and starts its
-    relay worker once the link is there.
+    relay worker once the link is there. An enrolled node opens no case until it has confirmed
+    its escrow with the broker (node.escrow); it tries once before serving, then every
+    ``escrow_poll`` seconds, and checkpoints its audit head at least every
+    ``checkpoint_seconds``.
     """
     # Held for as long as this node serves (the kernel drops it if the process dies): it tells
     # `node restore` whether a node really serves here, and keeps one from starting mid-restore.
     run_lock = hold_serving_lock(settings.home)
     try:
-        running = await _start(settings, passphrase, health_interval, enrolment_poll)
+        running = await _start(
+            settings, passphrase, health_interval, enrolment_poll, escrow_poll, checkpoint_seconds
+        )
     except BaseException:
         run_lock.release()
         raise
@@ -101,24 +116,38 @@ async def start_node(
 
 
 async def _start(
-    settings: Settings, passphrase: str | None, health_interval: float, enrolment_poll: float
+    settings: Settings,
+    passphrase: str | None,
+    health_interval: float,
+    enrolment_poll: float,
+    escrow_poll: float,
+    checkpoint_seconds: float,
 ) -> RunningNode:
     keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
     engine = await asyncio.to_thread(open_database, settings.effective_database_url, keyring)
     # A restore killed halfway is finished before anything reads a case (node.backup).
     await asyncio.to_thread(finish_interrupted_restore, settings.home, engine, keyring)
     store = NodeStore(engine, keyring, settings.home)
+    gate, worker = await _open_escrow(store, settings, keyring, escrow_poll, checkpoint_seconds)
 
     def refused(actor: str, method: str, reason: str) -> None:
         store.audit(actor, "access.refused", None, {"method": method, "reason": reason})
 
+    staff = access.make_authenticator(lambda key: gate.staff_view(store.staff_by_key(key)), refused)
+
+    async def authenticate(signer: bytes, method: str) -> rpc.Caller:
+        caller = await staff(signer, method)
+        # While the node cannot know every erasure, it serves only its status and audit check.
+        gate.check_call(method.removeprefix(access.SERVICE))
+        return caller
+
     interceptor = rpc.TesseraServerInterceptor(
-        access.make_authenticator(store.staff_by_key, refused),
+        authenticate,
         crypto.ReplayGuard(settings.limits.replay_window_seconds),
         on_refused=refused,
     )
     referrals = ReferralStore(store)
-    servicer = NodeServicer(settings, store, keyring, referrals)
+    servicer = NodeServicer(settings, store, keyring, referrals, gate=gate)
     server = await rpc.start_server(
         listen=settings.listen,
         add_services=[lambda s: node_grpc.add_NodeServicer_to_server(servicer, s)],
@@ -129,7 +158,25 @@ async def _start(
         max_message_bytes=settings.limits.max_message_bytes,
     )
     address, exporter = await rpc.announce(server, settings, engine.dispose)
-    running = RunningNode(settings, server, store, keyring, address, metrics=exporter)
+    running = RunningNode(
+        settings, server, store, keyring, address, metrics=exporter, gate=gate, escrow=worker
+    )
+
+    def start_escrow() -> None:
+        if running.escrow is None:
+            running.escrow = escrow.EscrowWorker(
+                store,
+                settings.home,
+                escrow.EscrowClient(directory_sync.load_link(settings.home), keyring.identity),
+                gate,
+                escrow_poll,
+                checkpoint_seconds,
+            )
+        running.escrow.start()
+        servicer.escrow = running.escrow
+
+    if worker is not None:
+        start_escrow()
     await asyncio.to_thread(_database_ok, store)  # the gauges are current from the first scrape
     running._health_task = asyncio.create_task(
         rpc.watch_health(server, lambda: _database_ok(store), health_interval, "node")
@@ -142,6 +189,8 @@ async def _start(
         if running.relay is None:
             return False
         servicer.wake_relay = running.relay.wake
+        if running.escrow is None:
+            start_escrow()  # enrolled while serving: escrow what was queued until now
         return True
 
     if not start_relay():
@@ -190,6 +239,43 @@ async def _relay_once_enrolled(home: Path, start_relay: Callable[[], bool], poll
                 return
         except Exception as exc:  # a link being written right now: try again next time
             log.warning("node.relay_not_started", extra=fields(error=str(exc)[:200]))
+
+
+async def _open_escrow(
+    store: NodeStore,
+    settings: Settings,
+    keyring: Keyring,
+    poll: float,
+    checkpoint_seconds: float,
+) -> tuple[escrow.EscrowGate, escrow.EscrowWorker | None]:
+    """Re-apply the home's ledger, seal cases written before seals existed, and, for an enrolled
+    node, try once to confirm the escrow (node.escrow) before serving anything."""
+    home = settings.home
+    escrow_store = EscrowStore(store)
+    await asyncio.to_thread(reapply_ledger, home, store)
+    sealed = await asyncio.to_thread(escrow_store.backfill_seals, "system:start")
+    if sealed:
+        log.info("node.records_sealed", extra=fields(cases=sealed))
+    enrolled = (home / directory_sync.LINK_FILE).exists()
+    link = directory_sync.load_link(home) if enrolled else None
+    gate = escrow.EscrowGate(enrolled, f"the broker at {link.address}" if link else "the broker")
+    gate.learn(
+        await asyncio.to_thread(store.erased_ids),
+        await asyncio.to_thread(escrow_store.removed_keys),
+    )
+    store.guard = gate
+    if link is None:
+        return gate, None
+    worker = escrow.EscrowWorker(
+        store, home, escrow.EscrowClient(link, keyring.identity), gate, poll, checkpoint_seconds
+    )
+    try:
+        await asyncio.to_thread(worker.step)
+    except TesseraError as exc:
+        log.warning(
+            "escrow.unconfirmed", extra=fields(reason=gate.detail[:300], error=str(exc)[:200])
+        )
+    return gate, worker
 
 
 def _database_ok(store: NodeStore) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc.aio
 
 import tessera
-from node import backup, directory_sync, envelopes, htcds, serde, stats
+from node import backup, directory_sync, envelopes, escrow, htcds, serde, stats
 from node import consent as consent_mod
 from node.dedup import CASE_ID_COLUMN
 from node.domain import CaseState, DuplicatePolicy, StaffRole
@@ -31,6 +31,7 @@ from node.keyring import KekSpec, Keyring, rotate
 from node.store import imports
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase, NodeStore
+from node.store.escrow import EscrowStore
 from node.store.referrals import (
     IncomingReferral,
     OutgoingEnvelope,
@@ -96,13 +97,21 @@ class NodeServicer(node_grpc.NodeServicer):
         store: NodeStore,
         keyring: Keyring,
         referrals: ReferralStore | None = None,
+        gate: escrow.EscrowGate | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._keyring = keyring
         self._referrals = referrals or ReferralStore(store)
+        self._gate = gate
         #: Set by start_node to the relay worker's wake (push the outbox now).
         self.wake_relay: Callable[[], None] = lambda: None
+        #: Set by start_node once the node is enrolled: deposits tombstones, checkpoints.
+        self.escrow: escrow.EscrowWorker | None = None
+
+    def _wake_escrow(self) -> None:
+        if self.escrow is not None:
+            self.escrow.wake()
 
     # --- status ----------------------------------------------------------------------------
 
@@ -111,7 +120,9 @@ class NodeServicer(node_grpc.NodeServicer):
     ) -> node_pb.GetStatusResponse:
         caller = rpc.current_caller()
         open_cases = await _run(self._store.count_cases, CaseState.OPEN)
-        return node_pb.GetStatusResponse(
+        pending = await _run(EscrowStore(self._store).count_pending)
+        gate = self._gate
+        reply = node_pb.GetStatusResponse(
             name=self._settings.name,
             region=self._settings.region,
             version=tessera.__version__,
@@ -122,7 +133,17 @@ class NodeServicer(node_grpc.NodeServicer):
             caller_staff_id=caller.principal,
             caller_role=serde.staff_role_pb(StaffRole(caller.role)),
             now=serde.timestamp(dt.datetime.now(dt.UTC)),
+            escrow_pending=pending,
         )
+        if gate is not None:
+            reply.escrow_state = serde.escrow_state_pb(gate.state.value)
+            reply.escrow_detail = gate.detail
+            reply.escrow_size = gate.size
+            if gate.confirmed_at is not None:
+                reply.escrow_confirmed_at.CopyFrom(to_timestamp(gate.confirmed_at))
+            if gate.checkpointed_at is not None:
+                reply.checkpointed_at.CopyFrom(to_timestamp(gate.checkpointed_at))
+        return reply
 
     # --- cases -----------------------------------------------------------------------------
 
@@ -242,8 +263,11 @@ class NodeServicer(node_grpc.NodeServicer):
     ) -> node_pb.EraseCaseResponse:
         case_id = _case_id(request.case_id)
         # Found before the erasure takes the case's identifiers with it; named, never erased.
-        others = await _run(imports.same_survivor_cases, self._store, case_id)
+        # A node that may open no case (escrow unconfirmed) still erases, naming none.
+        opens = self._gate is None or self._gate.opens_cases()
+        others = await _run(imports.same_survivor_cases, self._store, case_id) if opens else []
         await _run(self._store.erase_case, _actor(), case_id)
+        self._wake_escrow()  # the tombstone leaves for the broker now
         return node_pb.EraseCaseResponse(
             case_id=case_id,
             erased_at=serde.timestamp(dt.datetime.now(dt.UTC)),
@@ -376,9 +400,43 @@ class NodeServicer(node_grpc.NodeServicer):
     async def VerifyAudit(
         self, request: node_pb.VerifyAuditRequest, context: Context
     ) -> node_pb.VerifyAuditResponse:
-        report = await _run(self._store.verify_audit)
-        return node_pb.VerifyAuditResponse(
-            intact=report.ok, entries=report.entries, problems=list(report.problems)
+        client = self.escrow.client if self.escrow is not None else None
+        checkpoint = await _run(
+            escrow.latest_checkpoint, self._settings.home, self._keyring.identity, client
+        )
+        report = await _run(self._store.verify_audit, checkpoint)
+        reply = node_pb.VerifyAuditResponse(
+            intact=report.ok,
+            entries=report.entries,
+            problems=list(report.problems),
+            notes=list(report.notes),
+        )
+        if report.checkpoint is not None:
+            reply.checkpoint_number = report.checkpoint.number
+            reply.checkpoint_sequence = report.checkpoint.seq
+            reply.checkpointed_at.CopyFrom(to_timestamp(report.checkpoint.at))
+            reply.checkpoint_source = report.checkpoint.source
+        return reply
+
+    async def ShowAudit(
+        self, request: node_pb.ShowAuditRequest, context: Context
+    ) -> node_pb.ShowAuditResponse:
+        size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
+        after = _page_offset(request.page_token)
+        since = to_datetime(request.since) if request.HasField("since") else None
+        entries = await _run(
+            lambda: self._store.audit_entries(
+                _case_id(request.case_id) if request.case_id else None,
+                tuple(a.strip() for a in request.actions if a.strip()),
+                actor=request.actor.strip() or None,
+                since=since,
+                after=after,
+                limit=size,
+            )
+        )
+        token = str(entries[-1].seq) if len(entries) == size else ""
+        return node_pb.ShowAuditResponse(
+            entries=[serde.audit_record_pb(e) for e in entries], next_page_token=token
         )
 
     async def ListDisclosures(
@@ -412,6 +470,7 @@ class NodeServicer(node_grpc.NodeServicer):
         self, request: node_pb.RemoveStaffRequest, context: Context
     ) -> node_pb.RemoveStaffResponse:
         member = await _run(self._store.remove_staff, _actor(), request.staff_id)
+        self._wake_escrow()
         return node_pb.RemoveStaffResponse(staff=serde.staff_pb(member))
 
     async def ListStaff(
@@ -453,7 +512,7 @@ class NodeServicer(node_grpc.NodeServicer):
     async def Backup(
         self, request: node_pb.BackupRequest, context: Context
     ) -> AsyncIterator[node_pb.BackupEvent]:
-        destination = Path(request.destination or self._settings.home / "backups")
+        destination = backup.backup_folder(self._settings.backups_path, request.destination)
         made = await _run(
             backup.create_backup, self._store, self._settings.home, destination, _actor()
         )

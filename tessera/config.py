@@ -120,6 +120,7 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int = 0
+    backup_root: Path | None = None
     limits: Limits = field(default_factory=Limits)
     stats: StatsPolicy = field(default_factory=StatsPolicy)
 
@@ -127,6 +128,11 @@ class Settings:
     def effective_database_url(self) -> str:
         """The configured URL, or the embedded SQLite file inside the home directory."""
         return self.database_url or f"sqlite:///{self.home / SQLITE_FILE}"
+
+    @property
+    def backups_path(self) -> Path:
+        """The folder every backup the Backup call writes goes under (HOME/backups unless set)."""
+        return self.backup_root or self.home / "backups"
 
     @property
     def cert_path(self) -> Path:
@@ -147,7 +153,7 @@ _ENV_OVERRIDES: dict[str, str] = {
     "TESSERA_LOG_FORMAT": "log_format",
 }
 
-_PATH_FIELDS = {"key_file", "tls_cert", "tls_key"}
+_PATH_FIELDS = {"key_file", "tls_cert", "tls_key", "backup_root"}
 
 
 def resolve_home(explicit: Path | None, environ: Mapping[str, str]) -> Path:

@@ -87,6 +87,12 @@ class TamperedCiphertext(CryptoError):
     """An AEAD ciphertext failed authentication: altered, moved, rolled back, or wrong key."""
 
 
+class RolledBack(CryptoError):
+    """Stored data is older than what was last written and anchored outside it: a record put
+    back at an older version, an audit log rewound behind its checkpoint, an escrow that shrank.
+    """
+
+
 class WrongPassphrase(CryptoError):
     """The passphrase (or key file) does not open the node's key-encryption key."""
 

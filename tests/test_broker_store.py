@@ -192,7 +192,7 @@ def test_migrations_create_only_broker_tables_and_share_a_database(broker: Broke
     tables = set(inspect(broker.engine).get_table_names())
     assert tables == BROKER_TABLES | {VERSION_TABLE}
     assert all(name.startswith("broker_") for name in tables)
-    assert current_revision(broker.engine) == head_revision() == "b0003"
+    assert current_revision(broker.engine) == head_revision() == "b0004"
     # The migrations build exactly the tables the code declares (no drift to autogenerate).
     with broker.engine.connect() as conn:
         context = MigrationContext.configure(
@@ -204,7 +204,7 @@ def test_migrations_create_only_broker_tables_and_share_a_database(broker: Broke
 
     open_database(broker.url).dispose()
     open_node_database(broker.url).dispose()
-    assert current_revision(broker.engine) == "b0003"
+    assert current_revision(broker.engine) == "b0004"
     assert set(inspect(broker.engine).get_table_names()) > BROKER_TABLES
 
 

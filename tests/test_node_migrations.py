@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -11,15 +13,16 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Date, bindparam, text
+from sqlalchemy import Date, Engine, bindparam, text
 from sqlmodel import SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
 from node.htcds import NeedCategory, NeedStatus
 from node.keyring import Keyring
 from node.store import tables as node_tables
-from node.store.cases import NewCase, NodeStore
+from node.store.cases import NewCase, NodeStore, _key_context, record_associated_data
 from node.store.database import current_revision, head_revision, migrate
+from node.store.escrow import EscrowStore
 from tessera import crypto
 from tessera.db import make_engine
 from tessera.errors import ConfigError
@@ -36,6 +39,31 @@ def _upgrade_to(url: str, revision: str) -> None:
     engine.dispose()
 
 
+def _old_cases(engine: Engine, keyring: Keyring, names: list[str]) -> list[str]:
+    """Case rows as revision 0001's node wrote them: the row alone, encrypted the same way."""
+    ids = []
+    with engine.begin() as conn:
+        for name in names:
+            case_id = str(uuid.uuid4())
+            data_key = crypto.DataKey.generate()
+            payload = json.dumps({"fields": {"prs_FirstName": name}, "notes": ""}).encode()
+            now = dt.datetime.now(dt.UTC)
+            conn.execute(
+                text(
+                    "INSERT INTO case_record (case_id, version, state, created_at, updated_at,"
+                    " ciphertext, wrapped_key) VALUES (:c, 1, 'open', :t, :t, :ct, :wk)"
+                ),
+                {
+                    "c": case_id,
+                    "t": now,
+                    "ct": crypto.encrypt(data_key, payload, record_associated_data(case_id, 1)),
+                    "wk": crypto.wrap_key(keyring.record_key, data_key, _key_context(case_id)),
+                },
+            )
+            ids.append(case_id)
+    return ids
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -48,13 +76,13 @@ def test_an_old_schema_upgrades_without_losing_cases(url: str) -> None:
     engine = make_engine(url)
     assert current_revision(engine) == "0001"
     keyring = Keyring(crypto.Identity.generate(), crypto.DataKey.generate())
-    old = NodeStore(engine, keyring)
-    ids = old.create_cases(
-        "test", [NewCase(fields={"prs_FirstName": f"Vell{i}"}) for i in range(5)]
-    )
+    ids = _old_cases(engine, keyring, [f"Vell{i}" for i in range(5)])
     migrate(engine)
     assert current_revision(engine) == head_revision()
     store = NodeStore(engine, keyring)
+    # Cases written before record seals existed are sealed once, as the node's start does.
+    assert EscrowStore(store).backfill_seals("system:start") == 5
+    assert EscrowStore(store).backfill_seals("system:start") == 0
     assert [c.fields["prs_FirstName"] for c in store.read_cases(ids)] == [
         f"Vell{i}" for i in range(5)
     ]
@@ -90,10 +118,7 @@ def test_an_upgrade_seals_the_need_records_it_finds_in_clear(url: str) -> None:
     _upgrade_to(url, "0004")
     engine = make_engine(url)
     keyring = Keyring(crypto.Identity.generate(), crypto.DataKey.generate())
-    old = NodeStore(engine, keyring)
-    ids = old.create_cases(
-        "test", [NewCase(fields={"prs_FirstName": f"Vell{i}"}) for i in range(3)]
-    )
+    ids = _old_cases(engine, keyring, [f"Vell{i}" for i in range(3)])
     clear = [
         (ids[0], "substance_use", "unmet", dt.date(2026, 1, 5)),
         (ids[0], "legal_civil", "in_progress", dt.date(2026, 2, 1)),
@@ -122,6 +147,7 @@ def test_an_upgrade_seals_the_need_records_it_finds_in_clear(url: str) -> None:
     migrate(engine, keyring)
     assert current_revision(engine) == head_revision()
     store = NodeStore(engine, keyring)
+    EscrowStore(store).backfill_seals("system:start")  # as the node's start does
     needs = {c.case_id: c.needs for c in store.read_cases(ids)}
     got = sorted(
         (case_id, n.category.value, n.status.value, n.identified_on, n.updated_at)

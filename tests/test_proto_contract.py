@@ -24,6 +24,8 @@ from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
+from tessera.v1 import escrow_pb2 as escrow_pb
+from tessera.v1 import escrow_pb2_grpc as escrow_grpc
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
 from tessera.v1 import referral_pb2 as referral_pb
@@ -37,6 +39,7 @@ FILES: dict[str, FileDescriptor] = {
     "common": common_pb.DESCRIPTOR,
     "consent": consent_pb.DESCRIPTOR,
     "directory": directory_pb.DESCRIPTOR,
+    "escrow": escrow_pb.DESCRIPTOR,
     "node": node_pb.DESCRIPTOR,
     "referral": referral_pb.DESCRIPTOR,
     "relay": relay_pb.DESCRIPTOR,
@@ -76,6 +79,12 @@ SERVICES: dict[str, dict[str, bool]] = {
         "DeclineRound": False,
         "CancelRound": False,
     },
+    "tessera.v1.Escrow": {
+        "DepositTombstones": False,
+        "ListTombstones": False,
+        "Checkpoint": False,
+        "LatestCheckpoint": False,
+    },
     "tessera.v1.Node": {
         "GetStatus": False,
         "CreateCase": False,
@@ -90,6 +99,7 @@ SERVICES: dict[str, dict[str, bool]] = {
         "ExportCases": True,
         "VerifyAudit": False,
         "ListDisclosures": False,
+        "ShowAudit": False,
         "AddStaff": False,
         "RemoveStaff": False,
         "ListStaff": False,
@@ -132,6 +142,11 @@ LABELS = [
     ("stats", "tessera/v1/round", "LABEL_ROUND"),
     ("stats", "tessera/v1/release", "LABEL_RELEASE"),
     ("common", "tessera/v1/request", "LABEL_REQUEST"),
+    ("escrow", "tessera/v1/tombstone", "LABEL_TOMBSTONE"),
+    ("escrow", "tessera/v1/escrow-head", "LABEL_ESCROW_HEAD"),
+    ("escrow", "tessera/v1/escrow-chain", "LABEL_ESCROW_CHAIN"),
+    ("escrow", "tessera/v1/checkpoint-position", "LABEL_CHECKPOINT_POSITION"),
+    ("escrow", "tessera/v1/audit-checkpoint", "LABEL_AUDIT_CHECKPOINT"),
 ]
 
 # Field numbers of the descriptor.proto elements that make up a SourceCodeInfo path.
@@ -239,12 +254,14 @@ def test_generated_modules_expose_the_services() -> None:
     assert directory_pb.DESCRIPTOR.services_by_name["Directory"].full_name == "tessera.v1.Directory"
     assert relay_pb.DESCRIPTOR.services_by_name["Relay"].full_name == "tessera.v1.Relay"
     assert stats_pb.DESCRIPTOR.services_by_name["Stats"].full_name == "tessera.v1.Stats"
+    assert escrow_pb.DESCRIPTOR.services_by_name["Escrow"].full_name == "tessera.v1.Escrow"
     assert node_pb.DESCRIPTOR.services_by_name["Node"].full_name == "tessera.v1.Node"
     # And the stubs and registration helpers that servers and clients use.
     for module, service in [
         (directory_grpc, "Directory"),
         (relay_grpc, "Relay"),
         (stats_grpc, "Stats"),
+        (escrow_grpc, "Escrow"),
         (node_grpc, "Node"),
     ]:
         assert hasattr(module, f"{service}Stub")
@@ -508,3 +525,21 @@ def test_round_trip_node() -> None:
     )
     _round_trip(result)
     assert result.WhichOneof("event") == "result"
+
+
+def test_round_trip_escrow() -> None:
+    entry = escrow_pb.EscrowEntry(
+        sequence=3,
+        tombstone=escrow_pb.SealedTombstone(tombstone_id="t-1", sealed=b"\x01" * 368),
+        deposited_at=_at(1_700_000_000),
+    )
+    _round_trip(entry)
+    _round_trip(
+        escrow_pb.AuditCheckpoint(
+            agency_id="harbour-shelter",
+            number=2,
+            sealed_position=b"\x02" * 368,
+            checkpointed_at=_at(1_700_000_100),
+            previous=b"\x03" * 32,
+        )
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # On PostgreSQL a 64-bit identity column; SQLite only auto-increments an INTEGER PRIMARY KEY
@@ -253,6 +253,42 @@ class StatsReleaseRow(SQLModel, table=True):
     released_at: dt.datetime
 
 
+# --- the escrow of erasures and audit checkpoints (issue 14; escrow.proto) ----------------------
+
+
+class EscrowTombstoneRow(SQLModel, table=True):
+    """One sealed tombstone of an agency's escrow: append-only, never updated or deleted.
+
+    The broker holds only the agency, its position, an opaque id, the sealed bytes (every one the
+    same size) and when it arrived: it learns how many erasures and removals an agency recorded
+    and when, never which.
+    """
+
+    __tablename__ = "broker_escrow_tombstone"
+    __table_args__ = (UniqueConstraint("agency_id", "tombstone_id"),)
+
+    agency_id: str = Field(primary_key=True, max_length=ID_CHARS)
+    sequence: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    tombstone_id: str = Field(max_length=36)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # The chain value after this tombstone (tessera.escrow), so a head is one indexed read.
+    chain: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    deposited_at: dt.datetime
+
+
+class AuditCheckpointRow(SQLModel, table=True):
+    """One broker-signed checkpoint of an agency's sealed audit position: append-only."""
+
+    __tablename__ = "broker_audit_checkpoint"
+
+    agency_id: str = Field(primary_key=True, max_length=ID_CHARS)
+    number: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    # The signed AuditCheckpoint (it holds the sealed position) and the broker's signature.
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    checkpointed_at: dt.datetime
+
+
 BROKER_TABLES = frozenset(
     {
         EnrolmentTokenRow.__tablename__,
@@ -268,6 +304,8 @@ BROKER_TABLES = frozenset(
         StatsShareRow.__tablename__,
         StatsDeclineRow.__tablename__,
         StatsReleaseRow.__tablename__,
+        EscrowTombstoneRow.__tablename__,
+        AuditCheckpointRow.__tablename__,
     }
 )
 """Every table the broker owns; its migrations ignore any other table in the database."""

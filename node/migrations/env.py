@@ -24,6 +24,9 @@ NODE_TABLES = {
     "referral_event",
     "budget_period",
     "budget_charge",
+    "escrow_outbox",
+    "anchor",
+    "record_seal",
 }
 
 

@@ -6,11 +6,17 @@ writers can never fork the chain. After each commit the head is copied to ``audi
 node's home, outside the database, so dropping the newest entries together with the head row is
 still detected. That copy only moves forward (under a lock, as several processes may share the
 home), so the next write cannot erase the evidence of a truncation; restoring a backup, the one
-legitimate rewind, removes it first (node.backup).
+legitimate rewind, records what it went back behind and starts it afresh (node.backup).
+
+The node also checkpoints its head at the broker (node.escrow); :meth:`AuditLog.verify` given the
+latest checkpoint reports a log rolled back behind it, unless a restore recorded, in a signed
+entry of this log, that it went back behind exactly that checkpoint (``node.restored`` entries
+list what they superseded).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
@@ -22,9 +28,12 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from node import audit
-from node.domain import AuditEntry, AuditReport
+from node.domain import AuditEntry, AuditReport, CheckpointRef
 from node.store.tables import AuditHeadRow, AuditRow, as_utc, utcnow
 from tessera import crypto
+
+# The audit action a restore records; its detail lists the heads it went back behind.
+RESTORE_ACTION = "node.restored"
 
 
 class AuditLog:
@@ -92,8 +101,56 @@ class AuditLog:
             tmp.write_text(json.dumps({"seq": head.seq, "hash": head.entry_hash.hex()}))
             os.replace(tmp, self._head_file)
 
-    def verify(self, session: Session) -> AuditReport:
-        """Walk the whole chain; compare its end with the head row and the head file.
+    def head(self, session: Session) -> tuple[int, bytes]:
+        """The committed head: (sequence number, entry hash) of the last entry."""
+        row = session.exec(select(AuditHeadRow)).first()
+        return (row.seq, row.entry_hash) if row else (0, audit.GENESIS_HASH)
+
+    def holds(self, session: Session, seq: int, entry_hash: bytes) -> bool:
+        """Whether the log's entry ``seq`` is the one with ``entry_hash`` (so it extends it)."""
+        if seq == 0:
+            return True
+        row = session.get(AuditRow, seq)
+        return row is not None and row.entry_hash == entry_hash
+
+    def superseded(self, session: Session) -> list[tuple[int, dict[str, Any]]]:
+        """Every head a restore recorded going back behind: (the restore's seq, what it named)."""
+        found = []
+        for row in session.exec(
+            select(AuditRow).where(AuditRow.action == RESTORE_ACTION).order_by(col(AuditRow.seq))
+        ):
+            for item in json.loads(row.detail).get("superseded", []):
+                found.append((row.seq, item))
+        return found
+
+    def acknowledged(self, session: Session, seq: int, entry_hash: bytes) -> int | None:
+        """The restore entry that recorded going back behind (seq, hash), if one did."""
+        for restore_seq, item in self.superseded(session):
+            if item.get("seq") == seq and item.get("hash") == entry_hash.hex():
+                return restore_seq
+        return None
+
+    def check_checkpoint(self, session: Session, checkpoint: CheckpointRef) -> str | None:
+        """What is wrong with the log against a broker checkpoint; None if it extends it, or if
+        a restore recorded going back behind exactly this checkpoint."""
+        if self.holds(session, checkpoint.seq, checkpoint.entry_hash):
+            return None
+        if self.acknowledged(session, checkpoint.seq, checkpoint.entry_hash) is not None:
+            return None
+        head_seq, _hash = self.head(session)
+        if head_seq < checkpoint.seq:
+            return (
+                f"the log was rolled back behind {checkpoint.describe()}: that checkpoint "
+                f"recorded entry {checkpoint.seq}, but the log now ends at entry {head_seq}"
+            )
+        return (
+            f"entry {checkpoint.seq} is not the one {checkpoint.describe()} recorded: the log "
+            "was rolled back and written over"
+        )
+
+    def verify(self, session: Session, checkpoint: CheckpointRef | None = None) -> AuditReport:
+        """Walk the whole chain; compare its end with the head row and the head file, and with
+        the broker's latest checkpoint when given.
 
         ``session`` should read one snapshot (NodeStore.verify_audit arranges it).
         """
@@ -113,17 +170,50 @@ class AuditLog:
                     f"the database's head is entry {head[0]} but the node last recorded entry "
                     f"{outside[0]}: entries were dropped or rewritten"
                 )
-        return AuditReport(entries=report.entries, ok=not problems, problems=tuple(problems))
+        notes = [
+            f"entry {restore_seq}: a restore went back behind {item.get('what', 'a head')} "
+            f"(entry {item.get('seq')}); entries recorded after the copy it restored are not in "
+            "this log"
+            for restore_seq, item in self.superseded(session)
+        ]
+        if checkpoint is not None:
+            problem = self.check_checkpoint(session, checkpoint)
+            if problem:
+                problems.append(problem)
+        return AuditReport(
+            entries=report.entries,
+            ok=not problems,
+            problems=tuple(problems),
+            notes=tuple(notes),
+            checkpoint=checkpoint,
+        )
 
     def entries(
-        self, session: Session, case_id: str | None = None, actions: tuple[str, ...] = ()
+        self,
+        session: Session,
+        case_id: str | None = None,
+        actions: tuple[str, ...] = (),
+        *,
+        actor: str | None = None,
+        since: dt.datetime | None = None,
+        after: int = 0,
+        limit: int | None = None,
     ) -> list[AuditEntry]:
-        """Entries in order, optionally of one case and some actions (accounting of disclosures)."""
+        """Entries in order, optionally of one case, some actions, one actor (a principal, or a
+        staff member's name), from a moment, after a sequence number, at most ``limit``."""
         query = select(AuditRow).order_by(col(AuditRow.seq))
         if case_id is not None:
             query = query.where(AuditRow.case_id == case_id)
         if actions:
             query = query.where(col(AuditRow.action).in_(actions))
+        if actor:
+            query = query.where(col(AuditRow.actor).in_((actor, f"staff:{actor}")))
+        if since is not None:
+            query = query.where(col(AuditRow.at) >= since)
+        if after:
+            query = query.where(col(AuditRow.seq) > after)
+        if limit is not None:
+            query = query.limit(limit)
         return [
             AuditEntry(
                 seq=row.seq,

@@ -33,12 +33,14 @@ from node.domain import (
     Case,
     CaseState,
     CaseSummary,
+    CheckpointRef,
     Need,
     StaffMember,
     StaffRole,
 )
 from node.htcds import NeedCategory, NeedStatus
 from node.keyring import Keyring
+from node.store import anchors
 from node.store.audit_log import AuditLog
 from node.store.needs import need_tag, open_need, seal_need
 from node.store.tables import (
@@ -51,6 +53,7 @@ from node.store.tables import (
     as_utc,
     utcnow,
 )
+from node.tombstones import TombstoneKind
 from tessera import crypto
 from tessera.errors import Conflict, InvalidInput, NotFound, StorageError
 
@@ -123,6 +126,10 @@ class NodeStore:
         self._audit = AuditLog(keyring.identity, home / AUDIT_HEAD_FILE if home else None)
         # One writer at a time inside this process; the audit head row's lock covers others.
         self._write_lock = threading.Lock()
+        # Seals pin each case's last written version outside its row (node.store.anchors).
+        self._seals = anchors.RecordSeals(keyring.record_key)
+        #: Set by the running node (node.escrow.EscrowGate): whether cases may be opened now.
+        self.guard: anchors.CaseGuard | None = None
 
     @property
     def keyring(self) -> Keyring:
@@ -158,6 +165,17 @@ class NodeStore:
 
     def _reading(self) -> Session:
         return Session(self._engine, expire_on_commit=False)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Session]:
+        """A read session that sees one moment: a case row, its seal and the audit log read in
+        it agree, whatever another writer commits meanwhile."""
+        with self._reading() as session:
+            if self._engine.dialect.name == "sqlite":
+                session.connection().exec_driver_sql("BEGIN")
+            else:
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            yield session
 
     def audit(
         self,
@@ -198,13 +216,14 @@ class NodeStore:
             now = utcnow()
             today = now.date()
             record_key = self._keyring.record_key
+            rows: list[CaseRow] = []
             data_keys: list[crypto.DataKey] = []
             for new in cases:
                 case_id = str(uuid.uuid4())
                 # A fresh data key per survivor, wrapped into the case's own row.
                 data_key = crypto.DataKey.generate()
                 data_keys.append(data_key)
-                session.add(
+                rows.append(
                     CaseRow(
                         case_id=case_id,
                         version=1,
@@ -215,6 +234,7 @@ class NodeStore:
                         wrapped_key=crypto.wrap_key(record_key, data_key, _key_context(case_id)),
                     )
                 )
+                session.add(rows[-1])
                 ids.append(case_id)
                 if on_progress is not None and len(ids) % 500 == 0:
                     on_progress(len(ids))
@@ -233,11 +253,12 @@ class NodeStore:
                         NeedRow(case_id=case_id, tag=sealed.tag, ciphertext=sealed.ciphertext)
                     )
             if len(ids) == 1 and action == "case.create":
-                self._audit.append(session, actor, action, ids[0], detail)
+                seq = self._audit.append(session, actor, action, ids[0], detail)
             else:
-                self._audit.append(
+                seq = self._audit.append(
                     session, actor, action, None, {"cases": len(ids), **(detail or {})}
                 )
+            self._seals.seal_new(session, rows, seq)
         return ids
 
     def create_case(self, actor: str, new: NewCase, idempotency_key: str = "") -> Case:
@@ -262,6 +283,7 @@ class NodeStore:
         """Replace fields (empty value removes one) and/or notes; refuses a stale version."""
         with self._writing() as session:
             row = self._row(session, case_id, for_update=True)
+            self._seals.check(session, [row])
             _check_version(row, expected_version)
             data_key = self._data_key(row)
             current_fields, current_notes = self._open(data_key, row)
@@ -280,13 +302,14 @@ class NodeStore:
             session.add(row)
             session.exec(delete(BlindIndexRow).where(col(BlindIndexRow.case_id) == case_id))
             self._add_indexes(session, case_id, merged)
-            self._audit.append(
+            seq = self._audit.append(
                 session,
                 actor,
                 "case.update",
                 case_id,
                 {"fields": changed, "notes": notes is not None, "version": row.version},
             )
+            self._seals.seal(session, row, seq)
         return self._load(case_id)
 
     def close_case(
@@ -295,12 +318,14 @@ class NodeStore:
         """Mark a case closed (its data stays, encrypted, until erased)."""
         with self._writing() as session:
             row = self._row(session, case_id, for_update=True)
+            self._seals.check(session, [row])
             _check_version(row, expected_version)
             row.version += 1
             row.state = CaseState.CLOSED.value
             row.updated_at = utcnow()
             session.add(row)
-            self._audit.append(session, actor, "case.close", case_id, {"reason_code": reason})
+            seq = self._audit.append(session, actor, "case.close", case_id, {"reason_code": reason})
+            self._seals.seal(session, row, seq)
         return self.summary(case_id)
 
     def set_need(
@@ -373,6 +398,7 @@ class NodeStore:
         need: NeedCategory | None,
         need_status: NeedStatus | None,
     ) -> list[str]:
+        self._guard(())
         with self._reading() as session:
             if need is not None or need_status is not None:
                 return self._case_ids_by_need(session, state, need, need_status, limit, offset)
@@ -491,26 +517,41 @@ class NodeStore:
         """Destroy the survivor's data key and every row about them; record the erasure.
 
         The erasure is also appended to the ledger (``ledger.log``) in the node's home, outside
-        the database, so a restore of an older backup re-applies it (node.backup).
+        the database, so a restore of an older backup re-applies it (node.backup), and queued,
+        in the same transaction, as a tombstone for the broker's escrow, so no older copy of the
+        node brings the survivor back (node.escrow).
         """
         with self._writing() as session:
-            self._row(session, case_id)
+            self._row(session, case_id, guard=False)
             self._delete_survivor(session, case_id)
             session.add(ErasureRow(case_id=case_id, erased_by=actor))
+            self._queue_tombstone(session, TombstoneKind.ERASURE, case_id)
             self._audit.append(session, actor, "case.erase", case_id)
+        if self.guard is not None:
+            self.guard.note_erased(case_id)
         self._append_ledger(f"erase {case_id}")
         self._checkpoint()
 
-    def reapply_erasures(self, actor: str, case_ids: Iterable[str]) -> int:
-        """Erase again every listed survivor still present (after a restore); returns how many."""
+    def reapply_erasures(self, actor: str, case_ids: Iterable[str], queue: bool = True) -> int:
+        """Erase again every listed survivor still present (after a restore); returns how many.
+
+        With ``queue``, an erasure this database did not know is also queued for the escrow
+        (its tombstone id is derived from the case id, so the broker keeps one copy).
+        """
         count = 0
         with self._writing() as session:
             for case_id in case_ids:
-                if session.get(CaseRow, case_id) is not None:
+                if self.guard is not None:
+                    self.guard.note_erased(case_id)
+                present = session.get(CaseRow, case_id) is not None
+                if present:
                     self._delete_survivor(session, case_id)
                     count += 1
                 if session.get(ErasureRow, case_id) is None:
                     session.add(ErasureRow(case_id=case_id, erased_by=actor))
+                    present = True
+                if present and queue:
+                    self._queue_tombstone(session, TombstoneKind.ERASURE, case_id)
             if count:
                 self._audit.append(session, actor, "erasures.reapplied", None, {"cases": count})
         self._checkpoint()
@@ -526,6 +567,17 @@ class NodeStore:
             session.exec(delete(table).where(col(table.case_id) == case_id))
         # The case row holds the wrapped data key: deleting it crypto-shreds the survivor.
         session.exec(delete(CaseRow).where(col(CaseRow.case_id) == case_id))
+        self._seals.forget(session, [case_id])
+
+    def _queue_tombstone(self, session: Session, kind: TombstoneKind, subject: str) -> None:
+        anchors.queue_tombstone(
+            session, self._keyring.identity, self._keyring.record_key, kind, subject
+        )
+
+    def _guard(self, case_ids: Sequence[str]) -> None:
+        # The running node's gate (node.escrow): refuses while it cannot know every erasure.
+        if self.guard is not None:
+            self.guard.check_cases(case_ids)
 
     def _append_ledger(self, line: str) -> None:
         # The ledger outside the database: what a restore of an older backup must not undo.
@@ -590,20 +642,30 @@ class NodeStore:
                     )
             row.removed_at = utcnow()
             session.add(row)
+            self._queue_tombstone(session, TombstoneKind.STAFF_REMOVAL, row.signing_key.hex())
             self._audit.append(session, actor, "staff.remove", None, {"staff": row.name})
+        if self.guard is not None:
+            self.guard.note_removed(row.signing_key)
         self._append_ledger(f"staff-removed {row.signing_key.hex()}")
         return _staff(row)
 
-    def reapply_staff_removals(self, actor: str, signing_keys: Iterable[bytes]) -> int:
-        """Remove again every listed staff key still active (after a restore)."""
+    def reapply_staff_removals(
+        self, actor: str, signing_keys: Iterable[bytes], queue: bool = True
+    ) -> int:
+        """Remove again every listed staff key still active (after a restore); with ``queue``,
+        a removal this database did not know is queued for the escrow too."""
         count = 0
         with self._writing() as session:
             for key in signing_keys:
+                if self.guard is not None:
+                    self.guard.note_removed(key)
                 row = session.exec(select(StaffRow).where(StaffRow.signing_key == key)).first()
                 if row is not None and row.removed_at is None:
                     row.removed_at = utcnow()
                     session.add(row)
                     count += 1
+                    if queue:
+                        self._queue_tombstone(session, TombstoneKind.STAFF_REMOVAL, key.hex())
             if count:
                 self._audit.append(
                     session, actor, "staff.removals_reapplied", None, {"staff": count}
@@ -623,8 +685,9 @@ class NodeStore:
 
     # --- audit ---------------------------------------------------------------------------
 
-    def verify_audit(self) -> AuditReport:
-        """Check the whole chain, links, signatures and head, all as of one moment."""
+    def verify_audit(self, checkpoint: CheckpointRef | None = None) -> AuditReport:
+        """Check the whole chain, links, signatures and head, all as of one moment (and against
+        the broker's latest checkpoint, when given)."""
         with self._reading() as session:
             # One snapshot for the head and the chain, or an append committed between the two
             # reads would look like tampering.
@@ -632,18 +695,18 @@ class NodeStore:
                 session.connection().exec_driver_sql("BEGIN")
             else:
                 session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-            return self._audit.verify(session)
+            return self._audit.verify(session, checkpoint)
 
     def disclosures(self, case_id: str) -> list[AuditEntry]:
         """The accounting of disclosures for one case (DESIGN.md section 6)."""
         return self.audit_entries(case_id, DISCLOSURE_ACTIONS)
 
     def audit_entries(
-        self, case_id: str | None = None, actions: tuple[str, ...] = ()
+        self, case_id: str | None = None, actions: tuple[str, ...] = (), **filters: Any
     ) -> list[AuditEntry]:
-        """Audit entries in order, optionally filtered."""
+        """Audit entries in order, optionally filtered (see AuditLog.entries)."""
         with self._reading() as session:
-            return self._audit.entries(session, case_id, actions)
+            return self._audit.entries(session, case_id, actions, **filters)
 
     # --- internals -----------------------------------------------------------------------
 
@@ -672,7 +735,11 @@ class NodeStore:
             self._keyring.record_key, row.wrapped_key, _key_context(row.case_id)
         )
 
-    def _row(self, session: Session, case_id: str, for_update: bool = False) -> CaseRow:
+    def _row(
+        self, session: Session, case_id: str, for_update: bool = False, guard: bool = True
+    ) -> CaseRow:
+        if guard:
+            self._guard([case_id])
         query = select(CaseRow).where(CaseRow.case_id == case_id)
         if for_update:
             query = query.with_for_update()
@@ -717,13 +784,15 @@ class NodeStore:
             return []
         # Plain column tuples, not ORM objects: this is the hot path of exports and listings,
         # and nothing here is written back.
-        with self._reading() as session:
+        self._guard(case_ids)
+        with self._snapshot() as session:
             rows: dict[str, Any] = {
                 r.case_id: r
                 for r in session.execute(
                     sa_select(*_CASE_COLUMNS).where(col(CaseRow.case_id).in_(case_ids))
                 )
             }
+            self._seals.check(session, list(rows.values()))
             needs: dict[str, list[Any]] = {}
             for need in session.execute(
                 sa_select(*_NEED_COLUMNS).where(col(NeedRow.case_id).in_(case_ids))
@@ -751,8 +820,9 @@ class NodeStore:
         return cases
 
     def _load(self, case_id: str) -> Case:
-        with self._reading() as session:
+        with self._snapshot() as session:
             row = self._row(session, case_id)
+            self._seals.check(session, [row])
             fields, notes = self._open(self._data_key(row), row)
             return Case(
                 case_id=case_id,

@@ -296,3 +296,49 @@ class BudgetChargeRow(SQLModel, table=True):
     table_name: str = Field(max_length=128)
     epsilon: float
     charged_at: dt.datetime = Field(default_factory=utcnow)
+
+
+# --- erasures that outlive the home; records that cannot be rolled back (issue 14) ------------
+#
+# node.store.anchors reads and writes these; docs/storage.md explains the design.
+
+
+class EscrowOutboxRow(SQLModel, table=True):
+    """A tombstone (an erasure or staff removal, sealed by the node to itself) waiting to be
+    deposited at the broker; written in the same transaction as the erasure or removal, kept
+    until the broker accepted it. Nothing here is readable without the node's key."""
+
+    __tablename__ = "escrow_outbox"
+
+    tombstone_id: str = Field(primary_key=True, max_length=36)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    attempts: int = 0
+    last_error: str = Field(default="", max_length=500)
+
+
+class AnchorRow(SQLModel, table=True):
+    """One row: how much of the broker's escrow this database has applied (its size and chain
+    value) and when the node last confirmed it, and when every case was first sealed."""
+
+    __tablename__ = "anchor"
+
+    id: int = Field(default=1, primary_key=True)
+    escrow_size: int = 0
+    escrow_chain: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    escrow_confirmed_at: dt.datetime | None = None
+    sealed_at: dt.datetime | None = None
+
+
+class RecordSealRow(SQLModel, table=True):
+    """The version of a case the node last wrote, outside its row: a MAC (under a key derived
+    from the record key) over the case id, that version, its state, digests of its ciphertext
+    and wrapped key, and the audit entry that recorded the write. A row put back at an older
+    version no longer matches it (node.store.anchors)."""
+
+    __tablename__ = "record_seal"
+
+    case_id: str = Field(primary_key=True, max_length=36)
+    version: int
+    audit_seq: int
+    seal: bytes = Field(sa_column=Column(LargeBinary, nullable=False))

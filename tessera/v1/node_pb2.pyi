@@ -56,6 +56,46 @@ STAFF_ROLE_CASEWORKER: StaffRole.ValueType  # 2
 """Records cases, needs and consents; sends and answers referrals."""
 Global___StaffRole: _TypeAlias = StaffRole  # noqa: Y015
 
+class _EscrowState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EscrowStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EscrowState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ESCROW_STATE_UNSPECIFIED: _EscrowState.ValueType  # 0
+    """Not set."""
+    ESCROW_STATE_CONFIRMED: _EscrowState.ValueType  # 1
+    """The node fetched and applied its whole escrow since it started: it serves cases."""
+    ESCROW_STATE_UNCONFIRMED: _EscrowState.ValueType  # 2
+    """The node could not reach its broker since it started, so it cannot know whether a survivor
+    it holds was erased in a copy of it that is now lost: it opens no case until it can.
+    """
+    ESCROW_STATE_ROLLED_BACK: _EscrowState.ValueType  # 3
+    """The database is older than the audit log the node last recorded (an older copy was put in
+    place without `tessera node restore`): it opens no case until an administrator accepts it.
+    """
+    ESCROW_STATE_NOT_ENROLLED: _EscrowState.ValueType  # 4
+    """The node is not enrolled with a broker: erasures are kept only in its home's ledger."""
+
+class EscrowState(_EscrowState, metaclass=_EscrowStateEnumTypeWrapper):
+    """Whether a node may open cases, as far as erasures and rollbacks go (docs/storage.md)."""
+
+ESCROW_STATE_UNSPECIFIED: EscrowState.ValueType  # 0
+"""Not set."""
+ESCROW_STATE_CONFIRMED: EscrowState.ValueType  # 1
+"""The node fetched and applied its whole escrow since it started: it serves cases."""
+ESCROW_STATE_UNCONFIRMED: EscrowState.ValueType  # 2
+"""The node could not reach its broker since it started, so it cannot know whether a survivor
+it holds was erased in a copy of it that is now lost: it opens no case until it can.
+"""
+ESCROW_STATE_ROLLED_BACK: EscrowState.ValueType  # 3
+"""The database is older than the audit log the node last recorded (an older copy was put in
+place without `tessera node restore`): it opens no case until an administrator accepts it.
+"""
+ESCROW_STATE_NOT_ENROLLED: EscrowState.ValueType  # 4
+"""The node is not enrolled with a broker: erasures are kept only in its home's ledger."""
+Global___EscrowState: _TypeAlias = EscrowState  # noqa: Y015
+
 class _CaseStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -431,6 +471,12 @@ class GetStatusResponse(_message.Message):
     CALLER_STAFF_ID_FIELD_NUMBER: _builtins.int
     CALLER_ROLE_FIELD_NUMBER: _builtins.int
     NOW_FIELD_NUMBER: _builtins.int
+    ESCROW_STATE_FIELD_NUMBER: _builtins.int
+    ESCROW_DETAIL_FIELD_NUMBER: _builtins.int
+    ESCROW_SIZE_FIELD_NUMBER: _builtins.int
+    ESCROW_PENDING_FIELD_NUMBER: _builtins.int
+    ESCROW_CONFIRMED_AT_FIELD_NUMBER: _builtins.int
+    CHECKPOINTED_AT_FIELD_NUMBER: _builtins.int
     agency_id: _builtins.str
     """This agency's directory id; empty before enrolment. Seen by: the node's staff."""
     name: _builtins.str
@@ -466,10 +512,36 @@ class GetStatusResponse(_message.Message):
     """The caller's staff id. Seen by: the caller."""
     caller_role: Global___StaffRole.ValueType
     """The caller's role. Seen by: the caller."""
+    escrow_state: Global___EscrowState.ValueType
+    """Whether the node has confirmed, since it started, that its database holds every erasure and
+    staff removal escrowed at the broker (docs/storage.md). Seen by: the node's staff.
+    """
+    escrow_detail: _builtins.str
+    """What the escrow state means, in words: why it is not confirmed and what to do. Seen by: the
+    node's staff.
+    """
+    escrow_size: _builtins.int
+    """Tombstones held in the node's escrow at the broker, as last confirmed. Seen by: the node's
+    staff.
+    """
+    escrow_pending: _builtins.int
+    """Tombstones recorded here and not yet deposited at the broker. Seen by: the node's staff."""
     @_builtins.property
     def now(self) -> _timestamp_pb2.Timestamp:
         """The node's clock, so the CLI can warn about skew that would make signed requests fail. Seen
         by: the node's staff.
+        """
+
+    @_builtins.property
+    def escrow_confirmed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the node last confirmed its escrow with the broker; unset if never since it started.
+        Seen by: the node's staff.
+        """
+
+    @_builtins.property
+    def checkpointed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the broker recorded the node's latest audit checkpoint; unset if none. Seen by: the
+        node's staff.
         """
 
     def __init__(
@@ -491,10 +563,16 @@ class GetStatusResponse(_message.Message):
         caller_staff_id: _builtins.str = ...,
         caller_role: Global___StaffRole.ValueType = ...,
         now: _timestamp_pb2.Timestamp | None = ...,
+        escrow_state: Global___EscrowState.ValueType = ...,
+        escrow_detail: _builtins.str = ...,
+        escrow_size: _builtins.int = ...,
+        escrow_pending: _builtins.int = ...,
+        escrow_confirmed_at: _timestamp_pb2.Timestamp | None = ...,
+        checkpointed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["now", b"now"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpointed_at", b"checkpointed_at", "escrow_confirmed_at", b"escrow_confirmed_at", "now", b"now"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency_id", b"agency_id", "broker_address", b"broker_address", "broker_reachable", b"broker_reachable", "caller_role", b"caller_role", "caller_staff_id", b"caller_staff_id", "directory_size", b"directory_size", "enrolled", b"enrolled", "inbox_waiting", b"inbox_waiting", "key_fingerprint", b"key_fingerprint", "name", b"name", "now", b"now", "open_cases", b"open_cases", "outbox_pending", b"outbox_pending", "region", b"region", "storage", b"storage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency_id", b"agency_id", "broker_address", b"broker_address", "broker_reachable", b"broker_reachable", "caller_role", b"caller_role", "caller_staff_id", b"caller_staff_id", "checkpointed_at", b"checkpointed_at", "directory_size", b"directory_size", "enrolled", b"enrolled", "escrow_confirmed_at", b"escrow_confirmed_at", "escrow_detail", b"escrow_detail", "escrow_pending", b"escrow_pending", "escrow_size", b"escrow_size", "escrow_state", b"escrow_state", "inbox_waiting", b"inbox_waiting", "key_fingerprint", b"key_fingerprint", "name", b"name", "now", b"now", "open_cases", b"open_cases", "outbox_pending", b"outbox_pending", "region", b"region", "storage", b"storage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1490,6 +1568,11 @@ class VerifyAuditResponse(_message.Message):
     HEAD_FIELD_NUMBER: _builtins.int
     FIRST_BAD_SEQUENCE_FIELD_NUMBER: _builtins.int
     PROBLEMS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_NUMBER_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHECKPOINTED_AT_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_SOURCE_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     intact: _builtins.bool
     """True when every entry's hash chains to the next. Seen by: the node's administrators."""
     entries: _builtins.int
@@ -1502,10 +1585,31 @@ class VerifyAuditResponse(_message.Message):
     """When not intact: the sequence of the first entry that does not chain. Seen by: the node's
     administrators.
     """
+    checkpoint_number: _builtins.int
+    """The broker checkpoint the log was checked against (escrow.proto): its number; 0 if none.
+    Seen by: the node's administrators.
+    """
+    checkpoint_sequence: _builtins.int
+    """The audit entry that checkpoint recorded. Seen by: the node's administrators."""
+    checkpoint_source: _builtins.str
+    """Where the checkpoint came from: "broker", "home" (the copy in the node's home, when the
+    broker could not be reached), or empty when there is none. Seen by: the node's
+    administrators.
+    """
     @_builtins.property
     def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """When not intact: what is wrong, in words, one entry per problem. Seen by: the node's
         administrators.
+        """
+
+    @_builtins.property
+    def checkpointed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the broker recorded that checkpoint. Seen by: the node's administrators."""
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What an administrator should know that is not tampering, such as a restore that went back
+        behind a checkpoint and recorded it. Seen by: the node's administrators.
         """
 
     def __init__(
@@ -1516,14 +1620,143 @@ class VerifyAuditResponse(_message.Message):
         head: _builtins.bytes = ...,
         first_bad_sequence: _builtins.int = ...,
         problems: _abc.Iterable[_builtins.str] | None = ...,
+        checkpoint_number: _builtins.int = ...,
+        checkpoint_sequence: _builtins.int = ...,
+        checkpointed_at: _timestamp_pb2.Timestamp | None = ...,
+        checkpoint_source: _builtins.str = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpointed_at", b"checkpointed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "first_bad_sequence", b"first_bad_sequence", "head", b"head", "intact", b"intact", "problems", b"problems"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_number", b"checkpoint_number", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_source", b"checkpoint_source", "checkpointed_at", b"checkpointed_at", "entries", b"entries", "first_bad_sequence", b"first_bad_sequence", "head", b"head", "intact", b"intact", "notes", b"notes", "problems", b"problems"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015
+
+@_typing.final
+class ShowAuditRequest(_message.Message):
+    """Asks for audit entries; every filter given must match."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    """Only entries about this case. Seen by: the CLI and the node."""
+    actor: _builtins.str
+    """Only entries by this actor: a principal as the log records it ("staff:Ana Ruiz",
+    "system:restore") or a staff member's name. Seen by: the CLI and the node.
+    """
+    page_size: _builtins.int
+    """Maximum entries to return; 0 means the node's default. Seen by: the CLI and the node."""
+    page_token: _builtins.str
+    """Continue after a previous page (its next_page_token). Seen by: the CLI and the node."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only entries recorded at or after this moment. Seen by: the CLI and the node."""
+
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only entries of these actions ("case.read", "case.erase", ...). Seen by: the CLI and the
+        node.
+        """
+
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        actions: _abc.Iterable[_builtins.str] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "actor", b"actor", "case_id", b"case_id", "page_size", b"page_size", "page_token", b"page_token", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShowAuditRequest: _TypeAlias = ShowAuditRequest  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    """One audit log entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    DETAIL_JSON_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The entry's position in the log. Seen by: the node's administrators."""
+    actor: _builtins.str
+    """Who acted: a staff principal or a system actor. Seen by: the node's administrators."""
+    action: _builtins.str
+    """What happened. Seen by: the node's administrators."""
+    case_id: _builtins.str
+    """The case concerned; empty if none. Seen by: the node's administrators."""
+    detail_json: _builtins.str
+    """The entry's detail as canonical JSON: counts, field names and codes, never a survivor
+    field's value. Seen by: the node's administrators.
+    """
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded. Seen by: the node's administrators."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        action: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+        detail_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "case_id", b"case_id", "detail_json", b"detail_json", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class ShowAuditResponse(_message.Message):
+    """A page of audit entries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page. Seen by: the node's administrators."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]:
+        """The entries, oldest first. Seen by: the node's administrators."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShowAuditResponse: _TypeAlias = ShowAuditResponse  # noqa: Y015
 
 @_typing.final
 class Disclosure(_message.Message):

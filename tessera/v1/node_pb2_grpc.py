@@ -104,6 +104,11 @@ class NodeStub:
                 request_serializer=tessera_dot_v1_dot_node__pb2.ListDisclosuresRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_node__pb2.ListDisclosuresResponse.FromString,
                 _registered_method=True)
+        self.ShowAudit = channel.unary_unary(
+                '/tessera.v1.Node/ShowAudit',
+                request_serializer=tessera_dot_v1_dot_node__pb2.ShowAuditRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_node__pb2.ShowAuditResponse.FromString,
+                _registered_method=True)
         self.AddStaff = channel.unary_unary(
                 '/tessera.v1.Node/AddStaff',
                 request_serializer=tessera_dot_v1_dot_node__pb2.AddStaffRequest.SerializeToString,
@@ -290,6 +295,14 @@ class NodeServicer:
     def ListDisclosures(self, request, context):
         """The accounting of disclosures for one case: who received what about the survivor, and
         when. Caseworker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowAudit(self, request, context):
+        """Lists audit log entries, oldest first, optionally only those about one case, by one actor,
+        of some actions or since a moment: who opened this case, and when. Admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -484,6 +497,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ListDisclosures,
                     request_deserializer=tessera_dot_v1_dot_node__pb2.ListDisclosuresRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_node__pb2.ListDisclosuresResponse.SerializeToString,
+            ),
+            'ShowAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowAudit,
+                    request_deserializer=tessera_dot_v1_dot_node__pb2.ShowAuditRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_node__pb2.ShowAuditResponse.SerializeToString,
             ),
             'AddStaff': grpc.unary_unary_rpc_method_handler(
                     servicer.AddStaff,
@@ -922,6 +940,33 @@ class Node:
             '/tessera.v1.Node/ListDisclosures',
             tessera_dot_v1_dot_node__pb2.ListDisclosuresRequest.SerializeToString,
             tessera_dot_v1_dot_node__pb2.ListDisclosuresResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Node/ShowAudit',
+            tessera_dot_v1_dot_node__pb2.ShowAuditRequest.SerializeToString,
+            tessera_dot_v1_dot_node__pb2.ShowAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

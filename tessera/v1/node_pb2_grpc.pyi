@@ -86,6 +86,10 @@ class NodeStub:
     """The accounting of disclosures for one case: who received what about the survivor, and
     when. Caseworker.
     """
+    ShowAudit: _grpc.UnaryUnaryMultiCallable[_node_pb2.ShowAuditRequest, _node_pb2.ShowAuditResponse]
+    """Lists audit log entries, oldest first, optionally only those about one case, by one actor,
+    of some actions or since a moment: who opened this case, and when. Admin.
+    """
     AddStaff: _grpc.UnaryUnaryMultiCallable[_node_pb2.AddStaffRequest, _node_pb2.AddStaffResponse]
     """Registers a staff member's public key and role. Admin."""
     RemoveStaff: _grpc.UnaryUnaryMultiCallable[_node_pb2.RemoveStaffRequest, _node_pb2.RemoveStaffResponse]
@@ -189,6 +193,10 @@ class NodeAsyncStub(NodeStub):
     ListDisclosures: _aio.UnaryUnaryMultiCallable[_node_pb2.ListDisclosuresRequest, _node_pb2.ListDisclosuresResponse]  # type: ignore[assignment]
     """The accounting of disclosures for one case: who received what about the survivor, and
     when. Caseworker.
+    """
+    ShowAudit: _aio.UnaryUnaryMultiCallable[_node_pb2.ShowAuditRequest, _node_pb2.ShowAuditResponse]  # type: ignore[assignment]
+    """Lists audit log entries, oldest first, optionally only those about one case, by one actor,
+    of some actions or since a moment: who opened this case, and when. Admin.
     """
     AddStaff: _aio.UnaryUnaryMultiCallable[_node_pb2.AddStaffRequest, _node_pb2.AddStaffResponse]  # type: ignore[assignment]
     """Registers a staff member's public key and role. Admin."""
@@ -368,6 +376,16 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_node_pb2.ListDisclosuresResponse, _abc.Awaitable[_node_pb2.ListDisclosuresResponse]]:
         """The accounting of disclosures for one case: who received what about the survivor, and
         when. Caseworker.
+        """
+
+    @_abc_1.abstractmethod
+    def ShowAudit(
+        self,
+        request: _node_pb2.ShowAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ShowAuditResponse, _abc.Awaitable[_node_pb2.ShowAuditResponse]]:
+        """Lists audit log entries, oldest first, optionally only those about one case, by one actor,
+        of some actions or since a moment: who opened this case, and when. Admin.
         """
 
     @_abc_1.abstractmethod
