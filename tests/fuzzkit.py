@@ -12,8 +12,10 @@ so a new method or field is fuzzed without anyone touching this file. Two hypoth
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pkgutil
 import threading
 import time
 from collections.abc import Sequence
@@ -27,15 +29,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from tessera import crypto
-from tessera.v1 import (
-    common_pb2,
-    consent_pb2,
-    directory_pb2,
-    node_pb2,
-    referral_pb2,
-    relay_pb2,
-    stats_pb2,
-)
 
 # --- profiles --------------------------------------------------------------------------------
 
@@ -63,22 +56,24 @@ def examples(ci: int, full: int) -> int:
 
 # --- the methods to fuzz ---------------------------------------------------------------------
 
-PROTO_MODULES = (
-    common_pb2,
-    consent_pb2,
-    directory_pb2,
-    node_pb2,
-    referral_pb2,
-    relay_pb2,
-    stats_pb2,
-)
+
+def proto_modules() -> list[Any]:
+    """Every generated ``*_pb2`` module of ``tessera.v1`` (a new .proto file is found too)."""
+    import tessera.v1
+
+    names = sorted(
+        info.name
+        for info in pkgutil.iter_modules(tessera.v1.__path__)
+        if info.name.endswith("_pb2")
+    )
+    return [importlib.import_module(f"tessera.v1.{name}") for name in names]
 
 
 def all_methods() -> list[MethodDescriptor]:
     """Every RPC of every service in the generated ``tessera.v1`` descriptors."""
     return [
         method
-        for module in PROTO_MODULES
+        for module in proto_modules()
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     ]
