@@ -13,8 +13,11 @@ the zip's checksums.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import io
+import os
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -229,3 +232,29 @@ def test_a_file_under_the_wrong_name_is_refused_with_a_typed_error(
     path = scratch / f"misnamed{suffix}"
     path.write_bytes(content)
     _read_every_way(path)
+
+
+def _open_files() -> set[str]:
+    fds = Path("/proc/self/fd")
+    found = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(fd))
+    return found
+
+
+def test_a_workbook_openpyxl_cannot_open_leaves_no_file_open(scratch: Path) -> None:
+    """Found by fuzzing: openpyxl left the zip it failed on open until a garbage collection
+    (a file descriptor per damaged upload; pytest saw the ResourceWarning)."""
+    members = {"xl/styles.xml": b"<garbage"}  # parsed after the zip is opened
+    with zipfile.ZipFile(io.BytesIO(_workbook(["prs_FirstName"], [["x"]]))) as archive:
+        members = {**{n: archive.read(n) for n in archive.namelist()}, **members}
+    path = scratch / "openpyxl-fails.xlsx"
+    path.write_bytes(_repacked(b"", members))
+    gc.disable()  # only closing the file, not a collection, may release it
+    try:
+        with pytest.raises(TesseraError):
+            validate_file(path)
+        assert str(path) not in _open_files()
+    finally:
+        gc.enable()
