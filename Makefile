@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check proto bench adversarial clean
+.PHONY: demo test lint typecheck check proto bench soak adversarial adversarial-fuzz adversarial-crash clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Tessera needs $(PYTHON) on PATH"; exit 3; }
@@ -31,11 +31,32 @@ check: lint typecheck test
 proto: $(STAMP)  ## regenerate tessera/v1 from proto/
 	$(BIN)/python proto/generate.py
 
-adversarial: $(STAMP)  ## fuzz every RPC and the HTCDS readers at the full profile (long)
-	TESSERA_FUZZ=full $(BIN)/pytest tests/test_fuzz*.py -q -p no:cacheprovider
-
 bench: $(STAMP)  ## run every benchmark, print ratios against same-run baselines
 	$(BIN)/python -m bench
+
+# Full size (issue 16): 1,000 agencies each holding a Receive stream, 12,000 referrals between
+# random pairs, statistics rounds meanwhile; SOAK_POSTGRES=1 also runs it on PostgreSQL.
+SOAK_STREAMS ?= 1000
+SOAK_REFERRALS ?= 12000
+SOAK_POSTGRES ?= 0
+soak: $(STAMP)  ## a bounded soak of one broker: throughput, latency, memory per stream, RSS over time
+	TESSERA_SOAK_STREAMS=$(SOAK_STREAMS) TESSERA_SOAK_REFERRALS=$(SOAK_REFERRALS) \
+		TESSERA_SOAK_POSTGRES=$(SOAK_POSTGRES) $(BIN)/python -m bench soak
+
+CRASH_REPORT := $(CURDIR)/.adversarial-crash.jsonl
+
+adversarial: adversarial-fuzz adversarial-crash  ## both, each ending in one summary line
+
+# Every RPC of node and broker (signed and unsigned) and the HTCDS readers, hypothesis "full"
+# profile (tests/fuzzkit.py); the last line counts requests fuzzed, INTERNAL replies, crashes.
+adversarial-fuzz: $(STAMP)
+	TESSERA_FUZZ=full $(BIN)/pytest tests/test_fuzz*.py -q -p no:cacheprovider -o timeout=1800
+
+adversarial-crash: $(STAMP)  ## SIGKILL nodes and brokers many times (TESSERA_CRASH=full); one summary line
+	@rm -f $(CRASH_REPORT)
+	@TESSERA_CRASH=full TESSERA_CRASH_REPORT=$(CRASH_REPORT) $(BIN)/pytest tests/test_crash_suite.py \
+		-q -p no:cacheprovider -o timeout=1800; status=$$?; \
+		$(BIN)/python -m tests.crashsupport $(CRASH_REPORT); exit $$status
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import cli_help, flood, relay, stats, store
+from bench import cli_help, flood, relay, soak, stats, store
 from bench.common import Figure, print_table
 
 BENCHMARKS: dict[str, Callable[[], list[Figure]]] = {
@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, Callable[[], list[Figure]]] = {
     "relay": relay.run,
     "stats": stats.run,
     "flood": flood.run,
+    "soak": soak.run,
 }
 
 

@@ -27,15 +27,17 @@ from sqlalchemy import Column, Engine, LargeBinary, UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from bench.common import Figure, best_of
-from node import htcds
 from node.domain import DuplicatePolicy
-from node.htcds import NEED_CATEGORIES, NEED_STATUSES, NeedCategory, NeedStatus
+from node.htcds.csv_format import write_csv
+from node.htcds.report import validate_file
+from node.htcds.synthetic import synthetic_records
 from node.keyring import Keyring
 from node.store import imports
 from node.store.cases import NewCase, NodeStore
 from node.store.database import open_database
 from tessera import crypto
 from tessera.db import make_engine
+from tessera.needs import NEED_CATEGORIES, NEED_STATUSES, NeedCategory, NeedStatus
 
 BATCH = 500
 # The identifiers the store's blind index covers (node.store.cases._INDEXED), the same rows here.
@@ -183,7 +185,7 @@ def _store_read(store: NodeStore, ids: list[str]) -> int:
 
 def run(cases: int = 5000, import_rows: int = 10_000, runs: int = 3) -> list[Figure]:
     """Insert and read throughput (cases/s) and the HTCDS import rate (rows/s)."""
-    records = htcds.synthetic_records(cases, seed=42)
+    records = synthetic_records(cases, seed=42)
     needs = _needs_for(cases)
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,22 +246,22 @@ def run(cases: int = 5000, import_rows: int = 10_000, runs: int = 3) -> list[Fig
             )
         )
 
-        import_records = htcds.synthetic_records(import_rows, seed=7)
+        import_records = synthetic_records(import_rows, seed=7)
         source = folder / "import.csv"
-        htcds.write_csv(source, import_records)
+        write_csv(source, import_records)
 
         imported: list[NodeStore] = []
 
         def full_import() -> None:
             # The node's own path: validate, match every row (node.dedup), then store.
             target = fresh_store()
-            report = htcds.validate_file(source)
+            report = validate_file(source)
             imports.import_cases(target, "bench", report.good, DuplicatePolicy.SKIP)
             imported.append(target)
 
         def re_import() -> None:
             # The same file again into the filled store: every row matched, nothing written.
-            report = htcds.validate_file(source)
+            report = validate_file(source)
             outcome = imports.import_cases(imported[-1], "bench", report.good, DuplicatePolicy.SKIP)
             assert not outcome.case_ids
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import resource
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -164,8 +165,29 @@ async def start_broker(
     return running
 
 
+def raise_open_files_limit() -> int:
+    """Lift this process's soft limit on open files to its hard limit; returns the soft limit.
+
+    Every node holds a connection (one socket) to its broker, and a soft limit of 1,024 (the
+    default under systemd and many shells) would refuse connections from the thousandth node
+    on. The hard limit is the administrator's; raising the soft one up to it needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
 async def serve_until_signalled(settings: Settings) -> None:
     """Run a broker until SIGINT or SIGTERM, then shut down gracefully."""
+    open_files = raise_open_files_limit()
+    if open_files != resource.RLIM_INFINITY and open_files < 4096:
+        log.warning(
+            "broker.open_files_limit",
+            extra=fields(limit=open_files, hint="raise LimitNOFILE: each node holds a socket"),
+        )
     running = await start_broker(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

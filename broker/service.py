@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import random
 import threading
 import time
 import uuid
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 _APPEND_RETRIES = 5
 _POLL_SECONDS = 0.5
+# An idle stream's fallback poll backs off to this (never beyond the delivery lease): each poll is
+# a write transaction, and 1,000 idle streams polling every 0.5 s took a broker's whole core.
+_IDLE_POLL_SECONDS = 5.0
 _CLAIM_BATCH = 100  # envelopes leased to a Receive stream at a time
 _REFRESH_PAGE = 10_000  # directory log entries a refresh reads at a time
 
@@ -574,11 +578,17 @@ class RelayServicer(relay_grpc.RelayServicer):
             )
 
         claiming: asyncio.Task[list[StoredEnvelope]] | None = claim(0)
+        most = min(_IDLE_POLL_SECONDS, self._settings.limits.delivery_lease_seconds)
+        poll = _POLL_SECONDS
         try:
             while claiming is not None:
                 # Shielded: a stream cancelled meanwhile leaves the claim to finish, and the
                 # finally below hands what it leased back.
                 batch = await asyncio.shield(claiming)
+                # Mail announced by a wake-up is claimed at once; the poll only catches what
+                # nothing announces (an expired lease, a missed notification), so while the
+                # stream stays idle it polls less often, jittered so streams do not align.
+                poll = _POLL_SECONDS if batch else min(poll * 2, max(most, _POLL_SECONDS))
                 # A full batch means more may be waiting: lease the next batch while this one is
                 # streamed, so the stream never waits for the database between batches.
                 after = sent + len(batch)
@@ -595,7 +605,10 @@ class RelayServicer(relay_grpc.RelayServicer):
                     # Caught up: wait for new mail (a Send here, or on PostgreSQL a notification
                     # from another broker process), polling as a fallback.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(event.wait(), _POLL_SECONDS)
+                        await asyncio.wait_for(
+                            event.wait(),
+                            poll * random.uniform(0.8, 1.0),  # noqa: S311 (jitter, not a secret)
+                        )
                     claiming = claim(sent)
         finally:
             if claiming is not None:

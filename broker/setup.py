@@ -16,14 +16,14 @@ from tessera.errors import ConfigError
 
 @dataclass(frozen=True)
 class BrokerInit:
-    """What ``broker init`` needs to know."""
+    """What ``broker init`` needs to know (defaults from :mod:`tessera.config`)."""
 
     home: Path
     name: str
     region: str
     operator_name: str = "operator"
-    listen: str = "127.0.0.1:7440"
-    database_url: str = ""
+    listen: str = config.BROKER_LISTEN
+    database_url: str = config.EMBEDDED_DATABASE
 
 
 def init_broker(spec: BrokerInit) -> Settings:

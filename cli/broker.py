@@ -9,6 +9,7 @@ import typer
 
 from cli import context
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+from tessera import config
 
 app = typer.Typer(no_args_is_help=True)
 coordinator_app = typer.Typer(
@@ -23,10 +24,10 @@ def init(
     region: Annotated[str, typer.Option(help="The region this broker serves, e.g. north.")],
     name: Annotated[str, typer.Option(help="A name for this broker.")] = "Regional broker",
     operator: Annotated[str, typer.Option(help="Name of the first operator.")] = "operator",
-    listen: Annotated[str, typer.Option(help="host:port to serve on.")] = "127.0.0.1:7440",
+    listen: Annotated[str, typer.Option(help="host:port to serve on.")] = config.BROKER_LISTEN,
     database_url: Annotated[
         str, typer.Option(help="PostgreSQL URL; default: SQLite file in the home.")
-    ] = "",
+    ] = config.EMBEDDED_DATABASE,
 ) -> None:
     """Create a broker in --home: signing key, TLS, database, first operator credential.
 

@@ -85,7 +85,7 @@ def create(
     Example:
       echo '{"prs_FirstName": "Mirelka"}' | tessera case create --from-json - --need safe_housing
     """
-    from node.htcds import NeedStatus
+    from tessera.needs import NeedStatus
 
     fields = _parse_fields(field, from_json)
     needs = [(_category(n), NeedStatus.IDENTIFIED) for n in need or []]
@@ -148,7 +148,7 @@ def list_cases(
     Example:
       tessera case list --state open --need safe_housing --need-status unmet
     """
-    from node.htcds import NeedStatus
+    from tessera.needs import NeedStatus
 
     with _client(ctx) as client:
         cases = client.list_cases(
@@ -261,8 +261,8 @@ def need(
     Example:
       tessera case need 7c9e6679-7425-40de-944b-e07fc1f90ae7 legal_civil referred
     """
-    from node.htcds import NeedStatus
     from tessera.errors import InvalidInput
+    from tessera.needs import NeedStatus
 
     if status not in {s.value for s in NeedStatus}:
         raise InvalidInput(
@@ -346,10 +346,10 @@ def import_cases(
     if len(result["problems"]) > 50:
         typer.echo(f"... and {len(result['problems']) - 50} more problems", err=True)
     if rejects is not None and result["rejected"]:
-        from node import htcds
+        from node.htcds.report import validate_file, write_rejects
 
-        validated = htcds.validate_file(file)
-        htcds.write_rejects(rejects, validated.header, validated.rejects())
+        validated = validate_file(file)
+        write_rejects(rejects, validated.header, validated.rejects())
         typer.echo(f"Refused rows written to {rejects}", err=True)
     for outcome in result["rows"]:
         typer.echo(_row_line(outcome))
@@ -500,8 +500,8 @@ def disclosures(ctx: typer.Context, case_id: str, fmt: OutputFormat = FORMAT_OPT
 
 
 def _category(value: str) -> Any:
-    from node.htcds import NeedCategory
     from tessera.errors import InvalidInput
+    from tessera.needs import NeedCategory
 
     try:
         return NeedCategory(value)

@@ -27,9 +27,12 @@ from broker.operator_client import OperatorClient
 from broker.server import RunningBroker, start_broker
 from broker.setup import BrokerInit, init_broker
 from cli.context import CliContext
-from node import directory_sync, htcds
+from node import directory_sync
 from node.client import NodeClient
 from node.domain import StaffRole
+from node.htcds.catalogue import IDENTIFYING_FIELDS
+from node.htcds.synthetic import synthetic_records
+from node.htcds.xlsx_format import write_xlsx
 from node.keyring import open_keyring
 from node.server import RunningNode, start_node
 from node.setup import NodeInit, init_node
@@ -37,6 +40,7 @@ from tessera import credential, crypto
 from tessera.config import KekSource
 from tessera.errors import ConfigError, PermissionDenied, Unavailable
 from tessera.loop import LoopThread
+from tessera.needs import NeedCategory, NeedStatus
 
 MARKER = ".tessera-demo"
 REGION = "north"
@@ -195,10 +199,10 @@ def _walk_through(
     imported: dict[str, list[str]] = {}
     records_by_agency: dict[str, list[dict[str, str]]] = {}
     for offset, (agency_id, client) in enumerate(clients.items()):
-        records = htcds.synthetic_records(cases, seed=2026 + offset)
+        records = synthetic_records(cases, seed=2026 + offset)
         records_by_agency[agency_id] = records
         spreadsheet = directory / f"{agency_id}-intake.xlsx"
-        htcds.write_xlsx(spreadsheet, records)
+        write_xlsx(spreadsheet, records)
         step(f"{agency_id}: importing {cases} synthetic HTCDS cases (fictional people)")
         imported[agency_id] = client.import_cases(spreadsheet, False, lambda *_p: None)["case_ids"]
         spreadsheet.unlink()  # the demo leaves no plaintext survivor data outside the stores
@@ -209,7 +213,7 @@ def _walk_through(
         {"prs_FirstName": target["prs_FirstName"], "prs_SecondName": target["prs_SecondName"]}
     )[0]["case_id"]
     step(f"harbour-shelter: found case {case_id} through the keyed blind index")
-    shelter.set_need(case_id, htcds.NeedCategory.MEDICAL, htcds.NeedStatus.IDENTIFIED)
+    shelter.set_need(case_id, NeedCategory.MEDICAL, NeedStatus.IDENTIFIED)
     step(
         "The survivor consents, verbally, to share identity and contact details with "
         "Lantern Clinic for medical care; the caseworker records it"
@@ -217,14 +221,14 @@ def _walk_through(
     consent = shelter.grant_consent(
         case_id,
         "lantern-clinic",
-        htcds.NeedCategory.MEDICAL,
+        NeedCategory.MEDICAL,
         ["identity", "contact"],
         dt.date.today() + dt.timedelta(days=30),
         "verbal",
     )
     step("Sending the referral: only consented fields, signed, sealed to the clinic's key")
     referral = shelter.send_referral(
-        case_id, "lantern-clinic", htcds.NeedCategory.MEDICAL, consent_id=consent["consent_id"]
+        case_id, "lantern-clinic", NeedCategory.MEDICAL, consent_id=consent["consent_id"]
     )
     incoming = _wait_for(lambda: next(iter(clinic.inbox()), None), "the referral to arrive")
     shown = clinic.show_referral(incoming["referral_id"])
@@ -268,7 +272,7 @@ def _check_disk(homes: dict[str, Path], records_by_agency: dict[str, list[dict[s
         v
         for r in everything
         for k, v in r.items()
-        if k in htcds.IDENTIFYING_FIELDS and len(v) > 4 and not v.isdigit() and v.encode() in raw
+        if k in IDENTIFYING_FIELDS and len(v) > 4 and not v.isdigit() and v.encode() in raw
     ]
     console.print(f"  plaintext identifiers found on disk: {len(leaked)}")
 
@@ -311,7 +315,7 @@ def _node_operations(
         f"intact={report['intact']}"
     )
     unmet = sum(
-        len(c.list_cases(None, None, htcds.NeedStatus.UNMET, False, 1000)) for c in clients.values()
+        len(c.list_cases(None, None, NeedStatus.UNMET, False, 1000)) for c in clients.values()
     )
     console.print(
         f"  cases with an unmet need across the three agencies: {unmet} (each agency sees only "
@@ -392,8 +396,8 @@ def _free_port() -> int:
 def _record_needs(clients: dict[str, NodeClient], imported: dict[str, list[str]]) -> None:
     step("Recording aftercare needs (codes only; they identify no one)")
     rng = random.Random(7)  # noqa: S311 - synthetic demo data, nothing secret
-    categories = list(htcds.NeedCategory)
-    statuses = list(htcds.NeedStatus)
+    categories = list(NeedCategory)
+    statuses = list(NeedStatus)
     for agency_id, client in clients.items():
         for case_id in imported[agency_id]:
             # One to six needs a survivor, as agencies see them.

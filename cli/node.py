@@ -170,12 +170,113 @@ def rotate_kek(
         if new_pass is not None:
             # As the credential re-lock below will check it: refused before anything changes.
             passphrases.require_strong(new_pass, context=(held.name,), what="node passphrase")
-        count = client.rotate_kek(new_pass, new_key_file)
+        current = _current_node_passphrase(cli)
+        count = client.rotate_kek(new_pass, new_key_file, current)
     typer.echo(f"Key-encryption key replaced; {count} keys re-wrapped, no record re-encrypted.")
     if (cli.home / KEYRING_FILE).exists():
         # In the node's home the administrator's credential follows the node's KEK.
         credential.write(cli.home, held, _node_lock(cli, new_pass, new_key_file), replace=True)
         typer.echo(f"The credential in {cli.home} is now locked the same way.")
+
+
+@app.command("rotate-keys")
+def rotate_keys(ctx: typer.Context) -> None:
+    """Replace this agency's signing and encryption keys; the old key signs the change.
+
+    Run on the node's host with the node stopped (exit 9 while it serves) and its broker
+    reachable. Peers pin the new keys at their next directory sync; the old keys are kept,
+    retired, so referrals already on their way and everything the node sealed to itself still
+    open. From now on the broker refuses the old key. Take a new backup afterwards.
+
+    \b
+    Example:
+      tessera node rotate-keys
+    """
+    from node.rotation import rotate_agency_keys
+    from tessera import config
+    from tessera.config import KekSource
+    from tessera.credential import lock_stopped_home
+
+    cli = context.get(ctx)
+    settings = config.load(cli.home, cli.environ)
+    with lock_stopped_home(settings.home):
+        passphrase = cli.passphrase() if settings.kek_source is KekSource.PASSPHRASE else None
+        done = rotate_agency_keys(settings, passphrase)
+    verb = "Finished the interrupted rotation" if done.resumed else "Rotated the keys"
+    typer.echo(f"{verb} of {done.agency_id}.")
+    typer.echo(f"  old fingerprint (retired): {done.old_fingerprint}")
+    typer.echo(f"  new fingerprint:           {done.new_fingerprint}")
+    typer.echo(
+        "Tell each partner agency the new fingerprint by phone; they check it with "
+        f"`tessera agency verify {done.agency_id} --fingerprint ...` after their next sync. "
+        "Take a new backup now (`tessera node backup`): older ones carry the old keys."
+    )
+
+
+@app.command("re-enrol")
+def re_enrol(
+    ctx: typer.Context,
+    code: Annotated[str, typer.Argument(help="A new enrolment code, for a new agency id.")],
+    services: Annotated[
+        list[str] | None,
+        typer.Option("--service", help="A need category you serve; repeat (default: as before)."),
+    ] = None,
+) -> None:
+    """Recover from a stolen agency key: enrol this node under a new agency id with new keys.
+
+    For when the broker operator has revoked the agency (its key was taken over). Run with the
+    node stopped. Cases, staff, referrals received and the audit log stay; every erasure and
+    staff removal goes into the new agency's escrow. Partners verify the new fingerprint by
+    phone (docs/operations.md, "A compromised agency key").
+
+    \b
+    Example:
+      tessera node re-enrol "$(cat new-enrol-code.txt)"
+    """
+    from node.rotation import re_enrol as re_enrol_node
+    from tessera import config
+    from tessera.config import KekSource
+    from tessera.credential import lock_stopped_home
+
+    cli = context.get(ctx)
+    settings = config.load(cli.home, cli.environ)
+    with lock_stopped_home(settings.home):
+        passphrase = cli.passphrase() if settings.kek_source is KekSource.PASSPHRASE else None
+        done = re_enrol_node(settings, passphrase, code, services or [])
+    typer.echo(f"Enrolled again as {done.agency_id}, with new keys.")
+    typer.echo(f"  new fingerprint: {done.new_fingerprint}")
+    typer.echo(
+        "Call each partner agency: they check it with "
+        f"`tessera agency verify {done.agency_id} --fingerprint ...`. "
+        "Take a new backup now (`tessera node backup`)."
+    )
+
+
+def _current_node_passphrase(cli: context.CliContext) -> str | None:
+    # The node checks it before re-locking: a stolen administrator credential is not enough.
+    # In the node's own home it is the passphrase already given; elsewhere it is asked for.
+    from node.keyring import KEYRING_FILE, read_spec
+    from tessera.config import KekSource
+
+    if (cli.home / KEYRING_FILE).exists():
+        if read_spec(cli.home).source is not KekSource.PASSPHRASE:
+            return None
+        return cli.passphrase()
+    import getpass
+    import sys
+
+    from tessera.errors import ConfigError
+
+    # Here TESSERA_PASSPHRASE opens the administrator's own credential, not the node.
+    given = cli.environ.get("TESSERA_NODE_PASSPHRASE")
+    if given:
+        return given
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "the node's current passphrase is needed and there is no terminal to ask on",
+            hint="set TESSERA_NODE_PASSPHRASE, or run the command in the node's own home",
+        )
+    return getpass.getpass("the node's current passphrase: ")
 
 
 def _node_lock(

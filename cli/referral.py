@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated, Any
 
 import typer
 
 from cli import context
 from cli.output import FORMAT_OPTION, OutputFormat, render, render_one
+from node.referrals.model import ANSWERS, Answer, ReferralStatus  # light: no crypto, no protobuf
+from node.referrals.model import DeclineReason as Reason
 
 app = typer.Typer(no_args_is_help=True)
 
 _COLUMNS = ["referral_id", "direction", "agency", "need", "state", "decline_reason", "waiting"]
-
-
-class Reason(enum.StrEnum):
-    """Why a referral is declined.
-
-    The values of ``node.envelopes.DeclineReason``, repeated here because Typer needs the choices
-    when the CLI starts and importing the envelope module (crypto, protobuf) would slow every
-    command down; a test keeps the two equal.
-    """
-
-    NO_CAPACITY = "no_capacity"
-    NOT_ELIGIBLE = "not_eligible"
-    SERVICE_UNAVAILABLE = "service_unavailable"
-    SURVIVOR_UNREACHABLE = "survivor_unreachable"
-    OTHER = "other"
 
 
 def _client(ctx: typer.Context) -> Any:
@@ -115,22 +101,6 @@ def show(
     render_one(referral, fmt, title="referral")
 
 
-@app.command("accept")
-def accept(
-    ctx: typer.Context,
-    referral_id: Annotated[str, typer.Argument(help="The referral.")],
-    fmt: OutputFormat = FORMAT_OPTION,
-) -> None:
-    """Accept a received referral (the sender is told).
-
-    \b
-    Example:
-      tessera referral accept b3e1c2d4-5f60-4a7b-8c9d-0e1f2a3b4c5d
-    """
-    with _client(ctx) as client:
-        render_one(client.answer_referral(referral_id, "accept"), fmt, title="accepted")
-
-
 @app.command("decline")
 def decline(
     ctx: typer.Context,
@@ -152,17 +122,25 @@ def decline(
     render_one(answered, fmt, title="declined")
 
 
-@app.command("complete")
-def complete(
-    ctx: typer.Context,
-    referral_id: Annotated[str, typer.Argument(help="The referral.")],
-    fmt: OutputFormat = FORMAT_OPTION,
-) -> None:
-    """Record that the service was provided (after accepting; the sender is told).
+def _answer_command(status: ReferralStatus, answer: Answer) -> None:
+    """``tessera referral VERB ID``: one command for each answer that needs nothing more than
+    the referral (node.referrals.model.ANSWERS; decline, which needs a reason, is above)."""
 
-    \b
-    Example:
-      tessera referral complete b3e1c2d4-5f60-4a7b-8c9d-0e1f2a3b4c5d
-    """
-    with _client(ctx) as client:
-        render_one(client.answer_referral(referral_id, "complete"), fmt, title="completed")
+    def command(
+        ctx: typer.Context,
+        referral_id: Annotated[str, typer.Argument(help="The referral.")],
+        fmt: OutputFormat = FORMAT_OPTION,
+    ) -> None:
+        with _client(ctx) as client:
+            render_one(client.answer_referral(referral_id, answer.verb), fmt, title=status.value)
+
+    command.__doc__ = (
+        f"{answer.help}\n\n\b\nExample:\n"
+        f"  tessera referral {answer.verb} b3e1c2d4-5f60-4a7b-8c9d-0e1f2a3b4c5d"
+    )
+    app.command(answer.verb)(command)
+
+
+for _status, _answer in ANSWERS.items():
+    if _status is not ReferralStatus.DECLINED:
+        _answer_command(_status, _answer)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,9 +81,22 @@ def seal_entry(
     )
 
 
+def _signed_by_any(
+    signers: Sequence[crypto.PublicIdentity], entry_hash: bytes, signature: bytes
+) -> bool:
+    # The node's current key or one it had before a key rotation (node.keyring).
+    for signer in signers:
+        try:
+            crypto.verify(signer, crypto.LABEL_AUDIT, entry_hash, signature)
+            return True
+        except BadSignature:
+            continue
+    return False
+
+
 def verify_chain(
     entries: Iterable[SealedEntry],
-    signer: crypto.PublicIdentity,
+    signers: Sequence[crypto.PublicIdentity],
     head: tuple[int, bytes] | None = None,
 ) -> AuditReport:
     """Check every link, hash and signature; compare the end of the chain with ``head``.
@@ -107,9 +120,7 @@ def verify_chain(
         recomputed = crypto.digest(crypto.LABEL_AUDIT, entry.prev_hash + content)
         if recomputed != entry.entry_hash:
             problems.append(f"entry {entry.seq} was edited (its hash does not match its content)")
-        try:
-            crypto.verify(signer, crypto.LABEL_AUDIT, entry.entry_hash, entry.signature)
-        except BadSignature:
+        if not _signed_by_any(signers, entry.entry_hash, entry.signature):
             problems.append(f"entry {entry.seq} is not signed by this node")
         prev_hash = entry.entry_hash
         expected_seq = entry.seq + 1

@@ -46,11 +46,11 @@ from sqlmodel import SQLModel
 from node import directory_sync, escrow
 from node import keyring as keyring_mod
 from node.keyring import Keyring
+from node.referrals.stores import ReferralStores
 from node.store.budget import BudgetStore
 from node.store.cases import AUDIT_HEAD_FILE, LEDGER_FILE, NodeStore
 from node.store.escrow import EscrowStore
 from node.store.needs import seal_clear_rows
-from node.store.referrals import ReferralStore
 from node.store.tables import (
     AnchorRow,
     AuditHeadRow,
@@ -74,7 +74,14 @@ from node.store.tables import (
 )
 from node.tombstones import AuditPosition
 from tessera import crypto
-from tessera.errors import ConfigError, InvalidInput, TamperedCiphertext, TesseraError, Unavailable
+from tessera.errors import (
+    ConfigError,
+    InvalidInput,
+    TamperedCiphertext,
+    TesseraError,
+    Unavailable,
+    WrongPassphrase,
+)
 from tessera.escrow import EscrowHead
 from tessera.files import atomic_write
 from tessera.logs import fields
@@ -240,17 +247,22 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     finish_interrupted_restore(home, engine, keyring)
     if (home / keyring_mod.KEYRING_FILE).exists():
         current = keyring_mod.export_document(home)
-        if current.get("identity_public") != header["keyring"].get("identity_public"):
+        # The same node under any of its keys (a backup taken before a key rotation).
+        if not keyring_mod.public_keys(current) & keyring_mod.public_keys(header["keyring"]):
             raise ConfigError(
                 "this backup belongs to another node",
                 hint="restore it into that node's home, or into an empty home",
             )
+        if current.get("identity_public") != header["keyring"].get("identity_public"):
+            # Taken before a key rotation: the home's keyring holds the keys the broker knows
+            # now (and the old ones, retired); the record key is the same.
+            keyring = _home_keyring(home, passphrase)
     else:
         keyring_mod.install_document(home, header["keyring"])
     if not (home / directory_sync.LINK_FILE).exists() and header.get("broker_link"):
         atomic_write(home / directory_sync.LINK_FILE, json.dumps(header["broker_link"]).encode())
     # The escrow first: if the broker cannot be reached, nothing has changed yet.
-    client = escrow.client_for(home, keyring.identity)
+    client = escrow.client_for(home, keyring.identities)
     fetched = _fetch_escrow(home, client) if client is not None else None
     try:
         with engine.begin() as conn:
@@ -263,6 +275,17 @@ def restore_backup(home: Path, engine: Engine, path: Path, passphrase: str | Non
     finally:
         if client is not None:
             client.close()
+
+
+def _home_keyring(home: Path, passphrase: str | None) -> Keyring:
+    try:
+        return keyring_mod.open_keyring(home, passphrase)
+    except WrongPassphrase:
+        raise ConfigError(
+            "this backup was taken before the node's keys were rotated, and the node's "
+            "passphrase has changed since",
+            hint="restore a backup taken since the rotation (take one right after rotating keys)",
+        ) from None
 
 
 def _fetch_escrow(home: Path, client: escrow.EscrowClient) -> escrow.Fetched:
@@ -396,7 +419,7 @@ def _seal_clear_needs(
 ) -> list[dict[str, Any]]:
     # A backup taken before need records were sealed (schema 0004) holds them in clear: seal
     # them under each survivor's key on the way in, as the upgrade did (node.store.needs).
-    from node.store.cases import _key_context
+    from node.store.records import survivor_key_context
 
     wrapped = {
         r["case_id"]: base64.b64decode(r["wrapped_key"]["b64"])
@@ -404,7 +427,9 @@ def _seal_clear_needs(
     }
 
     def data_key_of(case_id: str) -> crypto.DataKey:
-        return crypto.unwrap_key(keyring.record_key, wrapped[case_id], _key_context(case_id))
+        return crypto.unwrap_key(
+            keyring.record_key, wrapped[case_id], survivor_key_context(case_id)
+        )
 
     return seal_clear_rows(rows, data_key_of)
 
@@ -444,7 +469,7 @@ def _reapply(home: Path, engine: Engine, keyring: Keyring) -> int:
         ),
     )
     # Revoked consents and purged referrals stay revoked and purged, too.
-    ReferralStore(store).reapply_ledger("system:restore", ledger)
+    ReferralStores(store).reapply_ledger("system:restore", ledger)
     # Spent privacy budget stays spent (DESIGN.md section 7: every contribution is counted).
     BudgetStore(store).reapply_ledger("system:restore", ledger)
     store.audit(
@@ -474,7 +499,7 @@ def reapply_ledger(home: Path, store: NodeStore, actor: str = "system:ledger") -
     store.reapply_staff_removals(
         actor, sorted({bytes.fromhex(v) for k, v in ledger if k == "staff-removed"})
     )
-    ReferralStore(store).reapply_ledger(actor, ledger)
+    ReferralStores(store).reapply_ledger(actor, ledger)
     BudgetStore(store).reapply_ledger(actor, ledger)
     return erased
 

@@ -18,6 +18,7 @@ import grpc
 from node import serde
 from node.domain import DuplicatePolicy, StaffRole
 from node.htcds import NeedCategory, NeedStatus
+from node.referrals.model import DeclineReason, answer_for
 from tessera import credential, rpc
 from tessera.config import Limits
 from tessera.errors import InvalidInput, Refused
@@ -185,13 +186,17 @@ class NodeClient:
                 return rows[:limit] if limit else rows
             request.page_token = reply.next_page_token
 
-    def rotate_kek(self, new_passphrase: str | None, new_key_file: Path | None) -> int:
-        """Re-wrap the node's keyring under a new passphrase or key file."""
+    def rotate_kek(
+        self, new_passphrase: str | None, new_key_file: Path | None, current: str | None = None
+    ) -> int:
+        """Re-wrap the node's keyring under a new passphrase or key file; ``current`` is the
+        node's passphrase in force (for a node protected by one)."""
         request = (
             node_pb.RotateKeyEncryptionKeyRequest(new_passphrase=new_passphrase)
             if new_passphrase is not None
             else node_pb.RotateKeyEncryptionKeyRequest(new_key_file=str(new_key_file))
         )
+        request.current_passphrase = current or ""
         return int(
             self._call(self._stub.RotateKeyEncryptionKey, request, timeout=120).keys_rewrapped
         )
@@ -545,21 +550,12 @@ class NodeClient:
         self, referral_id: str, answer: str, reason: str = "", text: str = ""
     ) -> dict[str, Any]:
         """accept, decline (with a reason) or complete a received referral."""
-        answers = {
-            "accept": node_pb.REFERRAL_ANSWER_ACCEPT,
-            "decline": node_pb.REFERRAL_ANSWER_DECLINE,
-            "complete": node_pb.REFERRAL_ANSWER_COMPLETE,
-        }
         reply = self._call(
             self._stub.AnswerReferral,
             node_pb.AnswerReferralRequest(
                 referral_id=referral_id,
-                answer=answers[answer],
-                decline_reason=(
-                    referral_pb.DeclineReason.Value(f"DECLINE_REASON_{reason.upper()}")
-                    if reason
-                    else referral_pb.DECLINE_REASON_UNSPECIFIED
-                ),
+                answer=serde.referral_answer_pb(answer_for(answer)),
+                decline_reason=serde.decline_reason_pb(DeclineReason(reason) if reason else None),
                 decline_text=text,
             ),
         )

@@ -31,21 +31,36 @@ from __future__ import annotations
 import enum
 import itertools
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from typing import Final, TypeVar
+from datetime import datetime, timedelta
+from typing import Final, TypeAlias
 
 from google.protobuf.message import DecodeError
 
-from node import htcds, serde
-from node.htcds import DATA_CATEGORIES, FIELD_CATEGORY, FIELD_NAMES, NeedCategory
+from node import serde
+from node.htcds.catalogue import (
+    DATA_CATEGORIES,
+    FIELD_CATEGORY,
+    canonical_field,
+    fields_in,
+)
+from node.referral_checks import (
+    FIELD_ORDER,
+    check_purpose,
+    check_trusted,
+    check_uuid,
+    field_list,
+    iso,
+    member,
+)
+from node.referrals.model import ConsentMethod
 from tessera import crypto
 from tessera import directory as directory_core
 from tessera.crypto import Identity, PublicIdentity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused
+from tessera.needs import NeedCategory
 from tessera.timestamps import require_aware, to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
@@ -57,6 +72,7 @@ __all__ = [
     "ConsentLimits",
     "ConsentMethod",
     "ConsentRefused",
+    "ReceiptBlob",
     "Refusal",
     "VerifiedReceipt",
     "check_covers",
@@ -65,6 +81,10 @@ __all__ = [
     "receipt_blob",
     "verify_receipt",
 ]
+
+
+#: A consent receipt as it travels: the signed body, the signature, the signer's key.
+ReceiptBlob: TypeAlias = common_pb.SignedBlob
 
 
 # --- limits (python-tuf habit: named defaults, not literals in code) ---------------------------
@@ -97,7 +117,6 @@ GRANT_COMMAND: Final = (
 )
 
 _PSEUDONYM_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
-_FIELD_ORDER: Final = {name: index for index, name in enumerate(FIELD_NAMES)}
 
 
 # --- typed refusals -----------------------------------------------------------------------------
@@ -136,14 +155,6 @@ class ConsentRefused(Refused):
 # --- the consent record (DESIGN.md section 6, first bullet) -------------------------------------
 
 
-class ConsentMethod(enum.StrEnum):
-    """How the survivor gave consent (consent.proto ``ConsentMethod``)."""
-
-    VERBAL = "verbal"  # said aloud to a staff member, who witnesses it
-    WRITTEN = "written"  # signed on paper; the paper stays with the sending agency
-    ELECTRONIC = "electronic"  # given through an electronic form or message
-
-
 @dataclass(frozen=True)
 class Consent:
     """A survivor's consent as the sending node records it; valid by construction.
@@ -169,19 +180,19 @@ class Consent:
 
     def __post_init__(self) -> None:
         limits = DEFAULT_LIMITS
-        _check_uuid(self.consent_id, "consent_id")
+        check_uuid(self.consent_id, "consent_id")
         _check_id(self.case_id, "case_id", limits)
         _check_id(self.recipient_agency_id, "recipient_agency_id", limits)
-        object.__setattr__(self, "purpose", _need(self.purpose))
-        object.__setattr__(self, "method", _member(ConsentMethod, self.method, "consent method"))
+        object.__setattr__(self, "purpose", check_purpose(self.purpose))
+        object.__setattr__(self, "method", member(ConsentMethod, self.method, "consent method"))
         object.__setattr__(self, "categories", _categories(self.categories))
         _check_text(self.witnessed_by, "witnessed_by", limits.max_witness_chars)
         require_aware(self.granted_at, "granted_at")
         require_aware(self.expires_at, "expires_at")
         if self.expires_at <= self.granted_at:
             raise InvalidInput(
-                f"consent {self.consent_id}: expires_at ({_iso(self.expires_at)}) must be after "
-                f"granted_at ({_iso(self.granted_at)})",
+                f"consent {self.consent_id}: expires_at ({iso(self.expires_at)}) must be after "
+                f"granted_at ({iso(self.granted_at)})",
                 hint="consent is never open-ended: give an expiry date after today",
             )
         if self.revoked_at is not None:
@@ -195,7 +206,7 @@ class Consent:
     @property
     def fields(self) -> frozenset[str]:
         """The HTCDS field names this consent covers (its categories expanded)."""
-        return htcds.fields_in(self.categories)
+        return fields_in(self.categories)
 
     @property
     def revoked(self) -> bool:
@@ -233,13 +244,13 @@ def check_covers(
     if not isinstance(consent, Consent):
         raise InvalidInput("check_covers needs a Consent")
     require_aware(now, "now")
-    purpose = _need(purpose)
+    purpose = check_purpose(purpose)
     names = _field_names(fields_to_send)
     regrant = _grant_hint(consent, consent.categories)
     # 1. A revoked consent never covers anything ("It can be revoked at any time").
     if consent.revoked_at is not None:
         raise ConsentRefused(
-            f"consent {consent.consent_id} was revoked at {_iso(consent.revoked_at)}; nothing "
+            f"consent {consent.consent_id} was revoked at {iso(consent.revoked_at)}; nothing "
             "may be sent under it",
             reason=Refusal.REVOKED,
             hint="only if the survivor gives consent again, record a new consent: " + regrant,
@@ -247,13 +258,13 @@ def check_covers(
     # 2. Its validity window: granted_at <= now < expires_at.
     if now < consent.granted_at:
         raise ConsentRefused(
-            f"consent {consent.consent_id} is valid only from {_iso(consent.granted_at)}",
+            f"consent {consent.consent_id} is valid only from {iso(consent.granted_at)}",
             reason=Refusal.NOT_YET_VALID,
             hint="check the consent's grant time and this node's clock",
         )
     if now >= consent.expires_at:
         raise ConsentRefused(
-            f"consent {consent.consent_id} expired at {_iso(consent.expires_at)}",
+            f"consent {consent.consent_id} expired at {iso(consent.expires_at)}",
             reason=Refusal.EXPIRED,
             hint="if the survivor agrees, record a new consent with a later expiry: " + regrant,
         )
@@ -284,7 +295,7 @@ def check_covers(
         wanted = sorted({FIELD_CATEGORY[name] for name in outside})
         wider = _grant_hint(consent, consent.categories | set(wanted))
         raise ConsentRefused(
-            f"consent {consent.consent_id} does not cover {_field_list(outside)}; it covers the "
+            f"consent {consent.consent_id} does not cover {field_list(outside)}; it covers the "
             f"categories {_category_list(consent.categories)}",
             reason=Refusal.FIELD_NOT_COVERED,
             fields=tuple(outside),
@@ -316,7 +327,7 @@ def minimise(case_fields: Mapping[str, str], consent: Consent) -> dict[str, str]
         for name, value in case_fields.items()
         if name in covered and isinstance(value, str) and value
     }
-    return {name: kept[name] for name in sorted(kept, key=_FIELD_ORDER.__getitem__)}
+    return {name: kept[name] for name in sorted(kept, key=FIELD_ORDER.__getitem__)}
 
 
 # --- receipts (DESIGN.md section 6, third bullet; consent.proto) --------------------------------
@@ -350,7 +361,7 @@ def receipt_blob(
         receiving_agency_id=consent.recipient_agency_id,
         purpose=serde.need_category_pb(consent.purpose),
         data_categories=sorted(consent.fields),
-        method=_METHOD_TO_WIRE[consent.method],
+        method=serde.consent_method_pb(consent.method),
         witnessed_by=consent.witnessed_by,
         granted_at=to_timestamp(consent.granted_at, "granted_at"),
         expires_at=to_timestamp(consent.expires_at, "expires_at"),
@@ -488,20 +499,20 @@ def verify_receipt(
     # 4. Its validity window ("sending after this instant is refused").
     if now >= verified.expires_at:
         raise ConsentRefused(
-            f"the consent receipt {verified.consent_id} expired at {_iso(verified.expires_at)}",
+            f"the consent receipt {verified.consent_id} expired at {iso(verified.expires_at)}",
             reason=Refusal.EXPIRED,
             hint=f"ask {expected_sender_id} to send again under a current consent",
         )
     if now + limits.clock_skew < verified.granted_at:
         raise ConsentRefused(
             f"the consent receipt {verified.consent_id} is valid only from "
-            f"{_iso(verified.granted_at)}",
+            f"{iso(verified.granted_at)}",
             reason=Refusal.NOT_YET_VALID,
             hint="check this node's clock",
         )
     # 5. The purpose (referral.proto: Referral.need must equal the receipt's purpose).
     if expected_purpose is not None:
-        purpose = _need(expected_purpose)
+        purpose = check_purpose(expected_purpose)
         if verified.purpose is not purpose:
             raise ConsentRefused(
                 f"the consent receipt {verified.consent_id} is for purpose "
@@ -513,21 +524,12 @@ def verify_receipt(
 
 # --- receipt parsing helpers ----------------------------------------------------------------------
 
-_METHOD_TO_WIRE: Final[dict[ConsentMethod, consent_pb.ConsentMethod.ValueType]] = {
-    ConsentMethod.VERBAL: consent_pb.CONSENT_METHOD_VERBAL,
-    ConsentMethod.WRITTEN: consent_pb.CONSENT_METHOD_WRITTEN,
-    ConsentMethod.ELECTRONIC: consent_pb.CONSENT_METHOD_ELECTRONIC,
-}
-_METHOD_FROM_WIRE: Final[dict[int, ConsentMethod]] = {
-    int(value): method for method, value in _METHOD_TO_WIRE.items()
-}
-
 
 def _parsed_receipt(
     receipt: consent_pb.ConsentReceipt, blob: common_pb.SignedBlob, limits: ConsentLimits
 ) -> VerifiedReceipt:
     """The checked content of a receipt whose signature has verified."""
-    method = _METHOD_FROM_WIRE.get(int(receipt.method))
+    method = serde.consent_method(receipt.method)
     if method is None:
         raise InvalidInput("the consent receipt's method is unset or unknown")
     for name in ("granted_at", "expires_at"):
@@ -547,7 +549,7 @@ def _parsed_receipt(
         raise InvalidInput(
             f"the consent receipt lists names that are not HTCDS fields: {', '.join(unknown[:5])}"
         )
-    _check_uuid(receipt.consent_id, "the receipt's consent_id")
+    check_uuid(receipt.consent_id, "the receipt's consent_id")
     _check_pseudonym(receipt.survivor_pseudonym, limits)
     return VerifiedReceipt(
         consent_id=receipt.consent_id,
@@ -577,7 +579,7 @@ def _pinned_key(sender: AgencyRecord | PublicIdentity, sender_id: str, now: date
         raise InvalidInput(
             f"the directory record given is for {sender.agency_id}, not the sender {sender_id}"
         )
-    _check_trusted(
+    check_trusted(
         sender,
         now,
         if_revoked="nothing it signed is trusted",
@@ -586,44 +588,7 @@ def _pinned_key(sender: AgencyRecord | PublicIdentity, sender_id: str, now: date
     return sender.identity.signing_key
 
 
-def _check_trusted(record: AgencyRecord, now: datetime, *, if_revoked: str, hint: str) -> None:
-    """Refused unless the directory still trusts ``record``'s keys at ``now``: not revoked, and
-    not past ``valid_until`` (DESIGN.md section 5). The one check behind every use of an agency's
-    keys, to verify what it signed or to seal to it; ``if_revoked`` and ``hint`` say what that
-    means for the caller."""
-    if record.revoked:
-        raise Refused(
-            f"agency {record.agency_id} has been revoked from the directory; {if_revoked}",
-            hint=hint,
-        )
-    if record.valid_until is not None and now >= record.valid_until:
-        raise Refused(
-            f"agency {record.agency_id}'s keys expired at {_iso(record.valid_until)}",
-            hint="sync the directory (the agency may have rotated its keys)",
-        )
-
-
 # --- small checks and conversions ---------------------------------------------------------------
-
-
-_Code = TypeVar("_Code", bound=enum.StrEnum)
-
-
-def _member(kind: type[_Code], value: object, what: str) -> _Code:
-    """``value`` as a member of ``kind``, given as the member or as its code (``"medical"``);
-    InvalidInput naming ``what`` and listing the codes otherwise."""
-    if isinstance(value, kind):
-        return value
-    if isinstance(value, str) and value in kind.__members__.values():
-        return kind(value)
-    raise InvalidInput(
-        f"unknown {what} {value!r}",
-        hint=f"one of: {', '.join(member.value for member in kind)}",
-    )
-
-
-def _need(value: object) -> NeedCategory:
-    return _member(NeedCategory, value, "purpose")
 
 
 def _categories(value: object) -> frozenset[str]:
@@ -651,7 +616,7 @@ def _field_names(fields: Iterable[str]) -> list[str]:
     names: list[str] = []
     for name in fields:
         if not isinstance(name, str) or name not in FIELD_CATEGORY:
-            canonical = htcds.canonical_field(name) if isinstance(name, str) else None
+            canonical = canonical_field(name) if isinstance(name, str) else None
             hint = (
                 f"did you mean {canonical}?"
                 if canonical
@@ -682,25 +647,6 @@ def _category_list(categories: Iterable[str]) -> str:
     return ", ".join(sorted(categories))
 
 
-def _field_list(names: Iterable[str]) -> str:
-    """HTCDS field names with their categories, for a refusal: names only, never values."""
-    return ", ".join(f"{name} (category {FIELD_CATEGORY[name]!r})" for name in names)
-
-
-def _check_uuid(value: object, name: str) -> str:
-    """A canonical UUID string (lower-case, hyphenated), as consent.proto and referral.proto
-    require for consent, referral and message ids."""
-    try:
-        canonical = str(uuid.UUID(value)) if isinstance(value, str) else None
-    except ValueError:
-        canonical = None
-    if canonical is None or canonical != value:
-        raise InvalidInput(
-            f"{name} must be a UUID in canonical form (like 1b4e28ba-2fa1-11d2-883f-0016d3cca427)"
-        )
-    return value
-
-
 def _check_id(value: str, name: str, limits: ConsentLimits) -> str:
     # The directory's rule for ids, not a copy of it: the agency ids a receipt names must be ones
     # the directory can hold, and case ids follow the same rule.
@@ -725,7 +671,3 @@ def _check_pseudonym(value: object, limits: ConsentLimits) -> str:
             hint="derive it at random per consent (for example a UUID); never use a name",
         )
     return value
-
-
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -183,6 +183,21 @@ def sync(home: Path, identity: crypto.Identity, link: BrokerLink) -> DirectoryCa
     return cache
 
 
+def rotate_keys(
+    link: BrokerLink, old: crypto.Identity, statement: common_pb.SignedBlob, possession: bytes
+) -> None:
+    """Have the broker record a ROTATE statement, the call signed by the old key."""
+    channel, stub = open_directory_channel(link, old)
+    try:
+        _call(
+            stub.RotateKeys,
+            directory_pb.RotateKeysRequest(statement=statement, possession_signature=possession),
+            link.address,
+        )
+    finally:
+        channel.close()
+
+
 def mark_verified(home: Path, agency_id: str) -> directory.AgencyRecord:
     """Record that an administrator compared this agency's fingerprint out of band."""
     cache = load_cache(home)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from node.htcds import NeedCategory, NeedStatus
 from tessera.errors import InvalidInput
+from tessera.needs import NeedCategory, NeedStatus
 
 
 class StaffRole(enum.StrEnum):

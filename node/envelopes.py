@@ -19,40 +19,55 @@ database, no network, no clock (``now`` is a parameter), no random ids (callers 
 The builders refuse what the opener would refuse, so a node never sends what its peer must drop.
 What the caller must still do with state (deduplicate message ids, match a status to a referral
 it sent, apply statuses only forwards) is listed in docs/referrals.md.
+
+The vocabulary (limits, kinds and labels, what opening returns) lives in ``node.envelope_types``
+and is re-exported here; the checks shared with ``node.consent`` live in ``node.referral_checks``.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType
-from typing import ClassVar, Final, TypeAlias, TypedDict
+from typing import TypeAlias, TypedDict
 
 from google.protobuf.message import DecodeError
 
 from node import serde
-
-# Helpers shared by the referral core; they live in node.consent, which this module builds on.
 from node.consent import (
-    _FIELD_ORDER,
     ConsentRefused,
     Refusal,
     VerifiedReceipt,
-    _check_trusted,
-    _check_uuid,
-    _field_list,
-    _member,
-    _need,
     verify_receipt,
 )
-from node.htcds import FIELD_CATEGORY, MAX_TEXT_CHARS, NeedCategory
+from node.envelope_types import (
+    DEFAULT_LIMITS,
+    SEAL_OVERHEAD,
+    EnvelopeKind,
+    EnvelopeLimits,
+    OpenedEnvelope,
+    ReceivedPurgeConfirmation,
+    ReceivedReferral,
+    ReceivedRevocation,
+    ReceivedStatus,
+    label_for,
+)
+from node.htcds.catalogue import FIELD_CATEGORY
+from node.referral_checks import (
+    FIELD_ORDER,
+    check_purpose,
+    check_trusted,
+    check_uuid,
+    field_list,
+    member,
+)
+from node.referrals.model import DeclineReason, ReferralStatus, check_decline
 from tessera import crypto
 from tessera.crypto import Identity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused, WrongRecipient
+from tessera.needs import NeedCategory
 from tessera.timestamps import require_aware, to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import referral_pb2 as referral_pb
@@ -76,168 +91,6 @@ __all__ = [
     "status_envelope",
 ]
 
-
-# --- limits ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EnvelopeLimits:
-    """Safety limits on envelopes, as named defaults; sender and receiver use the same ones.
-
-    ``max_sealed_bytes`` matches the broker's default ``max_envelope_bytes`` (tessera.config).
-    """
-
-    max_sealed_bytes: int = 1024 * 1024
-    max_id_chars: int = 128
-    max_value_chars: int = MAX_TEXT_CHARS  # one HTCDS value, as htcds accepts on import
-    max_note_chars: int = 10_000
-    max_contact_chars: int = 200
-    max_decline_text_chars: int = 1_000
-
-
-DEFAULT_LIMITS: Final = EnvelopeLimits()
-
-# Bytes seal() adds around the content: the sealed box (32-byte ephemeral key, 16-byte tag) and
-# the 64-byte signature.
-_SEAL_OVERHEAD: Final = 32 + 16 + crypto.SIGNATURE_BYTES
-
-
-# --- domain vocabulary ----------------------------------------------------------------------
-
-
-class EnvelopeKind(enum.Enum):
-    """The four payloads of ``EnvelopeContent`` (value: the oneof field name)."""
-
-    REFERRAL = "referral"
-    STATUS_UPDATE = "status_update"
-    REVOCATION = "revocation"
-    PURGE_CONFIRMATION = "purge_confirmation"
-
-
-def label_for(kind: EnvelopeKind) -> bytes:
-    """The seal label of a kind (referral.proto header): envelope for a Referral, status for the
-    three others."""
-    return crypto.LABEL_ENVELOPE if kind is EnvelopeKind.REFERRAL else crypto.LABEL_STATUS
-
-
-class ReferralStatus(enum.StrEnum):
-    """A referral's status as the receiving agency reports it (referral.proto)."""
-
-    DELIVERED = "delivered"
-    ACCEPTED = "accepted"
-    DECLINED = "declined"
-    COMPLETED = "completed"
-
-
-class DeclineReason(enum.StrEnum):
-    """Why a referral was declined (referral.proto)."""
-
-    NO_CAPACITY = "no_capacity"
-    NOT_ELIGIBLE = "not_eligible"
-    SERVICE_UNAVAILABLE = "service_unavailable"
-    SURVIVOR_UNREACHABLE = "survivor_unreachable"
-    OTHER = "other"
-
-
-_STATUS_TO_WIRE: Final[dict[ReferralStatus, referral_pb.ReferralStatus.ValueType]] = {
-    ReferralStatus.DELIVERED: referral_pb.REFERRAL_STATUS_DELIVERED,
-    ReferralStatus.ACCEPTED: referral_pb.REFERRAL_STATUS_ACCEPTED,
-    ReferralStatus.DECLINED: referral_pb.REFERRAL_STATUS_DECLINED,
-    ReferralStatus.COMPLETED: referral_pb.REFERRAL_STATUS_COMPLETED,
-}
-_STATUS_FROM_WIRE: Final = {int(v): k for k, v in _STATUS_TO_WIRE.items()}
-_REASON_TO_WIRE: Final[dict[DeclineReason, referral_pb.DeclineReason.ValueType]] = {
-    DeclineReason.NO_CAPACITY: referral_pb.DECLINE_REASON_NO_CAPACITY,
-    DeclineReason.NOT_ELIGIBLE: referral_pb.DECLINE_REASON_NOT_ELIGIBLE,
-    DeclineReason.SERVICE_UNAVAILABLE: referral_pb.DECLINE_REASON_SERVICE_UNAVAILABLE,
-    DeclineReason.SURVIVOR_UNREACHABLE: referral_pb.DECLINE_REASON_SURVIVOR_UNREACHABLE,
-    DeclineReason.OTHER: referral_pb.DECLINE_REASON_OTHER,
-}
-_REASON_FROM_WIRE: Final = {int(v): k for k, v in _REASON_TO_WIRE.items()}
-
-
-# --- what open_envelope returns -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReceivedReferral:
-    """A referral that opened, verified and passed every check of :func:`open_envelope`.
-
-    ``fields`` (read-only, HTCDS column order) and ``note`` are survivor data; ``receipt`` is the
-    verified consent receipt it travelled under. Apply ``message_id`` at most once.
-    """
-
-    message_id: str
-    sender_agency_id: str
-    created_at: datetime
-    referral_id: str
-    need: NeedCategory
-    fields: Mapping[str, str] = field(repr=False)
-    note: str = field(repr=False)
-    sender_contact: str
-    sent_at: datetime
-    receipt: VerifiedReceipt
-
-    kind: ClassVar[EnvelopeKind] = EnvelopeKind.REFERRAL
-
-    @property
-    def commitment(self) -> bytes:
-        """The consent commitment of the receipt; must equal ``Delivery.consent_commitment``."""
-        return self.receipt.commitment
-
-
-@dataclass(frozen=True)
-class ReceivedStatus:
-    """A status of a referral this node sent, from its recipient. ``decline_reason`` and
-    ``decline_text`` are set only for DECLINED. Statuses only move forward: the caller ignores a
-    stale or repeated one, and applies ``message_id`` at most once."""
-
-    message_id: str
-    sender_agency_id: str
-    created_at: datetime
-    referral_id: str
-    status: ReferralStatus
-    decline_reason: DeclineReason | None
-    decline_text: str
-    status_at: datetime
-
-    kind: ClassVar[EnvelopeKind] = EnvelopeKind.STATUS_UPDATE
-
-
-@dataclass(frozen=True)
-class ReceivedRevocation:
-    """The survivor withdrew consent ``consent_id``: purge the referral's personal data and answer
-    with a purge confirmation. Apply ``message_id`` at most once."""
-
-    message_id: str
-    sender_agency_id: str
-    created_at: datetime
-    referral_id: str
-    consent_id: str
-    revoked_at: datetime
-
-    kind: ClassVar[EnvelopeKind] = EnvelopeKind.REVOCATION
-
-
-@dataclass(frozen=True)
-class ReceivedPurgeConfirmation:
-    """The recipient of a revoked referral confirms its data is gone. ``purged_fields`` are
-    HTCDS field names, ascending (never values)."""
-
-    message_id: str
-    sender_agency_id: str
-    created_at: datetime
-    referral_id: str
-    consent_id: str
-    purged_at: datetime
-    purged_fields: tuple[str, ...]
-
-    kind: ClassVar[EnvelopeKind] = EnvelopeKind.PURGE_CONFIRMATION
-
-
-OpenedEnvelope: TypeAlias = (
-    ReceivedReferral | ReceivedStatus | ReceivedRevocation | ReceivedPurgeConfirmation
-)
 
 # What each EnvelopeKind carries on the wire, in the same order.
 _Payload: TypeAlias = (
@@ -276,13 +129,13 @@ def referral_envelope(
     (``node.consent.check_covers``); the receipt cannot say.
     """
     _check_parties(sender, sender_id, recipient, now, limits)
-    need = _need(need)
+    need = check_purpose(need)
     receipt = verify_receipt(
         receipt_blob, sender.public, sender_id, recipient.agency_id, now, expected_purpose=need
     )
     wire_fields = _fields_for_wire(fields, receipt, limits)
     referral = referral_pb.Referral(
-        referral_id=_check_uuid(referral_id, "referral_id"),
+        referral_id=check_uuid(referral_id, "referral_id"),
         need=serde.need_category_pb(need),
         fields=wire_fields,
         note=_check_text(note, "note", limits.max_note_chars),
@@ -314,19 +167,15 @@ def status_envelope(
     otherwise; ``decline_text`` only with DECLINED, required with OTHER, never survivor details.
     ``status_at`` (when it took effect) defaults to ``now``."""
     _check_parties(sender, sender_id, recipient, now, limits)
-    status = _member(ReferralStatus, status, "referral status")
+    status = member(ReferralStatus, status, "referral status")
     reason = (
-        None if decline_reason is None else _member(DeclineReason, decline_reason, "decline reason")
+        None if decline_reason is None else member(DeclineReason, decline_reason, "decline reason")
     )
     _check_decline(status, reason, decline_text, limits)
     update = referral_pb.StatusUpdate(
-        referral_id=_check_uuid(referral_id, "referral_id"),
-        status=_STATUS_TO_WIRE[status],
-        decline_reason=(
-            _REASON_TO_WIRE[reason]
-            if reason is not None
-            else referral_pb.DECLINE_REASON_UNSPECIFIED
-        ),
+        referral_id=check_uuid(referral_id, "referral_id"),
+        status=serde.referral_status_pb(status),
+        decline_reason=serde.decline_reason_pb(reason),
         decline_text=decline_text,
         status_at=to_timestamp(now if status_at is None else status_at, "status_at"),
     )
@@ -351,8 +200,8 @@ def revocation_envelope(
     withdrew ``consent_id`` and the recipient must purge ``referral_id``'s personal data."""
     _check_parties(sender, sender_id, recipient, now, limits)
     revocation = referral_pb.Revocation(
-        referral_id=_check_uuid(referral_id, "referral_id"),
-        consent_id=_check_uuid(consent_id, "consent_id"),
+        referral_id=check_uuid(referral_id, "referral_id"),
+        consent_id=check_uuid(consent_id, "consent_id"),
         revoked_at=to_timestamp(revoked_at, "revoked_at"),
     )
     return _seal(
@@ -381,8 +230,8 @@ def purge_confirmation_envelope(
     names = sorted(set(purged_fields))
     _check_field_names(names, "purged_fields")
     confirmation = referral_pb.PurgeConfirmation(
-        referral_id=_check_uuid(referral_id, "referral_id"),
-        consent_id=_check_uuid(consent_id, "consent_id"),
+        referral_id=check_uuid(referral_id, "referral_id"),
+        consent_id=check_uuid(consent_id, "consent_id"),
         purged_at=to_timestamp(purged_at, "purged_at"),
         purged_fields=names,
     )
@@ -410,6 +259,7 @@ def open_envelope(
     *,
     delivery_commitment: bytes | None = None,
     limits: EnvelopeLimits = DEFAULT_LIMITS,
+    retired: Sequence[Identity] = (),
 ) -> OpenedEnvelope:
     """Open, verify and check one envelope from ``sender`` (the directory record pinned for
     ``Delivery.sender_agency_id``), following the steps of referral.proto's header in order.
@@ -426,12 +276,15 @@ def open_envelope(
        field carried is one the receipt lists (ConsentRefused); with ``delivery_commitment``,
        the receipt's commitment must equal it. Other kinds must travel with an empty commitment.
 
+    ``retired`` are this node's identities from before a key rotation: an envelope sealed to
+    one of them (sent before the sender synced the rotation) still opens.
+
     Returns a frozen result carrying ``message_id`` for idempotent processing.
     """
     # 1. Inputs, and a sender the directory still trusts.
     _check_open_inputs(recipient, my_agency_id, sender, sealed, now, limits)
     # 2. Decrypt and verify: envelope label first, then status label.
-    label, payload = _open_either(recipient, sender, sealed)
+    label, payload = _open_with_any((recipient, *retired), sender, sealed)
     # 3. Parse, and match the kind to the label.
     content, kind = _parse_content(payload, label, sender)
     # 4. The ids inside name the transport sender and this node.
@@ -474,7 +327,7 @@ def _check_parties(
         raise InvalidInput("a recipient must be its directory record")
     if recipient.agency_id == sender_id:
         raise InvalidInput("an agency does not send envelopes to itself")
-    _check_trusted(
+    check_trusted(
         recipient,
         now,
         if_revoked="nothing is sent to it",
@@ -493,7 +346,7 @@ def _fields_for_wire(
     outside = [name for name in names if not receipt.covers(name)]
     if outside:
         raise ConsentRefused(
-            f"consent {receipt.consent_id} does not cover {_field_list(outside)}; nothing was sent",
+            f"consent {receipt.consent_id} does not cover {field_list(outside)}; nothing was sent",
             reason=Refusal.FIELD_NOT_COVERED,
             fields=tuple(outside),
             hint="send only the consented fields (node.consent.minimise)",
@@ -515,14 +368,14 @@ def _seal(
     """``message`` as the ``kind`` payload of an EnvelopeContent from ``sender_id`` to
     ``recipient``, signed and sealed under the kind's label; InvalidInput over the size limit."""
     content = referral_pb.EnvelopeContent(
-        message_id=_check_uuid(message_id, "message_id"),
+        message_id=check_uuid(message_id, "message_id"),
         sender_agency_id=sender_id,
         recipient_agency_id=recipient.agency_id,
         created_at=to_timestamp(now, "now"),
     )
     getattr(content, kind.value).CopyFrom(message)  # a kind's value is its oneof field name
     payload = content.SerializeToString(deterministic=True)
-    if len(payload) + _SEAL_OVERHEAD > limits.max_sealed_bytes:
+    if len(payload) + SEAL_OVERHEAD > limits.max_sealed_bytes:
         raise InvalidInput(
             f"the {kind.value} is {len(payload):,} bytes; a sealed envelope is at most "
             f"{limits.max_sealed_bytes:,}",
@@ -556,7 +409,7 @@ def _check_open_inputs(
     require_aware(now, "now")
     if not isinstance(sender, AgencyRecord):
         raise InvalidInput("open_envelope needs the sender's directory record")
-    _check_trusted(
+    check_trusted(
         sender,
         now,
         if_revoked="its envelopes are refused",
@@ -605,7 +458,7 @@ def _check_addresses(
             f"{content.recipient_agency_id!r}, not to this node ({my_agency_id})",
             hint=f"do not act on it; report it to {sender.agency_id}",
         )
-    message_id = _check_uuid(content.message_id, "message_id")
+    message_id = check_uuid(content.message_id, "message_id")
     if not content.HasField("created_at"):
         raise InvalidInput("the envelope's created_at is missing")
     return _Common(
@@ -613,6 +466,18 @@ def _check_addresses(
         sender_agency_id=sender.agency_id,
         created_at=to_datetime(content.created_at, "created_at"),
     )
+
+
+def _open_with_any(
+    recipients: Sequence[Identity], sender: AgencyRecord, sealed: bytes
+) -> tuple[bytes, bytes]:
+    # The current identity first; a retired one only if the envelope is not sealed to it.
+    for recipient in recipients[:-1]:
+        try:
+            return _open_either(recipient, sender, sealed)
+        except WrongRecipient:
+            continue
+    return _open_either(recipients[-1], sender, sealed)
 
 
 def _open_either(recipient: Identity, sender: AgencyRecord, sealed: bytes) -> tuple[bytes, bytes]:
@@ -638,7 +503,7 @@ def _received_referral(
     now: datetime,
     limits: EnvelopeLimits,
 ) -> ReceivedReferral:
-    referral_id = _check_uuid(referral.referral_id, "referral_id")
+    referral_id = check_uuid(referral.referral_id, "referral_id")
     need = serde.need_category(referral.need)
     if not referral.HasField("consent_receipt"):
         raise InvalidInput(f"referral {referral_id} carries no consent receipt")
@@ -658,7 +523,7 @@ def _received_referral(
     names = [entry.name for entry in referral.fields]
     _check_field_names(names, "the referral's fields")
     if any(
-        _FIELD_ORDER[later] <= _FIELD_ORDER[earlier] for earlier, later in itertools.pairwise(names)
+        FIELD_ORDER[later] <= FIELD_ORDER[earlier] for earlier, later in itertools.pairwise(names)
     ):
         raise InvalidInput(
             f"referral {referral_id}'s fields must be in HTCDS column order without repeats"
@@ -666,7 +531,7 @@ def _received_referral(
     outside = [name for name in names if not receipt.covers(name)]
     if outside:
         raise ConsentRefused(
-            f"referral {referral_id} from {sender.agency_id} carries {_field_list(outside)}, "
+            f"referral {referral_id} from {sender.agency_id} carries {field_list(outside)}, "
             f"which its consent receipt {receipt.consent_id} does not cover",
             reason=Refusal.FIELD_NOT_COVERED,
             fields=tuple(outside),
@@ -692,20 +557,16 @@ def _received_referral(
 def _received_status(
     common: _Common, update: referral_pb.StatusUpdate, limits: EnvelopeLimits
 ) -> ReceivedStatus:
-    status = _STATUS_FROM_WIRE.get(int(update.status))
+    status = serde.referral_status(update.status)
     if status is None:
         raise InvalidInput("the status update's status is unset or unknown")
-    reason: DeclineReason | None = None
-    if update.decline_reason != referral_pb.DECLINE_REASON_UNSPECIFIED:
-        reason = _REASON_FROM_WIRE.get(int(update.decline_reason))
-        if reason is None:
-            raise InvalidInput("the status update's decline reason is unknown")
+    reason = serde.decline_reason(update.decline_reason, "the status update's decline reason")
     _check_decline(status, reason, update.decline_text, limits)
     if not update.HasField("status_at"):
         raise InvalidInput("the status update's status_at is missing")
     return ReceivedStatus(
         **common,
-        referral_id=_check_uuid(update.referral_id, "referral_id"),
+        referral_id=check_uuid(update.referral_id, "referral_id"),
         status=status,
         decline_reason=reason,
         decline_text=update.decline_text,
@@ -718,8 +579,8 @@ def _received_revocation(common: _Common, revocation: referral_pb.Revocation) ->
         raise InvalidInput("the revocation's revoked_at is missing")
     return ReceivedRevocation(
         **common,
-        referral_id=_check_uuid(revocation.referral_id, "referral_id"),
-        consent_id=_check_uuid(revocation.consent_id, "consent_id"),
+        referral_id=check_uuid(revocation.referral_id, "referral_id"),
+        consent_id=check_uuid(revocation.consent_id, "consent_id"),
         revoked_at=to_datetime(revocation.revoked_at, "revoked_at"),
     )
 
@@ -735,8 +596,8 @@ def _received_purge(
         raise InvalidInput("purged_fields must be ascending without repeats")
     return ReceivedPurgeConfirmation(
         **common,
-        referral_id=_check_uuid(confirmation.referral_id, "referral_id"),
-        consent_id=_check_uuid(confirmation.consent_id, "consent_id"),
+        referral_id=check_uuid(confirmation.referral_id, "referral_id"),
+        consent_id=check_uuid(confirmation.consent_id, "consent_id"),
         purged_at=to_datetime(confirmation.purged_at, "purged_at"),
         purged_fields=tuple(names),
     )
@@ -748,20 +609,8 @@ def _received_purge(
 def _check_decline(
     status: ReferralStatus, reason: DeclineReason | None, text: str, limits: EnvelopeLimits
 ) -> None:
-    """referral.proto DeclineReason / decline_text rules."""
-    _check_text(text, "decline_text", limits.max_decline_text_chars)
-    if status is ReferralStatus.DECLINED:
-        if reason is None:
-            raise InvalidInput(
-                "a DECLINED status needs a decline reason",
-                hint=f"one of: {', '.join(r.value for r in DeclineReason)}",
-            )
-        if reason is DeclineReason.OTHER and not text.strip():
-            raise InvalidInput("decline reason 'other' needs a decline text saying why")
-    elif reason is not None or text:
-        raise InvalidInput(
-            f"only a DECLINED status carries a decline reason or text (this one is {status.value})"
-        )
+    """referral.proto DeclineReason / decline_text rules (node.referrals.model.check_decline)."""
+    check_decline(status, reason, text, limits.max_decline_text_chars)
 
 
 def _check_field_names(names: Iterable[str], what: str) -> None:

@@ -55,7 +55,14 @@ from node.tombstones import (
 )
 from tessera import crypto, escrow, rpc
 from tessera.config import Limits
-from tessera.errors import NotFound, RolledBack, TesseraError, Unavailable
+from tessera.errors import (
+    BadSignature,
+    NotFound,
+    RolledBack,
+    TesseraError,
+    Unavailable,
+    WrongRecipient,
+)
 from tessera.files import atomic_write
 from tessera.logs import fields
 from tessera.v1 import common_pb2 as common_pb
@@ -222,7 +229,12 @@ class EscrowGate:
 class EscrowClient:
     """Signed, synchronous calls to the broker's Escrow service for one node (thread-safe)."""
 
-    def __init__(self, link: directory_sync.BrokerLink, identity: crypto.Identity) -> None:
+    def __init__(
+        self, link: directory_sync.BrokerLink, identities: Sequence[crypto.Identity]
+    ) -> None:
+        # The first identity signs and seals; every one (retired ones too) opens.
+        identity = identities[0]
+        self._identities = tuple(identities)
         self.link = link
         self._identity = identity
         self._channel = rpc.open_channel(
@@ -274,7 +286,7 @@ class EscrowClient:
                 break
         escrow.verify_entries(entries[: head.size], head)
         opened = [
-            open_tombstone(self._identity, e.tombstone.tombstone_id, bytes(e.tombstone.sealed))
+            open_tombstone(self._identities, e.tombstone.tombstone_id, bytes(e.tombstone.sealed))
             for e in entries[: head.size]
         ]
         return opened, head
@@ -295,18 +307,18 @@ class EscrowClient:
         return self._ref(reply.checkpoint), reply.checkpoint
 
     def _ref(self, blob: common_pb.SignedBlob) -> CheckpointRef:
-        return checkpoint_ref(blob, self.link, self._identity, "broker")
+        return checkpoint_ref(blob, self.link, self._identities, "broker")
 
 
 def checkpoint_ref(
     blob: common_pb.SignedBlob,
     link: directory_sync.BrokerLink,
-    identity: crypto.Identity,
+    identities: Sequence[crypto.Identity],
     source: str,
 ) -> CheckpointRef:
     """A broker-signed checkpoint of this node, verified and opened."""
     checkpoint = escrow.verify_checkpoint(blob, link.broker_key, link.agency_id)
-    position = open_position(identity, checkpoint.sealed_position)
+    position = open_position(identities, checkpoint.sealed_position)
     return CheckpointRef(
         number=checkpoint.number,
         seq=position.seq,
@@ -317,6 +329,13 @@ def checkpoint_ref(
 
 
 # --- anchors in the home --------------------------------------------------------------------
+
+
+def forget_agency(home: Path) -> None:
+    """Drop the home's record of the escrow and checkpoint of the agency this node was (it is
+    enrolled under another id now, whose escrow starts afresh)."""
+    for name in (ANCHOR_FILE, CHECKPOINT_FILE):
+        (home / name).unlink(missing_ok=True)
 
 
 def read_anchor_size(home: Path) -> int:
@@ -344,7 +363,7 @@ def save_checkpoint(home: Path, blob: common_pb.SignedBlob) -> None:
 
 
 def home_checkpoint(
-    home: Path, link: directory_sync.BrokerLink, identity: crypto.Identity
+    home: Path, link: directory_sync.BrokerLink, identities: Sequence[crypto.Identity]
 ) -> CheckpointRef | None:
     """The checkpoint kept in the home, verified; None if there is none."""
     try:
@@ -352,7 +371,7 @@ def home_checkpoint(
     except (OSError, ValueError):
         return None
     blob = common_pb.SignedBlob(**{k: base64.b64decode(v) for k, v in document.items()})
-    return checkpoint_ref(blob, link, identity, "home")
+    return checkpoint_ref(blob, link, identities, "home")
 
 
 def home_head(home: Path) -> AuditPosition | None:
@@ -364,11 +383,11 @@ def home_head(home: Path) -> AuditPosition | None:
         return None
 
 
-def client_for(home: Path, identity: crypto.Identity) -> EscrowClient | None:
+def client_for(home: Path, identities: Sequence[crypto.Identity]) -> EscrowClient | None:
     """A client for the node's broker, or None if the node is not enrolled."""
     if not (home / directory_sync.LINK_FILE).exists():
         return None
-    return EscrowClient(directory_sync.load_link(home), identity)
+    return EscrowClient(directory_sync.load_link(home), identities)
 
 
 # --- reconciling with the escrow ----------------------------------------------------------------
@@ -460,7 +479,7 @@ def apply_to_gate(gate: EscrowGate, result: Reconciled) -> None:
 
 
 def latest_checkpoint(
-    home: Path, identity: crypto.Identity, client: EscrowClient | None
+    home: Path, identities: Sequence[crypto.Identity], client: EscrowClient | None
 ) -> CheckpointRef | None:
     """The latest checkpoint: from the broker, else (unreachable) the copy in the home."""
     if client is None:
@@ -469,7 +488,7 @@ def latest_checkpoint(
         found = client.latest_checkpoint()
     except TesseraError as exc:
         log.warning("escrow.checkpoint_unavailable", extra=fields(error=str(exc)[:200]))
-        return home_checkpoint(home, client.link, identity)
+        return home_checkpoint(home, client.link, identities)
     if found is None:
         return None
     save_checkpoint(home, found[1])
@@ -502,6 +521,7 @@ class EscrowWorker:
         self._checkpoint_seconds = checkpoint_seconds
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stepping: asyncio.Future[None] | None = None
         self._last_head: AuditPosition | None = None
         self._checkpointed_seq = -1
         self._checkpointed_at = 0.0
@@ -521,6 +541,12 @@ class EscrowWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._stepping is not None:
+            # A cancelled await does not stop the thread: let its step finish (and give back
+            # its database connection) before the caller disposes of the engine.
+            with contextlib.suppress(Exception):
+                await self._stepping
+            self._stepping = None
         self.client.close()
 
     def note_checkpoint(self, checkpoint: CheckpointRef | None) -> None:
@@ -535,7 +561,8 @@ class EscrowWorker:
         while True:
             self._wake.clear()
             try:
-                await asyncio.to_thread(self.step)
+                self._stepping = asyncio.ensure_future(asyncio.to_thread(self.step))
+                await asyncio.shield(self._stepping)
                 backoff = self._poll
                 wait = self._poll
             except asyncio.CancelledError:
@@ -595,6 +622,11 @@ class EscrowWorker:
                 raise
             self._escrow.deposited(ids)
             _save_anchor(self._home, head)
+            if self.gate.state is EscrowState.CONFIRMED:
+                # Confirmed, this database had applied the whole escrow; what was just added is
+                # its own erasures: it has applied the new head too (else a restart with the
+                # broker away would take it for an older database).
+                self._escrow.set_anchor(head.size, head.chain, _now())
             self.gate.escrowed(head.size)
             done += len(items)
             log.info("escrow.deposited", extra=fields(tombstones=len(items), size=head.size))
@@ -633,6 +665,12 @@ def make_checkpoint(escrow_store: EscrowStore, home: Path, client: EscrowClient)
 
 
 def _unconfirmed_reason(store: NodeStore, home: Path, exc: TesseraError) -> str:
+    if isinstance(exc, (RolledBack, BadSignature, WrongRecipient)):
+        # The broker answered, with an escrow that does not verify: not an outage.
+        return (
+            f"the broker's escrow does not verify ({exc.message}): report it to the broker "
+            "operator; the node opens no case until it does"
+        )
     reason = f"cannot reach the broker: {exc.message}"
     applied, confirmed = EscrowStore(store).anchor().size, read_anchor_size(home)
     if applied < confirmed:

@@ -10,6 +10,12 @@ are one AEAD ciphertext under the KEK:
   the blind-index key is derived.
 
 Two levels mean rotating the KEK rewrites this one file and re-encrypts no record (issue 4 item 7).
+
+Rotating the agency's keys (``tessera node rotate-keys``, node.rotation) replaces the identity
+and keeps the old ones, *retired*, in the same file: they sign nothing again, but they still open
+what was sealed to them (envelopes in flight, escrowed tombstones, checkpoints) and verify the
+audit entries they signed. While a rotation is under way the new identity waits in the file as
+*pending* beside the current one, so a crash at any point leaves a keyring that knows both.
 Every write of the file is atomic (temporary file, fsync, rename), so a crash leaves the old
 keyring or the new one, never half of one.
 """
@@ -25,12 +31,20 @@ from typing import Any
 
 from tessera import crypto, passphrases
 from tessera.config import Argon2Profile, KekSource
-from tessera.errors import ConfigError, InvalidInput, KeyFileError, TamperedCiphertext
+from tessera.errors import (
+    ConfigError,
+    InvalidInput,
+    KeyFileError,
+    TamperedCiphertext,
+    WrongPassphrase,
+)
 from tessera.files import atomic_write
 
 KEYRING_FILE = Path("keys") / "keyring.json"
 _FORMAT = "tessera-keyring-v1"
 _CONTEXT = b"tessera/v1/node-keyring"
+_RETIRED = _CONTEXT + b"/retired-identity"
+_PENDING = _CONTEXT + b"/pending-identity"
 
 
 def argon2_params(profile: Argon2Profile) -> crypto.Argon2Params:
@@ -66,13 +80,28 @@ class KekSpec:
 class Keyring:
     """The unwrapped secrets of a running node. Never printed, never stored in clear."""
 
-    __slots__ = ("identity", "index_key", "record_key")
+    __slots__ = ("identity", "index_key", "pending", "record_key", "retired")
 
-    def __init__(self, identity: crypto.Identity, record_key: crypto.DataKey) -> None:
+    def __init__(
+        self,
+        identity: crypto.Identity,
+        record_key: crypto.DataKey,
+        retired: Sequence[crypto.Identity] = (),
+        pending: crypto.Identity | None = None,
+    ) -> None:
         self.identity = identity
+        # Earlier identities of this agency, newest first: they open and verify, never sign.
+        self.retired = tuple(retired)
+        # The identity a key rotation is moving to, until the broker has recorded it.
+        self.pending = pending
         # Wraps and unwraps each survivor's data key (crypto.wrap_key / crypto.unwrap_key).
         self.record_key = record_key
         self.index_key = crypto.derive_key(record_key, crypto.LABEL_BLIND_INDEX)
+
+    @property
+    def identities(self) -> tuple[crypto.Identity, ...]:
+        """Every identity this node has had, current first: what may open or verify."""
+        return (self.identity, *self.retired)
 
     def __repr__(self) -> str:
         return "Keyring(<redacted>)"
@@ -128,13 +157,80 @@ def open_document(document: dict[str, Any], passphrase: str | None) -> Keyring:
     try:
         identity_secret = kek.unwrap_secret(_b64(document, "identity"), _CONTEXT + b"/identity")
         record_key = kek.unwrap(_b64(document, "record_key"), _CONTEXT + b"/record-key")
+        retired = [
+            crypto.Identity.from_secret_bytes(kek.unwrap_secret(_unb64(w), _RETIRED))
+            for w in _list(document, "retired")
+        ]
+        pending = (
+            crypto.Identity.from_secret_bytes(
+                kek.unwrap_secret(_b64(document, "pending"), _PENDING)
+            )
+            if document.get("pending")
+            else None
+        )
     except TamperedCiphertext:
         # The check value matched, so the KEK is right: the wrapped keys themselves are damaged.
         raise ConfigError(
             "the keyring is damaged: its wrapped keys fail authentication",
             hint="restore keys/keyring.json from a backup",
         ) from None
-    return Keyring(crypto.Identity.from_secret_bytes(identity_secret), record_key)
+    return Keyring(crypto.Identity.from_secret_bytes(identity_secret), record_key, retired, pending)
+
+
+def check_current_secret(home: Path, passphrase: str | None) -> None:
+    """WrongPassphrase unless ``passphrase`` is the one protecting this node now (a node locked
+    by a key file needs none: it reads its own key file)."""
+    spec = read_spec(home)
+    if spec.source is KekSource.PASSPHRASE and not passphrase:
+        raise WrongPassphrase(
+            "the node's current passphrase is needed to change it",
+            hint="set TESSERA_PASSPHRASE to it, or run on a terminal",
+        )
+    spec.derive(passphrase).verify_check_value(_b64(_read(home / KEYRING_FILE), "check"))
+
+
+def public_keys(document: dict[str, Any]) -> set[str]:
+    """Every public identity a keyring document has had (current, retired), base64: a backup
+    taken before a key rotation still belongs to this node."""
+    return {str(document.get("identity_public", ""))} | {
+        str(k) for k in _list(document, "retired_public")
+    }
+
+
+def begin_identity_change(
+    home: Path, keyring: Keyring, new: crypto.Identity, passphrase: str | None
+) -> Keyring:
+    """Record ``new`` as the pending identity (the current one still signs)."""
+    changed = Keyring(keyring.identity, keyring.record_key, keyring.retired, new)
+    _rewrite(home, changed, passphrase)
+    return changed
+
+
+def complete_identity_change(home: Path, keyring: Keyring, passphrase: str | None) -> Keyring:
+    """Make the pending identity current and retire the one before it."""
+    if keyring.pending is None:
+        raise ConfigError("no key rotation is under way")
+    changed = Keyring(
+        keyring.pending, keyring.record_key, (keyring.identity, *keyring.retired), None
+    )
+    _rewrite(home, changed, passphrase)
+    return changed
+
+
+def abandon_identity_change(home: Path, keyring: Keyring, passphrase: str | None) -> Keyring:
+    """Forget a pending identity the broker never recorded."""
+    changed = Keyring(keyring.identity, keyring.record_key, keyring.retired, None)
+    _rewrite(home, changed, passphrase)
+    return changed
+
+
+def _rewrite(home: Path, keyring: Keyring, passphrase: str | None) -> None:
+    # Same KEK, same spec: only the identities change. The KEK is checked before anything is
+    # written, so a wrong passphrase never produces a keyring nobody can open.
+    spec = read_spec(home)
+    kek = spec.derive(passphrase)
+    kek.verify_check_value(_b64(_read(home / KEYRING_FILE), "check"))
+    _write(home / KEYRING_FILE, spec, kek, keyring)
 
 
 def rotate(
@@ -181,6 +277,18 @@ def _write(path: Path, spec: KekSpec, kek: crypto.KeyEncryptionKey, keyring: Key
         "identity": base64.b64encode(identity).decode(),
         "record_key": base64.b64encode(record_key).decode(),
     }
+    if keyring.retired:
+        document["retired"] = [
+            base64.b64encode(kek.wrap_secret(r.to_secret_bytes(), _RETIRED)).decode()
+            for r in keyring.retired
+        ]
+        document["retired_public"] = [
+            base64.b64encode(r.public.to_bytes()).decode() for r in keyring.retired
+        ]
+    if keyring.pending is not None:
+        document["pending"] = base64.b64encode(
+            kek.wrap_secret(keyring.pending.to_secret_bytes(), _PENDING)
+        ).decode()
     if spec.source is KekSource.PASSPHRASE:
         assert spec.params is not None
         document["salt"] = base64.b64encode(spec.salt).decode()
@@ -218,6 +326,22 @@ def _spec_from(document: dict[str, Any]) -> KekSpec:
     except (KeyError, ValueError, TypeError, InvalidInput) as exc:
         raise ConfigError(
             f"the keyring is damaged ({exc})", hint="restore it from a backup"
+        ) from None
+
+
+def _list(document: dict[str, Any], key: str) -> list[str]:
+    value = document.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"the keyring is damaged ({key})", hint="restore it from a backup")
+    return value
+
+
+def _unb64(value: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ConfigError(
+            "the keyring is damaged (retired)", hint="restore it from a backup"
         ) from None
 
 

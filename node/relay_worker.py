@@ -1,15 +1,17 @@
 """The node's relay worker: pushes the outbox to the broker and opens what the broker delivers
-(DESIGN.md section 6; node.store.referrals describes the store calls it makes).
+(DESIGN.md section 6; the use cases it adapts are node.referrals.flows).
 
 Two asyncio tasks, started by ``node.server.start_node`` once the node is enrolled:
 
 - the outbox pusher sends the queued envelopes with ``Relay.SendBatch`` (up to
   :data:`tessera.config.OUTBOX_BATCH` and 4 MiB in one signed call; each envelope's idempotency
-  key makes a retry harmless) and marks each sent only after the broker accepted it; a refusal
-  or failure is counted on the row and retried with back-off. :meth:`RelayWorker.wake` pushes at
-  once.
+  key makes a retry harmless) and the queued purges of revoked consents with
+  ``Relay.PurgeConsent``, and marks each done only after the broker accepted it; a refusal or
+  failure is counted on the row and retried with back-off. :meth:`RelayWorker.wake` pushes at
+  once; :meth:`RelayWorker.purge_now` pushes one purge while its revocation waits for the count.
 - the receiver follows ``Relay.ReceiveBatches``, opens and verifies every delivery against the
-  sender's pinned directory record, applies it to the store (each message takes effect once), and
+  sender's pinned directory record, applies it (``node.referrals.flows.Referrals.receive``: each
+  message takes effect once), and
   only then acknowledges it (one Acknowledge per batch the broker streamed), so the broker
   deletes nothing the node has not stored. An envelope that fails verification is audited
   ``envelope.refused`` and acknowledged (dropped): nothing from it is stored, and it is not
@@ -22,7 +24,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +31,13 @@ import grpc
 import grpc.aio
 
 from node import directory_sync
-from node.envelopes import (
-    OpenedEnvelope,
-    ReceivedPurgeConfirmation,
-    ReceivedReferral,
-    ReceivedRevocation,
-    ReceivedStatus,
-    ReferralStatus,
-    open_envelope,
-    purge_confirmation_envelope,
-    status_envelope,
-)
+from node.envelopes import OpenedEnvelope, open_envelope
 from node.keyring import Keyring
+from node.referrals.flows import Referrals
+from node.referrals.model import RELAY_ACTOR, OutboxItem, OutboxKind
 from node.rounds import ROUND_POLL, RoundTaker
 from node.store.budget import BudgetStore
 from node.store.cases import NodeStore
-from node.store.referrals import RELAY_ACTOR, OutboxItem, OutgoingEnvelope, ReferralStore
 from tessera import directory, rpc
 from tessera.config import OUTBOX_BATCH, Limits, StatsPolicy
 from tessera.errors import StorageError, TesseraError, Unavailable
@@ -60,6 +52,7 @@ _MIN_BACKOFF = 0.2
 _MAX_BACKOFF = 10.0
 _CALL_TIMEOUT = 15.0
 _PUSH_BYTES = 4 * 1024 * 1024  # envelope bytes in one SendBatch call (one call, one deadline)
+_MAX_REMEMBERED = 1000  # purge counts kept for purge_now
 
 
 def _now() -> dt.datetime:
@@ -72,7 +65,7 @@ class RelayWorker:
     def __init__(
         self,
         store: NodeStore,
-        referrals: ReferralStore,
+        referrals: Referrals,
         keyring: Keyring,
         home: Path,
         link: directory_sync.BrokerLink,
@@ -86,11 +79,14 @@ class RelayWorker:
         self.rounds = RoundTaker(store, keyring, home, link, policy, budget)
         self._round_poll = round_poll
         self._referrals = referrals
+        self._outbox = referrals.stores.outbox
         self._keyring = keyring
         self._link = link
         self._limits = limits or Limits()
         self._home = home
         self._wake = asyncio.Event()
+        self._pushing = asyncio.Lock()  # one pusher at a time: the loop, or purge_now
+        self._purged: dict[int, int] = {}  # purges the loop pushed, until purge_now asks
         self._channel: grpc.aio.Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -157,14 +153,50 @@ class RelayWorker:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
     async def push_once(self) -> bool:
-        """Send every pending envelope once, in ``Relay.SendBatch`` calls; False if any of them
-        failed."""
-        items = await asyncio.to_thread(self._referrals.pending_outbox, OUTBOX_BATCH)
-        ok = True
-        most = min(_PUSH_BYTES, self._limits.max_message_bytes // 2)
-        for chunk in split_by_size(items, most):
-            ok = await self._push(chunk) and ok
-        return ok
+        """Push every pending item once: purges with ``Relay.PurgeConsent``, envelopes in
+        ``Relay.SendBatch`` calls; False if any of them failed."""
+        async with self._pushing:
+            items = await asyncio.to_thread(self._outbox.pending, OUTBOX_BATCH)
+            ok = True
+            envelopes = []
+            for item in items:
+                if item.kind is OutboxKind.CONSENT_PURGE:
+                    purged = await self._purge(item)
+                    if purged is None:
+                        ok = False
+                    elif len(self._purged) < _MAX_REMEMBERED:
+                        self._purged[item.id] = purged
+                else:
+                    envelopes.append(item)
+            most = min(_PUSH_BYTES, self._limits.max_message_bytes // 2)
+            for chunk in split_by_size(envelopes, most):
+                ok = await self._push(chunk) and ok
+            return ok
+
+    async def purge_now(self, item_id: int) -> int:
+        """Push one queued purge now; how many envelopes the broker purged. 0 if it failed (it
+        stays queued and the loop retries it) or was pushed already with nothing to purge."""
+        async with self._pushing:
+            if item_id in self._purged:
+                return self._purged.pop(item_id)
+            item = await asyncio.to_thread(self._outbox.item, item_id)
+            if item is None or item.kind is not OutboxKind.CONSENT_PURGE:
+                return 0
+            return await self._purge(item) or 0
+
+    async def _purge(self, item: OutboxItem) -> int | None:
+        """Ask the broker to purge a revoked consent's envelopes; the count, or None (counted
+        on the row, retried later) if it failed."""
+        request = relay_pb.PurgeConsentRequest(consent_commitment=item.consent_commitment)
+        try:
+            reply = await self._stub().PurgeConsent(request, timeout=_CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            error = rpc.error_from_rpc(exc, f"the broker at {self._link.address}")
+            log.warning("relay.purge_failed", extra=fields(error=str(error)[:200]))
+            await asyncio.to_thread(self._outbox.failed, item.id, str(error))
+            return None
+        await asyncio.to_thread(self._outbox.mark_sent, item.id, b"")
+        return int(reply.purged)
 
     async def _push(self, items: list[OutboxItem]) -> bool:
         request = relay_pb.SendBatchRequest(
@@ -212,9 +244,9 @@ class RelayWorker:
         """Record the broker's answers: accepted envelopes leave the outbox, refused ones are
         counted and retried later."""
         for item_id, receipt in sent:
-            self._referrals.mark_outbox_sent(item_id, receipt)
+            self._outbox.mark_sent(item_id, receipt)
         for item_id, error in failed:
-            self._referrals.outbox_failed(item_id, error)
+            self._outbox.failed(item_id, error)
 
     # --- the receiver ------------------------------------------------------------------------
 
@@ -297,6 +329,7 @@ class RelayWorker:
             bytes(delivery.sealed_envelope),
             _now(),
             delivery_commitment=bytes(delivery.consent_commitment),
+            retired=self._keyring.retired,
         )
 
     def _apply(
@@ -305,77 +338,8 @@ class RelayWorker:
         opened: OpenedEnvelope,
         delivery: relay_pb.Delivery,
     ) -> bool:
-        """Apply one verified envelope to the store; True if a reply was queued."""
-        identity = self._keyring.identity
-        now = _now()
-        if isinstance(opened, ReceivedReferral):
-            message_id = str(uuid.uuid4())
-            sealed = status_envelope(
-                identity,
-                self.agency_id,
-                sender,
-                opened.referral_id,
-                ReferralStatus.DELIVERED,
-                None,
-                "",
-                now,
-                message_id,
-            )
-            self._referrals.store_incoming(
-                opened,
-                delivery.delivery_id,
-                reply=OutgoingEnvelope(sender.agency_id, message_id, sealed),
-            )
-            return True
-        if isinstance(opened, ReceivedStatus):
-            self._referrals.apply_status(
-                RELAY_ACTOR,
-                opened.referral_id,
-                opened.sender_agency_id,
-                opened.status,
-                opened.decline_reason,
-                opened.decline_text,
-                opened.message_id,
-                status_at=opened.status_at,
-            )
-            return False
-        if isinstance(opened, ReceivedRevocation):
-            revocation = opened
-            self._referrals.purge_incoming(
-                revocation.referral_id,
-                RELAY_ACTOR,
-                revocation,
-                confirm=lambda names: self._confirmation(sender, revocation, names),
-            )
-            return True
-        assert isinstance(opened, ReceivedPurgeConfirmation)
-        self._referrals.record_purge_confirmation(RELAY_ACTOR, opened)
-        return False
-
-    def _confirmation(
-        self,
-        sender: directory.AgencyRecord,
-        revocation: ReceivedRevocation,
-        names: tuple[str, ...],
-    ) -> OutgoingEnvelope | None:
-        message_id = str(uuid.uuid4())
-        now = _now()
-        try:
-            sealed = purge_confirmation_envelope(
-                self._keyring.identity,
-                self.agency_id,
-                sender,
-                revocation.referral_id,
-                revocation.consent_id,
-                names,
-                now,
-                now,
-                message_id,
-            )
-        except TesseraError as exc:  # must not raise: the purge happens anyway
-            log.warning("relay.confirmation_failed", extra=fields(error=str(exc)[:200]))
-            return None
-        return OutgoingEnvelope(sender.agency_id, message_id, sealed)
+        """Apply one verified envelope; True if a reply was queued."""
+        return self._referrals.receive(sender, opened, delivery.delivery_id)
 
     async def _refuse(self, delivery: relay_pb.Delivery, reason: str) -> None:
         detail: dict[str, Any] = {
@@ -412,7 +376,7 @@ class _Senders:
 
 def start_worker(
     store: NodeStore,
-    referrals: ReferralStore,
+    referrals: Referrals,
     keyring: Keyring,
     home: Path,
     limits: Limits,

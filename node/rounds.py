@@ -5,10 +5,12 @@ The arithmetic and the checks are :mod:`node.stats` (pure); the ledger is
 worker's broker channel. For every open round whose current attempt lists this agency:
 
 1. check it (:func:`node.stats.check_round`, under this node's own :class:`StatsPolicy`);
-2. charge ε to the period's budget BEFORE building anything, once per (round, attempt), so every
-   share the broker ever sees was counted, and a second process or a restart never submits twice;
-3. build the share from the need rows and submit it; a lost answer is retried with the very same
-   cells (never fresh noise for the same attempt);
+2. build the share from the need rows and keep it in the home (``shares/``, written before the
+   charge), then charge ε to the period's budget, once per (round, attempt), BEFORE anything is
+   sent, so every share the broker ever sees was counted and none is ever built twice;
+3. submit it; a lost answer is retried with the very same cells (never fresh noise for the same
+   attempt), also by a process started after this one was killed between the charge and the
+   broker's answer: the kept share is what it sends, so no charged budget is left unused;
 4. a round it will not take part in is audited ``stats.round_refused`` and declined at the broker
    with the reason (``Stats.DeclineRound``), so the coordinator sees why instead of a round that
    stays open; a decline the broker did not get is sent again at the next poll.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from node import directory_sync, stats
 from node.keyring import Keyring
 from node.store.budget import STATS_ACTOR, BudgetStore
 from node.store.cases import NodeStore
-from tessera import dp, rpc
+from tessera import dp, files, rpc
 from tessera.config import StatsPolicy
 from tessera.errors import Conflict, Refused, TesseraError
 from tessera.logs import fields
@@ -47,6 +50,9 @@ _REASON_CHARS = 300
 _TRANSPORT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 RoundKey = tuple[str, int]
+
+# Shares built and charged but not yet accepted by the broker, one file per (round, attempt).
+SHARES_DIR = Path("shares")
 
 
 def _now() -> dt.datetime:
@@ -121,6 +127,8 @@ class RoundTaker:
             reply = await self._stub().ListRounds(request, timeout=_CALL_TIMEOUT)
             for status in reply.rounds:
                 if self.agency_id in status.submitted:
+                    head = _head(status.round)
+                    self._forget_share((head.round_id, int(head.attempt)))
                     continue
                 if await self.take_part(status):
                     submitted += 1
@@ -163,10 +171,12 @@ class RoundTaker:
             if exc.code() in _TRANSPORT:
                 raise  # retried with the same cells at the next poll
             self._pending.pop(key, None)
+            self._forget_share(key)
             error = rpc.error_from_rpc(exc, f"the broker at {self._link.address}")
             await self._refuse(key, f"the broker refused the share: {error}")
             return False
         self._pending.pop(key, None)
+        self._forget_share(key)
         await asyncio.to_thread(
             self._store.audit,
             STATS_ACTOR,
@@ -177,7 +187,8 @@ class RoundTaker:
         return True
 
     def prepare(self, blob: Any) -> tuple[bytes, list[int]] | None:
-        """Check, charge, build (in that order); None if this attempt was charged before."""
+        """Check, build and keep, charge (in that order); the share kept for an attempt charged
+        before (by a process killed before the broker took it), else None if charged before."""
         if self._store.guard is not None:
             # A node that cannot know every erasure counts no survivor (node.escrow); raised
             # before any charge, so the round is tried again at the next poll.
@@ -189,7 +200,7 @@ class RoundTaker:
         if head.round_id and head.attempt < self.budget.highest_attempt(head.round_id):
             raise Refused("an attempt later than this one was already submitted to")
         if head.round_id and self.budget.charged(head.round_id, int(head.attempt)):
-            return None
+            return self._kept_share((head.round_id, int(head.attempt)))
         period = head.period if head.period else "0000-01"
         try:
             remaining = self.budget.remaining(period)
@@ -197,6 +208,18 @@ class RoundTaker:
             remaining = 0.0
         accepted = stats.check_round(blob, self._link, cache, remaining, _now(), self.policy)
         round_ = accepted.round
+        key = (round_.round_id, int(round_.attempt))
+        # Built before the charge, kept before the charge commits: nothing leaves before it, and
+        # a process killed after it sends these very cells (never a second noisy view).
+        rng = dp.new_rng()
+        needs = [stats.NeedFact(*row) for row in self.budget.need_rows()]
+        counts = stats.local_table(
+            needs, accepted.spec, round_.period, rng, accepted.noise.histogram_bins
+        )
+        cells = stats.build_share(
+            self._keyring.identity, accepted, counts, cache, self.agency_id, rng
+        )
+        self._keep_share(key, accepted.digest, cells)
         try:
             self.budget.charge(
                 STATS_ACTOR,
@@ -208,15 +231,31 @@ class RoundTaker:
             )
         except Conflict:
             return None
-        rng = dp.new_rng()
-        needs = [stats.NeedFact(*row) for row in self.budget.need_rows()]
-        counts = stats.local_table(
-            needs, accepted.spec, round_.period, rng, accepted.noise.histogram_bins
-        )
-        cells = stats.build_share(
-            self._keyring.identity, accepted, counts, cache, self.agency_id, rng
-        )
+        except BaseException:
+            self._forget_share(key)  # never charged: the share is never sent
+            raise
         return accepted.digest, cells
+
+    def _share_path(self, key: RoundKey) -> Path:
+        round_id, attempt = key
+        if not round_id or "/" in round_id or round_id.startswith("."):
+            raise Refused(f"the round id {round_id!r} cannot name a file")
+        return self._home / SHARES_DIR / f"{round_id}.{attempt}.json"
+
+    def _keep_share(self, key: RoundKey, digest: bytes, cells: list[int]) -> None:
+        document = {"digest": digest.hex(), "cells": cells}
+        files.atomic_write(self._share_path(key), json.dumps(document).encode())
+
+    def _kept_share(self, key: RoundKey) -> tuple[bytes, list[int]] | None:
+        try:
+            document = json.loads(self._share_path(key).read_text("utf-8"))
+            return bytes.fromhex(document["digest"]), [int(c) for c in document["cells"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # submitted (or never kept): never built again
+
+    def _forget_share(self, key: RoundKey) -> None:
+        with contextlib.suppress(OSError, Refused):
+            self._share_path(key).unlink(missing_ok=True)
 
     async def _refuse(self, key: RoundKey, reason: str) -> None:
         reason = reason[:_REASON_CHARS]

@@ -14,15 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node import access, directory_sync, escrow
+from node import access, directory_sync, escrow, rotation
 from node.backup import finish_interrupted_restore, reapply_ledger
 from node.keyring import Keyring, open_keyring
+from node.referrals.flows import Referrals
 from node.relay_worker import RelayWorker, start_worker
 from node.service import NodeServicer
 from node.store.cases import NodeStore
 from node.store.database import open_database
 from node.store.escrow import EscrowStore
-from node.store.referrals import ReferralStore
 from tessera import crypto, metrics, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, RunLock, hold_serving_lock
@@ -124,6 +124,7 @@ async def _start(
     checkpoint_seconds: float,
 ) -> RunningNode:
     keyring = await asyncio.to_thread(open_keyring, settings.home, passphrase)
+    rotation.refuse_pending(keyring)  # a half-done key rotation is finished first
     engine = await asyncio.to_thread(open_database, settings.effective_database_url, keyring)
     # A restore killed halfway is finished before anything reads a case (node.backup).
     await asyncio.to_thread(finish_interrupted_restore, settings.home, engine, keyring)
@@ -146,7 +147,7 @@ async def _start(
         crypto.ReplayGuard(settings.limits.replay_window_seconds),
         on_refused=refused,
     )
-    referrals = ReferralStore(store)
+    referrals = Referrals(store, settings.home)
     servicer = NodeServicer(settings, store, keyring, referrals, gate=gate)
     server = await rpc.start_server(
         listen=settings.listen,
@@ -167,7 +168,7 @@ async def _start(
             running.escrow = escrow.EscrowWorker(
                 store,
                 settings.home,
-                escrow.EscrowClient(directory_sync.load_link(settings.home), keyring.identity),
+                escrow.EscrowClient(directory_sync.load_link(settings.home), keyring.identities),
                 gate,
                 escrow_poll,
                 checkpoint_seconds,
@@ -188,7 +189,7 @@ async def _start(
         )
         if running.relay is None:
             return False
-        servicer.wake_relay = running.relay.wake
+        servicer.relay = running.relay
         if running.escrow is None:
             start_escrow()  # enrolled while serving: escrow what was queued until now
         return True
@@ -267,7 +268,7 @@ async def _open_escrow(
     if link is None:
         return gate, None
     worker = escrow.EscrowWorker(
-        store, home, escrow.EscrowClient(link, keyring.identity), gate, poll, checkpoint_seconds
+        store, home, escrow.EscrowClient(link, keyring.identities), gate, poll, checkpoint_seconds
     )
     try:
         await asyncio.to_thread(worker.step)

@@ -8,55 +8,42 @@ blocking (SQLModel), so they run in worker threads to keep the event loop free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import datetime as dt
 import logging
 import os
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc.aio
-
 import tessera
-from node import backup, directory_sync, envelopes, escrow, htcds, serde, stats
-from node import consent as consent_mod
+from node import backup, escrow, htcds, serde, stats
 from node.dedup import CASE_ID_COLUMN
 from node.domain import CaseState, DuplicatePolicy, StaffRole
-from node.envelopes import DeclineReason, ReferralStatus
+from node.edge import DEFAULT_PAGE as _DEFAULT_PAGE
+from node.edge import MAX_PAGE as _MAX_PAGE
+from node.edge import Context
+from node.edge import actor as _actor
+from node.edge import case_id as _case_id
+from node.edge import field_names as _field_names
+from node.edge import page_offset as _page_offset
+from node.edge import run as _run
 from node.keyring import KekSpec, Keyring, rotate
+from node.referral_service import ReferralService
+from node.referrals.flows import OFFLINE, Courier, Referrals
 from node.store import imports
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase, NodeStore
 from node.store.escrow import EscrowStore
-from node.store.referrals import (
-    IncomingReferral,
-    OutgoingEnvelope,
-    OutgoingReferral,
-    ReferralState,
-    ReferralStore,
-)
-from tessera import crypto, directory, rpc
+from tessera import rpc
 from tessera.config import KekSource, Settings
-from tessera.errors import InvalidInput, NotFound, Refused
-from tessera.logs import fields
+from tessera.errors import InvalidInput
 from tessera.timestamps import to_datetime, to_timestamp
-from tessera.v1 import common_pb2 as common_pb
-from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import node_pb2 as node_pb
-from tessera.v1 import node_pb2_grpc as node_grpc
-from tessera.v1 import referral_pb2 as referral_pb
-from tessera.v1 import relay_pb2 as relay_pb
-from tessera.v1 import relay_pb2_grpc as relay_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CHUNK = 256 * 1024
-_DEFAULT_PAGE = 100
-_MAX_PAGE = 1000
 # Which HTCDS fields feed each blind-index kind, for FindCases (node.store.cases indexes them).
 _IDENTIFIER_KINDS: dict[frozenset[str], str] = {
     frozenset({"prs_FirstName", "prs_SecondName"}): "name",
@@ -64,16 +51,6 @@ _IDENTIFIER_KINDS: dict[frozenset[str], str] = {
     frozenset({"prs_MobilePhone"}): "phone",
     frozenset({"prs_HomePhone"}): "phone",
 }
-
-Context = grpc.aio.ServicerContext[Any, Any]
-
-
-async def _run(func: Callable[..., T], *args: Any) -> T:
-    return await asyncio.to_thread(func, *args)
-
-
-def _actor() -> str:
-    return rpc.current_caller().principal
 
 
 def _checked_fields(raw: dict[str, str], *, allow_empty: bool = False) -> dict[str, str]:
@@ -88,7 +65,7 @@ def _checked_fields(raw: dict[str, str], *, allow_empty: bool = False) -> dict[s
     return clean
 
 
-class NodeServicer(node_grpc.NodeServicer):
+class NodeServicer(ReferralService):
     """Implements tessera.v1.Node for the node's own staff (cases, needs, staff, keys, audit)."""
 
     def __init__(
@@ -96,16 +73,16 @@ class NodeServicer(node_grpc.NodeServicer):
         settings: Settings,
         store: NodeStore,
         keyring: Keyring,
-        referrals: ReferralStore | None = None,
+        referrals: Referrals | None = None,
         gate: escrow.EscrowGate | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._keyring = keyring
-        self._referrals = referrals or ReferralStore(store)
+        self.referrals = referrals or Referrals(store, settings.home)
         self._gate = gate
-        #: Set by start_node to the relay worker's wake (push the outbox now).
-        self.wake_relay: Callable[[], None] = lambda: None
+        #: Set by start_node to the relay worker, once the node is enrolled.
+        self.relay: Courier = OFFLINE
         #: Set by start_node once the node is enrolled: deposits tombstones, checkpoints.
         self.escrow: escrow.EscrowWorker | None = None
 
@@ -402,7 +379,7 @@ class NodeServicer(node_grpc.NodeServicer):
     ) -> node_pb.VerifyAuditResponse:
         client = self.escrow.client if self.escrow is not None else None
         checkpoint = await _run(
-            escrow.latest_checkpoint, self._settings.home, self._keyring.identity, client
+            escrow.latest_checkpoint, self._settings.home, self._keyring.identities, client
         )
         report = await _run(self._store.verify_audit, checkpoint)
         reply = node_pb.VerifyAuditResponse(
@@ -483,8 +460,12 @@ class NodeServicer(node_grpc.NodeServicer):
     async def RotateKeyEncryptionKey(
         self, request: node_pb.RotateKeyEncryptionKeyRequest, context: Context
     ) -> node_pb.RotateKeyEncryptionKeyResponse:
+        from node.keyring import check_current_secret as keyring_check
         from node.keyring import new_kek_spec
 
+        # Proof the caller knows the secret in force, not only an administrator's credential;
+        # checked before anything (a new key file included) is written.
+        await _run(keyring_check, self._settings.home, request.current_passphrase or None)
         which = request.WhichOneof("new_key")
         if which == "new_passphrase":
             spec: KekSpec = new_kek_spec(KekSource.PASSPHRASE, self._settings.argon2, None)
@@ -528,404 +509,6 @@ class NodeServicer(node_grpc.NodeServicer):
             )
         )
 
-    # --- later issues ----------------------------------------------------------------------
-
-    # --- consent and referrals (DESIGN.md section 6) ---------------------------------------
-
-    async def GrantConsent(
-        self, request: node_pb.GrantConsentRequest, context: Context
-    ) -> node_pb.GrantConsentResponse:
-        case_id = _case_id(request.case_id)
-        recipient = _agency_id(request.receiving_agency_id)
-        purpose = serde.need_category(request.purpose)
-        categories = frozenset(request.data_categories)
-        unknown = sorted(c for c in categories if c not in htcds.DATA_CATEGORIES)
-        if not categories or unknown:
-            raise InvalidInput(
-                f"unknown data categories: {', '.join(unknown)}"
-                if unknown
-                else "name at least one data category to share",
-                hint=f"one or more of: {', '.join(htcds.DATA_CATEGORIES)}",
-            )
-        if not request.HasField("expires_at"):
-            raise InvalidInput("a consent needs an expiry date", hint="--expires YYYY-MM-DD")
-        method = _consent_method(request.method)
-        actor = _actor()
-        witness = request.witnessed_by.strip() or actor
-        key = request.idempotency_key[:128] or str(uuid.uuid4())
-        consent_id = self._keyed_uuid(b"tessera/v1/consent-id", key)
-
-        def grant() -> consent_mod.Consent:
-            with contextlib.suppress(NotFound):
-                return self._referrals.consent(consent_id)  # a retried request
-            self._recipient(recipient)  # the recipient must be in the directory
-            consent = consent_mod.Consent(
-                consent_id=consent_id,
-                case_id=case_id,
-                recipient_agency_id=recipient,
-                purpose=purpose,
-                categories=categories,
-                method=method,
-                witnessed_by=witness,
-                granted_at=dt.datetime.now(dt.UTC),
-                expires_at=to_datetime(request.expires_at),
-                revoked_at=None,
-                survivor_pseudonym=self._referrals.survivor_pseudonym(case_id, recipient),
-            )
-            return self._referrals.grant_consent(actor, consent)
-
-        consent = await _run(grant)
-        return node_pb.GrantConsentResponse(consent=await _run(self._consent_pb, consent))
-
-    async def ListConsents(
-        self, request: node_pb.ListConsentsRequest, context: Context
-    ) -> node_pb.ListConsentsResponse:
-        case_id = _case_id(request.case_id) if request.case_id else None
-        consents = await _run(self._referrals.consents, case_id)
-        now = dt.datetime.now(dt.UTC)
-        wanted = request.state
-        items = [
-            await _run(self._consent_pb, c)
-            for c in consents
-            if wanted == node_pb.CONSENT_STATE_UNSPECIFIED or _consent_state(c, now) == wanted
-        ]
-        return node_pb.ListConsentsResponse(consents=items)
-
-    async def RevokeConsent(
-        self, request: node_pb.RevokeConsentRequest, context: Context
-    ) -> node_pb.RevokeConsentResponse:
-        consent_id = request.consent_id.strip()
-        if not consent_id:
-            raise InvalidInput("a consent id is required", hint="`tessera consent list CASE`")
-        actor = _actor()
-        now = dt.datetime.now(dt.UTC)
-        consent, referrals = await _run(self._referrals.revoke_consent, actor, consent_id, now)
-        link = await _run(directory_sync.load_link, self._settings.home)
-        receipt = consent_mod.receipt_blob(
-            self._keyring.identity, link.agency_id, dataclasses.replace(consent, revoked_at=None)
-        )
-        purged = 0
-        channel = rpc.open_aio_channel(
-            link.address,
-            link.certificate,
-            self._keyring.identity,
-            self._settings.limits.max_message_bytes,
-        )
-        try:
-            reply = await relay_grpc.RelayStub(channel).PurgeConsent(
-                relay_pb.PurgeConsentRequest(consent_commitment=consent_mod.commitment(receipt)),
-                timeout=15,
-            )
-            purged = reply.purged
-        except grpc.aio.AioRpcError as exc:  # the revocations below still reach the recipient
-            log.warning("consent.purge_failed", extra=fields(error=str(exc.details())[:200]))
-        finally:
-            await channel.close()
-        revoked_at = consent.revoked_at or now
-
-        def revoke_each() -> list[str]:
-            done = []
-            for referral in referrals:
-                record = self._recipient(referral.recipient_id)
-                message_id = str(uuid.uuid4())
-                sealed = envelopes.revocation_envelope(
-                    self._keyring.identity,
-                    link.agency_id,
-                    record,
-                    referral.referral_id,
-                    consent.consent_id,
-                    revoked_at,
-                    dt.datetime.now(dt.UTC),
-                    message_id,
-                )
-                self._referrals.record_revocation_sent(
-                    actor, referral.referral_id, sealed, message_id
-                )
-                done.append(referral.referral_id)
-            return done
-
-        revoked_ids = await _run(revoke_each)
-        self.wake_relay()
-        return node_pb.RevokeConsentResponse(
-            consent=await _run(self._consent_pb, consent),
-            envelopes_purged=purged,
-            revoked_referral_ids=revoked_ids,
-        )
-
-    async def SendReferral(
-        self, request: node_pb.SendReferralRequest, context: Context
-    ) -> node_pb.SendReferralResponse:
-        case_id = _case_id(request.case_id)
-        consent_id = request.consent_id.strip()
-        if not consent_id:
-            raise InvalidInput(
-                "a referral is sent under a consent", hint="`tessera consent list CASE`"
-            )
-        recipient = _agency_id(request.recipient_agency_id)
-        need = serde.need_category(request.need)
-        requested = _field_names(request.fields)
-        note = request.note
-        actor = _actor()
-        key = request.idempotency_key[:128] or str(uuid.uuid4())
-        referral_id = self._keyed_uuid(b"tessera/v1/referral-id", key)
-        message_id = self._keyed_uuid(b"tessera/v1/referral-message-id", key)
-
-        def send() -> OutgoingReferral:
-            with contextlib.suppress(NotFound):
-                return self._referrals.outgoing_by_id(referral_id)  # a retried request
-            consent = self._referrals.consent(consent_id)
-            if consent.case_id != case_id:
-                raise Refused(
-                    f"consent {consent_id} belongs to another case",
-                    hint="send under a consent recorded for this case",
-                )
-            now = dt.datetime.now(dt.UTC)
-            # The gate: nothing is read or serialised unless the consent covers it.
-            consent_mod.check_covers(consent, recipient, need, requested, now, note=note)
-            case = self._store.get_case(actor, case_id)
-            allowed = consent_mod.minimise(case.fields, consent)
-            chosen = (
-                {name: allowed[name] for name in requested if name in allowed}
-                if requested
-                else allowed
-            )
-            consent_mod.check_covers(consent, recipient, need, chosen, now, note=note)
-            link = directory_sync.load_link(self._settings.home)
-            record = self._recipient(recipient)
-            receipt = consent_mod.receipt_blob(self._keyring.identity, link.agency_id, consent)
-            sealed = envelopes.referral_envelope(
-                self._keyring.identity,
-                link.agency_id,
-                record,
-                referral_id,
-                need,
-                chosen,
-                note,
-                receipt,
-                now,
-                message_id,
-                sender_contact=request.sender_contact,
-            )
-            return self._referrals.record_sent(
-                actor,
-                referral_id,
-                case_id,
-                consent,
-                recipient,
-                record.name,
-                need,
-                list(chosen),
-                key,
-                sealed,
-                message_id,
-                consent_commitment=consent_mod.commitment(receipt),
-                note=note,
-                now=now,
-            )
-
-        referral = await _run(send)
-        self.wake_relay()
-        return node_pb.SendReferralResponse(referral=_outgoing_pb(referral))
-
-    async def ListReferrals(
-        self, request: node_pb.ListReferralsRequest, context: Context
-    ) -> node_pb.ListReferralsResponse:
-        size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
-        offset = _page_offset(request.page_token)
-        states = [_referral_state(request.state)] if request.state else None
-        case_id = _case_id(request.case_id) if request.case_id else None
-        items: list[node_pb.ReferralRecord] = []
-        if request.direction != node_pb.REFERRAL_DIRECTION_INCOMING:
-            sent = await _run(
-                lambda: self._referrals.outgoing(case_id, states=states, limit=size, offset=offset)
-            )
-            items.extend(_outgoing_pb(r) for r in sent)
-        if request.direction != node_pb.REFERRAL_DIRECTION_OUTGOING and case_id is None:
-            got = await _run(lambda: self._referrals.inbox(states, limit=size, offset=offset))
-            names = await _run(self._agency_names)
-            items.extend(_incoming_pb(r, names) for r in got)
-        items.sort(key=lambda r: to_datetime(r.updated_at), reverse=True)
-        token = str(offset + size) if len(items) >= size else ""
-        return node_pb.ListReferralsResponse(referrals=items, next_page_token=token)
-
-    async def Inbox(self, request: node_pb.InboxRequest, context: Context) -> node_pb.InboxResponse:
-        size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
-        offset = _page_offset(request.page_token)
-        states = None if request.include_answered else [ReferralState.DELIVERED]
-        got = await _run(lambda: self._referrals.inbox(states, limit=size, offset=offset))
-        names = await _run(self._agency_names)
-        token = str(offset + size) if len(got) == size else ""
-        return node_pb.InboxResponse(
-            referrals=[_incoming_pb(r, names) for r in got], next_page_token=token
-        )
-
-    async def ShowReferral(
-        self, request: node_pb.ShowReferralRequest, context: Context
-    ) -> node_pb.ShowReferralResponse:
-        referral_id = request.referral_id.strip()
-        if not referral_id:
-            raise InvalidInput("a referral id is required", hint="`tessera referral list`")
-        actor = _actor()
-        try:
-            incoming = await _run(self._referrals.incoming, referral_id, actor)
-        except NotFound:
-            outgoing = await _run(self._referrals.outgoing_by_id, referral_id)
-            consent = await _run(self._referrals.consent, outgoing.consent_id)
-            consent_pb = await _run(self._consent_pb, consent)
-            await _run(
-                self._store.audit,
-                actor,
-                "referral.read",
-                outgoing.case_id,
-                {"referral_id": referral_id, "recipient_id": outgoing.recipient_id},
-            )
-            return node_pb.ShowReferralResponse(
-                referral=_outgoing_pb(outgoing),
-                fields=[common_pb.Field(name=n) for n in outgoing.fields],
-                consent=consent_pb.receipt,
-            )
-        names = await _run(self._agency_names)
-        reply = node_pb.ShowReferralResponse(referral=_incoming_pb(incoming, names))
-        content = incoming.content
-        if content is not None:
-            reply.fields.extend(serde.fields_pb(dict(content.fields)))
-            reply.note = content.note
-            reply.sender_contact = content.sender_contact
-            reply.consent.ParseFromString(content.receipt_body)
-        return reply
-
-    async def AnswerReferral(
-        self, request: node_pb.AnswerReferralRequest, context: Context
-    ) -> node_pb.AnswerReferralResponse:
-        referral_id = request.referral_id.strip()
-        if not referral_id:
-            raise InvalidInput("a referral id is required", hint="`tessera referral inbox`")
-        status = {
-            node_pb.REFERRAL_ANSWER_ACCEPT: ReferralStatus.ACCEPTED,
-            node_pb.REFERRAL_ANSWER_DECLINE: ReferralStatus.DECLINED,
-            node_pb.REFERRAL_ANSWER_COMPLETE: ReferralStatus.COMPLETED,
-        }.get(request.answer)
-        if status is None:
-            raise InvalidInput("the answer is required", hint="accept, decline or complete")
-        reason = _decline_reason(request.decline_reason)
-        text = request.decline_text
-        actor = _actor()
-
-        def answer() -> IncomingReferral:
-            sender_id = self._referrals.incoming_sender(referral_id)
-            link = directory_sync.load_link(self._settings.home)
-            record = self._recipient(sender_id)
-            message_id = str(uuid.uuid4())
-            now = dt.datetime.now(dt.UTC)
-            sealed = envelopes.status_envelope(
-                self._keyring.identity,
-                link.agency_id,
-                record,
-                referral_id,
-                status,
-                reason,
-                text,
-                now,
-                message_id,
-            )
-            return self._referrals.answer(
-                actor,
-                referral_id,
-                status,
-                reason,
-                text,
-                reply=OutgoingEnvelope(sender_id, message_id, sealed),
-            )
-
-        answered = await _run(answer)
-        self.wake_relay()
-        names = await _run(self._agency_names)
-        return node_pb.AnswerReferralResponse(referral=_incoming_pb(answered, names))
-
-    # --- helpers for consent and referrals ----------------------------------------------------
-
-    def _keyed_uuid(self, label: bytes, key: str) -> str:
-        """An unguessable UUID that the same idempotency key always maps to (retries)."""
-        digest = crypto.blind_index(crypto.derive_key(self._keyring.record_key, label), key)
-        return str(uuid.UUID(hex=digest[:32], version=4))
-
-    def _recipient(self, agency_id: str) -> directory.AgencyRecord:
-        """The pinned record of an agency, syncing the directory once if it is not known."""
-        record = directory_sync.load_cache(self._settings.home).records.get(agency_id)
-        if record is None:
-            record = self._synced_directory().records.get(agency_id)
-        if record is None:
-            raise InvalidInput(
-                f"no agency {agency_id!r} in the directory",
-                hint="`tessera agency list` shows the agencies there are",
-            )
-        return record
-
-    def _agency_names(self) -> dict[str, str]:
-        cache = directory_sync.load_cache(self._settings.home)
-        return {agency_id: r.name for agency_id, r in cache.records.items()}
-
-    def _consent_pb(self, consent: consent_mod.Consent) -> node_pb.Consent:
-        link = directory_sync.load_link(self._settings.home)
-        blob = consent_mod.receipt_blob(
-            self._keyring.identity, link.agency_id, dataclasses.replace(consent, revoked_at=None)
-        )
-        referral_ids = [
-            r.referral_id for r in self._referrals.outgoing(consent_id=consent.consent_id)
-        ]
-        message = node_pb.Consent(
-            signed_receipt=blob,
-            case_id=consent.case_id,
-            state=_consent_state(consent, dt.datetime.now(dt.UTC)),
-            referral_ids=referral_ids,
-        )
-        message.receipt.ParseFromString(blob.body)
-        if consent.revoked_at is not None:
-            message.revoked_at.CopyFrom(to_timestamp(consent.revoked_at))
-        return message
-
-    async def ListAgencies(
-        self, request: node_pb.ListAgenciesRequest, context: Context
-    ) -> node_pb.ListAgenciesResponse:
-        cache = await _run(self._synced_directory)
-        wanted = serde.need_category(request.service).value if request.service else None
-        agencies = [
-            _agency_pb(record, record.agency_id in cache.verified)
-            for agency_id, record in sorted(cache.records.items())
-            if (request.include_revoked or not record.revoked)
-            and (wanted is None or wanted in record.services)
-        ]
-        return node_pb.ListAgenciesResponse(agencies=agencies)
-
-    async def VerifyAgency(
-        self, request: node_pb.VerifyAgencyRequest, context: Context
-    ) -> node_pb.VerifyAgencyResponse:
-        cache = await _run(self._synced_directory)
-        record = cache.records.get(request.agency_id)
-        if record is None:
-            raise InvalidInput(
-                f"no agency {request.agency_id!r} in the directory",
-                hint="`tessera agency list` shows the agencies there are",
-            )
-
-        def plain(text: str) -> str:
-            return "".join(ch for ch in text.upper() if ch.isalnum())
-
-        if plain(request.key_fingerprint) != plain(record.identity.fingerprint()):
-            raise Refused(
-                f"the fingerprint read out does not match the one pinned for {record.name}",
-                hint="do not trust this agency's key; call them back on a number you know",
-            )
-        await _run(directory_sync.mark_verified, self._settings.home, record.agency_id)
-        await _run(
-            self._store.audit, _actor(), "agency.verified", None, {"agency": record.agency_id}
-        )
-        return node_pb.VerifyAgencyResponse(agency=_agency_pb(record, True))
-
-    def _synced_directory(self) -> directory_sync.DirectoryCache:
-        link = directory_sync.load_link(self._settings.home)
-        return directory_sync.sync(self._settings.home, self._keyring.identity, link)
-
     async def BudgetStatus(
         self, request: node_pb.BudgetStatusRequest, context: Context
     ) -> node_pb.BudgetStatusResponse:
@@ -958,18 +541,6 @@ class NodeServicer(node_grpc.NodeServicer):
         )
 
 
-def _agency_pb(record: directory.AgencyRecord, verified: bool) -> node_pb.Agency:
-    return node_pb.Agency(
-        agency=common_pb.AgencyRef(agency_id=record.agency_id, name=record.name),
-        region=record.region,
-        services=[serde.need_category_pb(htcds.NeedCategory(c)) for c in record.services],
-        key_fingerprint=record.identity.fingerprint(),
-        verified=verified,
-        pinned_at=serde.timestamp(record.valid_from),
-        revoked=record.revoked,
-    )
-
-
 class _Scratch:
     """Context manager for a 0600 file in a 0700 folder of the node's home; always removed."""
 
@@ -993,135 +564,8 @@ class _Scratch:
             self._path.with_name(self._path.name + ".tmp").unlink(missing_ok=True)
 
 
-def _agency_id(value: str) -> str:
-    value = value.strip()
-    if not value or len(value) > 128:
-        raise InvalidInput("an agency id is required", hint="`tessera agency list` shows them")
-    return value
-
-
-def _consent_method(value: int) -> consent_mod.ConsentMethod:
-    code = serde.wire_code(consent_pb.ConsentMethod, "CONSENT_METHOD_", value)
-    if code not in {m.value for m in consent_mod.ConsentMethod}:
-        raise InvalidInput(
-            "how consent was given is required", hint="verbal, written or electronic"
-        )
-    return consent_mod.ConsentMethod(code)
-
-
-def _consent_state(
-    consent: consent_mod.Consent, now: dt.datetime
-) -> node_pb.ConsentState.ValueType:
-    if consent.revoked:
-        return node_pb.CONSENT_STATE_REVOKED
-    if now >= consent.expires_at:
-        return node_pb.CONSENT_STATE_EXPIRED
-    return node_pb.CONSENT_STATE_ACTIVE
-
-
-def _referral_state_pb(state: ReferralState) -> node_pb.ReferralState.ValueType:
-    return serde.wire_enum(node_pb.ReferralState, "REFERRAL_STATE_", state.value)
-
-
-def _referral_state(value: int) -> ReferralState:
-    code = serde.wire_code(node_pb.ReferralState, "REFERRAL_STATE_", value)
-    if code not in {s.value for s in ReferralState}:
-        raise InvalidInput("unknown referral state", hint=", ".join(s.value for s in ReferralState))
-    return ReferralState(code)
-
-
-def _decline_reason(value: int) -> DeclineReason | None:
-    if value == referral_pb.DECLINE_REASON_UNSPECIFIED:
-        return None
-    code = serde.wire_code(referral_pb.DeclineReason, "DECLINE_REASON_", value)
-    if not code:
-        raise InvalidInput("unknown decline reason")
-    return DeclineReason(code)
-
-
-def _decline_reason_pb(reason: DeclineReason | None) -> referral_pb.DeclineReason.ValueType:
-    if reason is None:
-        return referral_pb.DECLINE_REASON_UNSPECIFIED
-    return serde.wire_enum(referral_pb.DeclineReason, "DECLINE_REASON_", reason.value)
-
-
-def _steps_pb(steps: Any) -> list[node_pb.ReferralStep]:
-    return [
-        node_pb.ReferralStep(state=_referral_state_pb(s.state), at=serde.timestamp(s.at))
-        for s in steps
-    ]
-
-
-def _outgoing_pb(referral: OutgoingReferral) -> node_pb.ReferralRecord:
-    return node_pb.ReferralRecord(
-        referral_id=referral.referral_id,
-        direction=node_pb.REFERRAL_DIRECTION_OUTGOING,
-        case_id=referral.case_id,
-        counterpart=common_pb.AgencyRef(
-            agency_id=referral.recipient_id, name=referral.recipient_name
-        ),
-        need=serde.need_category_pb(referral.need),
-        state=_referral_state_pb(referral.state),
-        decline_reason=_decline_reason_pb(referral.decline_reason),
-        decline_text=referral.decline_text,
-        consent_id=referral.consent_id,
-        created_at=serde.timestamp(referral.created_at),
-        updated_at=serde.timestamp(referral.updated_at),
-        history=_steps_pb(referral.history),
-    )
-
-
-def _incoming_pb(referral: IncomingReferral, names: dict[str, str]) -> node_pb.ReferralRecord:
-    return node_pb.ReferralRecord(
-        referral_id=referral.referral_id,
-        direction=node_pb.REFERRAL_DIRECTION_INCOMING,
-        counterpart=common_pb.AgencyRef(
-            agency_id=referral.sender_id, name=names.get(referral.sender_id, "")
-        ),
-        need=(
-            serde.need_category_pb(referral.need)
-            if referral.need is not None
-            else common_pb.NEED_CATEGORY_UNSPECIFIED
-        ),
-        state=_referral_state_pb(referral.state),
-        decline_reason=_decline_reason_pb(referral.decline_reason),
-        decline_text=referral.decline_text,
-        consent_id=referral.consent_id,
-        created_at=serde.timestamp(referral.received_at),
-        updated_at=serde.timestamp(referral.updated_at),
-        history=_steps_pb(referral.history),
-    )
-
-
-def _case_id(value: str) -> str:
-    value = value.strip()
-    if not value or len(value) > 36:
-        raise InvalidInput("a case id is required", hint="`tessera case list` shows case ids")
-    return value
-
-
 def _date(value: str) -> dt.date:
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
         raise InvalidInput(f"{value!r} is not a date (YYYY-MM-DD)") from None
-
-
-def _page_offset(token: str) -> int:
-    if not token:
-        return 0
-    # ASCII digits only, and few of them (found by fuzzing, issue 16): int() refused a token of
-    # other Unicode digits, and an offset past SQLite's 64-bit integers failed in the query.
-    if not (token.isascii() and token.isdigit()) or len(token) > 15:
-        raise InvalidInput("that page token is not one this node issued")
-    return int(token)
-
-
-def _field_names(names: Any) -> list[str]:
-    result = []
-    for name in names:
-        canonical = htcds.canonical_field(name)
-        if canonical is None:
-            raise InvalidInput(f"unknown field {name!r}", hint="see docs/data-model.md")
-        result.append(canonical)
-    return result

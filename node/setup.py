@@ -19,18 +19,18 @@ from tessera.errors import ConfigError
 
 @dataclass(frozen=True)
 class NodeInit:
-    """What ``node init`` needs to know."""
+    """What ``node init`` needs to know (defaults from :mod:`tessera.config`)."""
 
     home: Path
     name: str
     region: str
     admin_name: str = "admin"
-    listen: str = "127.0.0.1:7441"
-    database_url: str = ""
-    broker: str = ""
-    kek_source: KekSource = KekSource.PASSPHRASE
+    listen: str = config.NODE_LISTEN
+    database_url: str = config.EMBEDDED_DATABASE
+    broker: str = config.NO_BROKER
+    kek_source: KekSource = config.DEFAULT_KEK_SOURCE
     key_file: Path | None = None
-    argon2: Argon2Profile = Argon2Profile.PRODUCTION
+    argon2: Argon2Profile = config.DEFAULT_ARGON2
 
 
 def init_node(spec: NodeInit, passphrase: str | None) -> Settings:

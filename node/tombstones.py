@@ -18,12 +18,13 @@ import datetime as dt
 import enum
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from tessera import crypto, escrow
-from tessera.errors import BadSignature
+from tessera.errors import BadSignature, WrongRecipient
 from tessera.timestamps import to_datetime, to_timestamp
 from tessera.v1 import escrow_pb2 as escrow_pb
 
@@ -89,10 +90,23 @@ def seal_tombstone(identity: crypto.Identity, tombstone: Tombstone) -> bytes:
     return crypto.seal(identity, identity.public, crypto.LABEL_TOMBSTONE, payload)
 
 
-def open_tombstone(identity: crypto.Identity, tombstone_id: str, sealed: bytes) -> Tombstone:
-    """Open a tombstone this node sealed; WrongRecipient or BadSignature if it did not, or if it
-    was filed under another id."""
-    payload = _unpad(crypto.open_sealed(identity, identity.public, crypto.LABEL_TOMBSTONE, sealed))
+def _open_own(identities: Sequence[crypto.Identity], label: bytes, sealed: bytes) -> bytes:
+    # Sealed by the node to itself, under whichever identity it had then (keys rotate).
+    for identity in identities[:-1]:
+        try:
+            return crypto.open_sealed(identity, identity.public, label, sealed)
+        except WrongRecipient:
+            continue
+    last = identities[-1]
+    return crypto.open_sealed(last, last.public, label, sealed)
+
+
+def open_tombstone(
+    identities: Sequence[crypto.Identity], tombstone_id: str, sealed: bytes
+) -> Tombstone:
+    """Open a tombstone this node sealed (under any of its identities); WrongRecipient or
+    BadSignature if it did not, or if it was filed under another id."""
+    payload = _unpad(_open_own(identities, crypto.LABEL_TOMBSTONE, sealed))
     message = escrow_pb.Tombstone()
     try:
         message.ParseFromString(payload)
@@ -126,11 +140,9 @@ def seal_position(identity: crypto.Identity, position: AuditPosition) -> bytes:
     return crypto.seal(identity, identity.public, crypto.LABEL_CHECKPOINT_POSITION, payload)
 
 
-def open_position(identity: crypto.Identity, sealed: bytes) -> AuditPosition:
+def open_position(identities: Sequence[crypto.Identity], sealed: bytes) -> AuditPosition:
     """Open a checkpoint position this node sealed; BadSignature or WrongRecipient otherwise."""
-    payload = _unpad(
-        crypto.open_sealed(identity, identity.public, crypto.LABEL_CHECKPOINT_POSITION, sealed)
-    )
+    payload = _unpad(_open_own(identities, crypto.LABEL_CHECKPOINT_POSITION, sealed))
     message = escrow_pb.CheckpointPosition()
     try:
         message.ParseFromString(payload)

@@ -23,7 +23,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tessera.errors import ConfigError
 
@@ -51,6 +51,24 @@ class KekSource(enum.StrEnum):
     PASSPHRASE = "passphrase"  # noqa: S105 - a mode name, not a password
     KEY_FILE = "key-file"
 
+
+# Defaults, each defined here once: Settings, node.setup.NodeInit, broker.setup.BrokerInit and
+# the `init` commands take them from here.
+
+#: The address a node serves on unless its `init` is told otherwise.
+NODE_LISTEN: Final = "127.0.0.1:7441"
+#: The address a broker serves on unless its `init` is told otherwise.
+BROKER_LISTEN: Final = "127.0.0.1:7440"
+#: A configuration that names no address: any free port on loopback.
+ANY_LISTEN: Final = "127.0.0.1:0"
+#: No database URL: the embedded SQLite file in the home (``Settings.effective_database_url``).
+EMBEDDED_DATABASE: Final = ""
+#: No broker address (a node may be created before it enrols).
+NO_BROKER: Final = ""
+#: A node's key-encryption key comes from its passphrase unless a key file is chosen.
+DEFAULT_KEK_SOURCE: Final = KekSource.PASSPHRASE
+#: Argon2id at full cost; only the test suite asks for less.
+DEFAULT_ARGON2: Final = Argon2Profile.PRODUCTION
 
 OUTBOX_BATCH = 100
 """Envelopes a node pushes in one Relay.SendBatch call, at most; every broker accepts that many."""
@@ -110,12 +128,12 @@ class Settings:
     role: Role
     name: str
     region: str = ""
-    listen: str = "127.0.0.1:0"
-    database_url: str = ""
-    broker: str = ""
-    kek_source: KekSource = KekSource.PASSPHRASE
+    listen: str = ANY_LISTEN
+    database_url: str = EMBEDDED_DATABASE
+    broker: str = NO_BROKER
+    kek_source: KekSource = DEFAULT_KEK_SOURCE
     key_file: Path | None = None
-    argon2: Argon2Profile = Argon2Profile.PRODUCTION
+    argon2: Argon2Profile = DEFAULT_ARGON2
     log_format: str = "auto"
     tls_cert: Path | None = None
     tls_key: Path | None = None

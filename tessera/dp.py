@@ -104,9 +104,8 @@ Coordinates = tuple[str, ...]
 class TableSpec:
     """A table: named axes whose Cartesian product, row-major (last axis fastest), is the cells.
 
-    ``contribution_bound`` is the most cells one survivor's record may add 1 to; it is the table's
-    L1 sensitivity and every node enforces it in code (:func:`bounded_counts`, dropping at
-    random).
+    ``contribution_bound`` is the most cells one survivor's record may add 1 to: the table's L1
+    sensitivity, which every node enforces in code (:func:`bounded_counts`, dropping at random).
     """
 
     name: str

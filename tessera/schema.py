@@ -5,6 +5,9 @@ Upgrading Tessera never loses data: a schema only moves forward through the revi
 SQLite, whose driver would otherwise commit each DDL statement on its own). Several processes
 may start at once on one PostgreSQL: a transaction-scoped advisory lock lets exactly one migrate
 while the others wait, then find nothing left to do.
+
+Each component's ``store/database.py`` names its :class:`Schema` and calls it; everything else
+about opening a database (engine, migration, the errors a person sees) is here, once.
 """
 
 from __future__ import annotations
@@ -43,6 +46,16 @@ class Schema:
         ``attributes`` reach the revisions in ``config.attributes`` (say the node's keyring, for
         a revision that must encrypt).
         """
+        before = self.current_revision(engine)
+        self._upgrade(engine, attributes)
+        if before != self.head_revision() and engine.dialect.name == "sqlite":
+            # A revision that rewrote rows (the node's 0005 seals clear ones) freed pages that
+            # secure_delete zeroed in the write-ahead log: push them into the main file now, so
+            # the clear originals do not sit there until some later checkpoint.
+            with engine.connect() as conn:
+                conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+
+    def _upgrade(self, engine: Engine, attributes: dict[str, Any] | None) -> None:
         cfg = self._config()
         cfg.attributes.update(attributes or {})
         with engine.begin() as connection:
@@ -84,4 +97,7 @@ class Schema:
                 f"cannot open the {self.package}'s database: {exc.orig}",
                 hint="check database_url / TESSERA_DATABASE_URL and that the server is running",
             ) from None
+        except BaseException:  # a refused migration (ConfigError), an interrupt: no engine leaks
+            engine.dispose()
+            raise
         return engine

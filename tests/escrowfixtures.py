@@ -22,16 +22,17 @@ import pytest
 from sqlalchemy import Engine, text
 
 from broker.operator_client import OperatorClient
-from node import directory_sync, htcds
+from node import directory_sync
 from node.client import NodeClient
 from node.domain import StaffRole
 from node.escrow import EscrowWorker
-from node.htcds import NeedCategory, NeedStatus
+from node.htcds.synthetic import synthetic_records
 from node.keyring import open_keyring
 from node.store.database import open_database
 from tessera import crypto, rpc
 from tessera.config import Settings
 from tessera.errors import TesseraError
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
 from tests.support import (
@@ -113,7 +114,7 @@ class Site:
 
     def seed(self, count: int = 3, seed: int = 14) -> list[str]:
         """``count`` cases with an unmet housing need, through the node's API."""
-        self.records = htcds.synthetic_records(count, seed)
+        self.records = synthetic_records(count, seed)
         with self.client() as client:
             return [
                 str(

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from node import htcds
+from node.htcds.synthetic import synthetic_records
 from node.keyring import Keyring, open_keyring
 from node.setup import NodeInit, init_node
 from node.store.cases import NewCase, NodeStore
@@ -210,7 +210,7 @@ def pg_dump_data(postgres_url: str) -> bytes:
 
 def synthetic_cases(count: int, seed: int = 7) -> list[NewCase]:
     """``count`` fictional HTCDS records as new cases."""
-    return [NewCase(fields=record) for record in htcds.synthetic_records(count, seed)]
+    return [NewCase(fields=record) for record in synthetic_records(count, seed)]
 
 
 def identifying_values(records: Sequence[Mapping[str, str]]) -> list[str]:

@@ -21,11 +21,11 @@ from node import directory_sync
 from node.backup import restore_backup
 from node.client import NodeClient
 from node.domain import StaffRole
-from node.htcds import NeedCategory, NeedStatus
 from node.keyring import open_keyring
 from node.store.database import open_database
 from tessera import credential, crypto
 from tessera.errors import ErrorKind, PermissionDenied
+from tessera.needs import NeedCategory, NeedStatus
 from tests.escrowfixtures import (
     AGENCY,
     Site,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from node import htcds
 from node.consent import (
     Consent,
     ConsentMethod,
@@ -27,10 +26,12 @@ from node.consent import (
     receipt_blob,
     verify_receipt,
 )
-from node.htcds import DATA_CATEGORIES, FIELD_NAMES, NeedCategory
+from node.htcds.catalogue import DATA_CATEGORIES, FIELD_NAMES, fields_in
+from node.htcds.synthetic import synthetic_records
 from tessera import crypto
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused
+from tessera.needs import NeedCategory
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 
@@ -257,8 +258,8 @@ def test_check_covers_needs_an_aware_now() -> None:
 )
 def test_minimise_keeps_only_consented_fields(categories: set[str]) -> None:
     consent = make_consent(categories=frozenset(categories))
-    allowed = htcds.fields_in(categories)
-    for case in htcds.synthetic_records(40, seed=7):
+    allowed = fields_in(categories)
+    for case in synthetic_records(40, seed=7):
         case_with_extras = {**case, "tessera_case_id": "case-0042", "notes": "private"}
         kept = minimise(case_with_extras, consent)
         assert set(kept) <= allowed

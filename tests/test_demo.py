@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from node.htcds import IDENTIFYING_FIELDS, synthetic_records
+from node.htcds.catalogue import IDENTIFYING_FIELDS
+from node.htcds.synthetic import synthetic_records
 
 
 def _demo(directory: Path) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ from datetime import timedelta
 
 import pytest
 
-from node import htcds
 from node.consent import (
     Consent,
     ConsentRefused,
@@ -37,10 +36,12 @@ from node.envelopes import (
     revocation_envelope,
     status_envelope,
 )
-from node.htcds import NeedCategory
+from node.htcds.catalogue import DATA_CATEGORIES
+from node.htcds.synthetic import synthetic_records
 from tessera import crypto
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused, WrongRecipient
+from tessera.needs import NeedCategory
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import referral_pb2 as referral_pb
@@ -57,7 +58,7 @@ MALLORY = crypto.Identity.from_seed(bytes([13]) * 32)
 REFERRAL_ID = "5c3e1f0a-7b2d-4e9c-8f61-a4b2c3d4e5f6"
 MESSAGE_ID = "9e8d7c6b-5a49-4838-a271-6f5e4d3c2b1a"
 MESSAGE_2 = "1a2b3c4d-5e6f-4a8b-9c0d-e1f2a3b4c5d6"
-CASE = htcds.synthetic_records(1, seed=3)[0]
+CASE = synthetic_records(1, seed=3)[0]
 
 
 ALICE_RECORD, BOB_RECORD, MALLORY_RECORD = (
@@ -343,7 +344,7 @@ def test_expired_receipt_is_refused() -> None:
 def test_edited_receipt_body_is_refused() -> None:
     receipt = consent_pb.ConsentReceipt()
     receipt.ParseFromString(RECEIPT.body)
-    receipt.data_categories.extend(sorted(htcds.DATA_CATEGORIES["exploitation"]))
+    receipt.data_categories.extend(sorted(DATA_CATEGORIES["exploitation"]))
     receipt.data_categories.sort()
     edited = common_pb.SignedBlob(
         body=receipt.SerializeToString(), signature=RECEIPT.signature, signer=RECEIPT.signer

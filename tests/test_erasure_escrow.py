@@ -20,16 +20,20 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.store.escrow import EscrowStore as BrokerEscrowStore
-from node import backup, escrow
+from node import backup, directory_sync, escrow
 from node.backup import restore_backup
+from node.keyring import open_keyring
+from node.store.anchors import QueuedTombstone
 from node.store.budget import BudgetStore
 from node.store.database import open_database
+from node.tombstones import AuditPosition
 from tessera import config, credential, crypto, tls
 from tessera.errors import (
     ErrorKind,
@@ -55,7 +59,7 @@ from tests.nodefixtures import (
     db_url_fixture,  # noqa: F401  (fixture)
     extra_postgres_database,
 )
-from tests.support import PASSPHRASE, unlock
+from tests.support import PASSPHRASE, enrolled_node, unlock
 
 
 def _erased_everywhere(site: Site, case_id: str, record: dict[str, str]) -> None:
@@ -375,6 +379,100 @@ def test_the_broker_keeps_each_agencys_escrow_apart_and_append_only(site: Site) 
     assert store.deposit("another-agency", [("t-1", again)], dt.datetime.now(dt.UTC))[0] == [1]
     (kept,), _head = store.tombstones("another-agency", 0, 10)
     assert kept.sealed == tombstone
+
+
+_TAMPERING = {
+    # A compromised broker (or its database) serving an escrow other than the one it signed.
+    "altered": [
+        "UPDATE broker_escrow_tombstone SET sealed = :junk WHERE agency_id = :a AND sequence = 1"
+    ],
+    "missing": ["DELETE FROM broker_escrow_tombstone WHERE agency_id = :a AND sequence = 1"],
+    "reordered": [
+        "UPDATE broker_escrow_tombstone SET sequence = 99 WHERE agency_id = :a AND sequence = 1",
+        "UPDATE broker_escrow_tombstone SET sequence = 1 WHERE agency_id = :a AND sequence = 2",
+        "UPDATE broker_escrow_tombstone SET sequence = 2 WHERE agency_id = :a AND sequence = 99",
+    ],
+}
+
+
+@pytest.mark.parametrize("tampering", sorted(_TAMPERING))
+def test_an_escrow_served_altered_truncated_or_reordered_is_refused(
+    site: Site, tampering: str
+) -> None:
+    ids = site.seed(3)
+    with site.client() as client:
+        client.erase_case(ids[0], "survivor asked")
+        client.erase_case(ids[1], "survivor asked")
+    site.worker.step()
+    site.stop()
+    from sqlalchemy import text
+
+    with site.broker.running.store.engine.begin() as conn:
+        for statement in _TAMPERING[tampering]:
+            conn.execute(text(statement), {"a": AGENCY, "junk": os.urandom(368)})
+    site.start()
+    with site.client() as client:
+        status = client.status()
+        # The node does not take this escrow as the whole truth: it opens no case, says why,
+        # and the erased survivors stay erased.
+        assert status["escrow"] != "confirmed", status
+        assert "escrow does not verify" in status["escrow_detail"], status
+        refused = attempt(client.get_case, ids[2])
+        assert isinstance(refused, TesseraError) and not isinstance(refused, NotFound), refused
+        for erased in ids[:2]:
+            assert isinstance(attempt(client.get_case, erased), TesseraError)
+
+
+def test_a_broker_restored_from_an_older_backup_gets_every_erasure_again(site: Site) -> None:
+    ids = site.seed(3)
+    with site.client() as client:
+        client.erase_case(ids[0], "survivor asked")
+        client.erase_case(ids[1], "survivor asked")
+    site.worker.step()
+    site.stop()
+    from sqlalchemy import text
+
+    # The broker's database comes back from before the erasures: the agency's escrow is empty.
+    with site.broker.running.store.engine.begin() as conn:
+        conn.execute(
+            text("DELETE FROM broker_escrow_tombstone WHERE agency_id = :a"), {"a": AGENCY}
+        )
+    site.start()
+    step_until_it_works(site)
+    store = BrokerEscrowStore(site.broker.running.store.engine)
+    assert store.tombstones(AGENCY, 0, 10)[1].size == 2
+    with site.client() as client:
+        assert client.status()["escrow"] == "confirmed"
+        for erased in ids[:2]:
+            assert isinstance(attempt(client.get_case, erased), NotFound)
+
+
+def test_over_the_wire_an_agency_reaches_only_its_own_escrow(site: Site) -> None:
+    ids = site.seed(1)
+    with site.client() as client:
+        client.erase_case(ids[0], "survivor asked")
+    site.worker.step()
+    store = BrokerEscrowStore(site.broker.running.store.engine)
+    harbour_head = store.tombstones(AGENCY, 0, 10)[1]
+    harbour_checkpoint = store.latest_checkpoint(AGENCY)
+    # Another enrolled agency, signing its own calls: the escrow it sees is its own (empty),
+    # whatever it asks for; what it deposits and checkpoints lands under its own id.
+    other = enrolled_node(site.broker, site.root, "lantern-clinic")
+    keyring = open_keyring(other.home, PASSPHRASE)
+    link = directory_sync.load_link(other.home)
+    with escrow.EscrowClient(link, keyring.identities) as lantern:
+        opened, head = lantern.tombstones()
+        assert (opened, head.size) == ([], 0)
+        assert lantern.latest_checkpoint() is None
+        forged = crypto.seal(
+            keyring.identity, keyring.identity.public, crypto.LABEL_TOMBSTONE, bytes(256)
+        )
+        queued = QueuedTombstone(tombstone_id=str(uuid.uuid4()), sealed=forged, attempts=0)
+        assert lantern.deposit([queued]).size == 1
+        lantern.checkpoint(AuditPosition(1, bytes(32)))
+    assert store.tombstones(AGENCY, 0, 10)[1] == harbour_head
+    assert store.latest_checkpoint(AGENCY) == harbour_checkpoint
+    assert store.tombstones("lantern-clinic", 0, 10)[1].size == 1
 
 
 # --- the administrator's check, from the command line ------------------------------------------

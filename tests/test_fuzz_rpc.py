@@ -156,7 +156,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         operator = credential.read(broker.settings.home).identity
         add_coordinator(broker.settings, "fuzz-coordinator", root / "coordinator")
         coordinator = credential.read(root / "coordinator").identity
-        strings = [HARBOUR, LANTERN, "north", "nobody-agency"]
+        # The node's passphrase too: RotateKeyEncryptionKey asks for it before anything else.
+        strings = [HARBOUR, LANTERN, "north", "nobody-agency", PASSPHRASE]
         with NodeClient(harbour.home, unlock=unlock) as client:
             client.add_staff("Casey Worker", StaffRole.CASEWORKER, caseworker.public.signing_key)
             for first in ("Ilsabet", "Korvin"):
@@ -319,7 +320,10 @@ FOUND = [
     # A need category given twice hit the store's unique index: INTERNAL.
     ("Node.CreateCase", node_pb.CreateCaseRequest(needs=[_MEDICAL_UNMET, _MEDICAL_UNMET])),
     # A NUL byte in a path reached os calls: ValueError, INTERNAL.
-    ("Node.RotateKeyEncryptionKey", node_pb.RotateKeyEncryptionKeyRequest(new_key_file="a\x00b")),
+    (
+        "Node.RotateKeyEncryptionKey",
+        node_pb.RotateKeyEncryptionKeyRequest(current_passphrase=PASSPHRASE, new_key_file="a\x00b"),
+    ),
     ("Node.Backup", node_pb.BackupRequest(destination="sandbox/a\x00b")),
     # A backup folder that is a file (or cannot be made): OSError, INTERNAL.
     ("Node.Backup", node_pb.BackupRequest(destination="a-plain-file/backups")),

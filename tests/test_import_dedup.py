@@ -25,12 +25,14 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from node import htcds
 from node.client import NodeClient
 from node.dedup import Identity, adds_nothing, same_survivor
 from node.domain import DuplicatePolicy, MatchRule, RowAction, RowOutcome
+from node.htcds.csv_format import write_csv
+from node.htcds.synthetic import synthetic_records
 from node.store import imports
 from tessera.errors import Conflict
+from tessera.needs import NeedCategory, NeedStatus
 from tests.nodefixtures import (
     NodeFactory,
     db_url_fixture,  # noqa: F401  (fixture)
@@ -106,10 +108,7 @@ def _intake(n: int, seed: int) -> list[dict[str, str]]:
         "vic_TypeOfExploitation",
         "cas_IncomingReferralDate",
     )
-    return [
-        {k: v for k, v in record.items() if k in keep}
-        for record in htcds.synthetic_records(n, seed)
-    ]
+    return [{k: v for k, v in record.items() if k in keep} for record in synthetic_records(n, seed)]
 
 
 def _edit_csv(path: Path, row: int, field: str, value: str) -> None:
@@ -159,7 +158,7 @@ def test_the_same_spreadsheet_imported_twice_adds_nobody_twice(
         for r in records
     ]
     as_csv = tmp_path / "retyped.csv"
-    htcds.write_csv(as_csv, retyped)
+    write_csv(as_csv, retyped)
     third = _import(admin, as_csv)
     assert _count(node) == 12
     assert [(o.action, o.case_id, o.match) for o in _rows(third)] == [
@@ -177,7 +176,7 @@ def test_the_same_csv_imported_twice_adds_nobody_twice(
     node: BackgroundNode, admin: NodeClient, tmp_path: Path
 ) -> None:
     source = tmp_path / "intake.csv"
-    htcds.write_csv(source, htcds.synthetic_records(25, seed=5))
+    write_csv(source, synthetic_records(25, seed=5))
     first = _import(admin, source)
     again = _import(admin, source)
     assert _count(node) == 25
@@ -192,12 +191,12 @@ def test_an_export_imported_back_adds_nothing_and_an_edited_cell_updates_one_cas
     node: BackgroundNode, admin: NodeClient, tmp_path: Path
 ) -> None:
     source = tmp_path / "intake.csv"
-    htcds.write_csv(source, htcds.synthetic_records(10, seed=8))
+    write_csv(source, synthetic_records(10, seed=8))
     ids = _import(admin, source)["case_ids"]
     assert isinstance(ids, list)
     # What the file does not carry must survive an update from it: notes and needs.
     noted = admin.update_case(ids[3], 1, {}, [], "moved to the north shelter")
-    admin.set_need(ids[3], htcds.NeedCategory.LEGAL_CIVIL, htcds.NeedStatus.UNMET)
+    admin.set_need(ids[3], NeedCategory.LEGAL_CIVIL, NeedStatus.UNMET)
     before = {i: admin.get_case(i) for i in ids}
 
     exported = _export(admin, tmp_path / "export.csv")
@@ -256,7 +255,7 @@ def test_on_duplicate_new_adds_them_and_says_what_each_matched(
     node: BackgroundNode, admin: NodeClient, tmp_path: Path
 ) -> None:
     source = tmp_path / "intake.csv"
-    htcds.write_csv(source, htcds.synthetic_records(8, seed=13))
+    write_csv(source, synthetic_records(8, seed=13))
     first = _import(admin, source)["case_ids"]
     again = _import(admin, source, DuplicatePolicy.NEW)
     assert _count(node) == 16
@@ -278,7 +277,7 @@ def test_a_survivor_twice_in_one_file_is_one_case(
     again = {**ana, "prs_MobilePhone": "+1-202-555-0199"}  # entered again, new phone
     sparse = {"prs_FirstName": "Quelbri", "prs_SecondName": "Omtas"}  # a name and nothing else
     source = tmp_path / "intake.csv"
-    htcds.write_csv(source, [ana, other, again, sparse, dict(sparse)])
+    write_csv(source, [ana, other, again, sparse, dict(sparse)])
     result = _import(admin, source)
     assert _count(node) == 3
     rows = _rows(result)
@@ -304,7 +303,7 @@ def test_a_survivor_twice_in_one_file_is_one_case(
     # case the first row added: still one case.
     ana2 = _intake(1, seed=41)[0]
     later = tmp_path / "later.csv"
-    htcds.write_csv(later, [ana2, {**ana2, "prs_MobilePhone": "+1-202-555-0100"}])
+    write_csv(later, [ana2, {**ana2, "prs_MobilePhone": "+1-202-555-0100"}])
     merged = _import(admin, later, DuplicatePolicy.UPDATE)
     assert _count(node) == 4
     (new_case,) = merged["case_ids"]
@@ -323,7 +322,7 @@ def test_erasing_one_of_two_matching_cases_names_the_other(
 ) -> None:
     records = _intake(3, seed=17)
     source = tmp_path / "intake.csv"
-    htcds.write_csv(source, records)
+    write_csv(source, records)
     first = _import(admin, source)["case_ids"]
     second = _import(admin, source, DuplicatePolicy.NEW)["case_ids"]
     assert isinstance(first, list) and isinstance(second, list)
@@ -341,7 +340,7 @@ def test_erasing_one_of_two_matching_cases_names_the_other(
     assert _count(node) == 4
     # An old export naming an erased case never brings it back, whatever the policy.
     old = tmp_path / "old.csv"
-    htcds.write_csv(old, [{**records[0], "tessera_case_id": first[0]}], ("tessera_case_id",))
+    write_csv(old, [{**records[0], "tessera_case_id": first[0]}], ("tessera_case_id",))
     for policy in DuplicatePolicy:
         (row,) = _rows(_import(admin, old, policy))
         assert (row.action, row.case_id) == (RowAction.ERASED, first[0])
@@ -422,7 +421,7 @@ def test_matching_opens_only_the_candidates(nodes: NodeFactory, db_url: str) -> 
     """An import decrypts only cases the blind index points at: a case it has no reason to open
     stays unopened, which a corrupted ciphertext there proves (opening it would fail)."""
     node = nodes.make(db_url)
-    records = htcds.synthetic_records(6, seed=21)
+    records = synthetic_records(6, seed=21)
     ids = imports.import_cases(
         node.store, "admin", list(enumerate(records[:3], start=2)), DuplicatePolicy.SKIP
     ).case_ids
@@ -441,7 +440,7 @@ def test_a_retried_import_answers_as_the_first_and_adds_nothing(
     nodes: NodeFactory, db_url: str
 ) -> None:
     node = nodes.make(db_url)
-    records = htcds.synthetic_records(4, seed=9)
+    records = synthetic_records(4, seed=9)
     rows = list(enumerate([*records, records[0]], start=2))
     first = imports.import_cases(
         node.store, "admin", rows, DuplicatePolicy.SKIP, idempotency_key="k-1"
@@ -545,7 +544,7 @@ def test_the_cli_reports_every_row_and_erase_names_the_other_case(
 ) -> None:
     records = _intake(3, seed=23)
     source = tmp_path / "intake.csv"
-    htcds.write_csv(source, records)
+    write_csv(source, records)
     first = tessera(served, "case", "import", str(source))
     assert first.returncode == 0, first.stderr
     assert "Imported 3 case(s); 0 row(s) refused." in first.stdout

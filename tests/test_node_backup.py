@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
-from node import backup, htcds
+from node import backup
 from node.backup import create_backup, read_backup, restore_backup
 from node.domain import StaffRole
-from node.htcds import NeedCategory, NeedStatus
+from node.htcds.synthetic import synthetic_records
 from node.server import start_node
-from node.store.cases import LEDGER_FILE, NewCase, _key_context
+from node.store.cases import LEDGER_FILE, NewCase
 from node.store.database import open_database
+from node.store.records import survivor_key_context
 from tessera import config, crypto
 from tessera.errors import (
     ConfigError,
@@ -35,6 +36,7 @@ from tessera.errors import (
     TesseraError,
     WrongPassphrase,
 )
+from tessera.needs import NeedCategory, NeedStatus
 from tests.nodefixtures import (
     PASSPHRASE,
     Node,
@@ -51,7 +53,7 @@ STAFF_NAME = "Visible Staffname"
 
 
 def _seed(node: Node, count: int, seed: int = 11) -> tuple[list[str], list[dict[str, str]]]:
-    records = htcds.synthetic_records(count, seed)
+    records = synthetic_records(count, seed)
     new = [
         NewCase(fields=r, notes=f"note {n}", needs=((NeedCategory.SAFE_HOUSING, NeedStatus.UNMET),))
         for n, r in enumerate(records)
@@ -243,7 +245,7 @@ def test_restore_into_a_fresh_home_and_database_brings_every_case_back(
         for case_id, record in zip(ids, records, strict=True):
             assert dict(rebuilt.store.get_case("maria", case_id).fields) == record
         # The rebuilt node keeps working: new cases, needs and indexes get fresh row ids.
-        more = htcds.synthetic_records(2, 99)
+        more = synthetic_records(2, 99)
         new_ids = rebuilt.store.create_cases(
             "maria",
             [
@@ -284,7 +286,7 @@ def test_a_backup_is_one_snapshot_even_while_another_writer_commits(
             statement.lstrip().upper().startswith("SELECT") and "FROM case_record" in statement
         )
         if reads_cases and not intruder:
-            new = NewCase(fields=htcds.synthetic_records(1, 5)[0])
+            new = NewCase(fields=synthetic_records(1, 5)[0])
             intruder.append(other.create_case("other", new).case_id)
 
     event.listen(node.engine, "after_cursor_execute", write_between_tables)
@@ -299,7 +301,7 @@ def test_a_backup_is_one_snapshot_even_while_another_writer_commits(
     # Every case in the snapshot carries its own survivor's key, and it opens for that case.
     for row in snapshot["case_record"]:
         wrapped = base64.b64decode(row["wrapped_key"]["b64"])
-        crypto.unwrap_key(keyring.record_key, wrapped, _key_context(row["case_id"]))
+        crypto.unwrap_key(keyring.record_key, wrapped, survivor_key_context(row["case_id"]))
     assert {r["case_id"] for r in snapshot["blind_index"]} <= cases
     assert intruder[0] not in cases
     assert snapshot["audit_head"][0]["seq"] == max(r["seq"] for r in snapshot["audit_log"])
@@ -328,7 +330,7 @@ def test_a_tampered_backup_is_refused_and_the_database_is_untouched(
     (erased, kept), _records = _seed(node, 2)
     made = create_backup(node.store, node.home, node.home / "backups", "admin")
     node.store.erase_case("maria", erased)  # the node moves on after its backup
-    later = node.store.create_case("maria", NewCase(fields=htcds.synthetic_records(1, 3)[0]))
+    later = node.store.create_case("maria", NewCase(fields=synthetic_records(1, 3)[0]))
     content = made.path.read_bytes()
     body = _body_offset(made.path)
     stamp = str(json.loads(content[len(b"TESSERA-BACKUP-1\n") : body - 1])["taken_at"])

@@ -7,6 +7,7 @@ stack trace.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from node.htcds import synthetic_records, write_csv
+from node.htcds.csv_format import write_csv
+from node.htcds.reading import FORMULA_REASON
+from node.htcds.synthetic import synthetic_records
+from tests.test_htcds_formulas import DETAILS, column_of, intake
 
 PASSPHRASE = "a long test passphrase"
 
@@ -175,6 +179,34 @@ def test_import_reports_rows_and_writes_rejects(served: Path, tmp_path: Path) ->
     exported = tmp_path / "out.csv"
     assert tessera(served, "case", "export", str(exported)).returncode == 0
     assert len(exported.read_text(encoding="utf-8-sig").splitlines()) == 30  # header + 29
+
+
+def test_xlsx_formula_rows_are_refused_like_bad_rows(served: Path, tmp_path: Path) -> None:
+    # Issue 16: a formula-only row used to vanish, and a calculated formula came in as its
+    # result. Rows 3 (only a formula) and 4 (a formula among good values) are refused now.
+    source, good = intake(tmp_path, cached=True)
+    details = f"cas_IncomingReferralDetails: column {column_of(DETAILS)} holds a formula"
+    refused = tessera(served, "case", "import", str(source))
+    assert refused.returncode == 7  # as for any bad row: nothing imported without --skip-bad-rows
+    assert f"row 3, {details}" in refused.stderr
+    assert f"row 4, {details}" in refused.stderr
+    assert FORMULA_REASON in refused.stderr
+    assert "nothing was imported" in refused.stderr
+    rejects = tmp_path / "rejects.csv"
+    accepted = tessera(
+        served, "case", "import", str(source), "--skip-bad-rows", "--rejects", str(rejects)
+    )
+    assert accepted.returncode == 0, accepted.stderr
+    assert "Imported 2 case(s); 2 row(s) refused." in accepted.stdout
+    rejected = rejects.read_text(encoding="utf-8-sig").splitlines()
+    assert len(rejected) == 3  # header and rows 3 and 4
+    assert all(FORMULA_REASON in line for line in rejected[1:])
+    exported = tmp_path / "out.csv"
+    assert tessera(served, "case", "export", str(exported)).returncode == 0
+    with exported.open(encoding="utf-8-sig", newline="") as handle:
+        landed = list(csv.DictReader(handle))
+    assert sorted(row["prs_Email"] for row in landed) == sorted(r["prs_Email"] for r in good[:2])
+    assert {row[DETAILS] for row in landed} == {r[DETAILS] for r in good[:2]}  # no "3" came in
 
 
 ANA_PASSPHRASE = "ledger orchid tramline quiet"

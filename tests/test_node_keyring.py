@@ -272,3 +272,28 @@ def test_a_crash_at_the_rename_keeps_the_old_keyring(
     # Had the rename happened, the new passphrase would open it: the temporary file is whole.
     os.replace(path.with_suffix(".tmp"), path)
     assert nodes.open(node.home, node.url, NEW_PASSPHRASE).store.get_case("admin", case_id)
+
+
+def test_threads_writing_one_file_at_once_take_turns(tmp_path: Path) -> None:
+    """Found by the full suite: `node audit verify` saved the audit checkpoint while the escrow
+    worker did; both used the one temporary file, and the second rename raised (internal error)."""
+    import threading
+
+    target = tmp_path / "audit-checkpoint"
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(50):
+                files.atomic_write(target, f"{n}-{i}".encode())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert target.read_text().endswith("-49")
+    assert not target.with_suffix(".tmp").exists()

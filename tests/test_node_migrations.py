@@ -17,15 +17,16 @@ from sqlalchemy import Date, Engine, bindparam, text
 from sqlmodel import SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-from node.htcds import NeedCategory, NeedStatus
 from node.keyring import Keyring
 from node.store import tables as node_tables
-from node.store.cases import NewCase, NodeStore, _key_context, record_associated_data
+from node.store.cases import NewCase, NodeStore
 from node.store.database import current_revision, head_revision, migrate
 from node.store.escrow import EscrowStore
+from node.store.records import record_associated_data, survivor_key_context
 from tessera import crypto
 from tessera.db import make_engine
 from tessera.errors import ConfigError
+from tessera.needs import NeedCategory, NeedStatus
 from tests.nodefixtures import pg_dump_data
 
 
@@ -57,7 +58,9 @@ def _old_cases(engine: Engine, keyring: Keyring, names: list[str]) -> list[str]:
                     "c": case_id,
                     "t": now,
                     "ct": crypto.encrypt(data_key, payload, record_associated_data(case_id, 1)),
-                    "wk": crypto.wrap_key(keyring.record_key, data_key, _key_context(case_id)),
+                    "wk": crypto.wrap_key(
+                        keyring.record_key, data_key, survivor_key_context(case_id)
+                    ),
                 },
             )
             ids.append(case_id)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 
 from node.domain import CaseState, StaffRole
-from node.htcds import NeedCategory, NeedStatus
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase
 from node.store.needs import need_associated_data
 from tessera import crypto
 from tessera.errors import TamperedCiphertext
+from tessera.needs import NeedCategory, NeedStatus
 from tests.nodefixtures import (
     Node,
     NodeFactory,

@@ -19,12 +19,13 @@ from broker.operator_client import OperatorClient
 from node import directory_sync
 from node.client import NodeClient
 from node.directory_sync import BrokerLink
-from node.htcds import NeedCategory, NeedStatus
 from node.keyring import open_keyring
+from node.referrals.flows import Referrals
+from node.referrals.model import OutboxItem, OutboxKind
 from node.relay_worker import RelayWorker, split_by_size
-from node.store.referrals import OutboxItem, OutboxKind, ReferralStore
 from tessera import crypto
 from tessera.errors import StorageError
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import relay_pb2 as relay_pb
 from tests.nodefixtures import Node, NodeFactory, db_url_fixture, nodes_fixture  # noqa: F401
 from tests.support import (
@@ -85,7 +86,7 @@ def test_the_pusher_sends_the_outbox_and_a_refused_envelope_stays_queued(
             ),
             t=NOW,
         )
-    referrals = ReferralStore(node.store)
+    referrals = Referrals(node.store, node.home)
     worker = RelayWorker(node.store, referrals, node.keyring, node.home, link)
 
     async def push_until_settled() -> None:
@@ -101,7 +102,7 @@ def test_the_pusher_sends_the_outbox_and_a_refused_envelope_stays_queued(
             await worker.stop()
 
     asyncio.run(push_until_settled())
-    (left,) = referrals.pending_outbox()
+    (left,) = referrals.stores.outbox.pending()
     assert left.recipient_id == "no-such-agency"
     assert "no enrolled agency 'no-such-agency'" in left.last_error
     delivered = receive(clinic)
@@ -195,7 +196,9 @@ def test_a_streamed_batch_syncs_the_directory_once_before_opening_any_envelope(
         )
 
     senders = ["lantern-clinic", "lantern-clinic", "meridian-legal", "no-such-agency"]
-    worker = RelayWorker(node.store, ReferralStore(node.store), node.keyring, node.home, link)
+    worker = RelayWorker(
+        node.store, Referrals(node.store, node.home), node.keyring, node.home, link
+    )
 
     async def handle_one_batch() -> None:
         worker.start()
@@ -289,8 +292,8 @@ def test_a_referral_the_database_fails_to_store_is_not_acknowledged_and_arrives_
     # stored exactly once.
     relay = pair.lantern.running.relay
     assert relay is not None
-    referrals = relay._referrals
-    real = referrals.store_incoming
+    incoming = relay._referrals.stores.incoming
+    real = incoming.store
     failures = []
 
     def failing_once(*args: Any, **kwargs: Any) -> Any:
@@ -299,7 +302,7 @@ def test_a_referral_the_database_fails_to_store_is_not_acknowledged_and_arrives_
             raise StorageError("the disk is full", hint="free some space")
         return real(*args, **kwargs)
 
-    referrals.store_incoming = failing_once  # type: ignore[method-assign]
+    incoming.store = failing_once  # type: ignore[method-assign]
     referral_id = pair.refer()
     eventually(lambda: pair.inbox() == [referral_id], "the referral after its redelivery")
     assert failures == [1]

@@ -1,4 +1,4 @@
-"""The referral store, honest and attacked (DESIGN.md sections 4 to 6; node.store.referrals).
+"""The referral store, honest and attacked (DESIGN.md sections 4 to 6; node.referrals).
 
 A consent and a referral are written with everything that goes with them in one transaction or
 not at all; a retried send never makes a second referral; statuses move referrals and needs only
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from node import htcds, serde
+from node import serde
 from node.backup import create_backup, read_ledger, restore_backup
 from node.consent import (
     Consent,
@@ -46,18 +46,19 @@ from node.envelopes import (
     revocation_envelope,
     status_envelope,
 )
-from node.htcds import NeedCategory, NeedStatus
-from node.store.cases import NewCase
-from node.store.referrals import (
+from node.htcds.synthetic import synthetic_records
+from node.referrals.model import (
     OutboxKind,
     OutgoingEnvelope,
     OutgoingReferral,
     ReferralState,
-    ReferralStore,
 )
+from node.referrals.stores import ReferralStores
+from node.store.cases import NewCase
 from tessera import crypto
 from tessera.directory import AgencyRecord
 from tessera.errors import Conflict, InvalidInput, NotFound, Refused, TamperedCiphertext
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import node_pb2 as node_pb
 from tests.nodefixtures import (
     PASSPHRASE,
@@ -155,7 +156,7 @@ def referral_rows(node: Node, tables: Mapping[str, str] = REFERRAL_TABLES) -> di
 @dataclass
 class Sender:
     node: Node
-    store: ReferralStore
+    store: ReferralStores
     case_id: str
     fields: dict[str, str]
 
@@ -179,12 +180,12 @@ class Sender:
             granted_at=NOW - dt.timedelta(days=1),
             expires_at=NOW + dt.timedelta(days=30),
             revoked_at=None,
-            survivor_pseudonym=self.store.survivor_pseudonym(self.case_id, BOB_ID),
+            survivor_pseudonym=self.store.consents.survivor_pseudonym(self.case_id, BOB_ID),
         )
 
     def grant(self, categories: tuple[str, ...] = ("identity", "demographics")) -> Consent:
         """A new consent for Bob, recorded at this node."""
-        return self.store.grant_consent("staff:maria", self.consent(categories))
+        return self.store.consents.grant("staff:maria", self.consent(categories))
 
     def send(
         self,
@@ -211,7 +212,7 @@ class Sender:
             NOW,
             message_id,
         )
-        return self.store.record_sent(
+        return self.store.outgoing.record_sent(
             "staff:maria",
             referral_id,
             case_id or self.case_id,
@@ -254,7 +255,7 @@ class Sender:
         return opened
 
     def apply(self, status: ReceivedStatus) -> OutgoingReferral:
-        return self.store.apply_status(
+        return self.store.outgoing.apply_status(
             "system:relay",
             status.referral_id,
             status.sender_agency_id,
@@ -272,11 +273,11 @@ class Sender:
 
 def make_sender(nodes: NodeFactory, db_url: str) -> Sender:
     node = nodes.make(db_url, name="alice")
-    fields = htcds.synthetic_records(1, seed=5)[0]
+    fields = synthetic_records(1, seed=5)[0]
     (case_id,) = node.store.create_cases(
         "staff:maria", [NewCase(fields=fields, needs=((NEED, NeedStatus.IDENTIFIED),))]
     )
-    return Sender(node, ReferralStore(node.store), case_id, fields)
+    return Sender(node, ReferralStores(node.store), case_id, fields)
 
 
 # --- the receiving node (Bob's legal aid, referred to by Alice's shelter) ----------------------
@@ -285,7 +286,7 @@ def make_sender(nodes: NodeFactory, db_url: str) -> Sender:
 @dataclass
 class Receiver:
     node: Node
-    store: ReferralStore
+    store: ReferralStores
 
     @property
     def identity(self) -> crypto.Identity:
@@ -419,7 +420,7 @@ class Receiver:
 
 def make_receiver(nodes: NodeFactory, db_url: str) -> Receiver:
     node = nodes.make(db_url, name="bob")
-    return Receiver(node, ReferralStore(node.store))
+    return Receiver(node, ReferralStores(node.store))
 
 
 def block_outbox_key(node: Node, key: str) -> None:
@@ -460,35 +461,35 @@ def test_consents_are_granted_listed_and_revoked_without_survivor_fields(
 ) -> None:
     alice = make_sender(nodes, "")
     store = alice.store
-    pseudonym = store.survivor_pseudonym(alice.case_id, BOB_ID)
+    pseudonym = store.consents.survivor_pseudonym(alice.case_id, BOB_ID)
     # Keyed, stable and per recipient; valid as node.consent requires.
-    assert pseudonym == store.survivor_pseudonym(alice.case_id, BOB_ID)
-    assert pseudonym != store.survivor_pseudonym(alice.case_id, MALLORY_ID)
-    assert pseudonym != store.survivor_pseudonym(alice.case_id)
-    other_node = ReferralStore(nodes.make(name="other").store)
-    assert other_node.survivor_pseudonym(alice.case_id, BOB_ID) != pseudonym
+    assert pseudonym == store.consents.survivor_pseudonym(alice.case_id, BOB_ID)
+    assert pseudonym != store.consents.survivor_pseudonym(alice.case_id, MALLORY_ID)
+    assert pseudonym != store.consents.survivor_pseudonym(alice.case_id)
+    other_node = ReferralStores(nodes.make(name="other").store)
+    assert other_node.consents.survivor_pseudonym(alice.case_id, BOB_ID) != pseudonym
     assert len(pseudonym) == 64 and alice.case_id not in pseudonym
 
-    first = store.grant_consent("staff:maria", alice.consent())
-    second = store.grant_consent("staff:maria", alice.consent(("identity", "contact")))
-    assert store.consent(first.consent_id) == first
-    assert {c.consent_id for c in store.consents(alice.case_id)} == {
+    first = store.consents.grant("staff:maria", alice.consent())
+    second = store.consents.grant("staff:maria", alice.consent(("identity", "contact")))
+    assert store.consents.get(first.consent_id) == first
+    assert {c.consent_id for c in store.consents.of_case(alice.case_id)} == {
         first.consent_id,
         second.consent_id,
     }
-    assert store.consents("no-such-case") == []
+    assert store.consents.of_case("no-such-case") == []
     # A retried grant returns the same consent and records nothing more.
-    assert store.grant_consent("staff:maria", first) == first
+    assert store.consents.grant("staff:maria", first) == first
     assert actions(alice.node, "consent.grant") == 2
     with pytest.raises(Conflict):
-        store.grant_consent(
+        store.consents.grant(
             "staff:maria",
             Consent(**{**first.__dict__, "expires_at": NOW + dt.timedelta(days=90)}),
         )
     with pytest.raises(NotFound):
-        store.grant_consent("staff:maria", Consent(**{**first.__dict__, "case_id": new_id()}))
+        store.consents.grant("staff:maria", Consent(**{**first.__dict__, "case_id": new_id()}))
     with pytest.raises(InvalidInput):
-        store.grant_consent("staff:maria", Consent(**{**first.__dict__, "revoked_at": NOW}))
+        store.consents.grant("staff:maria", Consent(**{**first.__dict__, "revoked_at": NOW}))
 
     # A consent row holds ids, codes and the pseudonym: no survivor field.
     values = identifying_values([alice.fields])
@@ -498,7 +499,7 @@ def test_consents_are_granted_listed_and_revoked_without_survivor_fields(
 
     revoked, referrals = store.revoke_consent("staff:maria", first.consent_id, NOW)
     assert revoked.revoked_at == NOW and referrals == []
-    assert store.consent(first.consent_id).revoked
+    assert store.consents.get(first.consent_id).revoked
     # Revoking again changes nothing (revocation is never undone, nor repeated).
     again, _ = store.revoke_consent("staff:maria", first.consent_id, NOW + dt.timedelta(hours=1))
     assert again.revoked_at == NOW
@@ -509,7 +510,7 @@ def test_consents_are_granted_listed_and_revoked_without_survivor_fields(
     # An erased survivor gets no new consent.
     alice.node.store.erase_case("admin", alice.case_id)
     with pytest.raises(NotFound, match="erased"):
-        store.grant_consent("staff:maria", alice.consent())
+        store.consents.grant("staff:maria", alice.consent())
     assert alice.node.store.verify_audit().ok
 
 
@@ -527,7 +528,7 @@ def test_record_sent_writes_referral_outbox_need_and_disclosure_together(
     assert referral.fields == tuple(minimise(alice.fields, consent))
     assert [s.state for s in referral.history] == [ReferralState.QUEUED]
     assert alice.need_status() == NeedStatus.REFERRED.value
-    (item,) = alice.store.pending_outbox()
+    (item,) = alice.store.outbox.pending()
     assert item.kind is OutboxKind.REFERRAL and item.recipient_id == BOB_ID
     assert item.idempotency_key == referral.message_id and item.attempts == 0
     assert item.consent_commitment == referral.consent_commitment
@@ -552,13 +553,13 @@ def test_record_sent_writes_referral_outbox_need_and_disclosure_together(
     assert found_in(repr(entry.detail).encode(), identifying_values([alice.fields])) == []
 
     # The relay worker: the broker accepted it.
-    assert alice.store.mark_outbox_sent(item.id, b"relay-receipt-1")
-    assert alice.store.pending_outbox() == []
-    sent = alice.store.outgoing_by_id(referral.referral_id)
+    assert alice.store.outbox.mark_sent(item.id, b"relay-receipt-1")
+    assert alice.store.outbox.pending() == []
+    sent = alice.store.outgoing.get(referral.referral_id)
     assert sent.state is ReferralState.SENT and sent.relay_receipt == b"relay-receipt-1"
-    assert alice.store.outgoing(alice.case_id) == [sent]
-    assert alice.store.outgoing(consent_id=new_id()) == []
-    assert not alice.store.mark_outbox_sent(item.id, b"again")
+    assert alice.store.outgoing.sent(alice.case_id) == [sent]
+    assert alice.store.outgoing.sent(consent_id=new_id()) == []
+    assert not alice.store.outbox.mark_sent(item.id, b"again")
     assert alice.node.store.verify_audit().ok
 
 
@@ -610,7 +611,7 @@ def test_a_repeated_idempotency_key_never_makes_a_second_referral(
     # Concurrent retries through separate processes' stores: still one referral, no error.
     other = alice.grant()
     senders = [
-        Sender(alice.node, ReferralStore(alice.node.another_store()), alice.case_id, alice.fields)
+        Sender(alice.node, ReferralStores(alice.node.another_store()), alice.case_id, alice.fields)
         for _ in range(4)
     ]
     racing_id, racing_key = new_id(), new_id()
@@ -728,7 +729,7 @@ def test_a_decline_makes_the_need_unmet_and_its_text_is_shredded_with_the_surviv
     )
 
     alice.node.store.erase_case("admin", alice.case_id)
-    after = alice.store.outgoing_by_id(rid)
+    after = alice.store.outgoing.get(rid)
     assert after.decline_reason is DeclineReason.OTHER and after.decline_text == ""
     assert alice.node.store.verify_audit().ok
 
@@ -739,19 +740,19 @@ def test_a_revocation_withdraws_queued_envelopes_and_closes_with_a_purge_confirm
     alice = make_sender(nodes, "")
     consent = alice.grant()
     sent = alice.send(consent)
-    (sent_item,) = alice.store.pending_outbox()
-    alice.store.mark_outbox_sent(sent_item.id, b"receipt")
+    (sent_item,) = alice.store.outbox.pending()
+    alice.store.outbox.mark_sent(sent_item.id, b"receipt")
     queued = alice.send(consent)
-    assert len(alice.store.pending_outbox()) == 1
+    assert len(alice.store.outbox.pending()) == 1
     with pytest.raises(Conflict, match="not revoked"):
-        alice.store.record_revocation_sent("staff:maria", sent.referral_id, b"x", new_id())
+        alice.store.outgoing.record_revocation_sent("staff:maria", sent.referral_id, b"x", new_id())
 
     revoked, to_revoke = alice.store.revoke_consent("staff:maria", consent.consent_id, NOW)
     assert revoked.revoked
     assert {r.referral_id for r in to_revoke} == {sent.referral_id, queued.referral_id}
     # The envelope that had not left yet never will.
-    assert alice.store.pending_outbox() == []
-    assert not alice.store.mark_outbox_sent(sent_item.id + 1, b"late")
+    assert alice.store.outbox.pending() == []
+    assert not alice.store.outbox.mark_sent(sent_item.id + 1, b"late")
 
     for referral in to_revoke:
         message_id = new_id()
@@ -765,13 +766,15 @@ def test_a_revocation_withdraws_queued_envelopes_and_closes_with_a_purge_confirm
             NOW,
             message_id,
         )
-        after = alice.store.record_revocation_sent(
+        after = alice.store.outgoing.record_revocation_sent(
             "staff:maria", referral.referral_id, sealed, message_id
         )
         assert after.state is ReferralState.REVOKED
         # Repeating it queues nothing more.
-        alice.store.record_revocation_sent("staff:maria", referral.referral_id, sealed, new_id())
-    items = alice.store.pending_outbox()
+        alice.store.outgoing.record_revocation_sent(
+            "staff:maria", referral.referral_id, sealed, new_id()
+        )
+    items = alice.store.outbox.pending()
     assert [i.kind for i in items] == [OutboxKind.REVOCATION] * 2
     assert all(i.consent_commitment == b"" for i in items)
     assert alice.store.revoke_consent("staff:maria", consent.consent_id, NOW)[1] == []
@@ -794,11 +797,13 @@ def test_a_revocation_withdraws_queued_envelopes_and_closes_with_a_purge_confirm
         return opened
 
     with pytest.raises(Refused):
-        alice.store.record_purge_confirmation("system:relay", confirmation(MALLORY, MALLORY_ID))
+        alice.store.outgoing.record_purge_confirmation(
+            "system:relay", confirmation(MALLORY, MALLORY_ID)
+        )
     confirmed = confirmation(BOB, BOB_ID)
-    purged = alice.store.record_purge_confirmation("system:relay", confirmed)
+    purged = alice.store.outgoing.record_purge_confirmation("system:relay", confirmed)
     assert purged.state is ReferralState.PURGED
-    assert alice.store.record_purge_confirmation("system:relay", confirmed) == purged
+    assert alice.store.outgoing.record_purge_confirmation("system:relay", confirmed) == purged
     # Statuses no longer move it.
     assert alice.apply(alice.status_from_bob(sent.referral_id, ReferralStatus.ACCEPTED)).state is (
         ReferralState.PURGED
@@ -820,18 +825,18 @@ def test_the_outbox_keeps_an_envelope_until_the_broker_accepts_it(nodes: NodeFac
     alice = make_sender(nodes, "")
     consent = alice.grant()
     referral = alice.send(consent)
-    (item,) = alice.store.pending_outbox()
-    alice.store.outbox_failed(item.id, "broker unavailable: connection refused")
-    alice.store.outbox_failed(item.id, "x" * 2000)
+    (item,) = alice.store.outbox.pending()
+    alice.store.outbox.failed(item.id, "broker unavailable: connection refused")
+    alice.store.outbox.failed(item.id, "x" * 2000)
     # A restarted node (another engine on the same home and database) finds it still there.
-    restarted = ReferralStore(alice.node.another_store())
-    (again,) = restarted.pending_outbox()
+    restarted = ReferralStores(alice.node.another_store())
+    (again,) = restarted.outbox.pending()
     assert (again.id, again.sealed, again.attempts) == (item.id, item.sealed, 2)
     assert len(again.last_error) == 500 and again.last_attempt_at is not None
-    assert restarted.mark_outbox_sent(item.id, b"receipt")
-    assert alice.store.pending_outbox() == []
-    assert alice.store.outgoing_by_id(referral.referral_id).state is ReferralState.SENT
-    alice.store.outbox_failed(item.id, "gone")  # no longer there: nothing happens
+    assert restarted.outbox.mark_sent(item.id, b"receipt")
+    assert alice.store.outbox.pending() == []
+    assert alice.store.outgoing.get(referral.referral_id).state is ReferralState.SENT
+    alice.store.outbox.failed(item.id, "gone")  # no longer there: nothing happens
     assert alice.node.store.verify_audit().ok
 
 
@@ -844,7 +849,7 @@ def test_an_incoming_referral_is_encrypted_at_rest_and_read_back_audited(
     bob = make_receiver(nodes, db_url)
     received = bob.referral()
     reply = bob.status(received.referral_id, ReferralStatus.DELIVERED)
-    stored = bob.store.store_incoming(received, "delivery-0001", reply=reply)
+    stored = bob.store.incoming.store(received, "delivery-0001", reply=reply)
     assert stored.state is ReferralState.DELIVERED and stored.content is None
     assert (stored.sender_id, stored.consent_id, stored.need) == (
         ALICE_ID,
@@ -858,7 +863,7 @@ def test_an_incoming_referral_is_encrypted_at_rest_and_read_back_audited(
     for entry in bob.node.store.audit_entries():
         assert found_in(repr(entry.detail).encode(), secrets_) == []
 
-    shown = bob.store.incoming(received.referral_id, "staff:bea")
+    shown = bob.store.incoming.read(received.referral_id, "staff:bea")
     assert shown.content is not None
     assert dict(shown.content.fields) == dict(received.fields)
     assert (shown.content.note, shown.content.sender_contact) == (NOTE, CONTACT)
@@ -867,16 +872,16 @@ def test_an_incoming_referral_is_encrypted_at_rest_and_read_back_audited(
     assert found_in(repr(shown).encode(), secrets_) == []
     (read,) = bob.node.store.audit_entries(actions=("referral.read",))
     assert read.actor == "staff:bea"
-    (item,) = bob.store.pending_outbox()
+    (item,) = bob.store.outbox.pending()
     assert (item.kind, item.recipient_id, item.sealed) == (
         OutboxKind.STATUS_UPDATE,
         ALICE_ID,
         reply.sealed,
     )
-    assert bob.store.inbox() == [stored]
-    assert bob.store.inbox([ReferralState.ACCEPTED]) == []
+    assert bob.store.incoming.inbox() == [stored]
+    assert bob.store.incoming.inbox([ReferralState.ACCEPTED]) == []
     with pytest.raises(InvalidInput):  # a reply goes to the referral's sender only
-        bob.store.store_incoming(
+        bob.store.incoming.store(
             bob.referral(), "delivery-0002", reply=OutgoingEnvelope(MALLORY_ID, new_id(), b"x")
         )
     assert bob.node.store.verify_audit().ok
@@ -886,17 +891,17 @@ def test_a_redelivered_referral_is_stored_once(nodes: NodeFactory, db_url: str) 
     bob = make_receiver(nodes, db_url)
     referral_id, message_id = new_id(), new_id()
     received = bob.referral(referral_id=referral_id, message_id=message_id)
-    first = bob.store.store_incoming(
+    first = bob.store.incoming.store(
         received, "delivery-1", reply=bob.status(referral_id, ReferralStatus.DELIVERED)
     )
     # The relay redelivers the same envelope; the sender sends it again under a new message id;
     # the same delivery comes back again.
     again = [
-        bob.store.store_incoming(
+        bob.store.incoming.store(
             received, "delivery-1", reply=bob.status(referral_id, ReferralStatus.DELIVERED)
         ),
-        bob.store.store_incoming(received, "delivery-2"),
-        bob.store.store_incoming(bob.referral(referral_id=referral_id), "delivery-3"),
+        bob.store.incoming.store(received, "delivery-2"),
+        bob.store.incoming.store(bob.referral(referral_id=referral_id), "delivery-3"),
     ]
     assert all(r == first for r in again)
     assert count(bob.node, "incoming_referral") == 1
@@ -905,10 +910,10 @@ def test_a_redelivered_referral_is_stored_once(nodes: NodeFactory, db_url: str) 
     assert count(bob.node, "processed_message") == 2  # two distinct messages, applied once each
     # A delivery id already applied to another message is not silently reused.
     with pytest.raises(Conflict):
-        bob.store.store_incoming(bob.referral(), "delivery-1")
+        bob.store.incoming.store(bob.referral(), "delivery-1")
     # Another agency cannot take over a referral id.
     with pytest.raises(Conflict):
-        bob.store.store_incoming(
+        bob.store.incoming.store(
             bob.referral(referral_id=referral_id, sender=MALLORY, sender_id=MALLORY_ID), "d-4"
         )
     assert count(bob.node, "incoming_referral") == 1
@@ -927,12 +932,12 @@ def test_a_failure_midway_through_storing_or_purging_writes_nothing_and_is_retri
     block_outbox_key(bob.node, reply.message_id)
     before = referral_rows(bob.node, WITH_AUDIT)
     with statements(bob.node) as seen, pytest.raises(Conflict, match="nothing was written"):
-        bob.store.store_incoming(received, "d-1", reply=reply)
+        bob.store.incoming.store(received, "d-1", reply=reply)
     assert any(s.startswith("INSERT INTO incoming_referral") for s in seen)
     assert referral_rows(bob.node, WITH_AUDIT) == before
     bob.node.sql("DELETE FROM outbox")
     # Redelivered (same message, same delivery): now stored, once.
-    assert bob.store.store_incoming(received, "d-1", reply=reply).state is (ReferralState.DELIVERED)
+    assert bob.store.incoming.store(received, "d-1", reply=reply).state is (ReferralState.DELIVERED)
     assert count(bob.node, "incoming_referral") == count(bob.node, "processed_message") == 1
 
     # The purge on revocation: its confirmation cannot be queued, so nothing is purged, nothing
@@ -943,13 +948,13 @@ def test_a_failure_midway_through_storing_or_purging_writes_nothing_and_is_retri
     block_outbox_key(bob.node, confirmation.message_id)
     before = referral_rows(bob.node, WITH_AUDIT)
     with pytest.raises(Conflict):
-        bob.store.purge_incoming(rid, "system:relay", revocation, confirm=lambda _: confirmation)
+        bob.store.incoming.purge(rid, "system:relay", revocation, confirm=lambda _: confirmation)
     assert referral_rows(bob.node, WITH_AUDIT) == before
     assert bob.ciphertext(rid)[:2] != (b"", b"")
     assert ("referral-purged", rid) not in read_ledger(bob.node.home)
     bob.node.sql("DELETE FROM outbox WHERE idempotency_key = :k", k=confirmation.message_id)
     # The same revocation redelivered purges.
-    assert bob.store.purge_incoming(rid, "system:relay", revocation, confirm=confirm) == sorted(
+    assert bob.store.incoming.purge(rid, "system:relay", revocation, confirm=confirm) == sorted(
         CANARY_FIELDS
     )
     assert bob.ciphertext(rid)[:2] == (b"", b"")
@@ -960,36 +965,40 @@ def test_a_failure_midway_through_storing_or_purging_writes_nothing_and_is_retri
 
 def test_answers_follow_the_allowed_transitions(nodes: NodeFactory) -> None:
     bob = make_receiver(nodes, "")
-    kept = bob.store.store_incoming(bob.referral(), "d-1").referral_id
+    kept = bob.store.incoming.store(bob.referral(), "d-1").referral_id
     with pytest.raises(Conflict):
-        bob.store.answer("staff:bea", kept, ReferralStatus.COMPLETED, None, "")
+        bob.store.incoming.answer("staff:bea", kept, ReferralStatus.COMPLETED, None, "")
     with pytest.raises(InvalidInput):
-        bob.store.answer("staff:bea", kept, ReferralStatus.DELIVERED, None, "")
+        bob.store.incoming.answer("staff:bea", kept, ReferralStatus.DELIVERED, None, "")
     with pytest.raises(InvalidInput):  # a decline needs a reason
-        bob.store.answer("staff:bea", kept, ReferralStatus.DECLINED, None, "")
+        bob.store.incoming.answer("staff:bea", kept, ReferralStatus.DECLINED, None, "")
     reply = bob.status(kept, ReferralStatus.ACCEPTED)
-    accepted = bob.store.answer("staff:bea", kept, ReferralStatus.ACCEPTED, None, "", reply=reply)
+    accepted = bob.store.incoming.answer(
+        "staff:bea", kept, ReferralStatus.ACCEPTED, None, "", reply=reply
+    )
     assert accepted.state is ReferralState.ACCEPTED
     # Answering again (a retry) changes nothing and queues nothing more.
     assert (
-        bob.store.answer("staff:bea", kept, ReferralStatus.ACCEPTED, None, "", reply=reply)
+        bob.store.incoming.answer("staff:bea", kept, ReferralStatus.ACCEPTED, None, "", reply=reply)
         == accepted
     )
     with pytest.raises(Conflict):
-        bob.store.answer("staff:bea", kept, ReferralStatus.DECLINED, DeclineReason.NO_CAPACITY, "")
-    done = bob.store.answer("staff:bea", kept, ReferralStatus.COMPLETED, None, "")
+        bob.store.incoming.answer(
+            "staff:bea", kept, ReferralStatus.DECLINED, DeclineReason.NO_CAPACITY, ""
+        )
+    done = bob.store.incoming.answer("staff:bea", kept, ReferralStatus.COMPLETED, None, "")
     assert [s.state.value for s in done.history] == ["delivered", "accepted", "completed"]
     assert count(bob.node, "outbox") == 1
 
-    refused = bob.store.store_incoming(bob.referral(), "d-2").referral_id
-    declined = bob.store.answer(
+    refused = bob.store.incoming.store(bob.referral(), "d-2").referral_id
+    declined = bob.store.incoming.answer(
         "staff:bea", refused, ReferralStatus.DECLINED, DeclineReason.OTHER, DECLINE_TEXT
     )
     assert declined.decline_reason is DeclineReason.OTHER
     assert bob.ciphertext(refused)[2] == 2  # the text went into a new ciphertext version
     assert found_in(raw_bytes(bob.node), [DECLINE_TEXT]) == []
-    assert bob.store.incoming(refused, "staff:bea").decline_text == DECLINE_TEXT
-    assert bob.store.inbox([ReferralState.DELIVERED]) == []
+    assert bob.store.incoming.read(refused, "staff:bea").decline_text == DECLINE_TEXT
+    assert bob.store.incoming.inbox([ReferralState.DELIVERED]) == []
     assert actions(bob.node, "referral.answered") == 3
     assert bob.node.store.verify_audit().ok
 
@@ -1000,33 +1009,33 @@ def test_a_purge_leaves_a_tombstone_and_no_key_or_ciphertext_on_disk(
     bob = make_receiver(nodes, db_url)
     received = bob.referral()
     rid = received.referral_id
-    bob.store.store_incoming(received, "d-1")
-    bob.store.answer("staff:bea", rid, ReferralStatus.ACCEPTED, None, "")
+    bob.store.incoming.store(received, "d-1")
+    bob.store.incoming.answer("staff:bea", rid, ReferralStatus.ACCEPTED, None, "")
     ciphertext, wrapped_key, _version = bob.ciphertext(rid)
     data = raw_bytes(bob.node)
     assert any(form in data for form in raw_forms(wrapped_key))  # the search sees it first
 
     with pytest.raises(Refused):  # only the sender revokes its referral
-        bob.store.purge_incoming(
+        bob.store.incoming.purge(
             rid, "system:relay", bob.revocation(received, sender=MALLORY, sender_id=MALLORY_ID)
         )
     revocation = bob.revocation(received)
-    names = bob.store.purge_incoming(
+    names = bob.store.incoming.purge(
         rid, "system:relay", revocation, confirm=bob.confirmer(revocation)
     )
     assert names == sorted(CANARY_FIELDS)
     assert bob.ciphertext(rid)[:2] == (b"", b"")
-    (tombstone,) = bob.store.inbox()
+    (tombstone,) = bob.store.incoming.inbox()
     assert tombstone.state is ReferralState.PURGED and tombstone.purged_at is not None
     assert tombstone.purged_fields == tuple(names)
     assert tombstone.referral_id == rid and tombstone.sender_id == ALICE_ID
-    assert bob.store.incoming(rid, "staff:bea").content is None
+    assert bob.store.incoming.read(rid, "staff:bea").content is None
 
     data = raw_bytes(bob.node)
     assert not any(form in data for form in raw_forms(wrapped_key))
     assert not any(form in data for form in raw_forms(ciphertext[:48]))
     assert found_in(data, [*CANARY_FIELDS.values(), NOTE, CONTACT]) == []
-    (item,) = bob.store.pending_outbox()
+    (item,) = bob.store.outbox.pending()
     assert item.kind is OutboxKind.PURGE_CONFIRMATION
     confirmation = open_envelope(ALICE, ALICE_ID, bob.record, item.sealed, NOW)
     assert isinstance(confirmation, ReceivedPurgeConfirmation)
@@ -1034,20 +1043,20 @@ def test_a_purge_leaves_a_tombstone_and_no_key_or_ciphertext_on_disk(
 
     # The same revocation again, and the referral redelivered: nothing comes back.
     confirm = bob.confirmer(revocation)
-    assert bob.store.purge_incoming(rid, "system:relay", revocation, confirm=confirm) == names
-    assert bob.store.store_incoming(received, "d-9").state is ReferralState.PURGED
+    assert bob.store.incoming.purge(rid, "system:relay", revocation, confirm=confirm) == names
+    assert bob.store.incoming.store(received, "d-9").state is ReferralState.PURGED
     assert bob.ciphertext(rid)[:2] == (b"", b"")
     assert actions(bob.node, "referral.purged") == 1
     assert count(bob.node, "outbox") == 1
     # A new revocation message (the sender asks again) is confirmed again, from the tombstone.
     asked_again = bob.revocation(received)
-    again = bob.store.purge_incoming(
+    again = bob.store.incoming.purge(
         rid, "system:relay", asked_again, confirm=bob.confirmer(asked_again)
     )
     assert again == names and count(bob.node, "outbox") == 2
     assert actions(bob.node, "referral.purged") == 1
     with pytest.raises(Conflict):
-        bob.store.answer("staff:bea", rid, ReferralStatus.COMPLETED, None, "")
+        bob.store.incoming.answer("staff:bea", rid, ReferralStatus.COMPLETED, None, "")
     # The purge is in the ledger, for restores.
     assert ("referral-purged", rid) in read_ledger(bob.node.home)
     assert bob.node.store.verify_audit().ok
@@ -1059,8 +1068,8 @@ def test_a_revocation_that_overtakes_its_referral_keeps_the_referral_out(
     bob = make_receiver(nodes, "")
     received = bob.referral()
     revocation = bob.revocation(received)
-    assert bob.store.purge_incoming(received.referral_id, "system:relay", revocation) == []
-    stored = bob.store.store_incoming(received, "d-1")
+    assert bob.store.incoming.purge(received.referral_id, "system:relay", revocation) == []
+    stored = bob.store.incoming.store(received, "d-1")
     assert stored.state is ReferralState.PURGED and stored.need is None
     assert bob.ciphertext(received.referral_id)[:2] == (b"", b"")
     assert actions(bob.node, "referral.received") == 0
@@ -1070,34 +1079,36 @@ def test_a_revocation_that_overtakes_its_referral_keeps_the_referral_out(
 
 def test_an_altered_incoming_referral_fails_loudly(nodes: NodeFactory) -> None:
     bob = make_receiver(nodes, "")
-    one = bob.store.store_incoming(bob.referral(), "d-1").referral_id
+    one = bob.store.incoming.store(bob.referral(), "d-1").referral_id
     received_two = bob.referral()
-    two = bob.store.store_incoming(received_two, "d-2").referral_id
+    two = bob.store.incoming.store(received_two, "d-2").referral_id
     ct_one, key_one, _ = bob.ciphertext(one)
     ct_two, key_two, _ = bob.ciphertext(two)
 
     bob.set_ciphertext(one, ciphertext=flip_byte(ct_one, 40))
     with pytest.raises(TamperedCiphertext):
-        bob.store.incoming(one, "staff:bea")
+        bob.store.incoming.read(one, "staff:bea")
     # Moved between rows: a ciphertext, or ciphertext and key together.
     bob.set_ciphertext(one, ciphertext=ct_two)
     with pytest.raises(TamperedCiphertext):
-        bob.store.incoming(one, "staff:bea")
+        bob.store.incoming.read(one, "staff:bea")
     bob.set_ciphertext(one, ciphertext=ct_two, wrapped_key=key_two)
     with pytest.raises(TamperedCiphertext):
-        bob.store.incoming(one, "staff:bea")
+        bob.store.incoming.read(one, "staff:bea")
     bob.set_ciphertext(one, ciphertext=ct_one, wrapped_key=key_one)
-    assert bob.store.incoming(one, "staff:bea").content is not None
-    assert bob.store.incoming(two, "staff:bea").content is not None  # the other is untouched
+    assert bob.store.incoming.read(one, "staff:bea").content is not None
+    assert bob.store.incoming.read(two, "staff:bea").content is not None  # the other is untouched
 
     # Rolled back: the ciphertext before the decline put back over the newer version.
-    bob.store.answer("staff:bea", one, ReferralStatus.DECLINED, DeclineReason.OTHER, "full")
+    bob.store.incoming.answer(
+        "staff:bea", one, ReferralStatus.DECLINED, DeclineReason.OTHER, "full"
+    )
     bob.set_ciphertext(one, ciphertext=ct_one)
     with pytest.raises(TamperedCiphertext):
-        bob.store.incoming(one, "staff:bea")
+        bob.store.incoming.read(one, "staff:bea")
     # An altered referral is still purged on revocation (its field names are then unknown).
     bob.set_ciphertext(two, ciphertext=flip_byte(ct_two, 50))
-    assert bob.store.purge_incoming(two, "system:relay", bob.revocation(received_two)) == []
+    assert bob.store.incoming.purge(two, "system:relay", bob.revocation(received_two)) == []
     assert bob.ciphertext(two)[:2] == (b"", b"")
     (purged,) = bob.node.store.audit_entries(actions=("referral.purged",))
     assert purged.detail["unreadable"] is True
@@ -1120,7 +1131,7 @@ def test_backup_and_restore_round_trip_the_referral_tables(nodes: NodeFactory, d
     # The same node also receives referrals (it is Bob to someone else).
     bob = Receiver(alice.node, alice.store)
     received = bob.referral()
-    bob.store.store_incoming(
+    bob.store.incoming.store(
         received, "d-1", reply=bob.status(received.referral_id, ReferralStatus.DELIVERED)
     )
     made = create_backup(alice.node.store, alice.node.home, alice.node.home / "backups", "admin")
@@ -1131,20 +1142,20 @@ def test_backup_and_restore_round_trip_the_referral_tables(nodes: NodeFactory, d
 
     # After the backup: a revocation and a purge, which a restore must not undo for good.
     alice.store.revoke_consent("staff:maria", consent.consent_id, NOW)
-    bob.store.purge_incoming(received.referral_id, "system:relay", bob.revocation(received))
+    bob.store.incoming.purge(received.referral_id, "system:relay", bob.revocation(received))
 
     restore_backup(alice.node.home, alice.node.engine, made.path, PASSPHRASE)
-    restored = ReferralStore(alice.node.another_store())
-    assert restored.outgoing_by_id(sent.referral_id).decline_text == DECLINE_TEXT
+    restored = ReferralStores(alice.node.another_store())
+    assert restored.outgoing.get(sent.referral_id).decline_text == DECLINE_TEXT
     # The restore itself re-applied the ledger: the revocation and the purge made after the
     # backup hold, while everything else came back as it was.
-    assert restored.consent(consent.consent_id).revoked
-    assert restored.incoming(received.referral_id, "staff:bea").content is None
-    assert [i.kind for i in restored.pending_outbox()] == [OutboxKind.STATUS_UPDATE]
-    assert queued.referral_id not in {i.referral_id for i in restored.pending_outbox()}
+    assert restored.consents.get(consent.consent_id).revoked
+    assert restored.incoming.read(received.referral_id, "staff:bea").content is None
+    assert [i.kind for i in restored.outbox.pending()] == [OutboxKind.STATUS_UPDATE]
+    assert queued.referral_id not in {i.referral_id for i in restored.outbox.pending()}
     assert restored.reapply_ledger("system:restore", read_ledger(alice.node.home)) == 0
     # New rows after a restore (PostgreSQL sequences moved past the restored ids).
-    other = restored.grant_consent("staff:maria", alice.consent())
+    other = restored.consents.grant("staff:maria", alice.consent())
     assert Sender(alice.node, restored, alice.case_id, alice.fields).send(other).state is (
         ReferralState.QUEUED
     )

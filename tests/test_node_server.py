@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,13 +13,23 @@ import pytest
 
 from node.client import NodeClient
 from node.domain import StaffRole
-from node.htcds import NeedCategory, NeedStatus, synthetic_records, write_csv
+from node.htcds.csv_format import write_csv
+from node.htcds.synthetic import synthetic_records
+from node.keyring import KEYRING_FILE
 from tessera import credential, crypto, rpc
 from tessera.config import Limits
-from tessera.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from tessera.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import node_pb2 as node_pb
 from tessera.v1 import node_pb2_grpc as node_grpc
-from tests.support import CASEWORKER_PASSPHRASE, BackgroundNode, make_node, unlock
+from tests.support import CASEWORKER_PASSPHRASE, PASSPHRASE, BackgroundNode, make_node, unlock
 
 
 @pytest.fixture
@@ -150,6 +162,96 @@ def test_caseworker_cannot_export_and_refusal_names_them(
     } in refusals
 
 
+def test_a_caseworker_is_refused_every_administrator_call_and_nothing_changes(
+    node: BackgroundNode, admin: NodeClient, tmp_path: Path
+) -> None:
+    case_id = admin.create_case({"prs_FirstName": "Saoirse"})["case_id"]
+    with _caseworker(node, admin, tmp_path) as ana:
+        attempts = {
+            "EraseCase": lambda: ana.erase_case(case_id, "asked"),
+            "AddStaff": lambda: ana.add_staff(
+                "Mallory", StaffRole.ADMIN, crypto.Identity.generate().public.signing_key
+            ),
+            # The client looks the name up first (ListStaff); the raw call is refused too.
+            "ListStaff": lambda: ana.remove_staff("admin"),
+            "RemoveStaff": lambda: ana._call(
+                ana._stub.RemoveStaff, node_pb.RemoveStaffRequest(staff_id="admin")
+            ),
+            "Backup": lambda: ana.backup(None),
+            "VerifyAgency": lambda: ana.verify_agency("lantern-clinic", "ABCD"),
+        }
+        for attempt in attempts.values():
+            with pytest.raises(PermissionDenied):
+                attempt()
+    refused = {r["method"] for r in _refusals(node) if r["actor"] == "staff:Ana Ruiz"}
+    assert refused >= {f"/tessera.v1.Node/{m}" for m in attempts}
+    # Nothing happened: the case is there, the staff list is as it was, no backup was written.
+    assert admin.get_case(case_id)["case_id"] == case_id
+    assert {m["name"] for m in admin.list_staff()} == {"admin", "Ana Ruiz"}
+    assert not list(node.settings.home.rglob("*.tbk"))
+
+
+def test_searches_and_exports_are_audited_by_name_with_no_survivor_data(
+    node: BackgroundNode, admin: NodeClient, tmp_path: Path
+) -> None:
+    admin.create_case({"prs_FirstName": "Saoirse", "prs_Email": "saoirse@example.org"})
+    with _caseworker(node, admin, tmp_path) as ana:
+        assert len(ana.find_cases({"prs_Email": "saoirse@example.org"})) == 1
+    exported = b"".join(chunk for chunk, _total in admin.export_cases("csv", None))
+    assert b"Saoirse" in exported
+    entries = node.running.store.audit_entries(actions=("case.search", "cases.export"))
+    assert [(e.actor, e.action) for e in entries] == [
+        ("staff:Ana Ruiz", "case.search"),
+        ("staff:admin", "cases.export"),
+    ]
+    assert entries[0].detail["matches"] == 1 and entries[1].detail["cases"] == 1
+    # The log holds who, what and how many; never the name or the address searched for.
+    for entry in entries:
+        text = json.dumps(dict(entry.detail))
+        assert "Saoirse" not in text and "saoirse@example.org" not in text
+
+
+def test_a_client_pinned_to_its_node_refuses_another_server_at_that_address(
+    node: BackgroundNode, tmp_path: Path
+) -> None:
+    # Someone answers at the node's address with another certificate (here: another real
+    # node). The credential pins the real node's certificate: the call never reaches them.
+    impostor = BackgroundNode(make_node(tmp_path / "impostor", name="Impostor Shelter"))
+    try:
+        held = credential.read(node.settings.home, unlock)
+        home = tmp_path / "misdirected"
+        credential.write(
+            home,
+            dataclasses.replace(held, node_address=impostor.address),
+            credential.PassphraseLock(CASEWORKER_PASSPHRASE, crypto.Argon2Params.TEST_CHEAP),
+        )
+        client = NodeClient(home, unlock=lambda: CASEWORKER_PASSPHRASE)
+        with client, pytest.raises(Unavailable):
+            client.status()
+        assert impostor.running.store.audit_entries(actions=("access.refused",)) == []
+    finally:
+        impostor.stop()
+
+
+def test_a_stolen_admin_credential_alone_cannot_re_lock_the_node(
+    node: BackgroundNode, admin: NodeClient
+) -> None:
+    # The thief holds an administrator's credential but not the node's passphrase.
+    keyring_file = node.settings.home / KEYRING_FILE
+    before = keyring_file.read_bytes()
+    thief_secret = "correct horse battery staple of the thief 1987"
+    for guess in (None, "not the node passphrase at all 4471"):
+        with pytest.raises(Unauthenticated):
+            admin.rotate_kek(thief_secret, None, guess)
+    with pytest.raises(Unauthenticated):
+        admin.rotate_kek(None, node.settings.home / "thief.key", "a wrong guess entirely 0912")
+    assert keyring_file.read_bytes() == before
+    assert not (node.settings.home / "thief.key").exists()
+    # The passphrase in force does it.
+    assert admin.rotate_kek("a brand new node passphrase for winter 2027", None, PASSPHRASE) == 2
+    assert keyring_file.read_bytes() != before
+
+
 def test_removed_staff_is_refused_at_once(
     node: BackgroundNode, admin: NodeClient, tmp_path: Path
 ) -> None:
@@ -220,7 +322,7 @@ def test_import_all_or_nothing_then_skip_bad_rows(admin: NodeClient, tmp_path: P
 
 
 def test_export_round_trips_through_htcds(admin: NodeClient, tmp_path: Path) -> None:
-    from node.htcds import validate_file
+    from node.htcds.report import validate_file
 
     records = synthetic_records(12, seed=3)
     source = tmp_path / "in.csv"

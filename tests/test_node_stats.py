@@ -220,7 +220,7 @@ def test_local_table_bounds_each_survivor_and_keeps_to_the_period() -> None:
 
 
 def test_local_table_reads_the_node_store(nodes: NodeFactory) -> None:
-    from node.htcds import NeedCategory, NeedStatus
+    from tessera.needs import NeedCategory, NeedStatus
 
     node = nodes.make()
     node.store.create_case(
@@ -422,7 +422,10 @@ def test_worker_charges_before_building_and_never_twice(
     digest, cells = prepared
     assert digest == crypto.digest(crypto.LABEL_ROUND, bytes(first.body))
     assert len(cells) == dp.default_needs_table().size
-    assert worker.prepare(first) is None  # charged already: never built or submitted again
+    # Charged already: never built again; until the broker took it, the very share kept.
+    assert worker.prepare(first) == prepared
+    worker._forget_share((round_id, 1))  # as once the broker accepted it
+    assert worker.prepare(first) is None
     # The restarted attempt would be charged again, but 0.6 + 0.6 passes the cap.
     with pytest.raises(Refused, match=r"above the 0\.4 left"):
         worker.prepare(make_round(world.ids, round_id=round_id, attempt=2, epsilon=0.6))
@@ -432,6 +435,38 @@ def test_worker_charges_before_building_and_never_twice(
         worker.prepare(make_round(world.ids, round_id=round_id, attempt=1, epsilon=0.1))
     ledger = worker.budget.period(PERIOD)
     assert [(c.attempt, c.epsilon) for c in ledger.charges] == [(1, 0.6), (2, 0.4)]
+
+
+def test_a_worker_killed_after_charging_sends_the_kept_share_not_a_new_one(
+    nodes: NodeFactory, world: World, tmp_path: Path
+) -> None:
+    """The crash suite's finding: a node SIGKILLed between its charge and the broker's answer
+    came back, saw the attempt charged, and never submitted; the round stayed open and the
+    budget was spent for nothing. Now the share is kept before the charge commits."""
+    worker = _worker(nodes, world, "agency-a", tmp_path)
+    world.identities["agency-a"] = worker._keyring.identity
+    record = _record("agency-a", worker._keyring.identity)
+    for agency in world.ids:
+        world.caches[agency].records["agency-a"] = record
+    directory_sync.save_cache(worker._home, world.caches["agency-a"])
+    round_id = str(uuid.uuid4())
+    blob = make_round(world.ids, round_id=round_id, epsilon=0.3)
+    prepared = worker.prepare(blob)
+    assert prepared is not None
+    # The process dies here: its memory is gone, the charge and the kept share are not.
+    again = RoundTaker(
+        worker._store,
+        worker._keyring,
+        worker._home,
+        world.links["agency-a"],
+        budget=BudgetStore(worker._store, default_cap=1.0),
+    )
+    assert again.prepare(blob) == prepared
+    assert [(c.attempt, c.epsilon) for c in again.budget.period(PERIOD).charges] == [(1, 0.3)]
+    # A share the charge refused is never kept (nor ever sent).
+    with pytest.raises(Refused):
+        again.prepare(make_round(world.ids, round_id=str(uuid.uuid4()), epsilon=0.9))
+    assert [p.name for p in (worker._home / "shares").iterdir()] == [f"{round_id}.1.json"]
 
 
 def test_worker_audits_a_refused_round_once_with_the_reason(
@@ -512,8 +547,8 @@ def test_an_operator_round_is_submitted_by_three_nodes_and_released(tmp_path: Pa
 
     from cli.stats import StatsClient
     from node.client import NodeClient
-    from node.htcds import NeedCategory, NeedStatus
     from node.keyring import open_keyring
+    from tessera.needs import NeedCategory, NeedStatus
     from tests.support import (
         PASSPHRASE,
         BackgroundBroker,

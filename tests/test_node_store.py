@@ -15,9 +15,10 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import event
 
-from node import htcds
 from node.domain import StaffRole
-from node.store.cases import NewCase, NodeStore, _key_context, record_associated_data
+from node.htcds.synthetic import synthetic_records
+from node.store.cases import NewCase, NodeStore
+from node.store.records import record_associated_data, survivor_key_context
 from tessera import crypto
 from tessera.errors import Conflict, NotFound, TamperedCiphertext
 from tests.nodefixtures import (
@@ -59,7 +60,7 @@ def _fields_of(store: NodeStore, case_ids: list[str]) -> dict[str, dict[str, str
 
 
 def _import(node: Node, count: int, seed: int = 7) -> tuple[list[str], list[dict[str, str]]]:
-    records = htcds.synthetic_records(count, seed)
+    records = synthetic_records(count, seed)
     ids = node.store.create_cases("tester", [NewCase(fields=r) for r in records])
     return ids, records
 
@@ -227,7 +228,7 @@ def test_an_erased_case_cannot_be_read_and_its_key_is_gone(nodes: NodeFactory, d
     ciphertext = _ciphertext(node, victim)
     aad = record_associated_data(victim, 1)
     # Control: before erasure, the keyring plus these two blobs give back the survivor's fields.
-    data_key = crypto.unwrap_key(node.keyring.record_key, wrapped, _key_context(victim))
+    data_key = crypto.unwrap_key(node.keyring.record_key, wrapped, survivor_key_context(victim))
     assert json.loads(crypto.decrypt(data_key, ciphertext, aad))["fields"] == records[0]
 
     node.store.erase_case("caseworker:maria", victim)
@@ -243,9 +244,11 @@ def test_an_erased_case_cannot_be_read_and_its_key_is_gone(nodes: NodeFactory, d
     assert [r[0] for r in remaining] == [keep]
     for key_case, other_wrapped in remaining:
         with pytest.raises(TamperedCiphertext):
-            crypto.unwrap_key(node.keyring.record_key, bytes(other_wrapped), _key_context(victim))
+            crypto.unwrap_key(
+                node.keyring.record_key, bytes(other_wrapped), survivor_key_context(victim)
+            )
         other_key = crypto.unwrap_key(
-            node.keyring.record_key, bytes(other_wrapped), _key_context(key_case)
+            node.keyring.record_key, bytes(other_wrapped), survivor_key_context(key_case)
         )
         with pytest.raises(TamperedCiphertext):
             crypto.decrypt(other_key, ciphertext, aad)

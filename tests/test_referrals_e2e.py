@@ -15,9 +15,9 @@ import pytest
 from sqlmodel import Session, select
 
 from node.client import NodeClient
-from node.htcds import NeedCategory
 from node.store.tables import IncomingReferralRow, OutboxRow
 from tessera.errors import Refused
+from tessera.needs import NeedCategory
 from tests.support import (
     BackgroundBroker,
     BackgroundNode,
@@ -67,7 +67,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
 
 
 def new_case(client: NodeClient, need: NeedCategory = NeedCategory.MEDICAL) -> str:
-    from node.htcds import NeedStatus
+    from tessera.needs import NeedStatus
 
     case: dict[str, Any] = client.create_case(FIELDS, "", [(need, NeedStatus.IDENTIFIED)])
     return str(case["case_id"])

@@ -20,7 +20,7 @@ import datetime as dt
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,15 @@ RESTORE_ACTION = "node.restored"
 class AuditLog:
     """Appends and verifies the node's signed hash chain."""
 
-    def __init__(self, identity: crypto.Identity, head_file: Path | None) -> None:
+    def __init__(
+        self,
+        identity: crypto.Identity,
+        head_file: Path | None,
+        retired: Sequence[crypto.PublicIdentity] = (),
+    ) -> None:
         self._identity = identity
+        # Entries signed before a key rotation verify under the keys retired by it.
+        self._signers = (identity.public, *retired)
         self._head_file = head_file
 
     def append(
@@ -159,7 +166,7 @@ class AuditLog:
         outside = self._read_head_file()
         head_row = session.exec(select(AuditHeadRow)).first()
         head = (head_row.seq, head_row.entry_hash) if head_row else (0, audit.GENESIS_HASH)
-        report = audit.verify_chain(self._sealed(session), self._identity.public, head)
+        report = audit.verify_chain(self._sealed(session), self._signers, head)
         problems = list(report.problems)
         if outside is not None and outside != head:
             # The copy is written just after each commit, so it may trail the database by the

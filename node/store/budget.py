@@ -11,7 +11,7 @@ share, so every share the broker ever sees was counted; a restarted round's new 
 new (round, attempt) and is charged again.
 
 :class:`BudgetStore` is a companion of :class:`~node.store.cases.NodeStore`, like
-``node.store.referrals.ReferralStore``: same engine, write lock, transaction and audit log.
+``node.referrals`` (its unit of work): same engine, write lock, transaction and audit log.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from typing import Final
 from sqlmodel import Session, col, select
 
 from node.store.cases import NodeStore
-from node.store.referrals import serialised_writing
 from node.store.tables import (
     BudgetChargeRow,
     BudgetPeriodRow,
     as_utc,
     utcnow,
 )
+from node.store.transactions import serialised_writing
 from tessera.errors import Conflict, InvalidInput, Refused
 
 __all__ = ["DEFAULT_CAP", "STATS_ACTOR", "BudgetCharge", "BudgetPeriod", "BudgetStore"]
@@ -162,10 +162,10 @@ class BudgetStore:
             # Also outside the database, before the commit: restoring an older backup must not
             # give spent budget back (a line for a charge whose commit then fails only makes
             # the ledger more conservative).
-            self._store._append_ledger(
+            self._store.core.append_ledger(
                 f"budget-charge {period} {round_id} {attempt} {epsilon!r} {table or '-'}"
             )
-            self._store._audit.append(
+            self._store.core.audit_log.append(
                 session,
                 actor,
                 "budget.charged",
@@ -214,14 +214,14 @@ class BudgetStore:
                     )
                     count += 1
             if count:
-                self._store._audit.append(
+                self._store.core.audit_log.append(
                     session, actor, "budget.charges_reapplied", None, {"charges": count}
                 )
         return count
 
     def charged(self, round_id: str, attempt: int) -> bool:
         """Whether this (round, attempt) was charged (and so submitted, or being submitted)."""
-        with self._store._reading() as session:
+        with self._store.core.reading() as session:
             return (
                 session.exec(
                     select(BudgetChargeRow.id).where(
@@ -233,7 +233,7 @@ class BudgetStore:
 
     def highest_attempt(self, round_id: str) -> int:
         """The highest attempt of a round charged so far (0 if none)."""
-        with self._store._reading() as session:
+        with self._store.core.reading() as session:
             attempts = session.exec(
                 select(BudgetChargeRow.attempt).where(BudgetChargeRow.round_id == round_id)
             ).all()
@@ -242,7 +242,7 @@ class BudgetStore:
     def period(self, period: str) -> BudgetPeriod:
         """One period's ledger under the configured cap (no charges if nothing was recorded)."""
         period = check_period(period)
-        with self._store._reading() as session:
+        with self._store.core.reading() as session:
             charges = session.exec(
                 select(BudgetChargeRow)
                 .where(BudgetChargeRow.period == period)
@@ -252,7 +252,7 @@ class BudgetStore:
 
     def periods(self, include: str | None = None) -> list[BudgetPeriod]:
         """Every period with a ledger row, plus ``include`` (say the current one), oldest first."""
-        with self._store._reading() as session:
+        with self._store.core.reading() as session:
             names = set(session.exec(select(BudgetPeriodRow.period)).all())
         if include:
             names.add(check_period(include))

@@ -8,13 +8,10 @@ holds something to encrypt is refused (ConfigError) and left as it was.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine
 
-from tessera.db import make_engine
-from tessera.errors import Unavailable
 from tessera.schema import Schema
 
 if TYPE_CHECKING:
@@ -26,15 +23,7 @@ SCHEMA = Schema(package="node", version_table="alembic_version", lock_key=0x7473
 
 def migrate(engine: Engine, keyring: Keyring | None = None) -> None:
     """Bring the node's schema to the newest revision."""
-    before = current_revision(engine)
-    attributes: dict[str, Any] = {"keyring": keyring}
-    SCHEMA.migrate(engine, attributes)
-    if before != head_revision() and engine.dialect.name == "sqlite":
-        # A revision that rewrote rows (sealing clear ones) freed pages that secure_delete
-        # zeroed in the write-ahead log: push them into the main file now, so the clear
-        # originals do not sit there until some later checkpoint.
-        with engine.connect() as conn:
-            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    SCHEMA.migrate(engine, {"keyring": keyring})
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -50,16 +39,4 @@ def head_revision() -> str | None:
 def open_database(url: str, keyring: Keyring | None = None) -> Engine:
     """An engine on ``url`` with the node's schema migrated (with the keyring, when a revision
     must encrypt existing rows)."""
-    engine = make_engine(url)
-    try:
-        migrate(engine, keyring)
-    except OperationalError as exc:
-        engine.dispose()
-        raise Unavailable(
-            f"cannot open the node's database: {exc.orig}",
-            hint="check database_url / TESSERA_DATABASE_URL and that the server is running",
-        ) from None
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine
+    return SCHEMA.open_database(url, {"keyring": keyring})

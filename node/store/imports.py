@@ -1,7 +1,7 @@
 """Imports that keep one survivor to one case, and the cases an erasure should mention (issue 14
 item 4). The rule itself is :mod:`node.dedup`'s; this module does the I/O around it.
 
-A companion of :class:`~node.store.cases.NodeStore`, like ``node.store.referrals``: it uses the
+A companion of :class:`~node.store.cases.NodeStore`, like ``node.store.budget``: it uses the
 store's engine, keys and transactions. Matching goes through the blind index: each row's name is
 turned into its keyed digest, the ``blind_index`` table gives the cases with the same name digest
 (and ``case_record`` the cases that ``tessera_case_id`` cells name), and only those candidates are
@@ -39,7 +39,8 @@ from node.dedup import (
     same_survivor,
 )
 from node.domain import DuplicatePolicy, MatchRule, RowAction, RowOutcome
-from node.store.cases import _INDEXED, NewCase, NodeStore
+from node.store.blind_index import search_kind
+from node.store.cases import NewCase, NodeStore
 from node.store.tables import BlindIndexRow, CaseRow, ErasureRow, RequestKeyRow
 from tessera.errors import Conflict, NotFound
 
@@ -65,13 +66,10 @@ class ImportOutcome:
 
 def identity(store: NodeStore, fields: Mapping[str, str]) -> Identity:
     """A record's identifiers as matching compares them: the same digests the store indexes
-    (``NodeStore._add_indexes``), and the birthdate."""
+    (``NodeStore.index_entries``), and the birthdate."""
     digests: dict[str, set[str]] = {"name": set(), "email": set(), "phone": set()}
-    for kind, names in _INDEXED.items():
-        value = " ".join(fields.get(n, "") for n in names)
-        if value.strip():
-            search = "phone" if kind == "home_phone" else kind
-            digests[search].add(store._blind_index(search, value))
+    for kind, digest in store.index_entries(fields):
+        digests[search_kind(kind)].add(digest)
     return Identity(
         name=next(iter(digests["name"]), None),
         emails=frozenset(digests["email"]),
@@ -148,11 +146,11 @@ def same_survivor_cases(store: NodeStore, case_id: str) -> list[str]:
     """The other cases that are the same survivor as ``case_id`` by the matching rule (what an
     erasure names, so that the administrator can erase them too). NotFound if there is no such
     case (or it was erased)."""
-    case = store._load(case_id)
+    case = store.load_case(case_id)
     own = identity(store, case.fields)
     if own.name is None:
         return []
-    with store._reading() as session:
+    with store.core.reading() as session:
         ids = sorted(
             set(
                 session.exec(
@@ -195,7 +193,7 @@ def _candidates(
     and which of the named ids were erased here."""
     ids: set[str] = set()
     erased: set[str] = set()
-    with store._reading() as session:
+    with store.core.reading() as session:
         for digests in _chunks(r.identity.name for r in rows if r.identity.name):
             ids.update(
                 session.exec(
@@ -247,7 +245,7 @@ def _outcome_of(item: Any) -> RowOutcome:
 
 
 def _replay(store: NodeStore, key: str) -> ImportOutcome | None:
-    with store._reading() as session:
+    with store.core.reading() as session:
         seen = session.get(RequestKeyRow, key)
     if seen is None:
         return None
@@ -259,7 +257,7 @@ def _replay(store: NodeStore, key: str) -> ImportOutcome | None:
 def _save_report(store: NodeStore, key: str, result: ImportOutcome) -> None:
     # The key row create_cases wrote holds the created ids; the whole report (ids, codes and
     # row numbers, never a value) replaces them, so a retry is answered exactly as the first.
-    with store._writing() as session:
+    with store.core.writing() as session:
         seen = session.get(RequestKeyRow, key)
         if seen is not None:
             seen.case_ids = json.dumps([_outcome_json(o) for o in result.rows])

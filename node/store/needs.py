@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.domain import Need
-from node.htcds import NeedCategory, NeedStatus
 from node.store.tables import as_utc
 from tessera import crypto
 from tessera.errors import TamperedCiphertext
+from tessera.needs import NeedCategory, NeedStatus
 
 
 @dataclass(frozen=True)

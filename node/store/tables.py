@@ -144,7 +144,7 @@ class RequestKeyRow(SQLModel, table=True):
     created_at: dt.datetime = Field(default_factory=utcnow)
 
 
-# --- consent-gated referrals (DESIGN.md section 6; node.store.referrals) ----------------------
+# --- consent-gated referrals (DESIGN.md section 6; node.referrals) --------------------------
 #
 # None of these tables has a foreign key to ``case_record``: erasing a survivor (which deletes the
 # case row) must keep working, and the rows below hold no survivor field (ids, codes, field

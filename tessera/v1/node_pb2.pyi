@@ -2079,21 +2079,28 @@ class RotateKeyEncryptionKeyRequest(_message.Message):
 
     NEW_PASSPHRASE_FIELD_NUMBER: _builtins.int
     NEW_KEY_FILE_FIELD_NUMBER: _builtins.int
+    CURRENT_PASSPHRASE_FIELD_NUMBER: _builtins.int
     new_passphrase: _builtins.str
     """A new passphrase, stretched by Argon2id on the node. Secret. Seen by: the CLI and the node
     only, never stored or logged.
     """
     new_key_file: _builtins.str
     """Path, on the node's host, of a new key file. Seen by: the CLI and the node."""
+    current_passphrase: _builtins.str
+    """The node's current passphrase, for a node protected by one: checked against the keyring
+    before anything changes, so a stolen administrator credential alone cannot re-lock the node
+    to a secret its thief chose. Secret. Seen by: the CLI and the node only, never stored.
+    """
     def __init__(
         self,
         *,
         new_passphrase: _builtins.str = ...,
         new_key_file: _builtins.str = ...,
+        current_passphrase: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["new_key", b"new_key", "new_key_file", b"new_key_file", "new_passphrase", b"new_passphrase"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_key", b"new_key", "new_key_file", b"new_key_file", "new_passphrase", b"new_passphrase"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_passphrase", b"current_passphrase", "new_key", b"new_key", "new_key_file", b"new_key_file", "new_passphrase", b"new_passphrase"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_new_key: _TypeAlias = _typing.Literal["new_passphrase", "new_key_file"]  # noqa: Y015
     _WhichOneofArgType_new_key: _TypeAlias = _typing.Literal["new_key", b"new_key"]  # noqa: Y015

@@ -53,8 +53,8 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
 
 def upgrade() -> None:
     from node.domain import Need
-    from node.htcds import NeedCategory, NeedStatus
     from node.store.needs import seal_need
+    from tessera.needs import NeedCategory, NeedStatus
 
     with op.batch_alter_table("need", schema=None) as batch_op:
         batch_op.add_column(
