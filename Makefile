@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check proto bench soak adversarial clean
+.PHONY: demo test lint typecheck check proto bench soak adversarial adversarial-fuzz adversarial-crash clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Tessera needs $(PYTHON) on PATH"; exit 3; }
@@ -45,7 +45,14 @@ soak: $(STAMP)  ## a bounded soak of one broker: throughput, latency, memory per
 
 CRASH_REPORT := $(CURDIR)/.adversarial-crash.jsonl
 
-adversarial: $(STAMP)  ## SIGKILL nodes and brokers many times (TESSERA_CRASH=full); one summary line
+adversarial: adversarial-fuzz adversarial-crash  ## both, each ending in one summary line
+
+# Every RPC of node and broker (signed and unsigned) and the HTCDS readers, hypothesis "full"
+# profile (tests/fuzzkit.py); the last line counts requests fuzzed, INTERNAL replies, crashes.
+adversarial-fuzz: $(STAMP)
+	TESSERA_FUZZ=full $(BIN)/pytest tests/test_fuzz*.py -q -p no:cacheprovider -o timeout=1800
+
+adversarial-crash: $(STAMP)  ## SIGKILL nodes and brokers many times (TESSERA_CRASH=full); one summary line
 	@rm -f $(CRASH_REPORT)
 	@TESSERA_CRASH=full TESSERA_CRASH_REPORT=$(CRASH_REPORT) $(BIN)/pytest tests/test_crash_suite.py \
 		-q -p no:cacheprovider -o timeout=1800; status=$$?; \

@@ -51,6 +51,12 @@ _ROLES: dict[str, frozenset[str]] = {
 }
 
 
+def allowed_roles(method: str) -> frozenset[str]:
+    """The roles (``agency``, ``operator``, ``coordinator``) that may call ``method`` (a full
+    gRPC method name); empty means nobody (public methods need no role: see ``PUBLIC``)."""
+    return _ROLES.get(method, frozenset())
+
+
 def make_authenticator(
     agency_by_key: Callable[[bytes], tuple[str, bool] | None],
     operators: Callable[[], list[Operator]],
@@ -68,7 +74,7 @@ def make_authenticator(
         return next((o for o in operators() if o.signing_key == signer), None)
 
     async def authenticate(signer: bytes, method: str) -> Caller:
-        allowed = _ROLES.get(method, frozenset())
+        allowed = allowed_roles(method)
         # Agencies make almost every call: their keys are looked up first. An operator's key is
         # never an agency's (both are fresh Ed25519 keys).
         agency = agency_by_key(signer)

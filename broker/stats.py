@@ -486,7 +486,9 @@ def _next_token(following: int | None) -> str:
 def _token(token: str) -> int | None:
     if not token:
         return None
-    if not token.isdigit():
+    # ASCII digits only, and few of them (found by fuzzing, issue 16): int() refused a token of
+    # other Unicode digits, and one past SQLite's 64-bit integers failed in the query.
+    if not (token.isascii() and token.isdigit()) or len(token) > 18:
         raise InvalidInput("not a page token of this broker")
     return int(token)
 

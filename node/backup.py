@@ -176,9 +176,16 @@ def create_backup(store: NodeStore, home: Path, destination: Path, actor: str) -
     associated = b"tessera/v1|backup|" + taken_at.isoformat().encode()
     body = crypto.encrypt(_body_key(store.keyring), json.dumps(snapshot).encode(), associated)
     content = _MAGIC + json.dumps(header).encode() + b"\n" + body
-    destination.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = destination / f"tessera-backup-{taken_at.strftime('%Y%m%dT%H%M%S%fZ')}.tbk"
-    atomic_write(path, content)
+    try:
+        destination.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(path, content)
+    except (OSError, ValueError) as exc:  # not a folder, no permission, a NUL byte (issue 16)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidInput(
+            f"cannot write a backup into {str(destination)!r}: {why}",
+            hint="name a folder the node's server can create or write to",
+        ) from None
     digest = crypto.digest(_LABEL_BACKUP, content)
     store.audit(actor, "node.backup", None, {"file": path.name, "bytes": len(content)})
     return BackupMade(path=path, size=len(content), digest=digest, taken_at=taken_at)

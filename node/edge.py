@@ -61,7 +61,9 @@ def page_offset(token: str) -> int:
     """The offset a page token this node issued stands for."""
     if not token:
         return 0
-    if not token.isdigit():
+    # ASCII digits only, and few of them (found by fuzzing, issue 16): int() refused a token of
+    # other Unicode digits, and an offset past SQLite's 64-bit integers failed in the query.
+    if not (token.isascii() and token.isdigit()) or len(token) > 15:
         raise InvalidInput("that page token is not one this node issued")
     return int(token)
 

@@ -131,6 +131,12 @@ class NodeServicer(ReferralService):
         needs = tuple(
             (serde.need_category(n.category), serde.need_status(n.status)) for n in request.needs
         )
+        if len({category for category, _ in needs}) != len(needs):
+            # Found by fuzzing (issue 16): the store's unique need index answered INTERNAL.
+            raise InvalidInput(
+                "a need category appears twice; a case has at most one need of each category",
+                hint="give each category once, with its current status",
+            )
         case = await _run(
             self._store.create_case,
             _actor(),
@@ -465,6 +471,9 @@ class NodeServicer(ReferralService):
             spec: KekSpec = new_kek_spec(KekSource.PASSPHRASE, self._settings.argon2, None)
             secret: str | None = request.new_passphrase
         elif which == "new_key_file":
+            if not request.new_key_file.strip() or "\x00" in request.new_key_file:
+                # Found by fuzzing (issue 16): a NUL byte in the path answered INTERNAL.
+                raise InvalidInput("the new key file needs a path without NUL characters")
             spec = new_kek_spec(
                 KekSource.KEY_FILE, self._settings.argon2, Path(request.new_key_file).resolve()
             )

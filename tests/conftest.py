@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where every test must run: {report.longrepr}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """After a run that fuzzed (tests/fuzzkit.py), one line: requests, INTERNAL replies,
+    crashes (``make adversarial`` shows it)."""
+    import sys
+
+    fuzzkit = sys.modules.get("tests.fuzzkit")
+    tally = getattr(fuzzkit, "TALLY", None)
+    if tally is not None and (tally.requests or tally.files):
+        terminalreporter.write_line(tally.summary())

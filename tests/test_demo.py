@@ -49,6 +49,10 @@ def test_demo_runs_twice_in_the_same_directory_and_leaks_nothing(tmp_path: Path)
             content = path.read_bytes()
             leaked = [s for s in secrets if s.encode() in content]
             assert leaked == [], f"{path} holds survivor data in clear"
+    # Nor does anything the demo printed: its steps, and its servers' logs on stderr.
+    for run in (first, second):
+        printed = run.stdout + run.stderr
+        assert [s for s in secrets if s in printed] == [], "the demo printed survivor data"
 
 
 def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from tests.support import (
     make_broker,
     make_node,
     unlock,
+    wait_for,
 )
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -70,6 +71,23 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def scrape_once_counted(port: int, before: Samples, method: str, code: str) -> Samples:
+    """A scrape taken once the call to ``method`` refused with ``code`` is counted.
+
+    The interceptor counts a refusal as its handler unwinds, which can be just after the caller
+    has its status (a long garbage collection in the server's thread, say, after a big test
+    run): waiting for that one count keeps every other assertion exact.
+    """
+    name = "tessera_rpc_requests_total"
+    start = value(before, name, method=method, code=code)
+
+    def counted() -> Samples | None:
+        samples = scrape(port)
+        return samples if value(samples, name, method=method, code=code) > start else None
+
+    return wait_for(counted, f"the {code} call to {method} to be counted", timeout=5)
 
 
 def metrics_refused(port: int) -> bool:
@@ -109,7 +127,7 @@ def test_node_counts_calls_refusals_and_cases(node: BackgroundNode) -> None:
     channel.close()
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    after = scrape(port)
+    after = scrape_once_counted(port, before, GET_STATUS, "UNAUTHENTICATED")
     requests = "tessera_rpc_requests_total"
     ok_before = value(before, requests, method=GET_STATUS, code="OK")
     assert value(after, requests, method=GET_STATUS, code="OK") - ok_before == 3
@@ -174,7 +192,9 @@ def test_broker_counts_calls_refusals_and_waiting_envelopes(tmp_path: Path) -> N
             relay_grpc.RelayStub(channel).Acknowledge(relay_pb.AcknowledgeRequest(), timeout=5)
         channel.close()
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        after = scrape(port)
+        after = scrape_once_counted(
+            port, before, "/tessera.v1.Relay/Acknowledge", "UNAUTHENTICATED"
+        )
     finally:
         broker.stop()
 

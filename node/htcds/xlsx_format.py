@@ -69,31 +69,36 @@ def xlsx_rows(path: Path, head: bytes) -> Iterator[Iterator[Sequence[str]]]:
         raise not_a(path, head, "an Excel .xlsx workbook")
     from openpyxl import load_workbook
 
-    try:
-        # Not data_only: a formula cell must be seen as one (its cached result, if any, is
-        # not imported), and only the formula reading tells it apart from text.
-        workbook = load_workbook(path, read_only=True, data_only=False)
-    except Exception as exc:  # openpyxl raises many kinds (KeyError, BadZipFile, ParseError, ...)
-        seems = "an OpenDocument spreadsheet (.ods)" if _is_ods(path) else "a zip archive"
-        raise InvalidInput(
-            f"{path.name} is not an Excel .xlsx workbook: it seems to be {seems} "
-            f"({type(exc).__name__})",
-            hint="open it in its spreadsheet program and save it as Excel Workbook (.xlsx)",
-        ) from None
-    try:
-        if not workbook.worksheets:
-            raise InvalidInput(f"{path.name} has no worksheet")
-        sheet = workbook.worksheets[0]
-        # Read-only mode trusts the size the file declares and stops there; some programs
-        # write it wrongly, so it is dropped and every row present is read.
-        sheet.reset_dimensions()
-        rows = _guard_xlsx(path, sheet.iter_rows())
+    # Opened here, not by openpyxl: a workbook it fails on half-way through opening would
+    # otherwise keep its file open until garbage collection (found by fuzzing, issue 16).
+    with path.open("rb") as handle:
         try:
-            yield rows
+            # Not data_only: a formula cell must be seen as one (its cached result, if any, is
+            # not imported), and only the formula reading tells it apart from text.
+            workbook = load_workbook(handle, read_only=True, data_only=False)
+        except (
+            Exception
+        ) as exc:  # openpyxl raises many kinds (KeyError, BadZipFile, ParseError, ...)
+            seems = "an OpenDocument spreadsheet (.ods)" if _is_ods(path) else "a zip archive"
+            raise InvalidInput(
+                f"{path.name} is not an Excel .xlsx workbook: it seems to be {seems} "
+                f"({type(exc).__name__})",
+                hint="open it in its spreadsheet program and save it as Excel Workbook (.xlsx)",
+            ) from None
+        try:
+            if not workbook.worksheets:
+                raise InvalidInput(f"{path.name} has no worksheet")
+            sheet = workbook.worksheets[0]
+            # Read-only mode trusts the size the file declares and stops there; some programs
+            # write it wrongly, so it is dropped and every row present is read.
+            sheet.reset_dimensions()
+            rows = _guard_xlsx(path, sheet.iter_rows())
+            try:
+                yield rows
+            finally:
+                rows.close()  # release the sheet's zip member before the archive closes
         finally:
-            rows.close()  # release the sheet's zip member before the archive closes
-    finally:
-        workbook.close()
+            workbook.close()
 
 
 def _text_of(cell: _Cell) -> str:
