@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import random
 import threading
 import time
@@ -48,6 +47,7 @@ from node import directory_sync, htcds
 from node.backup import read_backup
 from node.client import NodeClient
 from node.keyring import open_keyring
+from node.referrals.model import ReferralRecord
 from tessera import config
 from tessera.config import StatsPolicy
 from tessera.errors import Conflict, NotFound, TesseraError, Unavailable
@@ -131,7 +131,7 @@ def _ready(node: Server) -> dict[str, Any]:
     def confirmed() -> dict[str, Any] | None:
         with _client(node.home) as client:
             status = client.status()
-        return status if status["escrow"] in {"confirmed", "not_enrolled", "unspecified"} else None
+        return status if status.escrow in {"confirmed", "not_enrolled", "unspecified"} else None
 
     return cs.until(confirmed, f"{node.name} to answer with its escrow confirmed")
 
@@ -169,7 +169,7 @@ def _audit(
     else:
         with _client(node.home) as client:
             report = client.verify_audit()
-        ok, output = bool(report["intact"]), json.dumps(report, default=str)
+        ok, output = report.intact, repr(report)
     if not ok:
         tally.audit_breaks += 1
     _check(ok, kill, f"the audit log of {node.name} does not verify:\n{output}", servers)
@@ -307,7 +307,7 @@ def _case_state(node: Server, case_id: str, email: str) -> tuple[bool, bool]:
             shown = True
         except NotFound:
             shown = False
-        found = {c["case_id"] for c in client.find_cases({"prs_Email": email})}
+        found = {c.case_id for c in client.find_cases({"prs_Email": email})}
     return shown, case_id in found
 
 
@@ -543,14 +543,14 @@ class Region:
     cases: list[str] = field(default_factory=list)
     consents: dict[str, str] = field(default_factory=dict)
 
-    def outgoing(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = _call(
+    def outgoing(self) -> list[ReferralRecord]:
+        rows: list[ReferralRecord] = _call(
             self.shelter.home, "referrals", "outgoing", limit=100_000
         )
         return rows
 
-    def inbox(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = _call(self.clinic.home, "inbox", True)
+    def inbox(self) -> list[ReferralRecord]:
+        rows: list[ReferralRecord] = _call(self.clinic.home, "inbox", True)
         return rows
 
 
@@ -606,15 +606,15 @@ def test_a_region_killed_during_referrals_and_statistics_rounds(
             consent = _call(
                 region.shelter.home,
                 "grant_consent",
-                case["case_id"],
+                case.case_id,
                 CLINIC,
                 NeedCategory.MEDICAL,
                 ("identity",),
                 NEXT_YEAR,
                 "verbal",
             )
-            region.cases.append(case["case_id"])
-            region.consents[case["case_id"]] = consent["consent_id"]
+            region.cases.append(case.case_id)
+            region.consents[case.case_id] = consent.consent_id
         with _phase(tally, "sends"):
             sent = _sends(region)
         with _phase(tally, "deliveries"):
@@ -658,20 +658,20 @@ def _sends(region: Region) -> dict[str, str]:
             )
             return referral
 
-        sent[case_id] = send()["referral_id"]
+        sent[case_id] = send().referral_id
     killer.join()
     outgoing = region.outgoing()
-    by_case = Counter(r["case_id"] for r in outgoing)
+    by_case = Counter(r.case_id for r in outgoing)
     duplicated = sum(n - 1 for n in by_case.values() if n > 1)
-    lost = sorted(set(sent.values()) - {r["referral_id"] for r in outgoing})
+    lost = sorted(set(sent.values()) - {r.referral_id for r in outgoing})
     region.tally.duplicated += duplicated
     region.tally.lost += len(lost)
     _check(not duplicated, killer.last, f"referrals sent twice: {by_case}", region.servers)
     _check(not lost, killer.last, f"accepted referrals missing: {lost}", region.servers)
     _check(
-        {r["referral_id"] for r in outgoing} == set(sent.values()),
+        {r.referral_id for r in outgoing} == set(sent.values()),
         killer.last,
-        f"outgoing {sorted(r['referral_id'] for r in outgoing)} != sent {sorted(sent.values())}",
+        f"outgoing {sorted(r.referral_id for r in outgoing)} != sent {sorted(sent.values())}",
         region.servers,
     )
     return sent
@@ -680,7 +680,7 @@ def _sends(region: Region) -> dict[str, str]:
 def _compare(region: Region, sent: dict[str, str], kill: str) -> list[dict[str, Any]]:
     """The clinic's inbox holds every referral the shelter sent, each once; returns it."""
     inbox = region.inbox()
-    counts = Counter(r["referral_id"] for r in inbox)
+    counts = Counter(r.referral_id for r in inbox)
     duplicated = sum(n - 1 for n in counts.values() if n > 1)
     lost = sorted(set(sent.values()) - set(counts))
     region.tally.duplicated += duplicated
@@ -723,7 +723,7 @@ def _deliveries(region: Region, sent: dict[str, str]) -> None:
     killer.join()
 
     def all_delivered() -> bool:
-        states = Counter(r["state"] for r in region.outgoing())
+        states = Counter(r.state for r in region.outgoing())
         return received() == total and states.get("delivered", 0) == total
 
     cs.until(all_delivered, f"{killer.last}: every referral delivered and confirmed")
@@ -756,23 +756,23 @@ def _answers(region: Region, sent: dict[str, str]) -> None:
         except Conflict:
             # Answered by the try a kill cut short: it must hold the answer given.
             shown = _call(region.clinic.home, "show_referral", referral_id)
-            _check(shown["state"] == state, killer.last, f"{referral_id}: {shown}", region.servers)
+            _check(shown.state == state, killer.last, f"{referral_id}: {shown}", region.servers)
         answered.append(referral_id)
     killer.join()
 
     def agreed() -> dict[str, str] | None:
-        outgoing = {r["referral_id"]: r["state"] for r in region.outgoing()}
+        outgoing = {r.referral_id: r.state for r in region.outgoing()}
         return outgoing if outgoing == expected else None
 
     try:
         cs.until(agreed, "the shelter to see every answer")
     except AssertionError:
-        outgoing = {r["referral_id"]: r["state"] for r in region.outgoing()}
+        outgoing = {r.referral_id: r.state for r in region.outgoing()}
         wrong = {k: (v, expected[k]) for k, v in outgoing.items() if v != expected.get(k)}
         region.tally.lost += len(wrong)
         raise AssertionError(f"{killer.last}: answers lost (seen, given): {wrong}") from None
     inbox = _compare(region, sent, killer.last)
-    states = {r["referral_id"]: r["state"] for r in inbox}
+    states = {r.referral_id: r.state for r in inbox}
     _check(states == expected, killer.last, f"inbox {states} != {expected}", region.servers)
 
 
@@ -847,8 +847,8 @@ def _rounds(region: Region) -> None:
     except AssertionError:
         final = statuses()
     for node in nodes:
-        (ledger,) = [p for p in _call(node.home, "budget", period) if p["period"] == period]
-        got = Counter((c["round_id"], c["attempt"]) for c in ledger["charges"])
+        (ledger,) = [p for p in _call(node.home, "budget", period) if p.period == period]
+        got = Counter((c.round_id, c.attempt) for c in ledger.charges)
         twice = {k: n for k, n in got.items() if n > 1}
         charged = {r for (r, _a) in got if r in round_ids}
         submitted = {r for r, s in final.items() if node.name in s.submitted}

@@ -166,7 +166,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     "",
                     [(NeedCategory.MEDICAL, NeedStatus.UNMET)],
                 )
-                strings.append(str(case["case_id"]))
+                strings.append(str(case.case_id))
             consent = client.grant_consent(
                 strings[-1],
                 LANTERN,
@@ -175,11 +175,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 dt.date.today() + dt.timedelta(days=30),
                 "verbal",
             )
-            strings.append(str(consent["consent_id"]))
+            strings.append(str(consent.consent_id))
             sent = client.send_referral(
                 strings[-2], LANTERN, NeedCategory.MEDICAL, consent_id=strings[-1]
             )
-            strings.append(str(sent["referral_id"]))
+            strings.append(str(sent.referral_id))
         period = stats.period_of(dt.datetime.now(dt.UTC))
         with StatsClient(root / "coordinator") as coordinating:
             blob = coordinating.open_round("north", period, 2, 0.5, participants=[HARBOUR, FUZZER])

@@ -212,16 +212,16 @@ def test_no_marker_leaves_a_node_in_any_form(tmp_path: Path, json_log: Path) -> 
             source = user / "intake.csv"
             _import_file(source)
             imported = harbour.import_cases(source, True, lambda *_p: None)
-            assert imported["imported"] == 1 and imported["rejected"] == 1, imported
-            errors += [f"row {r} {f}: {why}" for r, f, why in imported["problems"]]
+            assert imported.imported == 1 and imported.rejected == 1, imported
+            errors += [f"row {e.row} {e.field}: {e.reason}" for e in imported.problems]
             # Create, update (notes), a refused update carrying a marker, a search.
             case = harbour.create_case(
                 {"prs_FirstName": CREATED_FIRST, "prs_Gender": "Feminine"},
                 NOTES,
                 [(NeedCategory.MEDICAL, NeedStatus.UNMET)],
             )
-            case_id = str(case["case_id"])
-            harbour.update_case(case_id, case["version"], {}, [], UPDATED_NOTES)
+            case_id = str(case.case_id)
+            harbour.update_case(case_id, case.version, {}, [], UPDATED_NOTES)
             # Refused values of survivor data come back hidden. (A short value in a code
             # column, say 'Femnine' for prs_Gender, is quoted back to the caller who typed it,
             # by design, so they can fix it: that is no survivor data and is not planted here.)
@@ -261,30 +261,30 @@ def test_no_marker_leaves_a_node_in_any_form(tmp_path: Path, json_log: Path) -> 
                 case_id,
                 LANTERN,
                 NeedCategory.MEDICAL,
-                consent_id=str(consent["consent_id"]),
+                consent_id=str(consent.consent_id),
                 note=REFERRAL_NOTE,
             )
-            referral_id = str(sent["referral_id"])
+            referral_id = str(sent.referral_id)
             with NodeClient(lantern_home, unlock=unlock) as lantern:
                 wait_for(
-                    lambda: [r for r in lantern.inbox(True) if r["referral_id"] == referral_id],
+                    lambda: [r for r in lantern.inbox(True) if r.referral_id == referral_id],
                     "the referral at the clinic",
                 )
                 shown = lantern.show_referral(referral_id)
-                assert shown["fields"]["prs_FirstName"] == CREATED_FIRST
+                assert shown.fields["prs_FirstName"] == CREATED_FIRST
                 lantern.answer_referral(referral_id, "accept")
             wait_for(
                 lambda: any(
-                    r["referral_id"] == referral_id and r["state"] == "accepted"
+                    r.referral_id == referral_id and r.state == "accepted"
                     for r in harbour.referrals("outgoing")
                 ),
                 "the acceptance back at the shelter",
             )
             # Erase a case, take a backup.
             doomed = harbour.create_case({"prs_FirstName": ERASED_FIRST}, ERASED_FIRST, [])
-            harbour.erase_case(str(doomed["case_id"]), "survivor asked")
+            harbour.erase_case(str(doomed.case_id), "survivor asked")
             made = harbour.backup(None)
-            assert Path(made["path"]).is_file()
+            assert Path(made.path).is_file()
 
         # A private statistics round over both nodes, released.
         period = stats.period_of(dt.datetime.now(dt.UTC))
