@@ -36,6 +36,12 @@ def require_strong(
     ``context`` holds words an attacker would try first (the agency's name, the person's name,
     the region): the estimator counts them as known.
     """
+    if not passphrase:
+        # zxcvbn has nothing to rate (it fails on an empty string): refuse it plainly.
+        raise WeakPassphrase(
+            f"the new {what} is empty",
+            hint="choose a long one, say four or more unrelated words, or a password manager's",
+        )
     rated = passphrase[:MAX_RATED_CHARACTERS]
     words = [w for item in context for w in (item, *item.split()) if w.strip()]
     result = zxcvbn(rated, user_inputs=[*words, "tessera"], max_length=MAX_RATED_CHARACTERS)

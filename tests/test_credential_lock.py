@@ -113,6 +113,12 @@ def test_weak_passphrases_are_refused_with_advice(weak: str) -> None:
     assert refused.value.hint
 
 
+def test_an_empty_passphrase_is_refused_as_weak_not_a_crash() -> None:
+    with pytest.raises(WeakPassphrase, match="empty") as refused:
+        passphrases.require_strong("", context=("Ana Ruiz",))
+    assert refused.value.kind is ErrorKind.INVALID_INPUT
+
+
 def test_strong_passphrases_pass_long_ones_too() -> None:
     for strong in (STRONG, "a long test passphrase", "correct horse battery staple"):
         passphrases.require_strong(strong)
