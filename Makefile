@@ -45,12 +45,23 @@ soak: $(STAMP)  ## a bounded soak of one broker: throughput, latency, memory per
 
 CRASH_REPORT := $(CURDIR)/.adversarial-crash.jsonl
 
-adversarial: adversarial-fuzz adversarial-crash  ## both, each ending in one summary line
+FUZZ_REPORT := $(CURDIR)/.adversarial-fuzz.json
+LEAK_REPORT := $(CURDIR)/.adversarial-leak.status
+FLOOD_REPORT := $(CURDIR)/.adversarial-flood.json
+
+# Every part runs even when one fails; the last line sums them all (tests/adversarial.py).
+adversarial: $(STAMP)  ## fuzz, crash suite, leak scan, unauthenticated flood at full size; one line
+	@rm -f $(FUZZ_REPORT) $(CRASH_REPORT) $(LEAK_REPORT) $(FLOOD_REPORT)
+	-@$(MAKE) -k --no-print-directory adversarial-fuzz adversarial-crash
+	-@$(BIN)/pytest tests/test_leak_scan.py -q -p no:cacheprovider; echo $$? > $(LEAK_REPORT)
+	-@$(BIN)/python -m bench.flood $(FLOOD_REPORT)
+	@$(BIN)/python -m tests.adversarial $(FUZZ_REPORT) $(CRASH_REPORT) $(LEAK_REPORT) $(FLOOD_REPORT)
 
 # Every RPC of node and broker (signed and unsigned) and the HTCDS readers, hypothesis "full"
 # profile (tests/fuzzkit.py); the last line counts requests fuzzed, INTERNAL replies, crashes.
 adversarial-fuzz: $(STAMP)
-	TESSERA_FUZZ=full $(BIN)/pytest tests/test_fuzz*.py -q -p no:cacheprovider -o timeout=1800
+	TESSERA_FUZZ=full TESSERA_FUZZ_REPORT=$(FUZZ_REPORT) $(BIN)/pytest tests/test_fuzz*.py \
+		-q -p no:cacheprovider -o timeout=1800
 
 adversarial-crash: $(STAMP)  ## SIGKILL nodes and brokers many times (TESSERA_CRASH=full); one summary line
 	@rm -f $(CRASH_REPORT)

@@ -9,9 +9,11 @@ so a missing service or tool can never pass for a green run.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,3 +65,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     tally = getattr(fuzzkit, "TALLY", None)
     if tally is not None and (tally.requests or tally.files):
         terminalreporter.write_line(tally.summary())
+        report = os.environ.get("TESSERA_FUZZ_REPORT")
+        if report:
+            fields = ("requests", "internal", "crashes", "files")
+            Path(report).write_text(json.dumps({f: getattr(tally, f) for f in fields}))
