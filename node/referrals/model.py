@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
+from node.referral_checks import check_uuid
 from tessera.errors import InvalidInput
 from tessera.needs import NeedCategory, NeedStatus
 
@@ -478,20 +478,6 @@ def check_key(value: object, name: str) -> str:
     """An id or key of 1 to :data:`MAX_KEY_CHARS` characters."""
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_KEY_CHARS:
         raise InvalidInput(f"{name} must be 1 to {MAX_KEY_CHARS} characters")
-    return value
-
-
-def check_uuid(value: object, name: str) -> str:
-    """A canonical UUID string (lower-case, hyphenated), as consent.proto and referral.proto
-    require for consent, referral and message ids."""
-    try:
-        canonical = str(uuid.UUID(value)) if isinstance(value, str) else None
-    except ValueError:
-        canonical = None
-    if canonical is None or canonical != value:
-        raise InvalidInput(
-            f"{name} must be a UUID in canonical form (like 1b4e28ba-2fa1-11d2-883f-0016d3cca427)"
-        )
     return value
 
 

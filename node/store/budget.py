@@ -26,6 +26,7 @@ from typing import Final
 
 from sqlmodel import Session, col, select
 
+from node.domain import BudgetCharge
 from node.store.cases import NodeStore
 from node.store.tables import (
     BudgetChargeRow,
@@ -58,17 +59,6 @@ def _check_epsilon(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise InvalidInput(f"{name} must be a positive finite number")
     return float(value)
-
-
-@dataclass(frozen=True)
-class BudgetCharge:
-    """One contribution charged to a period."""
-
-    round_id: str
-    attempt: int
-    table: str
-    epsilon: float
-    charged_at: dt.datetime
 
 
 @dataclass(frozen=True)
