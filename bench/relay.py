@@ -66,7 +66,7 @@ from broker.setup import BrokerInit, init_broker
 from node import directory_sync
 from node.keyring import open_keyring
 from node.setup import NodeInit, init_node
-from tessera import config, crypto, rpc, tls
+from tessera import config, crypto, labels, rpc, tls
 from tessera.config import OUTBOX_BATCH, Argon2Profile, Limits
 from tessera.credential import RUN_FILE
 from tessera.db import libpq_dsn
@@ -485,9 +485,9 @@ def seal_payloads(
     sender: crypto.Identity, recipient: crypto.PublicIdentity, count: int
 ) -> list[bytes]:
     """``count`` distinct envelopes sealed to ``recipient``, each ``ENVELOPE_BYTES`` long."""
-    overhead = len(crypto.seal(sender, recipient, crypto.LABEL_ENVELOPE, b""))
+    overhead = len(crypto.seal(sender, recipient, labels.LABEL_ENVELOPE, b""))
     return [
-        crypto.seal(sender, recipient, crypto.LABEL_ENVELOPE, os.urandom(ENVELOPE_BYTES - overhead))
+        crypto.seal(sender, recipient, labels.LABEL_ENVELOPE, os.urandom(ENVELOPE_BYTES - overhead))
         for _ in range(count)
     ]
 
@@ -503,7 +503,7 @@ def send_requests(
             relay_pb.SendRequest(
                 recipient_agency_id=recipient_id,
                 idempotency_key=key,
-                consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, key.encode()),
+                consent_commitment=crypto.digest(labels.LABEL_CONSENT_COMMITMENT, key.encode()),
                 sealed_envelope=sealed,
             )
         )

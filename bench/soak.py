@@ -90,7 +90,7 @@ from bench.relay import (
     throwaway_database,
 )
 from tessera import config as tessera_config
-from tessera import credential, crypto, dp, rpc, tls
+from tessera import credential, crypto, dp, labels, rpc, tls
 from tessera.config import OUTBOX_BATCH, Limits
 from tessera.v1 import directory_pb2 as directory_pb
 from tessera.v1 import directory_pb2_grpc as directory_grpc
@@ -225,20 +225,20 @@ def seal_referrals(
     and consent commitment."""
     if not pairs:
         return []
-    overhead = len(crypto.seal(identities[0], identities[-1].public, crypto.LABEL_ENVELOPE, b""))
+    overhead = len(crypto.seal(identities[0], identities[-1].public, labels.LABEL_ENVELOPE, b""))
     referrals = []
     for index, (sender, recipient) in enumerate(pairs):
         sealed = crypto.seal(
             identities[sender],
             identities[recipient].public,
-            crypto.LABEL_ENVELOPE,
+            labels.LABEL_ENVELOPE,
             os.urandom(ENVELOPE_BYTES - overhead),
         )
         key = f"soak-{tag}-{index}"
         request = relay_pb.SendRequest(
             recipient_agency_id=agency_id(recipient),
             idempotency_key=key,
-            consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, key.encode()),
+            consent_commitment=crypto.digest(labels.LABEL_CONSENT_COMMITMENT, key.encode()),
             sealed_envelope=sealed,
         )
         referrals.append(Referral(sender, recipient, request, hashlib.sha256(sealed).digest()))
@@ -327,7 +327,7 @@ class Ledger:
             crypto.open_sealed(
                 self.identities[recipient],
                 self.identities[referral.sender].public,
-                crypto.LABEL_ENVELOPE,
+                labels.LABEL_ENVELOPE,
                 sealed,
             )
 

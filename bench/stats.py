@@ -63,7 +63,7 @@ from bench.common import Figure
 from bench.relay import ServerProcess, broker_process, make_broker_home
 from broker.stats import round_noise_of
 from node.stats import round_digest, spec_from_pb, spec_to_pb
-from tessera import credential, crypto, directory, dp, rpc
+from tessera import credential, crypto, directory, dp, labels, rpc
 from tessera.config import Limits
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
@@ -213,7 +213,7 @@ def build_share(
     body = bytes(blob.body)
     if bytes(blob.signer) != broker_key:
         raise RuntimeError("the round is not signed by the broker")
-    crypto.verify(broker_key, crypto.LABEL_ROUND, body, bytes(blob.signature))
+    crypto.verify(broker_key, labels.LABEL_ROUND, body, bytes(blob.signature))
     round_ = stats_pb.Round.FromString(body)
     spec = spec_from_pb(round_.table)
     digest = round_digest(body)
@@ -361,7 +361,7 @@ async def run_round(setup: Setup, kind: str, n: int) -> RoundResult:
     client_cpu = time.process_time() - client_before
     broker_cpu = _broker_cpu(setup.broker.pid) - broker_before
     crypto.verify(
-        setup.broker_key, crypto.LABEL_RELEASE, bytes(got.release.body), got.release.signature
+        setup.broker_key, labels.LABEL_RELEASE, bytes(got.release.body), got.release.signature
     )
     release = stats_pb.Release.FromString(bytes(got.release.body))
     truth = [

@@ -20,7 +20,7 @@ from broker.stats import StatsServicer
 from broker.store.database import open_database
 from broker.store.notify import listen_for_mail
 from broker.store.relay import BrokerStore
-from tessera import crypto, metrics, rpc, tls
+from tessera import crypto, metrics, replay, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE
 from tessera.db import database_answers
@@ -117,7 +117,7 @@ async def start_broker(
         access.make_authenticator(
             agency_by_key, lambda: broker_identity.load_operators(settings.home), refresh_view
         ),
-        crypto.ReplayGuard(window),
+        replay.ReplayGuard(window),
         public_methods=access.PUBLIC,
         shared_nonces=shared_nonces,
     )

@@ -25,7 +25,7 @@ from broker import serde
 from broker.domain import AcceptedEnvelope, EnvelopePut, StoredEnvelope, StoredLogEntry
 from broker.group_commit import GroupCommitter
 from broker.store.relay import BrokerStore
-from tessera import crypto, directory, rpc
+from tessera import crypto, directory, labels, rpc
 from tessera.config import Settings
 from tessera.errors import (
     Conflict,
@@ -505,7 +505,7 @@ class RelayServicer(relay_grpc.RelayServicer):
 
     def _receipt(self, accepted: AcceptedEnvelope) -> common_pb.SignedBlob:
         body = serde.relay_receipt_body(accepted)
-        signature = self._identity.sign(crypto.LABEL_RECEIPT, body)
+        signature = self._identity.sign(labels.LABEL_RECEIPT, body)
         return serde.signed_blob(body, signature, self._identity.public.signing_key)
 
     async def Receive(

@@ -32,7 +32,7 @@ from broker.store.stats import (
     StoredRound,
     check_reason,
 )
-from tessera import crypto, dp, rpc
+from tessera import crypto, dp, labels, rpc
 from tessera.config import Limits, Settings
 from tessera.errors import InvalidInput, NotFound, PermissionDenied, Refused
 from tessera.timestamps import to_timestamp
@@ -55,7 +55,7 @@ _KEY_CHARS = 128
 
 def round_digest(body: bytes) -> bytes:
     """digest(LABEL_ROUND, body of a signed Round): what a share names to be counted."""
-    return crypto.digest(crypto.LABEL_ROUND, body)
+    return crypto.digest(labels.LABEL_ROUND, body)
 
 
 def check_period(period: str) -> str:
@@ -125,7 +125,7 @@ def build_release(
         release.dropped_fraction = dropped
         release.suggested_bound = suggested
     signed = release.SerializeToString()
-    return release.release_id, signed, identity.sign(crypto.LABEL_RELEASE, signed)
+    return release.release_id, signed, identity.sign(labels.LABEL_RELEASE, signed)
 
 
 # --- the servicer -------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class StatsServicer(stats_grpc.StatsServicer):
 
     def _sign_round(self, body: stats_pb.Round) -> tuple[bytes, bytes]:
         raw = body.SerializeToString()
-        return raw, self._identity.sign(crypto.LABEL_ROUND, raw)
+        return raw, self._identity.sign(labels.LABEL_ROUND, raw)
 
     def _participants(self, asked: Sequence[str]) -> list[str]:
         """Enrolled, unrevoked agencies of this region, in ascending byte order."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.stats_render import mode_name
+from tessera import labels
 
 if TYPE_CHECKING:
     from tessera import dp
@@ -74,7 +75,6 @@ class StatsClient:
         """Open a round over ``table``; ``bound`` replaces its contribution bound (0: the
         broker sizes it), None keeps it."""
         from broker import serde
-        from tessera import crypto
         from tessera.v1 import stats_pb2 as stats_pb
 
         spec = serde.spec_to_proto(table)
@@ -91,7 +91,7 @@ class StatsClient:
             idempotency_key=str(uuid.uuid4()),
         )
         reply = self._call(self._stub.OpenRound, request)
-        round_ = self._open_blob(reply.round, crypto.LABEL_ROUND, stats_pb.Round())
+        round_ = self._open_blob(reply.round, labels.LABEL_ROUND, stats_pb.Round())
         return _round_dict(round_, "open", [], "")
 
     def round_status(self, round_id: str) -> dict[str, Any]:
@@ -103,11 +103,10 @@ class StatsClient:
     def status_dict(self, status: Any) -> dict[str, Any]:
         """A RoundStatus for the CLI, its signed Round verified: the round, who submitted, who
         declined (agency, reason, when) and, once abandoned, why it was cancelled."""
-        from tessera import crypto
         from tessera.timestamps import to_datetime
         from tessera.v1 import stats_pb2 as stats_pb
 
-        round_ = self._open_blob(status.round, crypto.LABEL_ROUND, stats_pb.Round())
+        round_ = self._open_blob(status.round, labels.LABEL_ROUND, stats_pb.Round())
         declines = [
             {
                 "agency_id": d.agency_id,
@@ -157,11 +156,10 @@ class StatsClient:
 
     def releases(self, period: str) -> list[Any]:
         """Broker-signed releases for the period, newest first, verified and parsed."""
-        from tessera import crypto
         from tessera.v1 import stats_pb2 as stats_pb
 
         return [
-            self._open_blob(blob, crypto.LABEL_RELEASE, stats_pb.Release())
+            self._open_blob(blob, labels.LABEL_RELEASE, stats_pb.Release())
             for blob in self.signed_releases(period)
         ]
 

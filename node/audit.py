@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.domain import AuditReport
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.errors import BadSignature
 
 GENESIS_HASH = bytes(32)
@@ -66,7 +66,7 @@ def seal_entry(
     """Chain a new entry onto ``prev_hash`` and sign it with the node's identity."""
     detail_json = canonical_detail(detail)
     entry_hash = crypto.digest(
-        crypto.LABEL_AUDIT, prev_hash + _content(seq, at, actor, action, case_id, detail_json)
+        labels.LABEL_AUDIT, prev_hash + _content(seq, at, actor, action, case_id, detail_json)
     )
     return SealedEntry(
         seq=seq,
@@ -77,7 +77,7 @@ def seal_entry(
         detail_json=detail_json,
         prev_hash=prev_hash,
         entry_hash=entry_hash,
-        signature=identity.sign(crypto.LABEL_AUDIT, entry_hash),
+        signature=identity.sign(labels.LABEL_AUDIT, entry_hash),
     )
 
 
@@ -87,7 +87,7 @@ def _signed_by_any(
     # The node's current key or one it had before a key rotation (node.keyring).
     for signer in signers:
         try:
-            crypto.verify(signer, crypto.LABEL_AUDIT, entry_hash, signature)
+            crypto.verify(signer, labels.LABEL_AUDIT, entry_hash, signature)
             return True
         except BadSignature:
             continue
@@ -117,7 +117,7 @@ def verify_chain(
         content = _content(
             entry.seq, entry.at, entry.actor, entry.action, entry.case_id, entry.detail_json
         )
-        recomputed = crypto.digest(crypto.LABEL_AUDIT, entry.prev_hash + content)
+        recomputed = crypto.digest(labels.LABEL_AUDIT, entry.prev_hash + content)
         if recomputed != entry.entry_hash:
             problems.append(f"entry {entry.seq} was edited (its hash does not match its content)")
         if not _signed_by_any(signers, entry.entry_hash, entry.signature):

@@ -55,7 +55,7 @@ from node.referral_checks import (
     member,
 )
 from node.referrals.model import ConsentMethod
-from tessera import crypto
+from tessera import crypto, labels
 from tessera import directory as directory_core
 from tessera.crypto import Identity, PublicIdentity
 from tessera.directory import AgencyRecord
@@ -370,7 +370,7 @@ def receipt_blob(
     body = receipt.SerializeToString(deterministic=True)
     if len(body) > DEFAULT_LIMITS.max_receipt_bytes:
         raise InvalidInput(f"a consent receipt is at most {DEFAULT_LIMITS.max_receipt_bytes} bytes")
-    return directory_core.sign_blob(sender_identity, crypto.LABEL_CONSENT_RECEIPT, body)
+    return directory_core.sign_blob(sender_identity, labels.LABEL_CONSENT_RECEIPT, body)
 
 
 def commitment(receipt: common_pb.SignedBlob | VerifiedReceipt) -> bytes:
@@ -383,7 +383,7 @@ def commitment(receipt: common_pb.SignedBlob | VerifiedReceipt) -> bytes:
         return receipt.commitment
     if not isinstance(receipt, common_pb.SignedBlob) or not receipt.body:
         raise InvalidInput("a commitment is computed over a signed consent receipt")
-    return crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, receipt.body)
+    return crypto.digest(labels.LABEL_CONSENT_COMMITMENT, receipt.body)
 
 
 _VERIFIED: Final = object()  # only verify_receipt holds it
@@ -419,7 +419,7 @@ class VerifiedReceipt:
     @property
     def commitment(self) -> bytes:
         """``digest("tessera/v1/consent-commitment", body)``: see :func:`commitment`."""
-        return crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, self.body)
+        return crypto.digest(labels.LABEL_CONSENT_COMMITMENT, self.body)
 
     def covers(self, field_name: str) -> bool:
         """True if the survivor agreed that this exact HTCDS field may be shared."""
@@ -468,7 +468,7 @@ def verify_receipt(
             hint="the receipt was not made by the sending agency; do not use the referral",
         )
     try:
-        crypto.verify(pinned, crypto.LABEL_CONSENT_RECEIPT, body, blob.signature)
+        crypto.verify(pinned, labels.LABEL_CONSENT_RECEIPT, body, blob.signature)
     except BadSignature:
         raise BadSignature(
             f"the consent receipt's signature does not verify under {expected_sender_id}'s key "

@@ -14,7 +14,7 @@ from typing import ClassVar, Final, TypeAlias
 from node.consent import VerifiedReceipt
 from node.htcds.validate import MAX_TEXT_CHARS
 from node.referrals.model import MAX_SEALED_BYTES, DeclineReason, ReferralStatus
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.needs import NeedCategory
 
 __all__ = [
@@ -71,7 +71,7 @@ class EnvelopeKind(enum.Enum):
 def label_for(kind: EnvelopeKind) -> bytes:
     """The seal label of a kind (referral.proto header): envelope for a Referral, status for the
     three others."""
-    return crypto.LABEL_ENVELOPE if kind is EnvelopeKind.REFERRAL else crypto.LABEL_STATUS
+    return labels.LABEL_ENVELOPE if kind is EnvelopeKind.REFERRAL else labels.LABEL_STATUS
 
 
 # --- what open_envelope returns -------------------------------------------------------------

@@ -63,7 +63,7 @@ from node.referral_checks import (
     member,
 )
 from node.referrals.model import DeclineReason, ReferralStatus, check_decline
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.crypto import Identity
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused, WrongRecipient
@@ -483,7 +483,7 @@ def _open_with_any(
 def _open_either(recipient: Identity, sender: AgencyRecord, sealed: bytes) -> tuple[bytes, bytes]:
     """(label that verified, payload): envelope label first, then status label (referral.proto).
     WrongRecipient (not sealed to this node, or altered) propagates from the first attempt."""
-    for label in (crypto.LABEL_ENVELOPE, crypto.LABEL_STATUS):
+    for label in (labels.LABEL_ENVELOPE, labels.LABEL_STATUS):
         try:
             return label, crypto.open_sealed(recipient, sender.identity, label, sealed)
         except BadSignature:

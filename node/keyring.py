@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tessera import crypto, passphrases
+from tessera import crypto, labels, passphrases
 from tessera.config import Argon2Profile, KekSource
 from tessera.errors import (
     ConfigError,
@@ -96,7 +96,7 @@ class Keyring:
         self.pending = pending
         # Wraps and unwraps each survivor's data key (crypto.wrap_key / crypto.unwrap_key).
         self.record_key = record_key
-        self.index_key = crypto.derive_key(record_key, crypto.LABEL_BLIND_INDEX)
+        self.index_key = crypto.derive_key(record_key, labels.LABEL_BLIND_INDEX)
 
     @property
     def identities(self) -> tuple[crypto.Identity, ...]:

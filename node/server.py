@@ -23,7 +23,7 @@ from node.service import NodeServicer
 from node.store.cases import NodeStore
 from node.store.database import open_database
 from node.store.escrow import EscrowStore
-from tessera import crypto, metrics, rpc, tls
+from tessera import metrics, replay, rpc, tls
 from tessera.config import Settings
 from tessera.credential import RUN_FILE, RunLock, hold_serving_lock
 from tessera.db import database_answers
@@ -144,7 +144,7 @@ async def _start(
 
     interceptor = rpc.TesseraServerInterceptor(
         authenticate,
-        crypto.ReplayGuard(settings.limits.replay_window_seconds),
+        replay.ReplayGuard(settings.limits.replay_window_seconds),
         on_refused=refused,
     )
     referrals = Referrals(store, settings.home)

@@ -41,7 +41,7 @@ from typing import Final
 
 from node import directory_sync
 from node.store.budget import check_period
-from tessera import crypto, dp
+from tessera import crypto, dp, labels
 from tessera.config import StatsPolicy
 from tessera.errors import BadSignature, InvalidInput, Refused
 from tessera.timestamps import to_datetime
@@ -147,7 +147,7 @@ def local_table(
 
 def round_digest(body: bytes) -> bytes:
     """digest(LABEL_ROUND, body of the signed Round): SubmitShareRequest.round_digest."""
-    return crypto.digest(crypto.LABEL_ROUND, body)
+    return crypto.digest(labels.LABEL_ROUND, body)
 
 
 def verified_participants(
@@ -174,7 +174,7 @@ def _signed_round(blob: common_pb.SignedBlob, link: directory_sync.BrokerLink) -
     if bytes(blob.signer) != link.broker_key:
         raise Refused("the round is not signed by the pinned broker key")
     try:
-        crypto.verify(link.broker_key, crypto.LABEL_ROUND, body, signature)
+        crypto.verify(link.broker_key, labels.LABEL_ROUND, body, signature)
     except BadSignature:
         raise Refused("the round's broker signature does not verify") from None
     round_ = stats_pb.Round()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from tessera import crypto, escrow
+from tessera import crypto, escrow, labels
 from tessera.errors import BadSignature, WrongRecipient
 from tessera.timestamps import to_datetime, to_timestamp
 from tessera.v1 import escrow_pb2 as escrow_pb
@@ -87,7 +87,7 @@ def seal_tombstone(identity: crypto.Identity, tombstone: Tombstone) -> bytes:
     )
     message.at.CopyFrom(to_timestamp(tombstone.at))
     payload = _pad(message.SerializeToString(deterministic=True))
-    return crypto.seal(identity, identity.public, crypto.LABEL_TOMBSTONE, payload)
+    return crypto.seal(identity, identity.public, labels.LABEL_TOMBSTONE, payload)
 
 
 def _open_own(identities: Sequence[crypto.Identity], label: bytes, sealed: bytes) -> bytes:
@@ -106,7 +106,7 @@ def open_tombstone(
 ) -> Tombstone:
     """Open a tombstone this node sealed (under any of its identities); WrongRecipient or
     BadSignature if it did not, or if it was filed under another id."""
-    payload = _unpad(_open_own(identities, crypto.LABEL_TOMBSTONE, sealed))
+    payload = _unpad(_open_own(identities, labels.LABEL_TOMBSTONE, sealed))
     message = escrow_pb.Tombstone()
     try:
         message.ParseFromString(payload)
@@ -137,12 +137,12 @@ def seal_position(identity: crypto.Identity, position: AuditPosition) -> bytes:
         audit_sequence=position.seq, entry_hash=position.entry_hash
     )
     payload = _pad(message.SerializeToString(deterministic=True))
-    return crypto.seal(identity, identity.public, crypto.LABEL_CHECKPOINT_POSITION, payload)
+    return crypto.seal(identity, identity.public, labels.LABEL_CHECKPOINT_POSITION, payload)
 
 
 def open_position(identities: Sequence[crypto.Identity], sealed: bytes) -> AuditPosition:
     """Open a checkpoint position this node sealed; BadSignature or WrongRecipient otherwise."""
-    payload = _unpad(_open_own(identities, crypto.LABEL_CHECKPOINT_POSITION, sealed))
+    payload = _unpad(_open_own(identities, labels.LABEL_CHECKPOINT_POSITION, sealed))
     message = escrow_pb.CheckpointPosition()
     try:
         message.ParseFromString(payload)

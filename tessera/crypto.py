@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import heapq
 import os
 import re
 import struct
-import threading
 import time
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import nacl.bindings
 import nacl.exceptions
@@ -40,42 +38,17 @@ import nacl.utils
 
 from tessera.errors import (
     BadSignature,
-    Exhausted,
     InvalidInput,
     KeyFileError,
-    ReplayedRequest,
     RequestAuthError,
-    StaleRequest,
     TamperedCiphertext,
     WrongPassphrase,
     WrongRecipient,
 )
+from tessera.labels import LABEL_REQUEST
 
 # --- labels (domain separation) -------------------------------------------------------------
-# Public labels name what a signature, envelope, digest or derived key is *for*. Callers may
-# extend them (e.g. LABEL_BLIND_INDEX + b"/prs_id"); every label must start with b"tessera/".
-
-LABEL_ENVELOPE = b"tessera/v1/envelope"  # referral envelopes between nodes (section 5)
-LABEL_STATUS = b"tessera/v1/status"  # status / revocation envelopes flowing back (section 6)
-LABEL_REQUEST = b"tessera/v1/request"  # signed gRPC requests; used only by sign_request
-LABEL_DIRECTORY_ENTRY = b"tessera/v1/directory-entry"  # broker-signed agency keys (section 5)
-LABEL_DIRECTORY_HEAD = b"tessera/v1/directory-head"  # broker-signed head of the directory log
-LABEL_KEY_ROTATION = b"tessera/v1/key-rotation"  # new keys, signed by the old key (section 5)
-LABEL_CONSENT_RECEIPT = b"tessera/v1/consent-receipt"  # signed consent receipt (section 6)
-LABEL_CONSENT_COMMITMENT = b"tessera/v1/consent-commitment"  # digest held by the broker
-LABEL_RECEIPT = b"tessera/v1/relay-receipt"  # relay delivery / acknowledgement receipts
-LABEL_ROUND = b"tessera/v1/round"  # broker-signed aggregation round announcements (section 7)
-LABEL_RELEASE = b"tessera/v1/release"  # broker-signed statistics releases (section 7)
-LABEL_AUDIT = b"tessera/v1/audit"  # hash chain of the disclosure log (section 6)
-LABEL_BLIND_INDEX = b"tessera/v1/blind-index"  # derive_key label for the blind-index key
-LABEL_TOMBSTONE = b"tessera/v1/tombstone"  # a node's erasures, sealed to itself (issue 14)
-LABEL_ESCROW_HEAD = b"tessera/v1/escrow-head"  # broker-signed head of an agency's escrow
-LABEL_ESCROW_CHAIN = b"tessera/v1/escrow-chain"  # digest chain over an agency's tombstones
-LABEL_CHECKPOINT_POSITION = b"tessera/v1/checkpoint-position"  # audit head, sealed to itself
-LABEL_AUDIT_CHECKPOINT = b"tessera/v1/audit-checkpoint"  # broker-signed audit checkpoint
-LABEL_RECORD_SEAL = b"tessera/v1/record-seal"  # MAC pinning a record's current version
-LABEL_NEED_INDEX = b"tessera/v1/need-index"  # derive_key label: a case's own need-row key
-
+# The public labels live in tessera.labels; these stay inside this module.
 # Internal labels: never needed by callers.
 _LABEL_SEED_SIGNING = b"tessera/v1/seed/ed25519"
 _LABEL_SEED_ENCRYPTION = b"tessera/v1/seed/x25519"
@@ -637,47 +610,11 @@ def sign_request(
     return RequestSignature(identity.public.signing_key, timestamp_ms, nonce, signature)
 
 
-class ReplayGuard:
-    """Remembers (signer, nonce) pairs while their timestamps are inside the window.
-
-    Memory is bounded: expired entries are evicted, and past ``max_entries`` live entries new
-    requests are refused (Exhausted) rather than forgetting nonces, which would allow replays.
-    Thread-safe. One guard per process: replicas behind a load balancer need a shared store.
-    """
-
-    def __init__(self, window_seconds: float = 300.0, max_entries: int = 200_000) -> None:
-        if window_seconds <= 0 or max_entries <= 0:
-            raise InvalidInput("replay window and capacity must be positive")
-        self.window_seconds = window_seconds
-        self.max_entries = max_entries
-        self._seen: set[tuple[bytes, bytes]] = set()
-        self._expiry: list[tuple[float, bytes, bytes]] = []  # min-heap by expiry time
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._seen)
+class NonceGuard(Protocol):
+    """What :func:`verify_request` asks of a replay guard (tessera.replay.ReplayGuard)."""
 
     def check(self, sig: RequestSignature, now: float) -> None:
-        """StaleRequest outside the window, ReplayedRequest if seen; otherwise remember it."""
-        stamped = sig.timestamp_ms / 1000
-        if abs(now - stamped) > self.window_seconds:
-            raise StaleRequest(
-                "request timestamp is outside the replay window",
-                hint="check the clocks of both machines (NTP)",
-            )
-        entry = (sig.signer, sig.nonce)
-        with self._lock:
-            while self._expiry and self._expiry[0][0] < now:
-                _, signer, nonce = heapq.heappop(self._expiry)
-                self._seen.discard((signer, nonce))
-            if entry in self._seen:
-                raise ReplayedRequest("request was already received (replayed nonce)")
-            if len(self._seen) >= self.max_entries:
-                raise Exhausted("too many recent requests to track; try again shortly")
-            self._seen.add(entry)
-            # A replay stays acceptable-looking until stamped + window, so remember it that long.
-            heapq.heappush(self._expiry, (stamped + self.window_seconds, *entry))
+        """Raise unless ``sig`` is fresh and its nonce unseen; then remember it."""
 
 
 def verify_request(
@@ -685,7 +622,7 @@ def verify_request(
     method: str,
     body: bytes,
     sig: RequestSignature,
-    guard: ReplayGuard,
+    guard: NonceGuard,
     *,
     now: float | None = None,
 ) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.errors import BadSignature, InvalidInput, RolledBack
 from tessera.timestamps import to_datetime, to_timestamp
 from tessera.v1 import common_pb2 as common_pb
@@ -43,13 +43,13 @@ def _frame(*parts: bytes) -> bytes:
 
 def tombstone_digest(sealed: bytes) -> bytes:
     """digest(LABEL_TOMBSTONE, sealed): what the chain commits to for one tombstone."""
-    return crypto.digest(crypto.LABEL_TOMBSTONE, sealed)
+    return crypto.digest(labels.LABEL_TOMBSTONE, sealed)
 
 
 def chain_next(previous: bytes, sequence: int, tombstone_id: str, sealed: bytes) -> bytes:
     """The chain value after tombstone number ``sequence`` (module docstring)."""
     return crypto.digest(
-        crypto.LABEL_ESCROW_CHAIN,
+        labels.LABEL_ESCROW_CHAIN,
         previous
         + _frame(sequence.to_bytes(8, "big"), tombstone_id.encode(), tombstone_digest(sealed)),
     )
@@ -92,12 +92,12 @@ def sign_head(
         raise InvalidInput("an escrow head needs a size and the chain value at that size")
     head = escrow_pb.EscrowHead(agency_id=agency_id, size=size, chain=chain)
     head.signed_at.CopyFrom(to_timestamp(now, "now"))
-    return sign_blob(broker, crypto.LABEL_ESCROW_HEAD, head.SerializeToString(deterministic=True))
+    return sign_blob(broker, labels.LABEL_ESCROW_HEAD, head.SerializeToString(deterministic=True))
 
 
 def verify_head(blob: common_pb.SignedBlob, broker_key: bytes, agency_id: str) -> EscrowHead:
     """A head signed by the pinned broker key for this agency; BadSignature otherwise."""
-    body = _verified_body(blob, broker_key, crypto.LABEL_ESCROW_HEAD, "escrow head")
+    body = _verified_body(blob, broker_key, labels.LABEL_ESCROW_HEAD, "escrow head")
     head = escrow_pb.EscrowHead()
     try:
         head.ParseFromString(body)
@@ -148,7 +148,7 @@ class Checkpoint:
 
 def checkpoint_digest(body: bytes) -> bytes:
     """What the next checkpoint names as ``previous``."""
-    return crypto.digest(crypto.LABEL_AUDIT_CHECKPOINT, body)
+    return crypto.digest(labels.LABEL_AUDIT_CHECKPOINT, body)
 
 
 def sign_checkpoint(
@@ -165,13 +165,13 @@ def sign_checkpoint(
     )
     body.checkpointed_at.CopyFrom(to_timestamp(now, "now"))
     return sign_blob(
-        broker, crypto.LABEL_AUDIT_CHECKPOINT, body.SerializeToString(deterministic=True)
+        broker, labels.LABEL_AUDIT_CHECKPOINT, body.SerializeToString(deterministic=True)
     )
 
 
 def verify_checkpoint(blob: common_pb.SignedBlob, broker_key: bytes, agency_id: str) -> Checkpoint:
     """A checkpoint signed by the pinned broker key for this agency; BadSignature otherwise."""
-    body = _verified_body(blob, broker_key, crypto.LABEL_AUDIT_CHECKPOINT, "audit checkpoint")
+    body = _verified_body(blob, broker_key, labels.LABEL_AUDIT_CHECKPOINT, "audit checkpoint")
     checkpoint = escrow_pb.AuditCheckpoint()
     try:
         checkpoint.ParseFromString(body)

@@ -164,7 +164,7 @@ class TesseraServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         authenticator: Authenticator | None,
-        guard: crypto.ReplayGuard,
+        guard: crypto.NonceGuard,
         public_methods: frozenset[str] = frozenset(),
         on_refused: Callable[[str, str, str], None] | None = None,
         shared_nonces: SharedNonces | None = None,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tessera import crypto, dp
+from tessera import crypto, dp, labels
 from tessera.v1 import stats_pb2 as stats_pb
 from tests.support import Agency, BackgroundBroker, enrol
 from tests.test_broker_stats import SMALL, build_share, coordinator, submit
@@ -65,7 +65,7 @@ def make_release(
     with coordinator(region.broker) as client:
         signed = client.release(release_id=release_id)
     key = region.agencies[0].link.broker_key
-    crypto.verify(key, crypto.LABEL_RELEASE, signed.body, signed.signature)
+    crypto.verify(key, labels.LABEL_RELEASE, signed.body, signed.signature)
     return stats_pb.Release.FromString(signed.body)
 
 

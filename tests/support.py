@@ -14,7 +14,7 @@ from node import directory_sync
 from node.keyring import open_keyring
 from node.server import RunningNode, start_node
 from node.setup import NodeInit, init_node
-from tessera import crypto, rpc
+from tessera import crypto, labels, rpc
 from tessera.config import Argon2Profile, Limits, Settings
 from tessera.loop import LoopThread
 from tessera.v1 import relay_pb2 as relay_pb
@@ -141,7 +141,7 @@ def enrol(broker: BackgroundBroker | Path, tmp_path: Path, agency_id: str) -> Ag
 def seal(sender: Agency, recipient: Agency, payload: bytes) -> bytes:
     records = directory_sync.sync(sender.home, sender.identity, sender.link).records
     return crypto.seal(
-        sender.identity, records[recipient.agency_id].identity, crypto.LABEL_ENVELOPE, payload
+        sender.identity, records[recipient.agency_id].identity, labels.LABEL_ENVELOPE, payload
     )
 
 
@@ -155,7 +155,7 @@ def send(
             relay_pb.SendRequest(
                 recipient_agency_id=recipient.agency_id,
                 idempotency_key=key,
-                consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, key.encode()),
+                consent_commitment=crypto.digest(labels.LABEL_CONSENT_COMMITMENT, key.encode()),
                 sealed_envelope=sealed,
             ),
             timeout=10,

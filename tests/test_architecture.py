@@ -28,9 +28,9 @@ APPLICATION = ("node/referrals/",)
 WIRE_MODULES = ("tessera.v1", "google.protobuf")
 MAX_LINES = 700
 # A module allowed past MAX_LINES, and why (docs/architecture.md, "Module size").
-LONG_MODULES = {
-    "tessera/crypto.py": "every PyNaCl call has one home (rule 2); splitting it would spread them",
-}
+# None today: tessera/crypto.py came under the limit once its replay cache and its label
+# registry moved out (tessera/replay.py, tessera/labels.py).
+LONG_MODULES: dict[str, str] = {}
 FORBIDDEN = {
     "node": ("broker",),
     "broker": ("node",),
@@ -151,9 +151,12 @@ def test_a_planted_forbidden_import_is_caught(
 
 
 @pytest.mark.parametrize(
-    "path", ["tessera/v1/planted_pb2.py", "tessera/crypto.py", "cli/planted.py"]
+    "path", ["tessera/v1/planted_pb2.py", "broker/planted_long.py", "cli/planted.py"]
 )
-def test_generated_code_and_listed_exceptions_may_be_long(tmp_path: Path, path: str) -> None:
+def test_generated_code_and_listed_exceptions_may_be_long(
+    tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(LONG_MODULES, "broker/planted_long.py", "a listed exception")
     for package in PACKAGES:
         (tmp_path / package).mkdir()
     planted = tmp_path / path
@@ -163,7 +166,7 @@ def test_generated_code_and_listed_exceptions_may_be_long(tmp_path: Path, path: 
     assert violations(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", sorted(LONG_MODULES))
-def test_every_listed_long_module_still_needs_its_exception(name: str) -> None:
-    lines = len((ROOT / name).read_text(encoding="utf-8").splitlines())
-    assert lines > MAX_LINES, f"{name} has {lines} lines: drop it from LONG_MODULES"
+def test_every_listed_long_module_still_needs_its_exception() -> None:
+    for name in sorted(LONG_MODULES):
+        lines = len((ROOT / name).read_text(encoding="utf-8").splitlines())
+        assert lines > MAX_LINES, f"{name} has {lines} lines: drop it from LONG_MODULES"

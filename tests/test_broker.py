@@ -26,7 +26,7 @@ from broker.store import BrokerStore
 from broker.store.database import open_database
 from node import directory_sync
 from node.keyring import open_keyring
-from tessera import config, crypto, directory, enrolment, rpc
+from tessera import config, crypto, directory, enrolment, labels, rpc
 from tessera.config import Limits
 from tessera.errors import ConfigError, CryptoError, InvalidInput, TesseraError
 from tessera.v1 import directory_pb2 as directory_pb
@@ -141,14 +141,14 @@ def test_an_envelope_travels_once_and_the_broker_never_sees_plaintext(
     again = send(shelter, clinic, payload, "ref-1", sealed)  # a retry after a lost answer
     assert not first.duplicate and again.duplicate
     receipt = first.receipt
-    crypto.verify(shelter.link.broker_key, crypto.LABEL_RECEIPT, receipt.body, receipt.signature)
+    crypto.verify(shelter.link.broker_key, labels.LABEL_RECEIPT, receipt.body, receipt.signature)
     delivered = receive(clinic)
     assert len(delivered) == 1
     assert delivered[0].sender_agency_id == "harbour-shelter"
     opened = crypto.open_sealed(
         clinic.identity,
         shelter.identity.public,
-        crypto.LABEL_ENVELOPE,
+        labels.LABEL_ENVELOPE,
         delivered[0].sealed_envelope,
     )
     assert opened == payload

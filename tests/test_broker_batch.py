@@ -27,7 +27,7 @@ from broker.operator_client import OperatorClient
 from broker.service import DirectoryView, RelayServicer
 from broker.store import BrokerStore
 from broker.store.database import open_database
-from tessera import crypto, rpc
+from tessera import crypto, labels, rpc
 from tessera.config import Limits
 from tessera.errors import Conflict, Exhausted, InvalidInput, NotFound, Refused
 from tessera.v1 import relay_pb2 as relay_pb
@@ -75,7 +75,7 @@ def envelope(
         recipient_agency_id=recipient.agency_id,
         idempotency_key=key,
         consent_commitment=commitment
-        or crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, key.encode()),
+        or crypto.digest(labels.LABEL_CONSENT_COMMITMENT, key.encode()),
         sealed_envelope=seal(sender, recipient, payload or f"{MARKER} {key}".encode()),
     )
 
@@ -102,7 +102,7 @@ def opened(recipient: Agency, sender: Agency, deliveries: list[relay_pb.Delivery
         crypto.open_sealed(
             recipient.identity,
             sender.identity.public,
-            crypto.LABEL_ENVELOPE,
+            labels.LABEL_ENVELOPE,
             delivery.sealed_envelope,
         )
         for delivery in deliveries
@@ -134,12 +134,12 @@ def test_each_envelope_of_a_batch_is_stored_or_refused_on_its_own(
     for result, request in ((results[0], first), (results[5], second)):
         assert result.HasField("accepted") and not result.accepted.duplicate
         blob = result.accepted.receipt
-        crypto.verify(shelter.link.broker_key, crypto.LABEL_RECEIPT, blob.body, blob.signature)
+        crypto.verify(shelter.link.broker_key, labels.LABEL_RECEIPT, blob.body, blob.signature)
         receipt = relay_pb.RelayReceipt.FromString(blob.body)
         assert receipt.sender_agency_id == "harbour-shelter"
         assert receipt.idempotency_key == request.idempotency_key
         assert receipt.envelope_digest == crypto.digest(
-            crypto.LABEL_ENVELOPE, request.sealed_envelope
+            labels.LABEL_ENVELOPE, request.sealed_envelope
         )
     assert isinstance(refusal(results[1]), Exhausted)
     assert results[1].refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -292,9 +292,9 @@ def test_a_purged_consent_refuses_its_envelopes_and_only_its_sender_can_purge_it
     # was revoked, and refuses every later one under it, a retry of an accepted one included.
     shelter = enrol(broker, tmp_path, "harbour-shelter")
     clinic = enrol(broker, tmp_path, "lantern-clinic")
-    revoked = crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, b"revoked consent")
-    kept = crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, b"kept consent")
-    delivered = crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, b"delivered consent")
+    revoked = crypto.digest(labels.LABEL_CONSENT_COMMITMENT, b"revoked consent")
+    kept = crypto.digest(labels.LABEL_CONSENT_COMMITMENT, b"kept consent")
+    delivered = crypto.digest(labels.LABEL_CONSENT_COMMITMENT, b"delivered consent")
     pending = [envelope(shelter, clinic, f"ref-{i}", commitment=revoked) for i in range(2)]
     send_batch(shelter, envelope(shelter, clinic, "early", commitment=delivered))
     assert len(receive(clinic)) == 1  # delivered and acknowledged before the revocation
@@ -379,7 +379,7 @@ def fill(sender: Agency, count: int) -> list[str]:
                 relay_pb.SendRequest(
                     recipient_agency_id="lantern-clinic",
                     idempotency_key=key,
-                    consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, key.encode()),
+                    consent_commitment=crypto.digest(labels.LABEL_CONSENT_COMMITMENT, key.encode()),
                     sealed_envelope=key.encode(),
                 )
                 for key in keys[start : start + 100]

@@ -52,7 +52,7 @@ import pytest
 from broker.store.database import open_database
 from broker.store.relay import BrokerStore
 from node import directory_sync
-from tessera import crypto, rpc
+from tessera import crypto, labels, rpc
 from tessera.config import CONFIG_FILE, Limits
 from tessera.credential import RUN_FILE
 from tessera.v1 import relay_pb2 as relay_pb
@@ -393,14 +393,14 @@ class Sender:
         """The broker-signed receipt of ``message``, checked; (delivery id, duplicate)."""
         crypto.verify(
             self.agency.link.broker_key,
-            crypto.LABEL_RECEIPT,
+            labels.LABEL_RECEIPT,
             reply.receipt.body,
             reply.receipt.signature,
         )
         receipt = relay_pb.RelayReceipt.FromString(reply.receipt.body)
         assert receipt.idempotency_key == message.key
         assert receipt.recipient_agency_id == message.recipient
-        assert receipt.envelope_digest == crypto.digest(crypto.LABEL_ENVELOPE, message.sealed)
+        assert receipt.envelope_digest == crypto.digest(labels.LABEL_ENVELOPE, message.sealed)
         return receipt.delivery_id, reply.duplicate
 
 
@@ -408,7 +408,7 @@ def _request(message: Message) -> relay_pb.SendRequest:
     return relay_pb.SendRequest(
         recipient_agency_id=message.recipient,
         idempotency_key=message.key,
-        consent_commitment=crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, message.key.encode()),
+        consent_commitment=crypto.digest(labels.LABEL_CONSENT_COMMITMENT, message.key.encode()),
         sealed_envelope=message.sealed,
     )
 
@@ -432,7 +432,7 @@ def _deliver(run: Run, agency: Agency, delivery: relay_pb.Delivery) -> None:
     opened = crypto.open_sealed(
         agency.identity,
         run.publics[delivery.sender_agency_id],
-        crypto.LABEL_ENVELOPE,
+        labels.LABEL_ENVELOPE,
         delivery.sealed_envelope,
     )
     payload = json.loads(opened)
@@ -636,7 +636,7 @@ def _messages(agencies: dict[str, Agency], total: int) -> dict[str, list[Message
                 {"message_id": message_id, "from": sender_id, "to": recipient}
             ).encode()
             sealed = crypto.seal(
-                sender.identity, records[recipient].identity, crypto.LABEL_ENVELOPE, payload
+                sender.identity, records[recipient].identity, labels.LABEL_ENVELOPE, payload
             )
             key = f"fault-{secrets.token_hex(8)}"
             plan[sender_id].append(Message(message_id, sender_id, recipient, key, sealed))

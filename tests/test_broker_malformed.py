@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tessera import crypto, rpc
+from tessera import crypto, labels, rpc
 from tessera.config import Limits
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
@@ -82,10 +82,10 @@ def test_a_malformed_signed_request_gets_a_clear_status_not_internal(
         request_ = directory_pb.RotateKeysRequest(
             statement=common_pb.SignedBlob(
                 body=body,
-                signature=agency.identity.sign(crypto.LABEL_DIRECTORY_ENTRY, body),
+                signature=agency.identity.sign(labels.LABEL_DIRECTORY_ENTRY, body),
                 signer=agency.identity.public.signing_key,
             ),
-            possession_signature=agency.identity.sign(crypto.LABEL_KEY_ROTATION, body),
+            possession_signature=agency.identity.sign(labels.LABEL_KEY_ROTATION, body),
         )
     before = _call(agency, "GetHead", directory_pb.GetHeadRequest())
     with caplog.at_level(logging.ERROR), pytest.raises(grpc.RpcError) as caught:

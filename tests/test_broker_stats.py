@@ -19,7 +19,7 @@ import pytest
 from broker.serde import round_noise_of, spec_from_proto
 from broker.stats import StatsClient, round_digest
 from node import directory_sync
-from tessera import crypto, dp, rpc
+from tessera import crypto, dp, labels, rpc
 from tessera.config import Limits
 from tessera.errors import InvalidInput, Refused, TesseraError
 from tessera.v1 import common_pb2 as common_pb
@@ -65,7 +65,7 @@ def call(agency: Agency, method: str, request: object) -> object:
 
 def verified_round(agency: Agency, blob: common_pb.SignedBlob) -> stats_pb.Round:
     """What a node does first: check the broker's signature on the Round."""
-    crypto.verify(agency.link.broker_key, crypto.LABEL_ROUND, blob.body, blob.signature)
+    crypto.verify(agency.link.broker_key, labels.LABEL_ROUND, blob.body, blob.signature)
     return stats_pb.Round.FromString(blob.body)
 
 
@@ -171,7 +171,7 @@ def test_masked_shares_sum_to_the_exact_total_and_the_release_is_served_unchange
     raw = [g.SerializeToString() for g in got if isinstance(g, stats_pb.GetReleaseResponse)]
     assert raw[0] == raw[1] == by_round.SerializeToString()  # byte-identical every time
     signed = by_round.release
-    crypto.verify(agencies[1].link.broker_key, crypto.LABEL_RELEASE, signed.body, signed.signature)
+    crypto.verify(agencies[1].link.broker_key, labels.LABEL_RELEASE, signed.body, signed.signature)
     release = stats_pb.Release.FromString(signed.body)
     totals = [sum(column) for column in zip(*counts, strict=True)]
     assert [c.value for c in release.cells] == totals

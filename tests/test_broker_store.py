@@ -34,7 +34,7 @@ from broker.store import BrokerStore
 from broker.store.database import VERSION_TABLE, current_revision, head_revision, open_database
 from broker.store.notify import listen_for_mail
 from broker.store.tables import BROKER_TABLES
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.directory import GENESIS_CHAIN, leaf_hash, next_chain
 from tessera.errors import (
     Conflict,
@@ -162,7 +162,7 @@ def in_parallel(count: int, work: Callable[[int], T]) -> list[T | BaseException]
 
 def commitment(tag: str) -> bytes:
     """A stand-in consent commitment (32 bytes, as consent.proto's)."""
-    return crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, tag.encode())
+    return crypto.digest(labels.LABEL_CONSENT_COMMITMENT, tag.encode())
 
 
 def put(
@@ -356,7 +356,7 @@ def test_repeated_put_returns_the_original_and_stores_nothing_new(broker: Broker
     again = put(store, "key-1", sealed, consent=commitment("c1"), when=5)
     assert not first.duplicate and again.duplicate
     assert (again.envelope_id, again.received_at) == (first.envelope_id, T0)
-    assert first.envelope_digest == crypto.digest(crypto.LABEL_ENVELOPE, sealed)
+    assert first.envelope_digest == crypto.digest(labels.LABEL_ENVELOPE, sealed)
     assert first.size == 300
     assert broker.count("broker_envelope") == 1 and broker.count("broker_receipt") == 1
 
@@ -733,7 +733,7 @@ def test_ciphertext_sits_only_in_the_mailbox_and_plaintext_nowhere(broker: Broke
     sender, recipient = crypto.Identity.generate(), crypto.Identity.generate()
     marker = f"PLAINTEXT-MARKER-{secrets.token_hex(8)}"
     payload = f"referral for {marker}: safe housing, legal aid".encode()
-    sealed = crypto.seal(sender, recipient.public, crypto.LABEL_ENVELOPE, payload)
+    sealed = crypto.seal(sender, recipient.public, labels.LABEL_ENVELOPE, payload)
     sent = put(broker.store, "k", sealed, consent=commitment("c"), sender="sender-agency-x")
 
     holders = [
@@ -751,7 +751,7 @@ def test_ciphertext_sits_only_in_the_mailbox_and_plaintext_nowhere(broker: Broke
 
     (delivered,) = broker.store.claim("agency-b", "broker-1", 1, 30, at(1))
     assert (
-        crypto.open_sealed(recipient, sender.public, crypto.LABEL_ENVELOPE, delivered.ciphertext)
+        crypto.open_sealed(recipient, sender.public, labels.LABEL_ENVELOPE, delivered.ciphertext)
         == payload
     )
     broker.store.acknowledge("agency-b", [sent.envelope_id], at(2))

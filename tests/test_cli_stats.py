@@ -23,7 +23,7 @@ from typer.testing import CliRunner, Result
 from broker.serde import spec_to_proto
 from cli import stats_render
 from cli.main import app
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.errors import InvalidInput, NotFound
 from tessera.timestamps import to_datetime
 from tessera.v1 import stats_pb2 as stats_pb
@@ -105,7 +105,7 @@ def make_release(
         signed = client.release(release_id=release_id)
     key = agencies[0].link.broker_key
     assert bytes(signed.signer) == key
-    crypto.verify(key, crypto.LABEL_RELEASE, signed.body, signed.signature)
+    crypto.verify(key, labels.LABEL_RELEASE, signed.body, signed.signature)
     return stats_pb.Release.FromString(signed.body)
 
 

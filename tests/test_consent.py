@@ -28,7 +28,7 @@ from node.consent import (
 )
 from node.htcds.catalogue import DATA_CATEGORIES, FIELD_NAMES, fields_in
 from node.htcds.synthetic import synthetic_records
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused
 from tessera.needs import NeedCategory
@@ -79,7 +79,7 @@ def record(identity: crypto.Identity, agency_id: str, *, revoked: bool = False) 
 
 
 def signed(
-    identity: crypto.Identity, body: bytes, label: bytes = crypto.LABEL_CONSENT_RECEIPT
+    identity: crypto.Identity, body: bytes, label: bytes = labels.LABEL_CONSENT_RECEIPT
 ) -> common_pb.SignedBlob:
     return common_pb.SignedBlob(
         body=body, signature=identity.sign(label, body), signer=identity.public.signing_key
@@ -283,7 +283,7 @@ def test_minimise_drops_empty_values() -> None:
 def test_receipt_holds_the_consent_and_a_pseudonym_never_the_case() -> None:
     consent = make_consent(categories=frozenset({"identity", "notes"}))
     blob = receipt_blob(SENDER, SENDER_ID, consent)
-    crypto.verify(SENDER.public, crypto.LABEL_CONSENT_RECEIPT, blob.body, blob.signature)
+    crypto.verify(SENDER.public, labels.LABEL_CONSENT_RECEIPT, blob.body, blob.signature)
     assert blob.signer == SENDER.public.signing_key
     receipt = parsed(blob)
     assert receipt.consent_id == CONSENT_ID
@@ -313,7 +313,7 @@ def test_no_receipt_for_a_revoked_consent() -> None:
 def test_commitment_is_the_labelled_digest_of_the_receipt_body() -> None:
     blob = receipt_blob(SENDER, SENDER_ID, make_consent())
     value = commitment(blob)
-    assert value == crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, blob.body)
+    assert value == crypto.digest(labels.LABEL_CONSENT_COMMITMENT, blob.body)
     assert len(value) == 32
     assert commitment(receipt_blob(SENDER, SENDER_ID, make_consent())) == value  # deterministic
     verified = verify_receipt(blob, SENDER.public, SENDER_ID, RECIPIENT_ID, NOW)
@@ -411,7 +411,7 @@ def test_edited_receipt_body_is_refused() -> None:
 
 def test_receipt_signed_under_another_label_is_refused() -> None:
     blob = receipt_blob(SENDER, SENDER_ID, make_consent())
-    other = signed(SENDER, blob.body, crypto.LABEL_KEY_ROTATION)
+    other = signed(SENDER, blob.body, labels.LABEL_KEY_ROTATION)
     with pytest.raises(BadSignature):
         verify_receipt(other, SENDER.public, SENDER_ID, RECIPIENT_ID, NOW)
 

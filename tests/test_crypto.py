@@ -24,18 +24,11 @@ import pytest
 
 from tessera import crypto
 from tessera.crypto import (
-    LABEL_AUDIT,
-    LABEL_BLIND_INDEX,
-    LABEL_DIRECTORY_ENTRY,
-    LABEL_ENVELOPE,
-    LABEL_RELEASE,
-    LABEL_STATUS,
     Argon2Params,
     DataKey,
     Identity,
     KeyEncryptionKey,
     PublicIdentity,
-    ReplayGuard,
     RequestSignature,
 )
 from tessera.errors import (
@@ -50,6 +43,15 @@ from tessera.errors import (
     WrongPassphrase,
     WrongRecipient,
 )
+from tessera.labels import (
+    LABEL_AUDIT,
+    LABEL_BLIND_INDEX,
+    LABEL_DIRECTORY_ENTRY,
+    LABEL_ENVELOPE,
+    LABEL_RELEASE,
+    LABEL_STATUS,
+)
+from tessera.replay import ReplayGuard
 
 KAT_SEED = bytes(range(32))
 NOW = 1_750_000_000.0

@@ -27,7 +27,7 @@ from cli.dashboard.releases import (
     check_release,
 )
 from cli.main import app
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.errors import InvalidInput, Refused
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import stats_pb2 as stats_pb
@@ -54,7 +54,7 @@ def signed(identity: crypto.Identity, release: stats_pb.Release) -> common_pb.Si
     body = release.SerializeToString()
     return common_pb.SignedBlob(
         body=body,
-        signature=identity.sign(crypto.LABEL_RELEASE, body),
+        signature=identity.sign(labels.LABEL_RELEASE, body),
         signer=identity.public.signing_key,
     )
 

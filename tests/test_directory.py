@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tessera import crypto
-from tessera.crypto import LABEL_KEY_ROTATION, Identity
+from tessera import crypto, labels
+from tessera.crypto import Identity
 from tessera.directory import (
     GENESIS_CHAIN,
     POSSESSION_LABEL,
@@ -53,6 +53,7 @@ from tessera.errors import (
     NotFound,
     Refused,
 )
+from tessera.labels import LABEL_KEY_ROTATION
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import directory_pb2 as directory_pb
 
@@ -239,9 +240,9 @@ def test_signatures_use_the_labels_and_signers_of_the_contract(log: Log) -> None
     entries = log.broker.entries
     for entry in entries:
         assert entry.signer == BROKER_KEY
-        crypto.verify(BROKER_KEY, crypto.LABEL_DIRECTORY_ENTRY, entry.body, entry.signature)
+        crypto.verify(BROKER_KEY, labels.LABEL_DIRECTORY_ENTRY, entry.body, entry.signature)
     head = log.broker.head()
-    crypto.verify(BROKER_KEY, crypto.LABEL_DIRECTORY_HEAD, head.body, head.signature)
+    crypto.verify(BROKER_KEY, labels.LABEL_DIRECTORY_HEAD, head.body, head.signature)
     statements = [directory_pb.LogEntry.FromString(e.body) for e in entries]
     enrol, rotate, revoke = statements[0], statements[2], statements[3]
     assert enrol.statement.signer == log.shelter.public.signing_key  # self-signed
@@ -391,7 +392,7 @@ def test_an_entry_that_lies_about_its_link_or_sequence_is_detected(log: Log) -> 
         for name, value in change.items():
             setattr(lying, name, value)
         body = lying.SerializeToString()
-        blob = resigned(log.broker.entries[2], BROKER, crypto.LABEL_DIRECTORY_ENTRY, body)
+        blob = resigned(log.broker.entries[2], BROKER, labels.LABEL_DIRECTORY_ENTRY, body)
         with pytest.raises(DirectoryInconsistent) as caught:
             node.sync([blob], log.broker.head(3))
         assert caught.value.sequence == 3
@@ -404,10 +405,10 @@ def test_a_head_signed_by_another_key_is_refused(log: Log) -> None:
     with pytest.raises(BadDirectoryData):  # signer is not the pinned broker key
         SimNode().sync(log.broker.entries, impostor.head())
     genuine = log.broker.head()
-    claims_broker = resigned(genuine, identity(201), crypto.LABEL_DIRECTORY_HEAD, genuine.body)
+    claims_broker = resigned(genuine, identity(201), labels.LABEL_DIRECTORY_HEAD, genuine.body)
     with pytest.raises(BadDirectoryData):  # claims the broker's key, signature is not its
         SimNode().sync(log.broker.entries, claims_broker)
-    wrong_label = resigned(genuine, BROKER, crypto.LABEL_DIRECTORY_ENTRY, genuine.body)
+    wrong_label = resigned(genuine, BROKER, labels.LABEL_DIRECTORY_ENTRY, genuine.body)
     with pytest.raises(BadDirectoryData):  # right key, wrong label
         SimNode().sync(log.broker.entries, wrong_label)
 
@@ -457,7 +458,7 @@ def test_rewritten_history_after_a_node_saw_the_head_is_a_fork(log: Log) -> None
     fifth = directory_pb.LogEntry.FromString(rewritten.entries[4].body)
     fifth.previous_chain = node.chain
     patched = resigned(
-        rewritten.entries[4], BROKER, crypto.LABEL_DIRECTORY_ENTRY, fifth.SerializeToString()
+        rewritten.entries[4], BROKER, labels.LABEL_DIRECTORY_ENTRY, fifth.SerializeToString()
     )
     with pytest.raises(DirectoryInconsistent):
         node.sync([patched], rewritten.head())
@@ -571,7 +572,7 @@ def _possessions(statement: common_pb.SignedBlob, old: Identity, new: Identity) 
         old.sign(POSSESSION_LABEL, statement.body),  # the old key proves nothing
         identity(13).sign(POSSESSION_LABEL, statement.body),  # some other key
         new.sign(POSSESSION_LABEL, statement.body + b"x"),  # another body
-        new.sign(crypto.LABEL_DIRECTORY_ENTRY, statement.body),  # another label
+        new.sign(labels.LABEL_DIRECTORY_ENTRY, statement.body),  # another label
     ]
 
 

@@ -38,7 +38,7 @@ from node.envelopes import (
 )
 from node.htcds.catalogue import DATA_CATEGORIES
 from node.htcds.synthetic import synthetic_records
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.directory import AgencyRecord
 from tessera.errors import BadSignature, InvalidInput, Refused, WrongRecipient
 from tessera.needs import NeedCategory
@@ -131,7 +131,7 @@ def referral_message(
 
 def hand_sealed(
     message: referral_pb.EnvelopeContent,
-    label: bytes = crypto.LABEL_ENVELOPE,
+    label: bytes = labels.LABEL_ENVELOPE,
     signer: crypto.Identity = ALICE,
     to: crypto.Identity = BOB,
 ) -> bytes:
@@ -229,20 +229,20 @@ def test_purge_confirmation_round_trip() -> None:
 
 
 def test_each_kind_is_sealed_under_the_label_the_contract_names() -> None:
-    assert label_for(EnvelopeKind.REFERRAL) == crypto.LABEL_ENVELOPE
+    assert label_for(EnvelopeKind.REFERRAL) == labels.LABEL_ENVELOPE
     for kind in (
         EnvelopeKind.STATUS_UPDATE,
         EnvelopeKind.REVOCATION,
         EnvelopeKind.PURGE_CONFIRMATION,
     ):
-        assert label_for(kind) == crypto.LABEL_STATUS
-    crypto.open_sealed(BOB, ALICE.public, crypto.LABEL_ENVELOPE, send_referral())
+        assert label_for(kind) == labels.LABEL_STATUS
+    crypto.open_sealed(BOB, ALICE.public, labels.LABEL_ENVELOPE, send_referral())
     revocation = revocation_envelope(
         ALICE, ALICE_ID, BOB_RECORD, REFERRAL_ID, CONSENT_ID, NOW, NOW, MESSAGE_2
     )
-    crypto.open_sealed(BOB, ALICE.public, crypto.LABEL_STATUS, revocation)
+    crypto.open_sealed(BOB, ALICE.public, labels.LABEL_STATUS, revocation)
     with pytest.raises(BadSignature):
-        crypto.open_sealed(BOB, ALICE.public, crypto.LABEL_ENVELOPE, revocation)
+        crypto.open_sealed(BOB, ALICE.public, labels.LABEL_ENVELOPE, revocation)
 
 
 # --- the sender refuses to build what the receiver must refuse ----------------------------------
@@ -420,16 +420,16 @@ def test_status_sealed_with_the_referral_label_is_refused() -> None:
     )
     status.status_at.FromDatetime(NOW)
     message = content(sender_id=BOB_ID, recipient_id=ALICE_ID, status=status)
-    sealed = hand_sealed(message, label=crypto.LABEL_ENVELOPE, signer=BOB, to=ALICE)
+    sealed = hand_sealed(message, label=labels.LABEL_ENVELOPE, signer=BOB, to=ALICE)
     with pytest.raises(BadSignature, match="kind/label mismatch"):
         open_envelope(ALICE, ALICE_ID, BOB_RECORD, sealed, NOW)
     # The same status under its own label opens.
-    sealed = hand_sealed(message, label=crypto.LABEL_STATUS, signer=BOB, to=ALICE)
+    sealed = hand_sealed(message, label=labels.LABEL_STATUS, signer=BOB, to=ALICE)
     assert isinstance(open_envelope(ALICE, ALICE_ID, BOB_RECORD, sealed, NOW), ReceivedStatus)
 
 
 def test_referral_sealed_with_the_status_label_is_refused() -> None:
-    sealed = hand_sealed(content(referral=referral_message()), label=crypto.LABEL_STATUS)
+    sealed = hand_sealed(content(referral=referral_message()), label=labels.LABEL_STATUS)
     with pytest.raises(BadSignature, match="kind/label mismatch"):
         bob_opens(sealed)
 

@@ -34,7 +34,7 @@ from node.store.anchors import QueuedTombstone
 from node.store.budget import BudgetStore
 from node.store.database import open_database
 from node.tombstones import AuditPosition
-from tessera import config, credential, crypto, tls
+from tessera import config, credential, crypto, labels, tls
 from tessera.errors import (
     ErrorKind,
     NotFound,
@@ -370,12 +370,12 @@ def test_the_broker_keeps_each_agencys_escrow_apart_and_append_only(site: Site) 
     site.worker.step()
     store = BrokerEscrowStore(site.broker.running.store.engine)
     other = crypto.Identity.generate()
-    tombstone = crypto.seal(other, other.public, crypto.LABEL_TOMBSTONE, bytes(256))
+    tombstone = crypto.seal(other, other.public, labels.LABEL_TOMBSTONE, bytes(256))
     sequences, head = store.deposit("another-agency", [("t-1", tombstone)], dt.datetime.now(dt.UTC))
     assert (sequences, head.size) == ([1], 1)
     assert store.tombstones(AGENCY, 0, 10)[1].size == 1
     # Same id again: the first position and bytes stay.
-    again = crypto.seal(other, other.public, crypto.LABEL_TOMBSTONE, bytes(256))
+    again = crypto.seal(other, other.public, labels.LABEL_TOMBSTONE, bytes(256))
     assert store.deposit("another-agency", [("t-1", again)], dt.datetime.now(dt.UTC))[0] == [1]
     (kept,), _head = store.tombstones("another-agency", 0, 10)
     assert kept.sealed == tombstone
@@ -465,7 +465,7 @@ def test_over_the_wire_an_agency_reaches_only_its_own_escrow(site: Site) -> None
         assert (opened, head.size) == ([], 0)
         assert lantern.latest_checkpoint() is None
         forged = crypto.seal(
-            keyring.identity, keyring.identity.public, crypto.LABEL_TOMBSTONE, bytes(256)
+            keyring.identity, keyring.identity.public, labels.LABEL_TOMBSTONE, bytes(256)
         )
         queued = QueuedTombstone(tombstone_id=str(uuid.uuid4()), sealed=forged, attempts=0)
         assert lantern.deposit([queued]).size == 1

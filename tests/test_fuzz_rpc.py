@@ -39,7 +39,7 @@ from node import directory_sync, htcds, stats
 from node.client import NodeClient
 from node.domain import StaffRole
 from node.keyring import open_keyring
-from tessera import credential, crypto, rpc
+from tessera import credential, crypto, labels, rpc
 from tessera.config import Limits
 from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import common_pb2 as common_pb
@@ -191,7 +191,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         keys = [
             fuzzer.identity.public.signing_key,
             node_identity.public.signing_key,
-            crypto.digest(crypto.LABEL_CONSENT_COMMITMENT, b"fuzz"),
+            crypto.digest(labels.LABEL_CONSENT_COMMITMENT, b"fuzz"),
         ]
         channels = {
             "node": _channel(node.address, credential.read(harbour.home, unlock).node_certificate),

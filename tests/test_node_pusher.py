@@ -23,7 +23,7 @@ from node.keyring import open_keyring
 from node.referrals.flows import Referrals
 from node.referrals.model import OutboxItem, OutboxKind
 from node.relay_worker import RelayWorker, split_by_size
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.errors import StorageError
 from tessera.needs import NeedCategory, NeedStatus
 from tessera.v1 import relay_pb2 as relay_pb
@@ -81,7 +81,7 @@ def test_the_pusher_sends_the_outbox_and_a_refused_envelope_stays_queued(
             s=crypto.seal(
                 node.keyring.identity,
                 clinic.identity.public,
-                crypto.LABEL_STATUS,
+                labels.LABEL_STATUS,
                 f"status {index}".encode(),
             ),
             t=NOW,
@@ -108,7 +108,7 @@ def test_the_pusher_sends_the_outbox_and_a_refused_envelope_stays_queued(
     delivered = receive(clinic)
     assert sorted(
         crypto.open_sealed(
-            clinic.identity, node.keyring.identity.public, crypto.LABEL_STATUS, d.sealed_envelope
+            clinic.identity, node.keyring.identity.public, labels.LABEL_STATUS, d.sealed_envelope
         )
         for d in delivered
     ) == [b"status 0", b"status 2"]

@@ -22,7 +22,7 @@ from node import directory_sync, stats
 from node.rounds import RoundTaker
 from node.store.budget import BudgetStore
 from node.store.cases import NewCase
-from tessera import config, crypto, dp
+from tessera import config, crypto, dp, labels
 from tessera.config import StatsPolicy
 from tessera.directory import AgencyRecord
 from tessera.errors import Conflict, NotFound, Refused
@@ -102,7 +102,7 @@ def make_round(
     body = round_.SerializeToString(deterministic=True)
     return common_pb.SignedBlob(
         body=body,
-        signature=signer.sign(crypto.LABEL_ROUND, body),
+        signature=signer.sign(labels.LABEL_ROUND, body),
         signer=signer.public.signing_key,
     )
 
@@ -259,7 +259,7 @@ def _check(
 def test_an_acceptable_round_is_accepted(world: World) -> None:
     blob = make_round(world.ids, threshold=3)
     accepted = stats.check_round(blob, world.links["agency-b"], world.caches["agency-b"], 1.0, NOW)
-    assert accepted.digest == crypto.digest(crypto.LABEL_ROUND, bytes(blob.body))
+    assert accepted.digest == crypto.digest(labels.LABEL_ROUND, bytes(blob.body))
     assert accepted.spec.size == dp.default_needs_table().size
 
 
@@ -334,7 +334,7 @@ def test_a_round_whose_histogram_does_not_fit_the_table_is_refused(world: World)
         body.histogram.CopyFrom(stats_pb.ContributionHistogram(bins=bins, epsilon=epsilon))
         raw = body.SerializeToString()
         signed = common_pb.SignedBlob(
-            body=raw, signature=BROKER.sign(crypto.LABEL_ROUND, raw), signer=blob.signer
+            body=raw, signature=BROKER.sign(labels.LABEL_ROUND, raw), signer=blob.signer
         )
         with pytest.raises(Refused, match=reason):
             _check(world, "agency-a", signed)
@@ -420,7 +420,7 @@ def test_worker_charges_before_building_and_never_twice(
     prepared = worker.prepare(first)
     assert prepared is not None
     digest, cells = prepared
-    assert digest == crypto.digest(crypto.LABEL_ROUND, bytes(first.body))
+    assert digest == crypto.digest(labels.LABEL_ROUND, bytes(first.body))
     assert len(cells) == dp.default_needs_table().size
     # Charged already: never built again; until the broker took it, the very share kept.
     assert worker.prepare(first) == prepared

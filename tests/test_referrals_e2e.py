@@ -17,6 +17,7 @@ from sqlmodel import Session, select
 from node.client import NodeClient
 from node.referrals.model import ReferralDetail
 from node.store.tables import IncomingReferralRow, OutboxRow
+from tessera import labels
 from tessera.errors import Refused
 from tessera.needs import NeedCategory
 from tests.support import (
@@ -285,7 +286,7 @@ def test_forged_and_tampered_envelopes_are_refused_and_dropped(net: Net) -> None
         directory_sync.sync(meridian.home, meridian.identity, meridian.link)
         .records[LIGHTHOUSE]
         .identity,
-        crypto.LABEL_ENVELOPE,
+        labels.LABEL_ENVELOPE,
         b"\x0a\x03abc",
     )
     for sealed in (b"not an envelope", bytes(genuine), forged):

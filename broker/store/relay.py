@@ -47,7 +47,7 @@ from broker.store.tables import (
     PurgedConsentRow,
     ReceiptRow,
 )
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.errors import Conflict, InvalidInput, Refused, TesseraError
 
 COMMITMENT_BYTES = 32
@@ -99,7 +99,7 @@ def _checked_digest(put: EnvelopePut) -> bytes:
     _check_commitment(put.consent_commitment, required=False)
     if not isinstance(put.ciphertext, bytes) or not put.ciphertext:
         raise InvalidInput("an envelope must be non-empty bytes")
-    return crypto.digest(crypto.LABEL_ENVELOPE, put.ciphertext)
+    return crypto.digest(labels.LABEL_ENVELOPE, put.ciphertext)
 
 
 def _settled(outcome: AcceptedEnvelope | TesseraError | None) -> AcceptedEnvelope | TesseraError:

@@ -1,6 +1,6 @@
 """Which releases the dashboard may draw (DESIGN.md section 7; docs/statistics.md, "How a node
 builds its share", step 5: a release is read only after its signature verifies under
-``crypto.LABEL_RELEASE``).
+``labels.LABEL_RELEASE``).
 
 Every blob the broker lists is checked on its own against the broker's signing key by
 :func:`check_release`, which does no I/O: a blob that verifies becomes a :class:`VerifiedRelease`,
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cli.stats_render import MAX_TREND_MONTHS, month_range, newest_release, release_document
+from tessera import labels
 from tessera.errors import BadSignature, InvalidInput, Refused
 
 if TYPE_CHECKING:
@@ -72,7 +73,6 @@ def check_release(blob: Any, broker_key: bytes) -> Checked:
     from google.protobuf.message import DecodeError
 
     from cli.stats_client import open_signed
-    from tessera import crypto
     from tessera.v1 import stats_pb2 as stats_pb
 
     claimed_id, claimed_period = _claims(bytes(blob.body))
@@ -81,7 +81,7 @@ def check_release(blob: Any, broker_key: bytes) -> Checked:
         return RefusedRelease(reason, claimed_id, claimed_period)
 
     try:
-        release = open_signed(blob, broker_key, crypto.LABEL_RELEASE, stats_pb.Release())
+        release = open_signed(blob, broker_key, labels.LABEL_RELEASE, stats_pb.Release())
     except Refused:
         return refused(f"{SIGNATURE_REFUSED}: it is signed by a key other than the broker's")
     except BadSignature:

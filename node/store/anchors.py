@@ -41,7 +41,7 @@ from node.store.tables import (
     utcnow,
 )
 from node.tombstones import Tombstone, TombstoneKind, seal_tombstone, tombstone_id
-from tessera import crypto, escrow
+from tessera import crypto, escrow, labels
 from tessera.errors import RolledBack, TamperedCiphertext
 
 # Audit actions that change a case's version or remove it: none may postdate its seal.
@@ -82,11 +82,11 @@ class RecordSeals:
     """Writes and checks the seals of case records (module docstring)."""
 
     def __init__(self, record_key: crypto.DataKey) -> None:
-        self._key = crypto.derive_key(record_key, crypto.LABEL_RECORD_SEAL)
+        self._key = crypto.derive_key(record_key, labels.LABEL_RECORD_SEAL)
 
     def _tag(self, case_id: str, version: int, audit_seq: int, row: SealedCase) -> bytes:
         return crypto.mac(
-            self._key, crypto.LABEL_RECORD_SEAL, *self._parts(case_id, version, audit_seq, row)
+            self._key, labels.LABEL_RECORD_SEAL, *self._parts(case_id, version, audit_seq, row)
         )
 
     def seal_new(self, session: Session, rows: Iterable[SealedCase], audit_seq: int) -> None:
@@ -150,7 +150,7 @@ class RecordSeals:
                 )
             if not crypto.mac_matches(
                 self._key,
-                crypto.LABEL_RECORD_SEAL,
+                labels.LABEL_RECORD_SEAL,
                 seal.seal,
                 *self._parts(row.case_id, seal.version, seal.audit_seq, row),
             ):
@@ -187,8 +187,8 @@ class RecordSeals:
             version.to_bytes(8, "big"),
             audit_seq.to_bytes(8, "big"),
             row.state.encode(),
-            crypto.digest(crypto.LABEL_RECORD_SEAL, bytes(row.ciphertext)),
-            crypto.digest(crypto.LABEL_RECORD_SEAL, bytes(row.wrapped_key)),
+            crypto.digest(labels.LABEL_RECORD_SEAL, bytes(row.ciphertext)),
+            crypto.digest(labels.LABEL_RECORD_SEAL, bytes(row.wrapped_key)),
         ]
 
     def unsealed(self, session: Session) -> list[CaseRow]:

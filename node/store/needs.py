@@ -5,7 +5,7 @@ dates are one AEAD ciphertext under the survivor's own data key, so crypto-shred
 (deleting the case row that holds the wrapped data key) destroys their needs with them.
 
 The tag is a keyed hash of the category under a key derived from the *case's* data key
-(``crypto.LABEL_NEED_INDEX``): it keeps "one row per category per case" a unique constraint and
+(``labels.LABEL_NEED_INDEX``): it keeps "one row per category per case" a unique constraint and
 lets a status change find its row, yet two cases with the same need get unrelated tags, so the
 table shows no histogram of needs and no link between cases. A node-wide keyed index of the code
 would not do: with eighteen categories and six statuses, frequency analysis names every value
@@ -25,7 +25,7 @@ from typing import Any
 
 from node.domain import Need
 from node.store.tables import as_utc
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.errors import TamperedCiphertext
 from tessera.needs import NeedCategory, NeedStatus
 
@@ -40,7 +40,7 @@ class SealedNeed:
 
 def need_tag(data_key: crypto.DataKey, category: NeedCategory | str) -> str:
     """The row tag of ``category`` in the case whose data key is ``data_key``."""
-    key = crypto.derive_key(data_key, crypto.LABEL_NEED_INDEX)
+    key = crypto.derive_key(data_key, labels.LABEL_NEED_INDEX)
     return crypto.blind_index(key, f"need:{NeedCategory(category).value}")
 
 

@@ -13,7 +13,7 @@ from typing import Final
 
 from google.protobuf.message import DecodeError
 
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.crypto import Identity
 from tessera.errors import InvalidInput
 from tessera.v1 import common_pb2 as common_pb
@@ -25,7 +25,7 @@ CHAIN_BYTES: Final = 32
 GENESIS_CHAIN: Final = bytes(CHAIN_BYTES)
 """chain(0): 32 zero bytes (directory.proto header)."""
 
-POSSESSION_LABEL: Final = crypto.LABEL_KEY_ROTATION
+POSSESSION_LABEL: Final = labels.LABEL_KEY_ROTATION
 """Label of a ROTATE's possession signature. directory.proto (LogEntry.possession_signature,
 RotateKeysRequest.possession_signature) names tessera/v1/key-rotation, the same label as the
 statement itself; the two are told apart by who signs (old key: statement, new key: possession)."""

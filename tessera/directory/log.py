@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.crypto import Identity
 from tessera.directory.fields import (
     DEFAULT_LIMITS,
@@ -42,14 +42,14 @@ def leaf_hash(entry_body: bytes) -> bytes:
     """leaf(n) = digest("tessera/v1/directory-entry", b_n), b_n the LogEntry body bytes."""
     if not isinstance(entry_body, bytes):
         raise InvalidInput("a log entry body must be bytes")
-    return crypto.digest(crypto.LABEL_DIRECTORY_ENTRY, entry_body)
+    return crypto.digest(labels.LABEL_DIRECTORY_ENTRY, entry_body)
 
 
 def next_chain(prev_chain: bytes, leaf: bytes) -> bytes:
     """chain(n) = digest("tessera/v1/directory-head", chain(n-1) || leaf(n))."""
     check_chain(prev_chain, "previous chain value")
     check_chain(leaf, "leaf hash")
-    return crypto.digest(crypto.LABEL_DIRECTORY_HEAD, prev_chain + leaf)
+    return crypto.digest(labels.LABEL_DIRECTORY_HEAD, prev_chain + leaf)
 
 
 # --- broker side: appending entries, signing heads --------------------------------------------
@@ -82,7 +82,7 @@ def append(
     entry.statement.CopyFrom(statement)
     entry.logged_at.CopyFrom(to_timestamp(now, "now"))
     body = entry.SerializeToString(deterministic=True)
-    blob = sign_blob(broker, crypto.LABEL_DIRECTORY_ENTRY, body)
+    blob = sign_blob(broker, labels.LABEL_DIRECTORY_ENTRY, body)
     return blob, next_chain(prev_chain, leaf_hash(body))
 
 
@@ -100,7 +100,7 @@ def sign_head(
     )
     head.signed_at.CopyFrom(to_timestamp(now, "now"))
     return sign_blob(
-        broker, crypto.LABEL_DIRECTORY_HEAD, head.SerializeToString(deterministic=True)
+        broker, labels.LABEL_DIRECTORY_HEAD, head.SerializeToString(deterministic=True)
     )
 
 
@@ -124,7 +124,7 @@ def verify_head(
     region = check_agency_id(region, "region", limits)
     try:
         body = _verified_body(
-            head_blob, "head", broker_key, crypto.LABEL_DIRECTORY_HEAD, limits.max_head_bytes
+            head_blob, "head", broker_key, labels.LABEL_DIRECTORY_HEAD, limits.max_head_bytes
         )
         head = directory_pb.LogHead()
         parse_body(head, body, "head")
@@ -285,7 +285,7 @@ def _verify_entry(
     sequence = position
     try:
         body = _verified_body(
-            blob, "log entry", broker_key, crypto.LABEL_DIRECTORY_ENTRY, limits.max_entry_bytes
+            blob, "log entry", broker_key, labels.LABEL_DIRECTORY_ENTRY, limits.max_entry_bytes
         )
         entry = directory_pb.LogEntry()
         parse_body(entry, body, "log entry")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from tessera import crypto
+from tessera import crypto, labels
 from tessera.crypto import Identity, PublicIdentity
 from tessera.directory.fields import (
     DEFAULT_LIMITS,
@@ -59,7 +59,7 @@ def enrol_statement(
     message.valid_from.CopyFrom(to_timestamp(now, "now"))
     message.created_at.CopyFrom(to_timestamp(now, "now"))
     return sign_blob(
-        identity, crypto.LABEL_KEY_ROTATION, message.SerializeToString(deterministic=True)
+        identity, labels.LABEL_KEY_ROTATION, message.SerializeToString(deterministic=True)
     )
 
 
@@ -104,7 +104,7 @@ def rotate_statement(
     message.valid_from.CopyFrom(to_timestamp(now, "now"))
     message.created_at.CopyFrom(to_timestamp(now, "now"))
     body = message.SerializeToString(deterministic=True)
-    return sign_blob(old, crypto.LABEL_KEY_ROTATION, body), new.sign(POSSESSION_LABEL, body)
+    return sign_blob(old, labels.LABEL_KEY_ROTATION, body), new.sign(POSSESSION_LABEL, body)
 
 
 def revoke_statement(
@@ -136,7 +136,7 @@ def revoke_statement(
     )
     message.created_at.CopyFrom(to_timestamp(now, "now"))
     return sign_blob(
-        broker, crypto.LABEL_KEY_ROTATION, message.SerializeToString(deterministic=True)
+        broker, labels.LABEL_KEY_ROTATION, message.SerializeToString(deterministic=True)
     )
 
 
@@ -155,7 +155,7 @@ def parse_statement(blob: common_pb.SignedBlob, limits: DirectoryLimits) -> Agen
         raise InvalidInput(f"a statement body must be 1 to {limits.max_statement_bytes} bytes")
     signer = check_key(blob.signer, "the statement's signer")
     try:
-        crypto.verify(signer, crypto.LABEL_KEY_ROTATION, body, blob.signature)
+        crypto.verify(signer, labels.LABEL_KEY_ROTATION, body, blob.signature)
     except BadSignature:
         raise BadSignature(
             f"the statement's signature does not verify under its signer {short_key(signer)}"
