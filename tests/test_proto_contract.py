@@ -19,7 +19,7 @@ from google.protobuf.descriptor import Descriptor, FileDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tessera import crypto
+from tessera import labels
 from tessera.v1 import common_pb2 as common_pb
 from tessera.v1 import consent_pb2 as consent_pb
 from tessera.v1 import directory_pb2 as directory_pb
@@ -321,13 +321,13 @@ def test_need_vocabulary_matches_needs_md() -> None:
 
 
 @pytest.mark.parametrize(("name", "label", "constant"), LABELS)
-def test_labels_named_in_the_sources_are_those_of_tessera_crypto(
+def test_labels_named_in_the_sources_are_those_of_tessera_labels(
     name: str, label: str, constant: str
 ) -> None:
     source = (PROTO_ROOT / "tessera" / "v1" / f"{name}.proto").read_text(encoding="utf-8")
     assert label in source, f"{name}.proto no longer names {label}"
-    assert getattr(crypto, constant) == label.encode("ascii"), (
-        f"tessera.crypto.{constant} changed: update the .proto comments and docs/wire.md"
+    assert getattr(labels, constant) == label.encode("ascii"), (
+        f"tessera.labels.{constant} changed: update the .proto comments and docs/wire.md"
     )
 
 
